@@ -1,0 +1,88 @@
+# imcore: `make run` starts the whole stack, `make test` runs the whole test suite.
+# Both create .venv, install the pinned requirements and make sure PostgreSQL and Redis are
+# up on 127.0.0.1 (starting them, or installing them with apt-get, when needed).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+PG_HOST := 127.0.0.1
+PG_PORT := 5432
+REDIS_PORT := 6379
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+export DATABASE_URL ?= postgres://postgres@$(PG_HOST):$(PG_PORT)/imcore
+export REDIS_URL ?= redis://$(PG_HOST):$(REDIS_PORT)/0
+export CELERY_BROKER_URL ?= redis://$(PG_HOST):$(REDIS_PORT)/1
+
+.PHONY: run test lint fmt services venv migrate demo clean
+
+run: venv services migrate demo
+	@echo
+	@echo "  API      http://127.0.0.1:8000/api/v1/   (docs /api/v1/docs, schema /api/v1/schema)"
+	@echo "  Admin    http://127.0.0.1:8000/admin/    (login admin / admin)"
+	@echo "  Flower   http://127.0.0.1:5555/"
+	@echo
+	PATH="$(BIN):$$PATH" $(BIN)/honcho start
+
+test: venv services
+	$(BIN)/ruff check .
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements/base.txt requirements/dev.txt
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV) || { \
+	  $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements/dev.txt
+	touch $@
+
+# PostgreSQL and Redis on 127.0.0.1: start them if installed and stopped, install if missing.
+services:
+	@missing=""; \
+	command -v pg_ctlcluster >/dev/null || missing="$$missing postgresql"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $$missing; \
+	fi; \
+	if ! pg_isready -q -h $(PG_HOST) -p $(PG_PORT); then \
+	  for v in $$(ls /etc/postgresql); do \
+	    $(SUDO) pg_ctlcluster --skip-systemctl-redirect $$v main start || true; \
+	  done; \
+	  for i in $$(seq 50); do pg_isready -q -h $(PG_HOST) -p $(PG_PORT) && break; sleep 0.2; done; \
+	fi; \
+	pg_isready -h $(PG_HOST) -p $(PG_PORT) || { echo "PostgreSQL is not up on $(PG_HOST):$(PG_PORT)"; exit 1; }; \
+	if ! psql -h $(PG_HOST) -p $(PG_PORT) -U postgres -w -Atc 'select 1' >/dev/null 2>&1; then \
+	  hba=$$(ls /etc/postgresql/*/main/pg_hba.conf | head -1); \
+	  echo "allowing the local postgres user over 127.0.0.1 without a password in $$hba"; \
+	  $(SUDO) sed -i '1i host all postgres 127.0.0.1/32 trust' "$$hba"; \
+	  for v in $$(ls /etc/postgresql); do $(SUDO) pg_ctlcluster --skip-systemctl-redirect $$v main reload; done; \
+	fi; \
+	if ! redis-cli -h $(PG_HOST) -p $(REDIS_PORT) ping >/dev/null 2>&1; then \
+	  redis-server --daemonize yes --bind $(PG_HOST) --port $(REDIS_PORT) --save "" --appendonly no; \
+	  for i in $$(seq 50); do redis-cli -h $(PG_HOST) -p $(REDIS_PORT) ping >/dev/null 2>&1 && break; sleep 0.1; done; \
+	fi; \
+	redis-cli -h $(PG_HOST) -p $(REDIS_PORT) ping >/dev/null || { echo "Redis is not up on $(PG_HOST):$(REDIS_PORT)"; exit 1; }; \
+	psql -h $(PG_HOST) -p $(PG_PORT) -U postgres -w -Atc "select 1 from pg_database where datname='imcore'" | grep -q 1 \
+	  || createdb -h $(PG_HOST) -p $(PG_PORT) -U postgres imcore; \
+	echo "PostgreSQL and Redis are up on $(PG_HOST)"
+
+migrate: venv services
+	$(BIN)/python manage.py migrate --no-input
+	$(BIN)/python manage.py collectstatic --no-input --verbosity 0
+
+demo: migrate
+	$(BIN)/python manage.py seed_demo
+
+clean:
+	rm -rf $(VENV) staticfiles .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,61 @@
+"""Redis key layout of the counters app: the only place that builds counter keys.
+
+Every key of one user carries the hash tag ``{u:<user_id>}`` so that, on Redis Cluster, all of
+them live in one slot and each Lua script touches a single slot.
+
+``imc:{u:<user_id>}:ctr`` HASH, everything the counters of one user need:
+
+    badge      sum of ``u:<cid>`` over the user's unmuted conversations
+    ready      "1" once the hash was loaded from PostgreSQL; absent means "rebuild before
+               answering a read" (Redis was wiped, or the user is new to this Redis)
+    u:<cid>    unread count of an active membership; absent = not a member
+    t:<cid>    top: highest message seq of the conversation counted so far (only grows)
+    r:<cid>    read pointer, the user's last_read_seq (only grows)
+    m:<cid>    "1" when the conversation is muted (its unread stays out of the badge)
+    v:<cid>    rev of the last membership change applied (join, leave, mute); kept after
+               leaving so that an older change arriving late is ignored
+
+``u = t - r`` always; ``t`` and ``r`` only move up, so applying a counter event twice, late
+or out of order changes nothing (the message ``seq`` is the idempotency key). Keeping all of
+a user's fields in one hash means a wipe or an eviction takes all of them or none.
+
+``imc:{u:<user_id>}:lock`` STRING, the lock of the ``lock`` strategy (SET NX PX).
+"""
+
+PREFIX = "imc"
+
+
+def user_tag(user_id: int) -> str:
+    return f"{{u:{int(user_id)}}}"
+
+
+def counters(user_id: int) -> str:
+    return f"{PREFIX}:{user_tag(user_id)}:ctr"
+
+
+def counters_lock(user_id: int) -> str:
+    return f"{PREFIX}:{user_tag(user_id)}:lock"
+
+
+BADGE = "badge"
+READY = "ready"
+
+
+def unread_field(conversation_id: int | str) -> str:
+    return f"u:{conversation_id}"
+
+
+def top_field(conversation_id: int | str) -> str:
+    return f"t:{conversation_id}"
+
+
+def read_field(conversation_id: int | str) -> str:
+    return f"r:{conversation_id}"
+
+
+def muted_field(conversation_id: int | str) -> str:
+    return f"m:{conversation_id}"
+
+
+def rev_field(conversation_id: int | str) -> str:
+    return f"v:{conversation_id}"

@@ -1,0 +1,41 @@
+--[[ load: rebuild one user's counters from PostgreSQL rows (first read after a wipe,
+reconcile, admin action).
+KEYS[1]  the user's counter hash, imc:{u:<id>}:ctr
+ARGV     groups of 6, one per membership row of the user (active or left):
+         conversation id, rev, active "1"/"0", muted "1"/"0", last_read_seq, conversation last_seq
+Returns  the badge after the load.
+
+A row applies unless Redis already holds a newer rev for that conversation (a change
+committed after the rows were read); read and top pointers only move up, so events applied
+between the read of the rows and this script are kept. Every unread is recomputed as
+top - read and the badge as their sum over unmuted conversations; then the hash is ready. ]]
+local h = KEYS[1]
+for i = 1, #ARGV, 6 do
+  local c = ARGV[i]
+  local rev = tonumber(ARGV[i + 1])
+  if rev >= tonumber(redis.call('HGET', h, 'v:' .. c) or 0) then
+    redis.call('HSET', h, 'v:' .. c, rev)
+    if ARGV[i + 2] == '1' then
+      local r = math.max(tonumber(redis.call('HGET', h, 'r:' .. c) or 0), tonumber(ARGV[i + 4]))
+      local t = math.max(tonumber(redis.call('HGET', h, 't:' .. c) or 0), tonumber(ARGV[i + 5]), r)
+      redis.call('HSET', h, 'r:' .. c, r, 't:' .. c, t, 'u:' .. c, t - r, 'm:' .. c, ARGV[i + 3])
+    else
+      redis.call('HDEL', h, 'u:' .. c, 'r:' .. c, 't:' .. c, 'm:' .. c)
+    end
+  end
+end
+local all = redis.call('HGETALL', h)
+local badge = 0
+for i = 1, #all, 2 do
+  local f = all[i]
+  if string.sub(f, 1, 2) == 'u:' then
+    local c = string.sub(f, 3)
+    local t = tonumber(redis.call('HGET', h, 't:' .. c) or 0)
+    local r = tonumber(redis.call('HGET', h, 'r:' .. c) or 0)
+    local n = math.max(t - r, 0)
+    if n ~= tonumber(all[i + 1]) then redis.call('HSET', h, f, n) end
+    if redis.call('HGET', h, 'm:' .. c) ~= '1' then badge = badge + n end
+  end
+end
+redis.call('HSET', h, 'badge', badge, 'ready', 1)
+return badge

@@ -1,0 +1,177 @@
+"""The counter state transitions in plain Python, for the ``watch``, ``lock`` and ``naive``
+strategies. Each function mirrors the Lua script of the same name in ``counters/lua/`` and
+works on a :class:`Working` copy of one user's hash; the strategy decides how the copy is read
+and written back (atomically or not). The Hypothesis test runs every strategy against one model,
+which keeps the two implementations in step.
+"""
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from . import keys
+
+
+class CountersNotLoaded(Exception):
+    """The user's hash is not loaded from PostgreSQL; rebuild it, then retry."""
+
+
+class CountersNotMember(Exception):
+    """Redis does not know the user as a member of the conversation; rebuild, then retry."""
+
+
+@dataclass(frozen=True)
+class MembershipRow:
+    """One membership as PostgreSQL has it, the input of ``member`` and ``load``."""
+
+    conversation_id: int
+    rev: int
+    active: bool
+    muted: bool
+    read_seq: int
+    top: int
+
+
+class Working:
+    """A copy of one user's hash that records what changed."""
+
+    def __init__(self, fields: dict[str, str]):
+        self.fields = dict(fields)
+        self.changed: dict[str, str] = {}
+        self.deleted: set[str] = set()
+        self.badge_delta = 0
+
+    def get(self, field: str) -> str | None:
+        return self.fields.get(field)
+
+    def num(self, field: str) -> int:
+        return int(self.fields.get(field) or 0)
+
+    def set(self, field: str, value: int | str) -> None:
+        self.fields[field] = str(value)
+        self.changed[field] = str(value)
+        self.deleted.discard(field)
+
+    def delete(self, *fields: str) -> None:
+        for field in fields:
+            if field in self.fields:
+                del self.fields[field]
+                self.changed.pop(field, None)
+                self.deleted.add(field)
+
+    def add_badge(self, delta: int) -> None:
+        if delta:
+            self.badge_delta += delta
+            self.fields[keys.BADGE] = str(self.num(keys.BADGE) + delta)
+
+    @property
+    def ready(self) -> bool:
+        return keys.READY in self.fields
+
+    def muted(self, cid: int | str) -> bool:
+        return self.get(keys.muted_field(cid)) == "1"
+
+
+def inc(w: Working, pairs: Iterable[tuple[int, int]]) -> int:
+    """Count messages up to ``seq`` in each conversation; returns the badge change."""
+    ready = w.ready
+    delta = 0
+    for cid, seq in pairs:
+        unread = w.get(keys.unread_field(cid))
+        if unread is None and ready:
+            continue
+        if seq <= w.num(keys.top_field(cid)):
+            continue
+        w.set(keys.top_field(cid), seq)
+        if unread is None:
+            continue
+        n = max(seq - w.num(keys.read_field(cid)), 0)
+        d = n - int(unread)
+        if d:
+            w.set(keys.unread_field(cid), n)
+            if not w.muted(cid):
+                delta += d
+    w.add_badge(delta)
+    return delta
+
+
+def read(w: Working, cid: int, read_seq: int, top: int) -> tuple[int, int]:
+    """Move the read pointer up; returns ``(unread, badge)``."""
+    if not w.ready:
+        raise CountersNotLoaded
+    unread = w.get(keys.unread_field(cid))
+    if unread is None:
+        raise CountersNotMember
+    r = max(w.num(keys.read_field(cid)), read_seq)
+    t = max(w.num(keys.top_field(cid)), top, r)
+    n = t - r
+    w.set(keys.read_field(cid), r)
+    w.set(keys.top_field(cid), t)
+    w.set(keys.unread_field(cid), n)
+    if not w.muted(cid):
+        w.add_badge(n - int(unread))
+    return n, w.num(keys.BADGE)
+
+
+def member(w: Working, row: MembershipRow) -> int:
+    """Apply a join, leave or mute change unless a newer one was applied; returns the badge
+    change."""
+    cid = row.conversation_id
+    if row.rev <= w.num(keys.rev_field(cid)):
+        return 0
+    w.set(keys.rev_field(cid), row.rev)
+    unread = w.get(keys.unread_field(cid))
+    old = int(unread) if unread is not None and not w.muted(cid) else 0
+    new = 0
+    if row.active:
+        n = _set_active(w, row)
+        if not row.muted:
+            new = n
+    else:
+        w.delete(*_membership_fields(cid))
+    w.add_badge(new - old)
+    return new - old
+
+
+def load(w: Working, rows: Sequence[MembershipRow]) -> int:
+    """Merge PostgreSQL's rows into the hash, recompute every unread and the badge, mark the
+    hash ready; returns the badge."""
+    for row in rows:
+        cid = row.conversation_id
+        if row.rev < w.num(keys.rev_field(cid)):
+            continue
+        w.set(keys.rev_field(cid), row.rev)
+        if row.active:
+            _set_active(w, row)
+        else:
+            w.delete(*_membership_fields(cid))
+    badge = 0
+    for field in [f for f in w.fields if f.startswith("u:")]:
+        cid = field[2:]
+        n = max(w.num(keys.top_field(cid)) - w.num(keys.read_field(cid)), 0)
+        if n != w.num(field):
+            w.set(field, n)
+        if not w.muted(cid):
+            badge += n
+    w.add_badge(badge - w.num(keys.BADGE))
+    w.set(keys.READY, 1)
+    return badge
+
+
+def _set_active(w: Working, row: MembershipRow) -> int:
+    cid = row.conversation_id
+    r = max(w.num(keys.read_field(cid)), row.read_seq)
+    t = max(w.num(keys.top_field(cid)), row.top, r)
+    w.set(keys.read_field(cid), r)
+    w.set(keys.top_field(cid), t)
+    w.set(keys.unread_field(cid), t - r)
+    w.set(keys.muted_field(cid), "1" if row.muted else "0")
+    return t - r
+
+
+def _membership_fields(cid: int | str) -> tuple[str, ...]:
+    return (
+        keys.unread_field(cid),
+        keys.read_field(cid),
+        keys.top_field(cid),
+        keys.muted_field(cid),
+    )

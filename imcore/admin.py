@@ -1,0 +1,151 @@
+"""Admin of the messaging domain. Rows whose editing would break an invariant (seqs, read
+pointers, memberships) are read-only here: change them through the API, whose services keep
+PostgreSQL and the Redis counters in step."""
+
+from django.contrib import admin, messages
+from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
+from django.db.models import Count, Q
+
+from counters.selectors import counters_peek
+from counters.services import counters_reconcile
+
+from .models import Conversation, Device, Membership, Message, User
+
+
+def report_reconcile(modeladmin, request, user_ids) -> None:
+    report = counters_reconcile(user_ids=sorted(set(user_ids)))
+    modeladmin.message_user(request, f"Counters rebuilt from PostgreSQL: {report.summary()}.")
+    for diff in report.diffs[:20]:
+        parts = []
+        if diff.badge:
+            parts.append(f"badge {diff.badge[0]} → {diff.badge[1]}")
+        parts += [
+            f"conversation {cid}: {was} → {should}"
+            for cid, (was, should) in list(diff.conversations.items())[:10]
+        ]
+        modeladmin.message_user(
+            request, f"user {diff.user_id} differed: {', '.join(parts)}", level=messages.WARNING
+        )
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(User)
+class UserAdmin(DjangoUserAdmin):
+    actions = ["rebuild_counters"]
+
+    @admin.action(description="Rebuild unread counters from PostgreSQL and report differences")
+    def rebuild_counters(self, request, queryset):
+        report_reconcile(self, request, queryset.values_list("pk", flat=True))
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    fields = ("user", "last_read_seq", "muted", "joined_at", "left_at", "rev")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Conversation)
+class ConversationAdmin(admin.ModelAdmin):
+    list_display = ("id", "kind", "title", "member_count", "last_seq", "created_by", "created_at")
+    list_filter = ("kind",)
+    search_fields = ("title",)
+    readonly_fields = ("kind", "direct_key", "created_by", "created_at", "last_seq")
+    inlines = [MembershipInline]
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("created_by")
+            .annotate(
+                _members=Count("membership", filter=Q(membership__left_at__isnull=True))
+            )
+        )
+
+    @admin.display(description="members", ordering="_members")
+    def member_count(self, obj):
+        return obj._members
+
+    def has_add_permission(self, request):
+        return False  # create through the API so members' counters start right
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Membership)
+class MembershipAdmin(ReadOnlyAdmin):
+    list_display = (
+        "id",
+        "user",
+        "conversation",
+        "last_read_seq",
+        "unread_truth",
+        "unread_redis",
+        "muted",
+        "left_at",
+    )
+    list_filter = ("muted", ("left_at", admin.EmptyFieldListFilter))
+    search_fields = ("user__username", "conversation__title")
+    list_select_related = ("user", "conversation")
+    actions = ["rebuild_counters"]
+
+    @admin.display(description="unread (PostgreSQL)")
+    def unread_truth(self, obj):
+        if obj.left_at is not None:
+            return "-"
+        return max(obj.conversation.last_seq - obj.last_read_seq, 0)
+
+    @admin.display(description="unread (Redis)")
+    def unread_redis(self, obj):
+        counts = counters_peek(user_id=obj.user_id)
+        if counts is None:
+            return "not loaded"
+        return counts.conversations.get(obj.conversation_id, "-")
+
+    @admin.action(description="Rebuild these users' counters from PostgreSQL")
+    def rebuild_counters(self, request, queryset):
+        report_reconcile(self, request, queryset.values_list("user_id", flat=True))
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Message)
+class MessageAdmin(ReadOnlyAdmin):
+    list_display = ("id", "conversation", "seq", "sender", "short_body", "created_at")
+    list_select_related = ("conversation", "sender")
+    search_fields = ("client_msg_id",)
+    list_filter = ("conversation__kind",)
+
+    @admin.display(description="body")
+    def short_body(self, obj):
+        return obj.body[:80]
+
+
+@admin.register(Device)
+class DeviceAdmin(admin.ModelAdmin):
+    list_display = ("id", "user", "device_id", "platform", "created_at", "last_seen_at")
+    list_filter = ("platform",)
+    search_fields = ("user__username", "device_id")
+    readonly_fields = ("user", "device_id", "platform", "created_at", "last_seen_at")
+    exclude = ("token_hash",)
+
+    def has_add_permission(self, request):
+        return False  # devices log in through POST /api/v1/devices

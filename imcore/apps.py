@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class ImcoreConfig(AppConfig):
+    name = "imcore"
+    verbose_name = "Messaging"

@@ -1,0 +1,145 @@
+"""The messaging domain: users, conversations, memberships, messages, devices.
+
+PostgreSQL is the truth. Two facts make the unread counters derivable from it:
+
+- ``Message.seq`` is dense per conversation (1, 2, 3, ... with no gap), because a send bumps
+  ``Conversation.last_seq`` with ``UPDATE ... RETURNING`` in the same transaction that
+  inserts the message; a failed insert rolls the bump back.
+- ``Membership.last_read_seq`` only grows.
+
+So ``unread(u, c) = c.last_seq - m.last_read_seq`` for an active membership ``m``.
+"""
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractUser
+from django.db import models
+from django.db.models import Q
+
+
+class User(AbstractUser):
+    """A person. Kept as Django's user so the admin and password hashing come for free."""
+
+
+class Conversation(models.Model):
+    class Kind(models.TextChoices):
+        DIRECT = "direct", "Direct"
+        GROUP = "group", "Group"
+
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    title = models.CharField(max_length=200, blank=True, default="")
+    # "<smaller user id>:<larger user id>" for direct conversations, so a pair has one.
+    direct_key = models.CharField(max_length=64, null=True, blank=True, unique=True, editable=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    # seq of the newest message; 0 while there is none.
+    last_seq = models.BigIntegerField(default=0, editable=False)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(kind="direct", direct_key__isnull=False)
+                | Q(kind="group", direct_key__isnull=True),
+                name="conversation_direct_key_iff_direct",
+            ),
+            models.CheckConstraint(
+                condition=Q(last_seq__gte=0), name="conversation_last_seq_gte_0"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.title or f"{self.kind} #{self.pk}"
+
+    @staticmethod
+    def direct_key_for(user_a_id: int, user_b_id: int) -> str:
+        low, high = sorted((user_a_id, user_b_id))
+        return f"{low}:{high}"
+
+
+class Membership(models.Model):
+    """A user's place in a conversation. A row is kept after leaving (``left_at`` set) so a
+    rejoin reuses it; ``rev`` grows on every join, leave and mute change and lets the counter
+    store apply those changes in commit order whatever order they reach Redis in."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE)
+    last_read_seq = models.BigIntegerField(default=0)
+    muted = models.BooleanField(default=False)
+    joined_at = models.DateTimeField()
+    left_at = models.DateTimeField(null=True, blank=True)
+    rev = models.BigIntegerField(default=1)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "conversation"], name="membership_unique"),
+            models.CheckConstraint(
+                condition=Q(last_read_seq__gte=0), name="membership_last_read_seq_gte_0"
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["conversation", "user"],
+                condition=Q(left_at__isnull=True),
+                name="membership_active_idx",
+            ),
+            models.Index(fields=["user"], name="membership_user_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"user {self.user_id} in conversation {self.conversation_id}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.left_at is None
+
+
+class Message(models.Model):
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE)
+    seq = models.BigIntegerField()
+    sender = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT)
+    client_msg_id = models.CharField(max_length=64)
+    body = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["conversation", "seq"], name="message_conversation_seq"
+            ),
+            models.UniqueConstraint(
+                fields=["sender", "client_msg_id"], name="message_sender_client_msg_id"
+            ),
+            models.CheckConstraint(condition=Q(seq__gte=1), name="message_seq_gte_1"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.seq} in conversation {self.conversation_id}"
+
+
+class Device(models.Model):
+    """A logged-in device. The bearer token is shown once at login; only its SHA-256 is kept."""
+
+    class Platform(models.TextChoices):
+        IOS = "ios", "iOS"
+        ANDROID = "android", "Android"
+        WEB = "web", "Web"
+        DESKTOP = "desktop", "Desktop"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    device_id = models.CharField(max_length=64)
+    platform = models.CharField(max_length=16, choices=Platform.choices)
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "device_id"], name="device_user_device_id"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.device_id} ({self.platform}) of user {self.user_id}"
+
+
+__all__ = ["Conversation", "Device", "Membership", "Message", "User"]

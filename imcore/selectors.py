@@ -1,0 +1,62 @@
+"""Reads of the messaging domain."""
+
+from dataclasses import dataclass
+
+from django.db.models import QuerySet
+
+from counters.selectors import counters_get
+
+from .errors import NotFound
+from .models import Conversation, Membership, Message, User
+
+
+def membership_get_active(*, user: User, conversation_id: int) -> Membership:
+    """The caller's active membership, or 404: a conversation the user does not belong to is
+    reported exactly like one that does not exist."""
+    membership = (
+        Membership.objects.select_related("conversation")
+        .filter(user=user, conversation_id=conversation_id, left_at__isnull=True)
+        .first()
+    )
+    if membership is None:
+        raise NotFound(f"conversation {conversation_id} not found")
+    return membership
+
+
+def conversation_member_ids(*, conversation: Conversation) -> list[int]:
+    return list(
+        Membership.objects.filter(conversation=conversation, left_at__isnull=True)
+        .order_by("user_id")
+        .values_list("user_id", flat=True)
+    )
+
+
+@dataclass(frozen=True)
+class ConversationSummary:
+    conversation: Conversation
+    membership: Membership
+    unread: int
+
+
+def conversation_list(*, user: User) -> list[ConversationSummary]:
+    """The user's conversations, newest activity first, with unread counts from Redis."""
+    memberships = (
+        Membership.objects.select_related("conversation")
+        .filter(user=user, left_at__isnull=True)
+        .order_by("-conversation__last_seq", "-conversation_id")
+    )
+    counts = counters_get(user_id=user.pk)
+    return [
+        ConversationSummary(
+            conversation=m.conversation,
+            membership=m,
+            unread=counts.conversations.get(m.conversation_id, 0),
+        )
+        for m in memberships
+    ]
+
+
+def message_list(*, conversation: Conversation, after_seq: int, limit: int) -> QuerySet[Message]:
+    return Message.objects.filter(conversation=conversation, seq__gt=after_seq).order_by("seq")[
+        :limit
+    ]

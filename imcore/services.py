@@ -1,0 +1,302 @@
+"""Writes of the messaging domain. Each service validates what only it can know, changes
+PostgreSQL in one transaction and then tells the counter store (after commit), so Redis only
+ever hears of committed changes. Counter operations are idempotent, so a client that retries a
+request after a 503 repairs Redis without changing PostgreSQL twice."""
+
+import hashlib
+import secrets
+from collections.abc import Iterable
+from functools import partial
+
+from django.conf import settings
+from django.contrib.auth import authenticate
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F
+from django.db.models.functions import Greatest
+from django.utils import timezone
+
+from counters.selectors import counters_get
+from counters.services import (
+    counters_mark_read,
+    counters_membership_changed,
+    counters_message_committed,
+)
+
+from .errors import BadRequest, Conflict, NotAuthenticated, NotFound, PermissionDenied
+from .models import Conversation, Device, Membership, Message, User
+
+# ---- users and devices ---------------------------------------------------------------------
+
+
+def user_create(*, username: str, password: str) -> User:
+    if not settings.API_SIGNUP_ENABLED:
+        raise PermissionDenied("sign-up is turned off on this server")
+    user = User(username=username)
+    try:
+        User.username_validator(username)
+        validate_password(password, user=user)
+    except ValidationError as exc:
+        raise BadRequest("invalid username or password", details=exc.messages) from exc
+    user.set_password(password)
+    try:
+        with transaction.atomic():
+            user.save()
+    except IntegrityError as exc:
+        raise Conflict(f"username {username!r} is taken") from exc
+    return user
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def device_login(
+    *, username: str, password: str, device_id: str, platform: str
+) -> tuple[Device, str]:
+    """Log a device in; returns the device and its new bearer token (shown only now). Logging
+    the same device in again replaces its token."""
+    user = authenticate(username=username, password=password)
+    if user is None:
+        raise NotAuthenticated("wrong username or password")
+    token = secrets.token_urlsafe(32)
+    device, _ = Device.objects.update_or_create(
+        user=user,
+        device_id=device_id,
+        defaults={"platform": platform, "token_hash": token_hash(token)},
+    )
+    return device, token
+
+
+def device_authenticate(*, token: str) -> Device | None:
+    return Device.objects.select_related("user").filter(token_hash=token_hash(token)).first()
+
+
+# ---- conversations and members -------------------------------------------------------------
+
+
+def _users_exist(user_ids: Iterable[int]) -> None:
+    wanted = set(user_ids)
+    found = set(User.objects.filter(pk__in=wanted, is_active=True).values_list("pk", flat=True))
+    if missing := sorted(wanted - found):
+        raise BadRequest(f"unknown user ids: {missing}", details={"unknown_user_ids": missing})
+
+
+def _after_commit_memberships(memberships: list[Membership], last_seq: int) -> None:
+    for membership in memberships:
+        counters_membership_changed(membership=membership, last_seq=last_seq)
+
+
+def conversation_create(
+    *, creator: User, kind: str, member_ids: list[int], title: str = ""
+) -> tuple[Conversation, bool]:
+    """Create a conversation; the creator is always a member. A direct conversation exists
+    once per pair: asking again returns the existing one with ``created=False``."""
+    others = set(member_ids) - {creator.pk}
+    _users_exist(others)
+    if kind == Conversation.Kind.DIRECT:
+        if len(others) != 1:
+            raise BadRequest("a direct conversation has exactly one other member")
+        key = Conversation.direct_key_for(creator.pk, next(iter(others)))
+        if existing := Conversation.objects.filter(direct_key=key).first():
+            return existing, False
+        title = ""
+    else:
+        key = None
+        if len(others) + 1 > settings.GROUP_MAX_MEMBERS:
+            raise BadRequest(f"a group has at most {settings.GROUP_MAX_MEMBERS} members")
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            conversation = Conversation.objects.create(
+                kind=kind, title=title, direct_key=key, created_by=creator
+            )
+            memberships = Membership.objects.bulk_create(
+                Membership(user_id=uid, conversation=conversation, joined_at=now)
+                for uid in sorted(others | {creator.pk})
+            )
+    except IntegrityError:
+        # Two requests raced to create the same direct pair: the other one won.
+        return Conversation.objects.get(direct_key=key), False
+    _after_commit_memberships(memberships, last_seq=0)
+    return conversation, True
+
+
+def members_add(*, actor: User, conversation: Conversation, user_ids: list[int]) -> list[int]:
+    """Add users to a group (rejoining users start again at zero unread); returns the ids that
+    were not members before. Users who are members already are left as they are."""
+    if conversation.kind != Conversation.Kind.GROUP:
+        raise BadRequest("members can only be added to a group")
+    _users_exist(user_ids)
+    now = timezone.now()
+    with transaction.atomic():
+        # The row lock holds sends back, so last_seq is exact for the joiners' read pointer.
+        conv = Conversation.objects.select_for_update().get(pk=conversation.pk)
+        existing = {
+            m.user_id: m
+            for m in Membership.objects.select_for_update().filter(
+                conversation=conv, user_id__in=user_ids
+            )
+        }
+        active = Membership.objects.filter(conversation=conv, left_at__isnull=True).count()
+        joining = [uid for uid in dict.fromkeys(user_ids) if not _is_active(existing.get(uid))]
+        if active + len(joining) > settings.GROUP_MAX_MEMBERS:
+            raise BadRequest(f"a group has at most {settings.GROUP_MAX_MEMBERS} members")
+        rejoining = [existing[uid] for uid in joining if uid in existing]
+        for m in rejoining:
+            m.left_at, m.joined_at, m.muted, m.rev = None, now, False, m.rev + 1
+            m.last_read_seq = max(m.last_read_seq, conv.last_seq)
+            m.save(update_fields=["left_at", "joined_at", "muted", "rev", "last_read_seq"])
+        Membership.objects.bulk_create(
+            Membership(user_id=uid, conversation=conv, joined_at=now, last_read_seq=conv.last_seq)
+            for uid in joining
+            if uid not in existing
+        )
+    # Re-send the state of every named member: idempotent, and repairs a failed earlier try.
+    _after_commit_memberships(
+        list(Membership.objects.filter(conversation=conv, user_id__in=user_ids)), conv.last_seq
+    )
+    return joining
+
+
+def _is_active(membership: Membership | None) -> bool:
+    return membership is not None and membership.left_at is None
+
+
+def member_remove(*, actor: User, conversation: Conversation, user_id: int) -> None:
+    """Leave a group (any member), or remove another member (the group's creator only)."""
+    if conversation.kind != Conversation.Kind.GROUP:
+        raise BadRequest("nobody can leave a direct conversation")
+    if user_id != actor.pk and actor.pk != conversation.created_by_id:
+        raise PermissionDenied("only the group's creator can remove other members")
+    with transaction.atomic():
+        membership = (
+            Membership.objects.select_for_update()
+            .filter(conversation=conversation, user_id=user_id)
+            .first()
+        )
+        if membership is None:
+            raise NotFound(f"user {user_id} is not a member of conversation {conversation.pk}")
+        if membership.left_at is None:
+            membership.left_at = timezone.now()
+            membership.rev += 1
+            membership.save(update_fields=["left_at", "rev"])
+        last_seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation.pk)
+    counters_membership_changed(membership=membership, last_seq=last_seq)
+
+
+def conversation_mute(*, membership: Membership, muted: bool) -> tuple[int, int]:
+    """Mute or unmute; the conversation's unread leaves or rejoins the badge. Returns
+    ``(unread, badge)``."""
+    with transaction.atomic():
+        m = Membership.objects.select_for_update().get(pk=membership.pk)
+        if m.left_at is not None:
+            raise NotFound(f"conversation {m.conversation_id} not found")
+        if m.muted != muted:
+            m.muted = muted
+            m.rev += 1
+            m.save(update_fields=["muted", "rev"])
+        last_seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=m.conversation_id)
+    counters_membership_changed(membership=m, last_seq=last_seq)
+    counts = counters_get(user_id=m.user_id)
+    return counts.conversations.get(m.conversation_id, 0), counts.badge
+
+
+# ---- messages and reads --------------------------------------------------------------------
+
+
+def _next_seq(conversation_id: int) -> int:
+    """Bump the conversation's last_seq and return it. The row stays locked until commit, so
+    concurrent sends to one conversation get consecutive seqs; a rollback gives the seq back."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {Conversation._meta.db_table} SET last_seq = last_seq + 1 "
+            "WHERE id = %s RETURNING last_seq",
+            [conversation_id],
+        )
+        return cursor.fetchone()[0]
+
+
+def message_send(
+    *, sender: User, conversation: Conversation, body: str, client_msg_id: str
+) -> tuple[Message, bool]:
+    """Store a message with the next seq; returns ``(message, created)``. The same
+    ``client_msg_id`` from the same sender returns the stored message (``created=False``) and
+    re-sends its counter updates, which are idempotent. Sending marks the conversation read
+    for the sender up to the new message."""
+    message = _message_replay(sender, conversation, body, client_msg_id)
+    created = message is None
+    if created:
+        try:
+            with transaction.atomic():
+                seq = _next_seq(conversation.pk)
+                message = Message.objects.create(
+                    conversation=conversation,
+                    seq=seq,
+                    sender=sender,
+                    body=body,
+                    client_msg_id=client_msg_id,
+                )
+                Membership.objects.filter(conversation=conversation, user=sender).update(
+                    last_read_seq=Greatest(F("last_read_seq"), seq)
+                )
+                transaction.on_commit(
+                    partial(
+                        counters_message_committed,
+                        conversation_id=conversation.pk,
+                        seq=seq,
+                        sender_id=sender.pk,
+                    ),
+                    robust=True,
+                )
+        except IntegrityError:
+            # The same client_msg_id raced with itself; the first one is stored.
+            message = _message_replay(sender, conversation, body, client_msg_id)
+            if message is None:
+                raise
+            created = False
+    if not created:
+        counters_message_committed(
+            conversation_id=conversation.pk, seq=message.seq, sender_id=sender.pk
+        )
+    counters_mark_read(
+        user_id=sender.pk,
+        conversation_id=conversation.pk,
+        read_seq=message.seq,
+        last_seq=message.seq,
+    )
+    return message, created
+
+
+def _message_replay(
+    sender: User, conversation: Conversation, body: str, client_msg_id: str
+) -> Message | None:
+    message = Message.objects.filter(sender=sender, client_msg_id=client_msg_id).first()
+    if message is not None and (message.conversation_id != conversation.pk or message.body != body):
+        raise Conflict(
+            f"client_msg_id {client_msg_id!r} was already used for another message",
+            details={"conversation_id": message.conversation_id, "seq": message.seq},
+        )
+    return message
+
+
+def conversation_mark_read(*, membership: Membership, seq: int) -> tuple[int, int]:
+    """Move the read pointer up to ``seq`` (never back); returns ``(unread, badge)`` with the
+    change already visible."""
+    last_seq = Conversation.objects.values_list("last_seq", flat=True).get(
+        pk=membership.conversation_id
+    )
+    if seq > last_seq:
+        raise BadRequest(f"seq {seq} is beyond the conversation's last seq {last_seq}")
+    updated = Membership.objects.filter(pk=membership.pk, left_at__isnull=True).update(
+        last_read_seq=Greatest(F("last_read_seq"), seq)
+    )
+    if not updated:
+        raise NotFound(f"conversation {membership.conversation_id} not found")
+    return counters_mark_read(
+        user_id=membership.user_id,
+        conversation_id=membership.conversation_id,
+        read_seq=seq,
+        last_seq=last_seq,
+    )

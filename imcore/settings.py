@@ -1,0 +1,165 @@
+"""Django settings for imcore.
+
+Everything that differs between machines is read from the environment, with defaults that
+work on a developer machine where PostgreSQL and Redis listen on 127.0.0.1:
+
+- ``DATABASE_URL``      PostgreSQL, default ``postgres://postgres@127.0.0.1:5432/imcore``
+- ``REDIS_URL``         Redis for counters, default ``redis://127.0.0.1:6379/0``
+- ``CELERY_BROKER_URL`` Celery's broker, default ``redis://127.0.0.1:6379/1``
+- ``COUNTERS_STRATEGY`` ``lua`` (default), ``watch``, ``lock`` or ``naive``
+"""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "imcore-dev-only-insecure-secret-key-change-me")
+DEBUG = env_bool("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "*").split(",")
+CSRF_TRUSTED_ORIGINS = [
+    o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o
+] or ["http://127.0.0.1:8000", "http://localhost:8000"]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "ninja",
+    "imcore",
+    "counters",
+    "offline",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "imcore.urls"
+WSGI_APPLICATION = "imcore.wsgi.application"
+ASGI_APPLICATION = "imcore.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/imcore"),
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
+        conn_health_checks=True,
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+AUTH_USER_MODEL = "imcore.User"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+}
+
+# --- HTTP API -------------------------------------------------------------------------------
+# Largest request body the API accepts, in bytes; larger ones get 413 before any parsing.
+API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 64 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
+# Whether POST /api/v1/users (self sign-up) is open.
+API_SIGNUP_ENABLED = env_bool("API_SIGNUP_ENABLED", True)
+# Longest message body, in characters.
+MESSAGE_BODY_MAX_CHARS = env_int("MESSAGE_BODY_MAX_CHARS", 8000)
+# Most members a group may have.
+GROUP_MAX_MEMBERS = env_int("GROUP_MAX_MEMBERS", 10_000)
+# Largest page of GET .../messages.
+MESSAGES_PAGE_MAX = env_int("MESSAGES_PAGE_MAX", 200)
+
+# --- Redis and counters ---------------------------------------------------------------------
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+# Consistency strategy of the counter store: lua (default), watch, lock, naive.
+COUNTERS_STRATEGY = os.environ.get("COUNTERS_STRATEGY", "lua")
+# `lock` strategy: lock lifetime (PX) and how long a writer waits for it, in milliseconds.
+COUNTERS_LOCK_TTL_MS = env_int("COUNTERS_LOCK_TTL_MS", 2000)
+COUNTERS_LOCK_WAIT_MS = env_int("COUNTERS_LOCK_WAIT_MS", 5000)
+# `watch` strategy: optimistic transaction attempts before giving up.
+COUNTERS_WATCH_MAX_RETRIES = env_int("COUNTERS_WATCH_MAX_RETRIES", 100)
+# How often Celery beat rebuilds every user's counters from PostgreSQL, in seconds (0 = never).
+COUNTERS_RECONCILE_INTERVAL_S = env_int("COUNTERS_RECONCILE_INTERVAL_S", 6 * 3600)
+
+# --- Celery ---------------------------------------------------------------------------------
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/1")
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 4
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_WORKER_SEND_TASK_EVENTS = True
+CELERY_TASK_SEND_SENT_EVENT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BEAT_SCHEDULE = (
+    {
+        "counters-reconcile-all": {
+            "task": "counters.reconcile",
+            "schedule": float(COUNTERS_RECONCILE_INTERVAL_S),
+        }
+    }
+    if COUNTERS_RECONCILE_INTERVAL_S > 0
+    else {}
+)
