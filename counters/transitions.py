@@ -152,7 +152,7 @@ def load(w: Working, rows: Sequence[MembershipRow]) -> int:
             w.set(field, n)
         if not w.muted(cid):
             badge += n
-    w.add_badge(badge - w.num(keys.BADGE))
+    w.set(keys.BADGE, badge)
     w.set(keys.READY, 1)
     return badge
 

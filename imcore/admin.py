@@ -73,9 +73,7 @@ class ConversationAdmin(admin.ModelAdmin):
             super()
             .get_queryset(request)
             .select_related("created_by")
-            .annotate(
-                _members=Count("membership", filter=Q(membership__left_at__isnull=True))
-            )
+            .annotate(_members=Count("membership", filter=Q(membership__left_at__isnull=True)))
         )
 
     @admin.display(description="members", ordering="_members")

@@ -5,8 +5,8 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from django.conf import settings
-from ninja import Field, Path, Query, Router, Schema
-from pydantic import ConfigDict
+from ninja import Field, Path, Query, Router, Schema, Status
+from pydantic import ConfigDict, field_validator
 
 from counters.selectors import counters_get
 
@@ -27,6 +27,14 @@ class Body(Schema):
     refused, so a typo cannot pass as a no-op."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def no_nul(cls, value):
+        # PostgreSQL text cannot hold NUL; refuse it here rather than fail in SQL.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("must not contain the NUL character (\\u0000)")
+        return value
 
 
 class ErrorOut(Schema):
@@ -64,7 +72,7 @@ class UserOut(Schema):
 def user_create_api(request, payload: UserCreateIn):
     """Sign up (``API_SIGNUP_ENABLED`` turns it off)."""
     user = services.user_create(username=payload.username, password=payload.password)
-    return 201, user
+    return Status(201, user)
 
 
 class DeviceLoginIn(Body):
@@ -89,7 +97,7 @@ def device_login_api(request, payload: DeviceLoginIn):
         device_id=payload.device_id,
         platform=payload.platform,
     )
-    return 201, {"device_id": device.device_id, "user_id": device.user_id, "token": token}
+    return Status(201, {"device_id": device.device_id, "user_id": device.user_id, "token": token})
 
 
 # ---- conversations -------------------------------------------------------------------------
@@ -132,7 +140,7 @@ def conversation_create_api(request, payload: ConversationCreateIn):
         member_ids=payload.members,
         title=payload.title,
     )
-    return (201 if created else 200), conversation_out(conversation)
+    return Status(201 if created else 200, conversation_out(conversation))
 
 
 class ConversationListItem(Schema):
@@ -198,14 +206,18 @@ def members_add_api(request, conversation_id: ConversationId, payload: MembersAd
 def member_remove_api(
     request, conversation_id: ConversationId, user_id: Annotated[int, Path(ge=1, le=BIGINT_MAX)]
 ):
-    """Leave a group (your own id) or, as its creator, remove someone."""
-    membership = selectors.membership_get_active(
-        user=request.auth.user, conversation_id=conversation_id
+    """Leave a group (your own id; repeating it answers 204 again) or, as its creator,
+    remove someone."""
+    lookup = (
+        selectors.membership_get_any
+        if user_id == request.auth.user.pk
+        else selectors.membership_get_active
     )
+    membership = lookup(user=request.auth.user, conversation_id=conversation_id)
     services.member_remove(
         actor=request.auth.user, conversation=membership.conversation, user_id=user_id
     )
-    return 204, None
+    return Status(204, None)
 
 
 # ---- messages, reads, mutes, counters ------------------------------------------------------
@@ -254,7 +266,7 @@ def message_send_api(request, conversation_id: ConversationId, payload: MessageS
         body=payload.body,
         client_msg_id=payload.client_msg_id,
     )
-    return (201 if created else 200), message_out(message)
+    return Status(201 if created else 200, message_out(message))
 
 
 class MessageListOut(Schema):

@@ -35,6 +35,8 @@ class Conversation(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     # seq of the newest message; 0 while there is none.
     last_seq = models.BigIntegerField(default=0, editable=False)
+    # when the newest message was stored (orders "my conversations" by activity)
+    last_message_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         constraints = [

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from django.db.models import QuerySet
+from django.db.models.functions import Coalesce
 
 from counters.selectors import counters_get
 
@@ -16,6 +17,19 @@ def membership_get_active(*, user: User, conversation_id: int) -> Membership:
     membership = (
         Membership.objects.select_related("conversation")
         .filter(user=user, conversation_id=conversation_id, left_at__isnull=True)
+        .first()
+    )
+    if membership is None:
+        raise NotFound(f"conversation {conversation_id} not found")
+    return membership
+
+
+def membership_get_any(*, user: User, conversation_id: int) -> Membership:
+    """The user's membership, active or left (404 if the user never belonged): a member may
+    repeat their own leave."""
+    membership = (
+        Membership.objects.select_related("conversation")
+        .filter(user=user, conversation_id=conversation_id)
         .first()
     )
     if membership is None:
@@ -39,11 +53,13 @@ class ConversationSummary:
 
 
 def conversation_list(*, user: User) -> list[ConversationSummary]:
-    """The user's conversations, newest activity first, with unread counts from Redis."""
+    """The user's conversations, newest activity first (latest message, or creation for a
+    conversation without messages), with unread counts from Redis."""
     memberships = (
         Membership.objects.select_related("conversation")
         .filter(user=user, left_at__isnull=True)
-        .order_by("-conversation__last_seq", "-conversation_id")
+        .annotate(activity=Coalesce("conversation__last_message_at", "conversation__created_at"))
+        .order_by("-activity", "-conversation_id")
     )
     counts = counters_get(user_id=user.pk)
     return [

@@ -211,7 +211,8 @@ def _next_seq(conversation_id: int) -> int:
     concurrent sends to one conversation get consecutive seqs; a rollback gives the seq back."""
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {Conversation._meta.db_table} SET last_seq = last_seq + 1 "
+            f"UPDATE {Conversation._meta.db_table} "
+            "SET last_seq = last_seq + 1, last_message_at = clock_timestamp() "
             "WHERE id = %s RETURNING last_seq",
             [conversation_id],
         )

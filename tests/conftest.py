@@ -1,6 +1,7 @@
 """Shared fixtures: a clean Redis database per test, API members with device tokens, and a
 real Celery worker process for tests that cross the queue."""
 
+import contextlib
 import json
 import os
 import signal
@@ -104,17 +105,37 @@ def make_member(db):
     return make
 
 
-@pytest.fixture(scope="session")
-def celery_worker(django_db_setup, django_db_blocker):
-    """A real ``celery worker`` process on the test broker and the test database. Tests that
-    use it need ``transactional_db`` so the worker sees their rows."""
+def broker_idle() -> bool:
+    """True when the broker holds no waiting or unacknowledged task (acks_late tasks stay in
+    kombu's ``unacked`` hash until they finish)."""
+    with celery_app.connection_for_write() as conn:
+        client = conn.default_channel.client
+        waiting = sum(client.llen(q) for q in ("default", "counters"))
+        return waiting == 0 and client.hlen("unacked") == 0
+
+
+def worker_ping() -> list:
+    """Ping the workers over a connection of its own: a pooled connection left waiting for
+    replies would hang a process forked later (kombu closes inherited connections)."""
+    with celery_app.connection_for_write() as conn:
+        return celery_app.control.ping(timeout=0.5, connection=conn)
+
+
+@contextlib.contextmanager
+def running_worker(**env_overrides):
+    """A real ``celery worker`` process on the test broker and the test database; extra
+    environment (e.g. ``COUNTERS_STRATEGY``) goes to the worker. Tests that use it need
+    ``transactional_db`` so the worker sees their rows."""
     db_name = connection.settings_dict["NAME"]
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "tests.settings",
         "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{db_name}",
         "DATABASE_CONN_MAX_AGE": "0",
+        **env_overrides,
     }
+    if stale := worker_ping():
+        pytest.fail(f"another Celery worker consumes the test broker: {stale}")
     celery_app.control.purge()
     proc = subprocess.Popen(
         [
@@ -141,7 +162,7 @@ def celery_worker(django_db_setup, django_db_blocker):
     )
     try:
         wait_until(
-            lambda: proc.poll() is not None or celery_app.control.ping(timeout=0.5),
+            lambda: proc.poll() is not None or worker_ping(),
             timeout=60,
             message="the Celery worker did not answer a ping",
         )
@@ -154,3 +175,12 @@ def celery_worker(django_db_setup, django_db_blocker):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        celery_app.control.purge()
+
+
+@pytest.fixture(scope="module")
+def celery_worker(django_db_setup, django_db_blocker):
+    """A real worker for the tests of one module (stopped when the module ends, so another
+    module can start one with other settings)."""
+    with running_worker() as proc:
+        yield proc

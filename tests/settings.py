@@ -12,3 +12,5 @@ from imcore.settings import *  # noqa: F403
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # The beat schedule is not needed in tests; the reconcile task is called directly.
 CELERY_BEAT_SCHEDULE = {}
+# WhiteNoise scans the static files each time a test client builds its middleware chain.
+MIDDLEWARE = [m for m in MIDDLEWARE if not m.startswith("whitenoise.")]  # noqa: F405

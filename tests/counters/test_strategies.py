@@ -1,0 +1,149 @@
+"""The counter operations, run through every strategy, and the Lua scripts held to their
+Python mirrors."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from counters import keys
+from counters.strategies import STRATEGIES, get_strategy
+from counters.transitions import CountersNotLoaded, CountersNotMember, MembershipRow
+
+ALL = sorted(STRATEGIES)
+U = 7  # a user id; these tests need no database rows
+
+
+def row(cid, rev=1, active=True, muted=False, read=0, top=0):
+    return MembershipRow(
+        conversation_id=cid, rev=rev, active=active, muted=muted, read_seq=read, top=top
+    )
+
+
+def counts(strategy, user_id=U):
+    fields = strategy.fetch(user_id)
+    unread = {int(f[2:]): int(v) for f, v in fields.items() if f.startswith("u:")}
+    return int(fields.get("badge", 0)), unread
+
+
+@pytest.fixture(params=ALL)
+def strategy(request):
+    return get_strategy(request.param)
+
+
+def test_increment_is_idempotent_and_order_free(strategy):
+    """An event applied twice or after a newer one changes nothing."""
+    strategy.load(U, [row(1)])
+    strategy.inc_many([(U, [(1, 2)]), (U, [(1, 1)]), (U, [(1, 2)])])
+    assert counts(strategy) == (2, {1: 2})
+    strategy.inc_many([(U, [(1, 3)])])
+    assert counts(strategy) == (3, {1: 3})
+
+
+def test_read_never_moves_back_and_beats_queued_increments(strategy):
+    """A read past queued increments is not undone when they arrive."""
+    strategy.load(U, [row(1), row(2)])
+    strategy.inc_many([(U, [(1, 5), (2, 1)])])
+    assert strategy.read(U, 1, 4, 5) == (1, 2)
+    assert strategy.read(U, 1, 2, 5) == (1, 2)  # an older read changes nothing
+    assert strategy.read(U, 1, 7, 7) == (0, 1)  # read beyond what Redis has counted
+    strategy.inc_many([(U, [(1, 6)]), (U, [(1, 7)])])  # the late increments
+    assert counts(strategy) == (1, {1: 0, 2: 1})
+
+
+def test_mute_moves_count_out_of_badge_and_back(strategy):
+    """Muting takes the conversation's unread out of the badge; unmuting puts it back."""
+    strategy.load(U, [row(1), row(2)])
+    strategy.inc_many([(U, [(1, 3), (2, 2)])])
+    strategy.member(U, row(1, rev=2, muted=True, top=3))
+    assert counts(strategy) == (2, {1: 3, 2: 2})
+    strategy.inc_many([(U, [(1, 4)])])
+    assert counts(strategy) == (2, {1: 4, 2: 2})
+    strategy.member(U, row(1, rev=3, muted=False, top=4))
+    assert counts(strategy) == (6, {1: 4, 2: 2})
+
+
+def test_membership_changes_apply_in_rev_order(strategy):
+    """A leave that reaches Redis after a newer rejoin is ignored."""
+    strategy.load(U, [row(1)])
+    strategy.inc_many([(U, [(1, 3)])])
+    strategy.member(U, row(1, rev=3, read=3, top=3))  # rejoin (rev 3) arrives first
+    strategy.member(U, row(1, rev=2, active=False))  # the older leave arrives late
+    assert counts(strategy) == (0, {1: 0})
+    strategy.inc_many([(U, [(1, 4)])])
+    assert counts(strategy) == (1, {1: 1})
+
+
+def test_leave_removes_count_and_join_starts_at_zero(strategy):
+    """Leaving drops the conversation from the badge; increments after leaving are ignored;
+    joining later starts at zero."""
+    strategy.load(U, [row(1), row(2)])
+    strategy.inc_many([(U, [(1, 3), (2, 1)])])
+    strategy.member(U, row(1, rev=2, active=False))
+    strategy.inc_many([(U, [(1, 4)])])
+    assert counts(strategy) == (1, {2: 1})
+    strategy.member(U, row(1, rev=3, read=4, top=4))
+    assert counts(strategy) == (1, {1: 0, 2: 1})
+
+
+def test_reads_need_a_loaded_hash(strategy):
+    """Before a load a read refuses (the caller rebuilds); a non-member read refuses too."""
+    with pytest.raises(CountersNotLoaded):
+        strategy.read(U, 1, 1, 1)
+    strategy.load(U, [row(1)])
+    with pytest.raises(CountersNotMember):
+        strategy.read(U, 2, 1, 1)
+
+
+def test_increments_before_a_load_are_kept_by_it(strategy):
+    """An event applied while the hash is not loaded (after a wipe) survives a load built
+    from an older snapshot."""
+    strategy.inc_many([(U, [(1, 5)])])
+    strategy.load(U, [row(1, read=1, top=4)])  # the snapshot was read before seq 5
+    assert counts(strategy) == (4, {1: 4})
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("inc"), st.integers(1, 3), st.integers(1, 12)),
+        st.tuples(st.just("read"), st.integers(1, 3), st.integers(0, 12)),
+        st.tuples(
+            st.just("member"),
+            st.integers(1, 3),
+            st.integers(1, 12),
+            st.booleans(),
+            st.booleans(),
+            st.integers(0, 12),
+        ),
+        st.tuples(st.just("load"), st.integers(1, 3), st.integers(0, 12)),
+    ),
+    max_size=25,
+)
+
+
+def apply(strategy, user_id, op):
+    kind, cid = op[0], op[1]
+    try:
+        if kind == "inc":
+            strategy.inc_many([(user_id, [(cid, op[2])])])
+        elif kind == "read":
+            strategy.read(user_id, cid, op[2], op[2])
+        elif kind == "member":
+            _, _, rev, active, muted, seq = op
+            strategy.member(user_id, row(cid, rev, active, muted, read=seq, top=seq))
+        else:
+            strategy.load(user_id, [row(cid, 1, True, False, read=0, top=op[2])])
+    except (CountersNotLoaded, CountersNotMember) as exc:
+        return type(exc).__name__
+    return None
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS)
+def test_lua_scripts_match_their_python_mirror(ops):
+    """Any sequence of operations leaves the same hash under Lua and under the Python
+    transitions, and refuses the same reads."""
+    lua, python = get_strategy("lua"), get_strategy("watch")
+    lua.client.delete(keys.counters(1), keys.counters(2))
+    for op in ops:
+        assert apply(lua, 1, op) == apply(python, 2, op), op
+        assert lua.fetch(1) == python.fetch(2), op
