@@ -1,0 +1,166 @@
+"""A Hypothesis state machine drives random sends, deliveries of queued increments (in any
+order), reads, mutes, joins, leaves and Redis wipes through the services, against a plain
+model of the truth; after every step the counter invariants hold."""
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from counters.redis import get_redis
+from counters.selectors import counters_get, counters_truth
+from counters.services import counters_fanout
+from imcore import services
+from imcore.models import Membership, User
+
+N_USERS = 4
+MACHINE_SETTINGS = settings(
+    max_examples=20,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+class CounterMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        get_redis().flushdb()
+        self.users = [User.objects.create_user(f"sm-{User.objects.count()}-{i}") for i in range(4)]
+        u = self.users
+        self.convs = [
+            services.conversation_create(
+                creator=u[0], kind="group", member_ids=[u[1].pk, u[2].pk], title="A"
+            )[0],
+            services.conversation_create(
+                creator=u[0], kind="group", member_ids=[u[1].pk, u[3].pk], title="B"
+            )[0],
+            services.conversation_create(creator=u[2], kind="direct", member_ids=[u[3].pk])[0],
+        ]
+        # the model: per conversation its last seq and {user index: [read, muted]}
+        self.last_seq = [0, 0, 0]
+        self.members = [
+            {0: [0, False], 1: [0, False], 2: [0, False]},
+            {0: [0, False], 1: [0, False], 3: [0, False]},
+            {2: [0, False], 3: [0, False]},
+        ]
+        self.pending: list[tuple[int, int, int]] = []  # queued increments (conv, seq, sender)
+
+    def membership(self, ui, ci):
+        return Membership.objects.select_related("conversation").get(
+            user=self.users[ui], conversation=self.convs[ci]
+        )
+
+    def model_unread(self, ui):
+        return {
+            self.convs[ci].pk: self.last_seq[ci] - m[ui][0]
+            for ci, m in enumerate(self.members)
+            if ui in m
+        }
+
+    def model_badge(self, ui):
+        return sum(
+            self.last_seq[ci] - m[ui][0]
+            for ci, m in enumerate(self.members)
+            if ui in m and not m[ui][1]
+        )
+
+    @rule(ui=st.integers(0, N_USERS - 1), ci=st.integers(0, 2))
+    def send(self, ui, ci):
+        if ui not in self.members[ci]:
+            return
+        message, created = services.message_send(
+            sender=self.users[ui],
+            conversation=self.convs[ci],
+            body="x",
+            client_msg_id=f"c{self.convs[ci].pk}-{self.last_seq[ci] + 1}",
+        )
+        assert created
+        self.last_seq[ci] += 1
+        assert message.seq == self.last_seq[ci]
+        self.members[ci][ui][0] = message.seq
+        self.pending.append((ci, message.seq, ui))
+
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data())
+    def deliver_one(self, data):
+        """The worker applies one queued increment, not necessarily the oldest."""
+        ci, seq, ui = self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1)))
+        counters_fanout(conversation_id=self.convs[ci].pk, seq=seq, sender_id=self.users[ui].pk)
+
+    @rule()
+    def deliver_all(self):
+        for ci, seq, ui in reversed(self.pending):
+            counters_fanout(conversation_id=self.convs[ci].pk, seq=seq, sender_id=self.users[ui].pk)
+        self.pending.clear()
+
+    @rule(ui=st.integers(0, N_USERS - 1), ci=st.integers(0, 2), frac=st.floats(0, 1))
+    def read(self, ui, ci, frac):
+        if ui not in self.members[ci]:
+            return
+        seq = round(self.last_seq[ci] * frac)
+        unread, badge = services.conversation_mark_read(membership=self.membership(ui, ci), seq=seq)
+        model = self.members[ci][ui]
+        model[0] = max(model[0], seq)
+        assert unread == self.last_seq[ci] - model[0]
+        assert 0 <= badge <= self.model_badge(ui)
+
+    @rule(ui=st.integers(0, N_USERS - 1), ci=st.integers(0, 2), muted=st.booleans())
+    def mute(self, ui, ci, muted):
+        if ui not in self.members[ci]:
+            return
+        services.conversation_mute(membership=self.membership(ui, ci), muted=muted)
+        self.members[ci][ui][1] = muted
+
+    @rule(ui=st.integers(0, N_USERS - 1), ci=st.integers(0, 1))
+    def join(self, ui, ci):
+        actor = next(iter(self.members[ci]), None)
+        if actor is None or ui in self.members[ci]:
+            return
+        services.members_add(
+            actor=self.users[actor], conversation=self.convs[ci], user_ids=[self.users[ui].pk]
+        )
+        self.members[ci][ui] = [self.last_seq[ci], False]
+
+    @rule(ui=st.integers(0, N_USERS - 1), ci=st.integers(0, 1))
+    def leave(self, ui, ci):
+        if ui not in self.members[ci]:
+            return
+        services.member_remove(
+            actor=self.users[ui], conversation=self.convs[ci], user_id=self.users[ui].pk
+        )
+        del self.members[ci][ui]
+
+    @rule()
+    def wipe_redis(self):
+        """Redis restarts empty."""
+        get_redis().flushdb()
+
+    @invariant()
+    def counters_hold(self):
+        for ui, user in enumerate(self.users):
+            truth = counters_truth(user_id=user.pk)
+            assert truth.conversations == self.model_unread(ui), "PostgreSQL differs from model"
+            assert truth.badge == self.model_badge(ui)
+            held = counters_get(user_id=user.pk)
+            muted = {self.convs[ci].pk for ci, m in enumerate(self.members) if m.get(ui, [0, 0])[1]}
+            assert set(held.conversations) == set(truth.conversations)
+            for cid, n in held.conversations.items():
+                assert 0 <= n <= truth.conversations[cid], (cid, n, truth)
+            assert held.badge == sum(n for c, n in held.conversations.items() if c not in muted)
+            if not self.pending:
+                assert held == truth
+
+
+@pytest.mark.parametrize("strategy_name", ["lua", "watch", "lock"])
+def test_counters_match_model_of_truth(strategy_name, db, settings):
+    """Random interleavings of every operation keep the counters within the truth, the badge
+    equal to the unmuted sum, and exact once the queue is drained."""
+    settings.COUNTERS_STRATEGY = strategy_name
+    run_state_machine_as_test(CounterMachine, settings=MACHINE_SETTINGS)

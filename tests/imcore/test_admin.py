@@ -1,0 +1,46 @@
+"""The admin pages open and show the counters beside the truth."""
+
+import pytest
+from django.contrib import admin
+
+from counters.services import counters_fanout
+from imcore.models import Membership, User
+
+
+@pytest.fixture
+def admin_client(client, db):
+    client.force_login(User.objects.create_superuser("root", "root@example.com", "pw"))
+    return client
+
+
+def test_admin_pages_open(admin_client, make_member):
+    """Every model's list and a conversation's page answer 200; memberships show the unread
+    from PostgreSQL and from Redis."""
+    alice, bob = make_member("alice"), make_member("bob")
+    gid = alice.post("/conversations", {"kind": "group", "members": [bob.id]}).json()["id"]
+    seq = alice.send(gid, "hello")["seq"]
+    counters_fanout(conversation_id=gid, seq=seq, sender_id=alice.id)
+    bob.unread()
+    for url in (
+        "/admin/",
+        "/admin/imcore/conversation/",
+        f"/admin/imcore/conversation/{gid}/change/",
+        "/admin/imcore/membership/",
+        "/admin/imcore/message/",
+        "/admin/imcore/device/",
+        "/admin/imcore/user/",
+    ):
+        assert admin_client.get(url).status_code == 200, url
+    page = admin_client.get("/admin/imcore/membership/").content.decode().lower()
+    assert "unread (postgresql)" in page and "unread (redis)" in page
+    membership_admin = admin.site._registry[Membership]
+    row = Membership.objects.select_related("conversation").get(user=bob.user, conversation=gid)
+    assert membership_admin.unread_truth(row) == 1
+    assert membership_admin.unread_redis(row) == 1
+
+
+def test_admin_cannot_add_or_edit_invariant_rows(admin_client, make_member):
+    """Messages and memberships are read-only; conversations cannot be added by hand."""
+    assert admin_client.get("/admin/imcore/message/add/").status_code == 403
+    assert admin_client.get("/admin/imcore/membership/add/").status_code == 403
+    assert admin_client.get("/admin/imcore/conversation/add/").status_code == 403
