@@ -5,6 +5,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 
 from imcore.models import Membership
@@ -53,11 +54,18 @@ class ReconcileReport:
 
 
 def counters_message_committed(*, conversation_id: int, seq: int, sender_id: int) -> None:
-    """The write path of increments: called once per committed message. The aggregation
-    pipeline replaces this body; everything upstream stays as it is."""
-    from .tasks import fanout_message
+    """The write path of increments: called once per committed message (and again when a
+    client repeats a send; the event is idempotent). ``COUNTERS_WRITE_PATH`` picks the
+    aggregation pipeline (default: one queue event per message) or the per-message fan-out
+    task (kept for comparison)."""
+    if settings.COUNTERS_WRITE_PATH == "fanout":
+        from .tasks import fanout_message
 
-    fanout_message.delay(conversation_id=conversation_id, seq=seq, sender_id=sender_id)
+        fanout_message.delay(conversation_id=conversation_id, seq=seq, sender_id=sender_id)
+    else:
+        from .pipeline import counters_enqueue
+
+        counters_enqueue(conversation_id=conversation_id, seq=seq)
 
 
 def counters_fanout(*, conversation_id: int, seq: int, sender_id: int | None = None) -> int:

@@ -6,6 +6,15 @@ idempotent (the message seq is the idempotency key; tops only move up), so it ru
 ``acks_late`` and a redelivery after a crash is harmless. Under a burst, tasks queue up in the
 broker and each stays O(members); the aggregation pipeline of the next issue replaces it.
 
+The aggregation pipeline (see :mod:`counters.pipeline`), three tasks Flower shows apart:
+
+- ``counters.timer`` (Celery beat, every ``COUNTERS_FLUSH_INTERVAL``): requests an aggregate of
+  every non-empty shard. One task per interval whatever the load.
+- ``counters.flusher`` (sent when an enqueue takes a shard past ``COUNTERS_FLUSH_THRESHOLD``;
+  a flag makes it once per flush): re-checks the shard's length and requests its aggregate.
+- ``counters.aggregate`` (one per shard per flush, at most one requested at a time): drains a
+  shard. Under a burst, more events fold into each batch instead of more tasks running.
+
 ``counters.reconcile`` rebuilds counters from PostgreSQL (all users, or the ones given) and
 logs what differed; Celery beat runs it every ``COUNTERS_RECONCILE_INTERVAL_S``.
 """
@@ -13,7 +22,7 @@ logs what differed; Celery beat runs it every ``COUNTERS_RECONCILE_INTERVAL_S``.
 import redis
 from celery import shared_task
 
-from . import services
+from . import pipeline, services
 
 
 @shared_task(
@@ -35,4 +44,32 @@ def reconcile(user_ids: list[int] | None = None) -> dict:
         "users_checked": report.users_checked,
         "users_differed": len(report.diffs),
         "users_not_loaded": report.users_not_loaded,
+    }
+
+
+@shared_task(name="counters.timer", queue="counters", max_retries=0, expires=10)
+def timer() -> list[int]:
+    return pipeline.counters_timer_tick()
+
+
+@shared_task(name="counters.flusher", queue="counters", max_retries=0)
+def flusher(shard: int) -> bool:
+    return pipeline.counters_flusher_check(shard=shard)
+
+
+@shared_task(
+    name="counters.aggregate",
+    queue="counters",
+    acks_late=True,
+    autoretry_for=(redis.ConnectionError, redis.TimeoutError),
+    retry_backoff=True,
+    max_retries=5,
+)
+def aggregate(shard: int, trigger: str = "timer") -> dict:
+    batches = pipeline.counters_aggregate_shard(shard=shard, trigger=trigger)
+    return {
+        "shard": shard,
+        "batches": len(batches),
+        "events_in": sum(b.events_in for b in batches),
+        "writes_out": sum(b.writes_out for b in batches),
     }

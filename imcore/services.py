@@ -248,8 +248,7 @@ def message_send(
                         conversation_id=conversation.pk,
                         seq=seq,
                         sender_id=sender.pk,
-                    ),
-                    robust=True,
+                    )
                 )
         except IntegrityError:
             # The same client_msg_id raced with itself; the first one is stored.

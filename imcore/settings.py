@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from kombu import Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -44,6 +45,7 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "ninja",
+    "django_celery_beat",
     "imcore",
     "counters",
     "offline",
@@ -142,6 +144,28 @@ COUNTERS_WATCH_MAX_RETRIES = env_int("COUNTERS_WATCH_MAX_RETRIES", 100)
 # How often Celery beat rebuilds every user's counters from PostgreSQL, in seconds (0 = never).
 COUNTERS_RECONCILE_INTERVAL_S = env_int("COUNTERS_RECONCILE_INTERVAL_S", 6 * 3600)
 
+# --- counter aggregation pipeline (storms) --------------------------------------------------
+# How increments reach Redis: "pipeline" (sharded durable queues, Timer, Flusher, Aggregator)
+# or "fanout" (one Celery task per message, the foundation's path, kept for comparison).
+COUNTERS_WRITE_PATH = os.environ.get("COUNTERS_WRITE_PATH", "pipeline")
+# Number of queue shards (Redis Streams); a conversation always goes to shard id % N.
+COUNTERS_SHARDS = env_int("COUNTERS_SHARDS", 8)
+# Flusher: a shard holding this many events is flushed at once, in events.
+COUNTERS_FLUSH_THRESHOLD = env_int("COUNTERS_FLUSH_THRESHOLD", 1000)
+# Timer: Celery beat flushes every non-empty shard this often, in seconds.
+COUNTERS_FLUSH_INTERVAL = float(os.environ.get("COUNTERS_FLUSH_INTERVAL", "1.0"))
+# Aggregator: events read from a shard per batch.
+COUNTERS_BATCH_SIZE = env_int("COUNTERS_BATCH_SIZE", 2000)
+# Aggregator: a shard's lock lives this long, in milliseconds; a worker that died holding it
+# delays that shard by at most this much, then the next aggregator takes its unacked events.
+COUNTERS_SHARD_LOCK_TTL_MS = env_int("COUNTERS_SHARD_LOCK_TTL_MS", 10_000)
+# Aggregator: one task works a shard at most this long, in seconds, then hands over.
+COUNTERS_AGGREGATE_BUDGET_S = float(os.environ.get("COUNTERS_AGGREGATE_BUDGET_S", "5"))
+# Flushes kept for the admin page.
+COUNTERS_RECENT_FLUSHES = env_int("COUNTERS_RECENT_FLUSHES", 100)
+# Test-only failpoints (the kill tests arm them in Redis); off in production.
+COUNTERS_FAILPOINTS = env_bool("COUNTERS_FAILPOINTS", False)
+
 # --- Celery ---------------------------------------------------------------------------------
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/1")
 CELERY_TASK_IGNORE_RESULT = True
@@ -149,18 +173,20 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 4
 CELERY_TASK_DEFAULT_QUEUE = "default"
+# Declared up front so `celery purge`, Flower and the workers' -Q see both queues.
+CELERY_TASK_QUEUES = (Queue("default"), Queue("counters"))
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_BEAT_SCHEDULE = (
-    {
-        "counters-reconcile-all": {
-            "task": "counters.reconcile",
-            "schedule": float(COUNTERS_RECONCILE_INTERVAL_S),
-        }
+# Beat's schedule starts from these entries; with the DatabaseScheduler (`make run`) they are
+# stored by django-celery-beat and can be edited in the admin.
+CELERY_BEAT_SCHEDULE = {
+    "counters-timer": {"task": "counters.timer", "schedule": COUNTERS_FLUSH_INTERVAL},
+}
+if COUNTERS_RECONCILE_INTERVAL_S > 0:
+    CELERY_BEAT_SCHEDULE["counters-reconcile-all"] = {
+        "task": "counters.reconcile",
+        "schedule": float(COUNTERS_RECONCILE_INTERVAL_S),
     }
-    if COUNTERS_RECONCILE_INTERVAL_S > 0
-    else {}
-)

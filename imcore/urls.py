@@ -5,6 +5,8 @@ from django.contrib import admin
 from django.http import JsonResponse
 from django.urls import path, re_path
 
+from counters.views import metrics_view
+
 from .api import api
 
 
@@ -16,6 +18,7 @@ def api_not_found(request, rest=""):
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("metrics", metrics_view, name="metrics"),
     path("api/v1/", api.urls),
     re_path(r"^api/(?P<rest>.*)$", api_not_found),
 ]

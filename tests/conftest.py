@@ -121,66 +121,99 @@ def worker_ping() -> list:
         return celery_app.control.ping(timeout=0.5, connection=conn)
 
 
-@contextlib.contextmanager
-def running_worker(**env_overrides):
-    """A real ``celery worker`` process on the test broker and the test database; extra
-    environment (e.g. ``COUNTERS_STRATEGY``) goes to the worker. Tests that use it need
-    ``transactional_db`` so the worker sees their rows."""
-    db_name = connection.settings_dict["NAME"]
-    env = {
+def celery_env(**overrides) -> dict[str, str]:
+    """The environment of a Celery process that works on the test database and broker."""
+    return {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{db_name}",
+        "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{connection.settings_dict['NAME']}",
         "DATABASE_CONN_MAX_AGE": "0",
-        **env_overrides,
+        **{k: str(v) for k, v in overrides.items()},
     }
-    if stale := worker_ping():
-        pytest.fail(f"another Celery worker consumes the test broker: {stale}")
-    celery_app.control.purge()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "imcore",
-            "worker",
-            "--queues",
-            "default,counters",
-            "--concurrency",
-            "2",
-            "--loglevel",
-            "WARNING",
-            "--without-gossip",
-            "--without-mingle",
-            "--hostname",
-            f"test-{os.getpid()}@%h",
-        ],
+
+
+def start_celery(*args: str, **env) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "imcore", *args, "--loglevel", "WARNING"],
         cwd=ROOT,
-        env=env,
+        env=celery_env(**env),
         start_new_session=True,
     )
+
+
+def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
+    """Stop a process group started by :func:`start_celery` (SIGKILL if it lingers)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
     try:
-        wait_until(
-            lambda: proc.poll() is not None or worker_ping(),
-            timeout=60,
-            message="the Celery worker did not answer a ping",
-        )
-        assert proc.poll() is None, "the Celery worker exited"
-        yield proc
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError):  # children of a worker killed with SIGKILL
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def start_worker(name: str = "w1", pool: str = "prefork", concurrency: int = 2, **env):
+    """Start a real ``celery worker`` and wait until it answers a ping."""
+    proc = start_celery(
+        "worker",
+        "--queues",
+        "default,counters",
+        "--pool",
+        pool,
+        "--concurrency",
+        str(concurrency),
+        "--without-gossip",
+        "--without-mingle",
+        "--hostname",
+        f"{name}-{os.getpid()}@%h",
+        **env,
+    )
+    wait_until(
+        lambda: proc.poll() is not None or any(name in h for r in worker_ping() for h in r),
+        timeout=60,
+        message="the Celery worker did not answer a ping",
+    )
+    assert proc.poll() is None, "the Celery worker exited"
+    return proc
+
+
+def broker_reset() -> None:
+    """Empty the test broker: waiting tasks, and the unacknowledged ones a killed worker left
+    (kombu would redeliver those only after its visibility timeout, an hour)."""
+    with celery_app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for queue in ("default", "counters"):
+            channel.queue_purge(queue)
+        channel.client.delete("unacked", "unacked_index", "unacked_mutex")
+
+
+@contextlib.contextmanager
+def running_worker(*, beat: bool = False, workers: int = 1, **env):
+    """Real ``celery worker`` processes (and ``celery beat``, the Timer, when asked) on the
+    test broker and the test database; ``env`` (e.g. ``COUNTERS_STRATEGY``) goes to them.
+    Tests that use it need ``transactional_db`` so the workers see their rows."""
+    if stale := worker_ping():
+        pytest.fail(f"another Celery worker consumes the test broker: {stale}")
+    broker_reset()
+    procs = []
+    try:
+        procs += [start_worker(f"w{i}", **env) for i in range(1, workers + 1)]
+        if beat:
+            schedule = ROOT / ".pytest-beat-schedule"
+            procs.append(start_celery("beat", "--schedule", str(schedule), **env))
+        yield procs[0]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        celery_app.control.purge()
+        for proc in procs:
+            stop(proc)
+        broker_reset()
 
 
 @pytest.fixture(scope="module")
 def celery_worker(django_db_setup, django_db_blocker):
-    """A real worker for the tests of one module (stopped when the module ends, so another
-    module can start one with other settings)."""
-    with running_worker() as proc:
+    """A real worker and Celery beat (the Timer) for the tests of one module, stopped when the
+    module ends so another module can start them with other settings."""
+    with running_worker(beat=True) as proc:
         yield proc

@@ -1,4 +1,5 @@
-"""The per-message fan-out crosses the queue to a real worker process."""
+"""The per-message fan-out (``COUNTERS_WRITE_PATH=fanout``) crosses the queue to a real
+worker process."""
 
 import pytest
 
@@ -10,6 +11,11 @@ from tests.conftest import broker_idle, wait_until
 from tests.helpers import counter_mismatches
 
 pytestmark = [pytest.mark.worker]
+
+
+@pytest.fixture(autouse=True)
+def fanout_path(settings):
+    settings.COUNTERS_WRITE_PATH = "fanout"
 
 
 def test_send_reaches_every_member_through_the_worker(transactional_db, make_member, celery_worker):

@@ -1,0 +1,245 @@
+"""The counter aggregation pipeline: sharded durable queues, a Timer, a Flusher and an
+Aggregator, so that a storm of messages in large groups becomes few counter writes.
+
+- **Queues**: one Redis Stream per shard (``COUNTERS_SHARDS``). A message adds one event,
+  ``(conversation id, seq)``, to shard ``conversation id % N``: one event per message, not per
+  member, and a conversation's events fold together in one place. Events stay in the stream
+  until an aggregator has applied and acknowledged them, so a worker restart loses nothing.
+- **Flusher**: the enqueue script checks the shard's length in the same round trip; past
+  ``COUNTERS_FLUSH_THRESHOLD`` it requests a flush (once, guarded by a flag) and the caller
+  sends the ``counters.flusher`` task, which sends ``counters.aggregate`` for the shard.
+- **Timer**: Celery beat runs ``counters.timer`` every ``COUNTERS_FLUSH_INTERVAL`` seconds; it
+  reads every shard's length in one pipeline and requests an aggregate for each non-empty one.
+- **Aggregator**: ``counters.aggregate`` takes the shard's lock (one aggregator per shard),
+  first re-reads the events a dead predecessor left unacknowledged, then new ones, folds them
+  to the highest seq per conversation, reads the conversations' members in one query, applies
+  one counter call per user with the configured strategy (pipelined for ``lua``), then
+  acknowledges and deletes the events.
+
+Exactly-once effect from at-least-once delivery: an event carries the message seq, and a
+user's counters only move their top up to it, so an event applied twice (a kill between apply
+and ack, two aggregators after a lock expired) changes nothing. The lock is for efficiency,
+not correctness; Celery's own redelivery is never waited for, because the Timer re-requests
+any shard that still holds events once its flag (``COUNTERS_SHARD_LOCK_TTL_MS``) has expired.
+"""
+
+import contextlib
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from functools import cache
+
+import redis
+from django.conf import settings
+
+from imcore.models import Membership
+
+from . import keys
+from .failpoints import failpoint
+from .redis import get_redis
+from .scripts import source
+from .strategies import get_strategy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FlushStats:
+    """What one aggregator batch did."""
+
+    shard: int
+    trigger: str
+    events_in: int = 0  # queue events read
+    conversations: int = 0  # distinct conversations among them
+    logical_updates: int = 0  # one per member per event: what per-message fan-out would write
+    writes_out: int = 0  # (user, conversation) counter writes made
+    users: int = 0  # counter calls made (one per user)
+    batch_age_ms: int = 0  # how long the oldest event waited
+    duration_ms: float = 0.0
+    at: float = 0.0  # unix time the batch finished
+
+    @property
+    def ratio(self) -> float:
+        """Logical updates per counter write (how much the batch folded)."""
+        return self.logical_updates / self.writes_out if self.writes_out else 0.0
+
+
+def shard_of(conversation_id: int) -> int:
+    return int(conversation_id) % settings.COUNTERS_SHARDS
+
+
+def _client() -> redis.Redis:
+    return get_redis()
+
+
+@cache
+def _enqueue_script(client: redis.Redis):
+    return client.register_script(source("enqueue"))
+
+
+def counters_enqueue(*, conversation_id: int, seq: int) -> int:
+    """Append the event of a committed message to its shard; when the shard passes the
+    threshold, send the Flusher. Returns the shard."""
+    client = _client()
+    shard = shard_of(conversation_id)
+    flush = _enqueue_script(client)(
+        keys=[keys.shard_stream(shard), keys.shard_flush_flag(shard)],
+        args=[
+            conversation_id,
+            seq,
+            settings.COUNTERS_FLUSH_THRESHOLD,
+            settings.COUNTERS_SHARD_LOCK_TTL_MS,
+        ],
+    )
+    if flush:
+        from .tasks import flusher
+
+        flusher.delay(shard=shard)
+    return shard
+
+
+def shard_lengths() -> list[int]:
+    """Events held by each shard (waiting or unacknowledged), in one round trip."""
+    pipe = _client().pipeline(transaction=False)
+    for shard in range(settings.COUNTERS_SHARDS):
+        pipe.xlen(keys.shard_stream(shard))
+    return [int(n) for n in pipe.execute()]
+
+
+def counters_request_aggregate(*, shard: int, trigger: str) -> bool:
+    """Send ``counters.aggregate`` for the shard unless one is requested already."""
+    if not _client().set(
+        keys.shard_flush_flag(shard), 1, nx=True, px=settings.COUNTERS_SHARD_LOCK_TTL_MS
+    ):
+        return False
+    from .tasks import aggregate
+
+    aggregate.delay(shard=shard, trigger=trigger)
+    return True
+
+
+def counters_timer_tick() -> list[int]:
+    """The Timer: request an aggregate of every non-empty shard; returns those shards."""
+    shards = [s for s, n in enumerate(shard_lengths()) if n]
+    for shard in shards:
+        counters_request_aggregate(shard=shard, trigger="timer")
+    return shards
+
+
+def counters_flusher_check(*, shard: int) -> bool:
+    """The Flusher: the shard crossed the threshold; hand it to the Aggregator at once."""
+    _client().delete(keys.shard_flush_flag(shard))
+    if _client().xlen(keys.shard_stream(shard)) == 0:
+        return False
+    return counters_request_aggregate(shard=shard, trigger="flusher")
+
+
+def _ensure_group(client: redis.Redis, stream: str) -> None:
+    with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: it exists
+        client.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+
+
+def _read(client: redis.Redis, stream: str, start: str) -> list:
+    reply = client.xreadgroup(
+        keys.GROUP, keys.CONSUMER, {stream: start}, count=settings.COUNTERS_BATCH_SIZE
+    )
+    return reply[0][1] if reply else []
+
+
+def counters_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[FlushStats]:
+    """The Aggregator: drain one shard (within the time budget); returns the batches done.
+    Does nothing when another aggregator holds the shard."""
+    client = _client()
+    lock = client.lock(keys.shard_lock(shard), timeout=settings.COUNTERS_SHARD_LOCK_TTL_MS / 1000)
+    if not lock.acquire(blocking=False):
+        return []
+    stream = keys.shard_stream(shard)
+    done: list[FlushStats] = []
+    deadline = time.monotonic() + settings.COUNTERS_AGGREGATE_BUDGET_S
+    try:
+        client.delete(keys.shard_flush_flag(shard))
+        _ensure_group(client, stream)
+        while True:
+            # Events a dead aggregator read but never acknowledged come first.
+            entries = _read(client, stream, "0")
+            if gone := [eid for eid, fields in entries if not fields]:
+                client.xack(stream, keys.GROUP, *gone)  # deleted already: nothing to apply
+            entries = [(eid, fields) for eid, fields in entries if fields]
+            if not entries:
+                entries = _read(client, stream, ">")
+            if not entries:
+                break
+            done.append(_apply_batch(client, shard, trigger, stream, entries))
+            if time.monotonic() > deadline:
+                counters_request_aggregate(shard=shard, trigger="continue")
+                break
+            lock.reacquire()
+    finally:
+        with contextlib.suppress(redis.exceptions.LockError):
+            lock.release()
+    return done
+
+
+def _apply_batch(client, shard: int, trigger: str, stream: str, entries) -> FlushStats:
+    started = time.perf_counter()
+    stats = FlushStats(shard=shard, trigger=trigger, events_in=len(entries))
+    top: dict[int, int] = {}
+    events_per_conversation: dict[int, int] = defaultdict(int)
+    for _, fields in entries:
+        cid, seq = int(fields["c"]), int(fields["s"])
+        top[cid] = max(top.get(cid, 0), seq)
+        events_per_conversation[cid] += 1
+    oldest_ms = min(int(eid.split("-")[0]) for eid, _ in entries)
+    per_user: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for cid, uid in Membership.objects.filter(
+        conversation_id__in=list(top), left_at__isnull=True
+    ).values_list("conversation_id", "user_id"):
+        per_user[uid].append((cid, top[cid]))
+        stats.logical_updates += events_per_conversation[cid]
+    items = list(per_user.items())
+    failpoint("aggregate.after_read")
+    half = len(items) // 2
+    strategy = get_strategy()
+    strategy.inc_many(items[:half])
+    failpoint("aggregate.mid_apply")
+    strategy.inc_many(items[half:])
+    failpoint("aggregate.before_ack")
+    ids = [eid for eid, _ in entries]
+    pipe = client.pipeline(transaction=True)
+    pipe.xack(stream, keys.GROUP, *ids)
+    pipe.xdel(stream, *ids)
+    pipe.execute()
+    stats.conversations = len(top)
+    stats.users = len(items)
+    stats.writes_out = sum(len(pairs) for _, pairs in items)
+    stats.at = time.time()
+    stats.batch_age_ms = max(int(stats.at * 1000) - oldest_ms, 0)
+    stats.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+    _record(client, stats)
+    return stats
+
+
+def _record(client: redis.Redis, stats: FlushStats) -> None:
+    pipe = client.pipeline(transaction=False)
+    pipe.lpush(keys.METRICS_FLUSHES, json.dumps({**asdict(stats), "ratio": stats.ratio}))
+    pipe.ltrim(keys.METRICS_FLUSHES, 0, settings.COUNTERS_RECENT_FLUSHES - 1)
+    for field in ("events_in", "logical_updates", "writes_out", "users"):
+        pipe.hincrby(keys.METRICS_TOTALS, field, getattr(stats, field))
+    pipe.hincrby(keys.METRICS_TOTALS, "flushes", 1)
+    pipe.hincrbyfloat(keys.METRICS_TOTALS, "duration_seconds", stats.duration_ms / 1000)
+    pipe.execute()
+
+
+def counters_drain(*, timeout: float = 30.0) -> int:
+    """Aggregate every shard until all are empty (tests, benchmarks, admin); returns the
+    number of events applied."""
+    applied = 0
+    deadline = time.monotonic() + timeout
+    while any(shard_lengths()):
+        for shard in range(settings.COUNTERS_SHARDS):
+            applied += sum(s.events_in for s in counters_aggregate_shard(shard=shard))
+        if time.monotonic() > deadline:
+            raise TimeoutError("the counter queues did not drain")
+    return applied
