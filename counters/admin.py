@@ -4,21 +4,14 @@ from django.conf import settings
 from django.contrib import admin
 from django.template.response import TemplateResponse
 
+from imcore.admin import ReadOnlyAdmin
+
 from .models import Pipeline
 from .selectors import pipeline_status
 
 
 @admin.register(Pipeline)
-class PipelineAdmin(admin.ModelAdmin):
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
+class PipelineAdmin(ReadOnlyAdmin):
     def changelist_view(self, request, extra_context=None):
         status = pipeline_status(recent=settings.COUNTERS_RECENT_FLUSHES)
         context = {

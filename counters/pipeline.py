@@ -11,7 +11,8 @@ Aggregator, so that a storm of messages in large groups becomes few counter writ
 - **Timer**: Celery beat runs ``counters.timer`` every ``COUNTERS_FLUSH_INTERVAL`` seconds; it
   reads every shard's length in one pipeline and requests an aggregate for each non-empty one.
 - **Aggregator**: ``counters.aggregate`` takes the shard's lock (one aggregator per shard),
-  first re-reads the events a dead predecessor left unacknowledged, then new ones, folds them
+  first re-reads the events a dead predecessor left unacknowledged, then what is queued (more
+  batches only while they come back full), folds them
   to the highest seq per conversation, reads the conversations' members in one query, applies
   one counter call per user with the configured strategy (pipelined for ``lua``), then
   acknowledges and deletes the events.
@@ -154,6 +155,9 @@ def counters_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[Flu
     client = _client()
     lock = client.lock(keys.shard_lock(shard), timeout=settings.COUNTERS_SHARD_LOCK_TTL_MS / 1000)
     if not lock.acquire(blocking=False):
+        # Another aggregator works the shard. Drop this request's flag so the next Timer tick
+        # can ask again for what arrives after that aggregator's last read.
+        client.delete(keys.shard_flush_flag(shard))
         return []
     stream = keys.shard_stream(shard)
     done: list[FlushStats] = []
@@ -172,6 +176,10 @@ def counters_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[Flu
             if not entries:
                 break
             done.append(_apply_batch(client, shard, trigger, stream, entries))
+            if len(entries) < settings.COUNTERS_BATCH_SIZE:
+                # What was queued is applied; newer events wait for the next Timer tick or
+                # Flusher, so that each flush folds an interval's worth of messages.
+                break
             if time.monotonic() > deadline:
                 counters_request_aggregate(shard=shard, trigger="continue")
                 break

@@ -16,22 +16,9 @@ from typing import Any
 
 import pytest
 
-from .state import World, assert_error, shared_client, snapshot, world_prime, world_transaction
+from .state import World, assert_error, shared_client, snapshot
 
 BIG = 2**63
-
-
-@pytest.fixture(scope="module")
-def shared_world(django_db_setup, django_db_blocker):
-    with world_transaction(django_db_blocker) as world:
-        yield world
-
-
-@pytest.fixture
-def world(shared_world, db, redis_clean):
-    """The module's world (see ``state.World``) with every member's counters loaded."""
-    world_prime(shared_world)
-    return shared_world
 
 
 def test_world_is_as_described(world):

@@ -14,21 +14,7 @@ import pytest
 from counters.selectors import counters_truth
 from imcore.models import Device
 
-from .state import assert_error, shared_client, snapshot, world_prime, world_transaction
-
-
-@pytest.fixture(scope="module")
-def shared_world(django_db_setup, django_db_blocker):
-    with world_transaction(django_db_blocker) as world:
-        yield world
-
-
-@pytest.fixture
-def world(shared_world, db, redis_clean):
-    """The module's world (see ``state.World``) with every member's counters loaded."""
-    world_prime(shared_world)
-    return shared_world
-
+from .state import assert_error, shared_client, snapshot
 
 # (name, method, path, body) of every call that needs a token; paths name conversation {c}.
 CALLS = [
