@@ -8,7 +8,8 @@ them live in one slot and each Lua script touches a single slot.
     badge      sum of ``u:<cid>`` over the user's unmuted conversations
     ready      "1" once the hash was loaded from PostgreSQL; absent means "rebuild before
                answering a read" (Redis was wiped, or the user is new to this Redis)
-    u:<cid>    unread count of an active membership; absent = not a member
+    u:<cid>    unread count of an active membership; absent = not a member (its t: may
+               still move, so that a join applied late counts what came before it)
     t:<cid>    top: highest message seq of the conversation counted so far (only grows)
     r:<cid>    read pointer, the user's last_read_seq (only grows)
     m:<cid>    "1" when the conversation is muted (its unread stays out of the badge)

@@ -32,6 +32,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from functools import cache
 
+import kombu.exceptions
 import redis
 from django.conf import settings
 
@@ -44,6 +45,9 @@ from .scripts import source
 from .strategies import get_strategy
 
 logger = logging.getLogger(__name__)
+
+# Users whose counters are applied between two renewals of the shard lock.
+APPLY_CHUNK = 20_000
 
 
 @dataclass
@@ -97,7 +101,11 @@ def counters_enqueue(*, conversation_id: int, seq: int) -> int:
     if flush:
         from .tasks import flusher
 
-        flusher.delay(shard=shard)
+        try:
+            flusher.delay(shard=shard)
+        except kombu.exceptions.OperationalError:
+            # The broker is down: the event is stored; the Timer flushes it once it is back.
+            logger.warning("could not send the Flusher for shard %s", shard, exc_info=True)
     return shard
 
 
@@ -130,11 +138,15 @@ def counters_timer_tick() -> list[int]:
 
 
 def counters_flusher_check(*, shard: int) -> bool:
-    """The Flusher: the shard crossed the threshold; hand it to the Aggregator at once."""
-    _client().delete(keys.shard_flush_flag(shard))
+    """The Flusher: the shard crossed the threshold (the enqueue that saw it set the shard's
+    flag for this request); hand it to the Aggregator at once unless it drained meanwhile."""
     if _client().xlen(keys.shard_stream(shard)) == 0:
+        _client().delete(keys.shard_flush_flag(shard))
         return False
-    return counters_request_aggregate(shard=shard, trigger="flusher")
+    from .tasks import aggregate
+
+    aggregate.delay(shard=shard, trigger="flusher")
+    return True
 
 
 def _ensure_group(client: redis.Redis, stream: str) -> None:
@@ -155,9 +167,8 @@ def counters_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[Flu
     client = _client()
     lock = client.lock(keys.shard_lock(shard), timeout=settings.COUNTERS_SHARD_LOCK_TTL_MS / 1000)
     if not lock.acquire(blocking=False):
-        # Another aggregator works the shard. Drop this request's flag so the next Timer tick
-        # can ask again for what arrives after that aggregator's last read.
-        client.delete(keys.shard_flush_flag(shard))
+        # Another aggregator works the shard; it clears the flag when it lets go, so the next
+        # Timer tick or Flusher asks again for what arrives after its last read.
         return []
     stream = keys.shard_stream(shard)
     done: list[FlushStats] = []
@@ -175,7 +186,7 @@ def counters_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[Flu
                 entries = _read(client, stream, ">")
             if not entries:
                 break
-            done.append(_apply_batch(client, shard, trigger, stream, entries))
+            done.append(_apply_batch(client, lock, shard, trigger, stream, entries))
             if len(entries) < settings.COUNTERS_BATCH_SIZE:
                 # What was queued is applied; newer events wait for the next Timer tick or
                 # Flusher, so that each flush folds an interval's worth of messages.
@@ -187,10 +198,11 @@ def counters_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[Flu
     finally:
         with contextlib.suppress(redis.exceptions.LockError):
             lock.release()
+        client.delete(keys.shard_flush_flag(shard))
     return done
 
 
-def _apply_batch(client, shard: int, trigger: str, stream: str, entries) -> FlushStats:
+def _apply_batch(client, lock, shard: int, trigger: str, stream: str, entries) -> FlushStats:
     started = time.perf_counter()
     stats = FlushStats(shard=shard, trigger=trigger, events_in=len(entries))
     top: dict[int, int] = {}
@@ -208,11 +220,17 @@ def _apply_batch(client, shard: int, trigger: str, stream: str, entries) -> Flus
         stats.logical_updates += events_per_conversation[cid]
     items = list(per_user.items())
     failpoint("aggregate.after_read")
-    half = len(items) // 2
     strategy = get_strategy()
-    strategy.inc_many(items[:half])
-    failpoint("aggregate.mid_apply")
-    strategy.inc_many(items[half:])
+    half = len(items) // 2
+    for start in range(0, len(items), APPLY_CHUNK):
+        chunk = items[start : start + APPLY_CHUNK]
+        if start <= half < start + APPLY_CHUNK:
+            strategy.inc_many(chunk[: half - start])
+            failpoint("aggregate.mid_apply")
+            strategy.inc_many(chunk[half - start :])
+        else:
+            strategy.inc_many(chunk)
+        lock.reacquire()  # a batch for huge groups may outlast one lock TTL
     failpoint("aggregate.before_ack")
     ids = [eid for eid, _ in entries]
     pipe = client.pipeline(transaction=True)

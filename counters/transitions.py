@@ -73,15 +73,14 @@ class Working:
 
 def inc(w: Working, pairs: Iterable[tuple[int, int]]) -> int:
     """Count messages up to ``seq`` in each conversation; returns the badge change."""
-    ready = w.ready
     delta = 0
     for cid, seq in pairs:
-        unread = w.get(keys.unread_field(cid))
-        if unread is None and ready:
-            continue
+        if w.ready and w.get(keys.rev_field(cid)) is None:
+            w.delete(keys.READY)  # a join Redis never heard of: rebuild on the next read
         if seq <= w.num(keys.top_field(cid)):
             continue
         w.set(keys.top_field(cid), seq)
+        unread = w.get(keys.unread_field(cid))
         if unread is None:
             continue
         n = max(seq - w.num(keys.read_field(cid)), 0)

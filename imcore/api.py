@@ -3,6 +3,7 @@ failure, ``{"error": <code>, "message": <text>, "details": <optional>}``."""
 
 import logging
 
+import kombu.exceptions
 import redis
 from django.core.exceptions import RequestDataTooBig
 from django.db import DatabaseError
@@ -12,6 +13,7 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer
 
 from counters.strategies import CountersBusy
+from counters.transitions import CountersNotLoaded, CountersNotMember
 
 from .apis import router
 from .errors import ApplicationError
@@ -120,6 +122,25 @@ def on_redis_error(request, exc):
 @api.exception_handler(CountersBusy)
 def on_counters_busy(request, exc):
     return error(request, 503, "counters_busy", str(exc))
+
+
+@api.exception_handler(CountersNotLoaded)
+@api.exception_handler(CountersNotMember)
+def on_counters_moving(request, exc):
+    # Redis lost the user's counters again between the rebuild and the retry.
+    return error(request, 503, "counters_unavailable", "the counters are being rebuilt; retry")
+
+
+@api.exception_handler(kombu.exceptions.OperationalError)
+def on_broker_error(request, exc):
+    logger.exception("broker unavailable")
+    return error(
+        request,
+        503,
+        "broker_unavailable",
+        "the task broker is unavailable; what was written to the database is kept, "
+        "retry the same request",
+    )
 
 
 @api.exception_handler(DatabaseError)

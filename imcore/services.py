@@ -117,6 +117,8 @@ def conversation_create(
                 for uid in sorted(others | {creator.pk})
             )
     except IntegrityError:
+        if key is None:
+            raise
         # Two requests raced to create the same direct pair: the other one won.
         return Conversation.objects.get(direct_key=key), False
     _after_commit_memberships(memberships, last_seq=0)

@@ -149,6 +149,7 @@ COUNTERS_RECONCILE_INTERVAL_S = env_int("COUNTERS_RECONCILE_INTERVAL_S", 6 * 360
 # or "fanout" (one Celery task per message, the foundation's path, kept for comparison).
 COUNTERS_WRITE_PATH = os.environ.get("COUNTERS_WRITE_PATH", "pipeline")
 # Number of queue shards (Redis Streams); a conversation always goes to shard id % N.
+# Drain the queues (no traffic, Timer running) before lowering it: higher shards are not read.
 COUNTERS_SHARDS = env_int("COUNTERS_SHARDS", 8)
 # Flusher: a shard holding this many events is flushed at once, in events.
 COUNTERS_FLUSH_THRESHOLD = env_int("COUNTERS_FLUSH_THRESHOLD", 1000)

@@ -85,6 +85,16 @@ def test_leave_removes_count_and_join_starts_at_zero(strategy):
     assert counts(strategy) == (1, {1: 0, 2: 1})
 
 
+def test_message_counted_before_its_join_reaches_redis_is_kept(strategy):
+    """A message counted while the member's join is still on its way to Redis (PostgreSQL
+    already lists the member) is kept by the join, and the user is marked for a rebuild."""
+    strategy.load(U, [row(2)])
+    strategy.inc_many([(U, [(1, 1)])])
+    assert "ready" not in strategy.fetch(U)  # Redis did not know the membership: rebuild
+    strategy.member(U, row(1, rev=1, read=0, top=0))  # the join arrives late
+    assert counts(strategy) == (1, {1: 1, 2: 0})
+
+
 def test_reads_need_a_loaded_hash(strategy):
     """Before a load a read refuses (the caller rebuilds); a non-member read refuses too."""
     with pytest.raises(CountersNotLoaded):
