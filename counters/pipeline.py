@@ -162,7 +162,8 @@ def _read(client: redis.Redis, stream: str, start: str) -> list:
 
 
 def counters_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[FlushStats]:
-    """The Aggregator: drain one shard (within the time budget); returns the batches done.
+    """The Aggregator: flush one shard, i.e. apply what it holds now (more batches only while
+    they come back full, within ``COUNTERS_AGGREGATE_BUDGET_S``); returns the batches done.
     Does nothing when another aggregator holds the shard."""
     client = _client()
     lock = client.lock(keys.shard_lock(shard), timeout=settings.COUNTERS_SHARD_LOCK_TTL_MS / 1000)
