@@ -227,7 +227,11 @@ def message_send(
     """Store a message with the next seq; returns ``(message, created)``. The same
     ``client_msg_id`` from the same sender returns the stored message (``created=False``) and
     re-sends its counter updates, which are idempotent. Sending marks the conversation read
-    for the sender up to the new message."""
+    for the sender up to the new message.
+
+    The counter event is handed over on commit. If Redis or the broker refuses it, the
+    exception reaches the caller after the commit (the API answers 503); the client's retry
+    with the same ``client_msg_id`` finds the stored message and hands the event over again."""
     message = _message_replay(sender, conversation, body, client_msg_id)
     created = message is None
     if created:
