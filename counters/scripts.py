@@ -49,8 +49,12 @@ class CounterScripts:
             raise CountersNotMember
         return int(unread), int(badge)
 
-    def member(self, user_id: int, row: MembershipRow) -> int:
-        return int(self._member(keys=[keys.counters(user_id)], args=_row_args(row)))
+    def member(self, user_id: int, row: MembershipRow, *, pipe=None):
+        """Returns the badge change (or queues the call on ``pipe``)."""
+        result = self._member(
+            keys=[keys.counters(user_id)], args=_row_args(row), client=pipe or self.client
+        )
+        return result if pipe is not None else int(result)
 
     def load(self, user_id: int, rows: Sequence[MembershipRow]) -> int:
         args = [v for row in rows for v in _row_args(row)]

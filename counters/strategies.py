@@ -70,6 +70,11 @@ class Strategy(ABC):
     def load(self, user_id: int, rows: Sequence[MembershipRow]) -> int:
         """Load the user's rows from PostgreSQL; returns the badge."""
 
+    def member_many(self, items: Sequence[tuple[int, MembershipRow]]) -> None:
+        """Apply ``[(user_id, row), ...]`` (a group created or joined by many at once)."""
+        for user_id, row in items:
+            self.member(user_id, row)
+
 
 class PythonStrategy(Strategy):
     """Runs :mod:`counters.transitions` on a copy of the hash; subclasses say how the copy is
@@ -114,6 +119,13 @@ class LuaStrategy(Strategy):
             pipe = self.client.pipeline(transaction=False)
             for user_id, pairs in items[start : start + PIPELINE_CHUNK]:
                 self.scripts.inc(user_id, pairs, pipe=pipe)
+            pipe.execute()
+
+    def member_many(self, items):
+        for start in range(0, len(items), PIPELINE_CHUNK):
+            pipe = self.client.pipeline(transaction=False)
+            for user_id, row in items[start : start + PIPELINE_CHUNK]:
+                self.scripts.member(user_id, row, pipe=pipe)
             pipe.execute()
 
     def read(self, user_id, conversation_id, read_seq, top):

@@ -21,6 +21,7 @@ from counters.selectors import counters_get
 from counters.services import (
     counters_mark_read,
     counters_membership_changed,
+    counters_memberships_changed,
     counters_message_committed,
 )
 
@@ -83,11 +84,6 @@ def _users_exist(user_ids: Iterable[int]) -> None:
         raise BadRequest(f"unknown user ids: {missing}", details={"unknown_user_ids": missing})
 
 
-def _after_commit_memberships(memberships: list[Membership], last_seq: int) -> None:
-    for membership in memberships:
-        counters_membership_changed(membership=membership, last_seq=last_seq)
-
-
 def conversation_create(
     *, creator: User, kind: str, member_ids: list[int], title: str = ""
 ) -> tuple[Conversation, bool]:
@@ -121,7 +117,7 @@ def conversation_create(
             raise
         # Two requests raced to create the same direct pair: the other one won.
         return Conversation.objects.get(direct_key=key), False
-    _after_commit_memberships(memberships, last_seq=0)
+    counters_memberships_changed(memberships=memberships, last_seq=0)
     return conversation, True
 
 
@@ -156,8 +152,9 @@ def members_add(*, actor: User, conversation: Conversation, user_ids: list[int])
             if uid not in existing
         )
     # Re-send the state of every named member: idempotent, and repairs a failed earlier try.
-    _after_commit_memberships(
-        list(Membership.objects.filter(conversation=conv, user_id__in=user_ids)), conv.last_seq
+    counters_memberships_changed(
+        memberships=list(Membership.objects.filter(conversation=conv, user_id__in=user_ids)),
+        last_seq=conv.last_seq,
     )
     return joining
 
