@@ -115,17 +115,17 @@ class LuaStrategy(Strategy):
         self.scripts = CounterScripts(client)
 
     def inc_many(self, items):
-        for start in range(0, len(items), PIPELINE_CHUNK):
-            pipe = self.client.pipeline(transaction=False)
-            for user_id, pairs in items[start : start + PIPELINE_CHUNK]:
-                self.scripts.inc(user_id, pairs, pipe=pipe)
-            pipe.execute()
+        self._pipelined(self.scripts.inc, items)
 
     def member_many(self, items):
+        self._pipelined(self.scripts.member, items)
+
+    def _pipelined(self, script, items) -> None:
+        """One script call per ``(user_id, arg)``, sent in pipelines of ``PIPELINE_CHUNK``."""
         for start in range(0, len(items), PIPELINE_CHUNK):
             pipe = self.client.pipeline(transaction=False)
-            for user_id, row in items[start : start + PIPELINE_CHUNK]:
-                self.scripts.member(user_id, row, pipe=pipe)
+            for user_id, arg in items[start : start + PIPELINE_CHUNK]:
+                script(user_id, arg, pipe=pipe)
             pipe.execute()
 
     def read(self, user_id, conversation_id, read_seq, top):
