@@ -22,6 +22,10 @@ user's counters only move their top up to it, so an event applied twice (a kill 
 and ack, two aggregators after a lock expired) changes nothing. The lock is for efficiency,
 not correctness; Celery's own redelivery is never waited for, because the Timer re-requests
 any shard that still holds events once its flag (``COUNTERS_SHARD_LOCK_TTL_MS``) has expired.
+
+The same batches write the offline-store entries of the messages (every member, the sender
+included; see :mod:`offline.services`): each user's new seqs per conversation go in one script
+call beside the counter call, idempotent through the same seq watermark.
 """
 
 import contextlib
@@ -37,6 +41,7 @@ import redis
 from django.conf import settings
 
 from imcore.models import Membership
+from offline.services import offline_record_messages
 
 from . import keys
 from .failpoints import failpoint
@@ -214,23 +219,33 @@ def _apply_batch(client, lock, shard: int, trigger: str, stream: str, entries) -
         events_per_conversation[cid] += 1
     oldest_ms = min(int(eid.split("-")[0]) for eid, _ in entries)
     per_user: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for cid, uid in Membership.objects.filter(
+    read_seqs: dict[tuple[int, int], int] = {}
+    for cid, uid, read_seq in Membership.objects.filter(
         conversation_id__in=list(top), left_at__isnull=True
-    ).values_list("conversation_id", "user_id"):
+    ).values_list("conversation_id", "user_id", "last_read_seq"):
         per_user[uid].append((cid, top[cid]))
+        read_seqs[uid, cid] = read_seq
         stats.logical_updates += events_per_conversation[cid]
     items = list(per_user.items())
     failpoint("aggregate.after_read")
     strategy = get_strategy()
+
+    def apply(part) -> None:
+        # Counters, then the same users' offline-store entries (both idempotent).
+        strategy.inc_many(part)
+        offline_record_messages(
+            [(uid, [(cid, s, read_seqs[uid, cid]) for cid, s in pairs]) for uid, pairs in part]
+        )
+
     half = len(items) // 2
     for start in range(0, len(items), APPLY_CHUNK):
         chunk = items[start : start + APPLY_CHUNK]
         if start <= half < start + APPLY_CHUNK:
-            strategy.inc_many(chunk[: half - start])
+            apply(chunk[: half - start])
             failpoint("aggregate.mid_apply")
-            strategy.inc_many(chunk[half - start :])
+            apply(chunk[half - start :])
         else:
-            strategy.inc_many(chunk)
+            apply(chunk)
         lock.reacquire()  # a batch for huge groups may outlast one lock TTL
     failpoint("aggregate.before_ack")
     ids = [eid for eid, _ in entries]

@@ -69,14 +69,19 @@ def counters_message_committed(*, conversation_id: int, seq: int, sender_id: int
 
 
 def counters_fanout(*, conversation_id: int, seq: int, sender_id: int | None = None) -> int:
-    """Count message ``seq`` for every active member but the sender; returns how many users."""
-    user_ids = list(
-        Membership.objects.filter(conversation_id=conversation_id, left_at__isnull=True)
-        .exclude(user_id=sender_id)
-        .values_list("user_id", flat=True)
+    """Count message ``seq`` for every active member but the sender, and record it in every
+    member's offline store (the sender's too); returns how many users were counted."""
+    from offline.services import offline_record_messages
+
+    members = list(
+        Membership.objects.filter(
+            conversation_id=conversation_id, left_at__isnull=True
+        ).values_list("user_id", "last_read_seq")
     )
-    get_strategy().inc_many([(uid, [(conversation_id, seq)]) for uid in user_ids])
-    return len(user_ids)
+    counted = [uid for uid, _ in members if uid != sender_id]
+    get_strategy().inc_many([(uid, [(conversation_id, seq)]) for uid in counted])
+    offline_record_messages([(uid, [(conversation_id, seq, rs)]) for uid, rs in members])
+    return len(counted)
 
 
 def counters_mark_read(

@@ -14,6 +14,8 @@ from ninja.security import HttpBearer
 
 from counters.strategies import CountersBusy
 from counters.transitions import CountersNotLoaded, CountersNotMember
+from offline.apis import router as sync_router
+from offline.store import SyncUnavailable
 
 from .apis import router
 from .errors import ApplicationError
@@ -131,6 +133,11 @@ def on_counters_moving(request, exc):
     return error(request, 503, "counters_unavailable", "the counters are being rebuilt; retry")
 
 
+@api.exception_handler(SyncUnavailable)
+def on_sync_unavailable(request, exc):
+    return error(request, 503, "sync_unavailable", "the sync store is being reloaded; retry")
+
+
 @api.exception_handler(kombu.exceptions.OperationalError)
 def on_broker_error(request, exc):
     logger.exception("broker unavailable")
@@ -150,3 +157,4 @@ def on_database_error(request, exc):
 
 
 api.add_router("", router)
+api.add_router("", sync_router)

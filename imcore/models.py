@@ -134,6 +134,9 @@ class Device(models.Model):
     token_hash = models.CharField(max_length=64, unique=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     last_seen_at = models.DateTimeField(null=True, blank=True)
+    # Cumulative sync ack: the device holds every entry up to this version. Written in
+    # batches by offline.flush_acks (newer acks may still wait in Redis); only grows.
+    acked_version = models.BigIntegerField(default=0, editable=False)
 
     class Meta:
         constraints = [

@@ -24,6 +24,11 @@ from counters.services import (
     counters_memberships_changed,
     counters_message_committed,
 )
+from offline.services import (
+    offline_device_seen,
+    offline_record_memberships,
+    offline_record_read,
+)
 
 from .errors import BadRequest, Conflict, NotAuthenticated, NotFound, PermissionDenied
 from .models import Conversation, Device, Membership, Message, User
@@ -67,6 +72,8 @@ def device_login(
         device_id=device_id,
         defaults={"platform": platform, "token_hash": token_hash(token)},
     )
+    # A device logging in is coming back: its offline package is prepared meanwhile.
+    offline_device_seen(device=device)
     return device, token
 
 
@@ -118,6 +125,9 @@ def conversation_create(
         # Two requests raced to create the same direct pair: the other one won.
         return Conversation.objects.get(direct_key=key), False
     counters_memberships_changed(memberships=memberships, last_seq=0)
+    offline_record_memberships(
+        memberships=memberships, conversation=conversation, last_seq=0, change="join"
+    )
     return conversation, True
 
 
@@ -152,9 +162,10 @@ def members_add(*, actor: User, conversation: Conversation, user_ids: list[int])
             if uid not in existing
         )
     # Re-send the state of every named member: idempotent, and repairs a failed earlier try.
-    counters_memberships_changed(
-        memberships=list(Membership.objects.filter(conversation=conv, user_id__in=user_ids)),
-        last_seq=conv.last_seq,
+    memberships = list(Membership.objects.filter(conversation=conv, user_id__in=user_ids))
+    counters_memberships_changed(memberships=memberships, last_seq=conv.last_seq)
+    offline_record_memberships(
+        memberships=memberships, conversation=conv, last_seq=conv.last_seq, change="join"
     )
     return joining
 
@@ -183,6 +194,9 @@ def member_remove(*, actor: User, conversation: Conversation, user_id: int) -> N
             membership.save(update_fields=["left_at", "rev"])
         last_seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation.pk)
     counters_membership_changed(membership=membership, last_seq=last_seq)
+    offline_record_memberships(
+        memberships=[membership], conversation=conversation, last_seq=last_seq, change="leave"
+    )
 
 
 def conversation_mute(*, membership: Membership, muted: bool) -> tuple[int, int]:
@@ -198,6 +212,9 @@ def conversation_mute(*, membership: Membership, muted: bool) -> tuple[int, int]
             m.save(update_fields=["muted", "rev"])
         last_seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=m.conversation_id)
     counters_membership_changed(membership=m, last_seq=last_seq)
+    offline_record_memberships(
+        memberships=[m], conversation=membership.conversation, last_seq=last_seq, change="mute"
+    )
     counts = counters_get(user_id=m.user_id)
     return counts.conversations.get(m.conversation_id, 0), counts.badge
 
@@ -297,9 +314,13 @@ def conversation_mark_read(*, membership: Membership, seq: int) -> tuple[int, in
     )
     if not updated:
         raise NotFound(f"conversation {membership.conversation_id} not found")
-    return counters_mark_read(
+    counts = counters_mark_read(
         user_id=membership.user_id,
         conversation_id=membership.conversation_id,
         read_seq=seq,
         last_seq=last_seq,
     )
+    offline_record_read(
+        user_id=membership.user_id, conversation_id=membership.conversation_id, seq=seq
+    )
+    return counts

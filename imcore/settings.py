@@ -167,6 +167,32 @@ COUNTERS_RECENT_FLUSHES = env_int("COUNTERS_RECENT_FLUSHES", 100)
 # Test-only failpoints (the kill tests arm them in Redis); off in production.
 COUNTERS_FAILPOINTS = env_bool("COUNTERS_FAILPOINTS", False)
 
+# --- multi-device sync (offline store) ------------------------------------------------------
+# Entries older than this are dropped by the periodic trim, in seconds (default 7 days); the
+# Redis keys of a user without writes for this long expire.
+OFFLINE_RETENTION_S = env_int("OFFLINE_RETENTION_S", 7 * 24 * 3600)
+# Most entries kept per user; past it the oldest go at once (on write).
+OFFLINE_MAX_ENTRIES = env_int("OFFLINE_MAX_ENTRIES", 1000)
+# How often Celery beat runs the trim (retention and entries every device acknowledged), in s.
+OFFLINE_TRIM_INTERVAL_S = env_int("OFFLINE_TRIM_INTERVAL_S", 600)
+# Versions PostgreSQL's bound moves ahead at a time: one database write per user per this
+# many versions; after Redis loses a user, versions jump by up to this much.
+OFFLINE_VERSION_STEP = env_int("OFFLINE_VERSION_STEP", 10_000)
+# Pages of GET /api/v1/sync: default and largest `limit`.
+SYNC_PAGE_DEFAULT = env_int("SYNC_PAGE_DEFAULT", 200)
+SYNC_PAGE_MAX = env_int("SYNC_PAGE_MAX", 1000)
+# Messages per conversation in the gap snapshot.
+SYNC_SNAPSHOT_MESSAGES = env_int("SYNC_SNAPSHOT_MESSAGES", 3)
+# Delayed acks: written to PostgreSQL this often (s), or at once when this many devices wait.
+SYNC_ACK_FLUSH_INTERVAL_S = float(os.environ.get("SYNC_ACK_FLUSH_INTERVAL_S", "2.0"))
+SYNC_ACK_FLUSH_THRESHOLD = env_int("SYNC_ACK_FLUSH_THRESHOLD", 5000)
+# A device unseen for this long (s) "comes back" on its next call: its package is prepared.
+SYNC_AWAY_AFTER_S = env_int("SYNC_AWAY_AFTER_S", 300)
+# last_seen_at is written at most this often per device (s).
+SYNC_SEEN_WRITE_S = env_int("SYNC_SEEN_WRITE_S", 60)
+# How long a prepared package or snapshot is kept (s).
+SYNC_PACKAGE_TTL_S = env_int("SYNC_PACKAGE_TTL_S", 600)
+
 # --- Celery ---------------------------------------------------------------------------------
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/1")
 CELERY_TASK_IGNORE_RESULT = True
@@ -185,6 +211,14 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # stored by django-celery-beat and can be edited in the admin.
 CELERY_BEAT_SCHEDULE = {
     "counters-timer": {"task": "counters.timer", "schedule": COUNTERS_FLUSH_INTERVAL},
+}
+CELERY_BEAT_SCHEDULE["offline-flush-acks"] = {
+    "task": "offline.flush_acks",
+    "schedule": SYNC_ACK_FLUSH_INTERVAL_S,
+}
+CELERY_BEAT_SCHEDULE["offline-trim"] = {
+    "task": "offline.trim",
+    "schedule": float(OFFLINE_TRIM_INTERVAL_S),
 }
 if COUNTERS_RECONCILE_INTERVAL_S > 0:
     CELERY_BEAT_SCHEDULE["counters-reconcile-all"] = {

@@ -1,0 +1,63 @@
+"""Redis key layout of the offline app: the only place that builds sync keys.
+
+A user's sync keys carry the same hash tag as their counters (``{u:<user_id>}``), so every
+script touches one Redis Cluster slot.
+
+``imc:{u:<id>}:sync`` HASH, the user's version state and the watermarks that make every
+write idempotent:
+
+    cur        VERSION-LATEST: the last version handed out
+    bound      the upper bound stored in PostgreSQL (``offline_versionbound``): versions are
+               only handed out up to it; past it PostgreSQL is raised first
+    floor      versions <= floor are not (all) held any more: a device whose ``since`` is
+               below it gets the gap snapshot
+    rid        run_id of the Redis process that loaded the hash; another run_id means Redis
+               restarted (maybe from an older snapshot), so the hash is reloaded
+    y:<cid>    highest message seq of the conversation recorded in the log
+    q:<cid>    highest read seq recorded (``read`` entries)
+    v:<cid>    highest membership rev recorded (``join``/``leave``/``mute`` entries)
+
+``imc:{u:<id>}:log`` ZSET, the offline store: score = version, member =
+``<version>|<unix ms>|<type>|<conversation id>|<arg>`` (types ``m`` message (arg = seq),
+``r`` read (seq), ``j`` join (JSON), ``l`` leave, ``u`` mute ("1"/"0")). Messages are kept
+as references and read from PostgreSQL at pull time, so an entry costs ~40 bytes whatever the
+message's size.
+
+``imc:{u:<id>}:pkg:<device pk>`` ZSET, a device's prepared package (score = version, member =
+the entry's JSON), written by the ``offline.prepare_device`` task; expires.
+``imc:{u:<id>}:snap:<device pk>`` STRING, a device's prepared gap snapshot (JSON); expires.
+
+``imc:{acks}:pending`` HASH device pk -> highest version acked since the last flush.
+``imc:{acks}:inflight`` HASH the batch being written to PostgreSQL (kept until committed).
+``imc:{acks}:flush`` STRING set while an ack flush is requested.
+"""
+
+from counters.keys import PREFIX, user_tag
+
+
+def state(user_id: int) -> str:
+    return f"{PREFIX}:{user_tag(user_id)}:sync"
+
+
+def log(user_id: int) -> str:
+    return f"{PREFIX}:{user_tag(user_id)}:log"
+
+
+def package(user_id: int, device_pk: int) -> str:
+    return f"{PREFIX}:{user_tag(user_id)}:pkg:{int(device_pk)}"
+
+
+def snapshot(user_id: int, device_pk: int) -> str:
+    return f"{PREFIX}:{user_tag(user_id)}:snap:{int(device_pk)}"
+
+
+LOG_PATTERN = f"{PREFIX}:{{u:*}}:log"
+
+
+def user_of_log(key: str) -> int:
+    return int(key.split("{u:", 1)[1].split("}", 1)[0])
+
+
+ACKS_PENDING = f"{PREFIX}:{{acks}}:pending"
+ACKS_INFLIGHT = f"{PREFIX}:{{acks}}:inflight"
+ACKS_FLUSH_FLAG = f"{PREFIX}:{{acks}}:flush"

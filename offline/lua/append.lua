@@ -1,0 +1,102 @@
+-- Append entries to one user's offline store, each with the next version.
+-- KEYS[1] the user's sync hash, KEYS[2] the user's log (see offline/keys.py)
+-- ARGV[1] run_id of the Redis the caller talks to, ARGV[2] OFFLINE_MAX_ENTRIES,
+-- ARGV[3] key lifetime (ms), ARGV[4] mode, then:
+--   mode "m" (messages):   triples  cid, top seq, read seq
+--       every seq in (y:<cid>, top] gets an entry; read seq stands in for an unknown y:<cid>
+--       (a join not recorded yet: the joiner's read pointer starts at the join's last_seq)
+--   mode "o" (operations): 5-tuples type, cid, watermark, seq, arg
+--       type r (read; watermark = seq, field q:), j/l/u (join/leave/mute; watermark = rev,
+--       field v:); a join's seq (the conversation's last_seq then) starts y:<cid>
+-- Idempotent: what is at or below a watermark was recorded already and is skipped.
+-- Returns {1, first, last} (first > last: nothing new), {-1} not loaded here (reload),
+-- {-2, need} the stored bound is below the versions needed (raise it to need, retry).
+local state, log = KEYS[1], KEYS[2]
+if redis.call('HGET', state, 'rid') ~= ARGV[1] then return {-1} end
+local cur = tonumber(redis.call('HGET', state, 'cur'))
+local bound = tonumber(redis.call('HGET', state, 'bound'))
+local maxn = tonumber(ARGV[2])
+local mode = ARGV[4]
+
+local plan, n, hole = {}, 0, false
+local planned = {}
+local function field_value(f, default)
+  local v = planned[f]
+  if v == nil then v = tonumber(redis.call('HGET', state, f)) end
+  if v == nil then return default end
+  return v
+end
+if mode == 'm' then
+  for i = 5, #ARGV, 3 do
+    local cid, top = ARGV[i], tonumber(ARGV[i + 1])
+    local y = field_value('y:' .. cid, tonumber(ARGV[i + 2]))
+    if top > y then
+      local from = y + 1
+      if top - y > maxn then
+        -- More than the store keeps: record the newest; devices behind get the gap snapshot.
+        from, hole = top - maxn + 1, true
+      end
+      plan[#plan + 1] = {cid, from, top}
+      planned['y:' .. cid] = top
+      n = n + top - from + 1
+    end
+  end
+else
+  for i = 5, #ARGV, 5 do
+    local typ, cid, wm = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+    local f = (typ == 'r') and ('q:' .. cid) or ('v:' .. cid)
+    if wm > field_value(f, -1) then
+      plan[#plan + 1] = {typ, cid, wm, tonumber(ARGV[i + 3]), ARGV[i + 4], f}
+      planned[f] = wm
+      n = n + 1
+    end
+  end
+end
+if n == 0 then return {1, cur + 1, cur} end
+if hole then n = n + 1 end
+if cur + n > bound then return {-2, cur + n} end
+
+local t = redis.call('TIME')
+local stamp = '|' .. (t[1] * 1000 + math.floor(t[2] / 1000)) .. '|'
+local v = cur
+if hole then
+  -- One version stays unused: a device at or behind it missed what was skipped.
+  v = v + 1
+  redis.call('HSET', state, 'floor', v)
+end
+local first = v + 1
+if mode == 'm' then
+  for _, p in ipairs(plan) do
+    local cid = p[1]
+    for s = p[2], p[3] do
+      v = v + 1
+      redis.call('ZADD', log, v, v .. stamp .. 'm|' .. cid .. '|' .. s)
+    end
+    redis.call('HSET', state, 'y:' .. cid, p[3])
+  end
+else
+  for _, p in ipairs(plan) do
+    local typ, cid = p[1], p[2]
+    v = v + 1
+    redis.call('ZADD', log, v, v .. stamp .. typ .. '|' .. cid .. '|' .. p[5])
+    redis.call('HSET', state, p[6], p[3])
+    if typ == 'j' then
+      local y = tonumber(redis.call('HGET', state, 'y:' .. cid)) or -1
+      if p[4] > y then redis.call('HSET', state, 'y:' .. cid, p[4]) end
+    end
+  end
+end
+redis.call('HSET', state, 'cur', v)
+
+-- Never more than OFFLINE_MAX_ENTRIES: the oldest go, and the floor moves past them.
+local size = redis.call('ZCARD', log)
+if size > maxn then
+  local cut = redis.call('ZRANGE', log, size - maxn - 1, size - maxn - 1, 'WITHSCORES')
+  redis.call('ZREMRANGEBYRANK', log, 0, size - maxn - 1)
+  if tonumber(cut[2]) > tonumber(redis.call('HGET', state, 'floor')) then
+    redis.call('HSET', state, 'floor', cut[2])
+  end
+end
+redis.call('PEXPIRE', state, ARGV[3])
+redis.call('PEXPIRE', log, ARGV[3])
+return {1, first, v}

@@ -1,0 +1,136 @@
+"""Reads of the offline app: entries as devices receive them, and the gap snapshot."""
+
+import json
+from collections.abc import Iterable
+
+from django.conf import settings
+
+from imcore.models import Device, Membership, Message
+
+from . import store
+from .store import Entry
+
+TYPES = {"m": "message", "r": "read", "j": "join", "l": "leave", "u": "mute"}
+
+
+def message_out(message: Message) -> dict:
+    return {
+        "id": message.pk,
+        "conversation_id": message.conversation_id,
+        "seq": message.seq,
+        "sender_id": message.sender_id,
+        "body": message.body,
+        "client_msg_id": message.client_msg_id,
+        "created_at": message.created_at.isoformat(),
+    }
+
+
+def messages_by_seq(pairs: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Message]:
+    """Messages by ``(conversation id, seq)``, in one query whatever their number."""
+    pairs = list(pairs)
+    if not pairs:
+        return {}
+    table = Message._meta.db_table
+    found = Message.objects.raw(
+        f"SELECT m.* FROM {table} m JOIN unnest(%s::bigint[], %s::bigint[]) AS k(c, s) "
+        "ON m.conversation_id = k.c AND m.seq = k.s",
+        [[c for c, _ in pairs], [s for _, s in pairs]],
+    )
+    return {(m.conversation_id, m.seq): m for m in found}
+
+
+def entries_out(entries: list[Entry], package: dict[int, dict] | None = None) -> list[dict]:
+    """Entries as the API returns them. Message entries come from the device's prepared
+    package when it has them, else from the message table (one query for all)."""
+    package = package or {}
+    wanted = [
+        (e.conversation_id, int(e.arg))
+        for e in entries
+        if e.type == "m" and e.version not in package
+    ]
+    messages = messages_by_seq(wanted)
+    out = []
+    for e in entries:
+        if e.type == "m" and e.version in package:
+            out.append(package[e.version])
+            continue
+        item = {"version": e.version, "type": TYPES[e.type], "conversation_id": e.conversation_id}
+        if e.type == "m":
+            seq = int(e.arg)
+            message = messages.get((e.conversation_id, seq))
+            item["seq"] = seq
+            item["message"] = message_out(message) if message else None
+        elif e.type == "r":
+            item["seq"] = int(e.arg)
+        elif e.type == "j":
+            item.update(json.loads(e.arg))
+        elif e.type == "u":
+            item["muted"] = e.arg == "1"
+        out.append(item)
+    return out
+
+
+def sync_snapshot(*, user_id: int, latest_version: int) -> dict:
+    """The state of every conversation of the user, from PostgreSQL (the truth): last seq,
+    read pointer, unread, muted and the last ``SYNC_SNAPSHOT_MESSAGES`` messages; two queries
+    whatever the number of conversations. ``latest_version`` must have been read before this
+    is called: the snapshot holds everything up to it (maybe more, which entries after it
+    repeat harmlessly: every entry applies idempotently)."""
+    memberships = list(
+        Membership.objects.filter(user_id=user_id, left_at__isnull=True)
+        .select_related("conversation")
+        .order_by("conversation_id")
+    )
+    last = _last_messages([m.conversation_id for m in memberships])
+    conversations = []
+    badge = 0
+    for m in memberships:
+        c = m.conversation
+        unread = max(c.last_seq - m.last_read_seq, 0)
+        if not m.muted:
+            badge += unread
+        conversations.append(
+            {
+                "conversation_id": c.pk,
+                "kind": c.kind,
+                "title": c.title,
+                "last_seq": c.last_seq,
+                "read_seq": m.last_read_seq,
+                "unread": unread,
+                "muted": m.muted,
+                "messages": [message_out(x) for x in last.get(c.pk, [])],
+            }
+        )
+    return {"latest_version": latest_version, "badge": badge, "conversations": conversations}
+
+
+def _last_messages(conversation_ids: list[int]) -> dict[int, list[Message]]:
+    if not conversation_ids:
+        return {}
+    table = Message._meta.db_table
+    rows = Message.objects.raw(
+        f"SELECT m.* FROM unnest(%s::bigint[]) AS c(id) CROSS JOIN LATERAL ("
+        f"  SELECT * FROM {table} WHERE conversation_id = c.id ORDER BY seq DESC LIMIT %s"
+        ") m ORDER BY m.conversation_id, m.seq",
+        [conversation_ids, settings.SYNC_SNAPSHOT_MESSAGES],
+    )
+    out: dict[int, list[Message]] = {}
+    for m in rows:
+        out.setdefault(m.conversation_id, []).append(m)
+    return out
+
+
+def device_acked_version(device: Device) -> int:
+    """The device's cumulative ack: PostgreSQL's, or a newer one not flushed yet."""
+    pending = store.acks_pending([device.pk]).get(device.pk, 0)
+    return max(device.acked_version, pending)
+
+
+def devices_sync_state(devices: list[Device]) -> dict[int, tuple[int, int | None]]:
+    """``{device pk: (acked version, user's latest version or None)}`` for the admin, in two
+    round trips."""
+    pending = store.acks_pending(d.pk for d in devices)
+    latest = store.peek_latest({d.user_id for d in devices})
+    return {
+        d.pk: (max(d.acked_version, pending.get(d.pk, 0)), latest.get(d.user_id)) for d in devices
+    }

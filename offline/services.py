@@ -1,0 +1,238 @@
+"""Writes of the offline app: what devices must learn goes into each user's offline store;
+pulls, acks, device presence and the periodic trim.
+
+Who gets what:
+- a message: every active member, the sender included (its other devices learn what it
+  sent; for the sender the entry also means "read up to here"). Written by the counter
+  aggregation pipeline in the same batches as the counters (:func:`offline_record_messages`),
+  so a storm costs one script call per member per flush, not per message;
+- a mark-read: a ``read`` entry for the reader;
+- a join, leave or mute: a ``join``/``leave``/``mute`` entry for the member concerned (the
+  state the devices keep is the user's own conversation list).
+"""
+
+import json
+import logging
+from datetime import timedelta
+
+import kombu.exceptions
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Min
+from django.utils import timezone
+
+from imcore.errors import BadRequest
+from imcore.models import Conversation, Device, Membership
+
+from . import selectors, store
+from .store import Op, SinceAhead
+
+logger = logging.getLogger(__name__)
+
+ACK_WRITE_CHUNK = 5000
+
+
+# ---- recording -----------------------------------------------------------------------------
+
+
+def offline_record_messages(items) -> dict[int, tuple[int, int]]:
+    """``items`` = ``[(user_id, [(conversation_id, top seq, read seq)])]``: every message up
+    to ``top`` the user's log has not recorded yet gets an entry (idempotent)."""
+    return store.append_messages(items)
+
+
+def offline_record_read(*, user_id: int, conversation_id: int, seq: int) -> None:
+    store.append_ops([(user_id, [Op("r", conversation_id, seq, seq, str(seq))])])
+
+
+def offline_record_memberships(
+    *, memberships: list[Membership], conversation: Conversation, last_seq: int, change: str
+) -> None:
+    """Record joins (``change="join"``), leaves or mutes of one conversation's members. The
+    membership ``rev`` is the watermark, so repeating a call records nothing new."""
+    ops = []
+    for m in memberships:
+        if change == "join" and m.left_at is None:
+            arg = json.dumps(
+                {
+                    "kind": conversation.kind,
+                    "title": conversation.title,
+                    "last_seq": last_seq,
+                    "read_seq": m.last_read_seq,
+                    "muted": m.muted,
+                },
+                separators=(",", ":"),
+            )
+            ops.append((m.user_id, [Op("j", m.conversation_id, m.rev, last_seq, arg)]))
+        elif change == "leave" and m.left_at is not None:
+            ops.append((m.user_id, [Op("l", m.conversation_id, m.rev)]))
+        elif change == "mute" and m.left_at is None:
+            ops.append((m.user_id, [Op("u", m.conversation_id, m.rev, 0, "1" if m.muted else "0")]))
+    if ops:
+        store.append_ops(ops)
+
+
+# ---- devices -------------------------------------------------------------------------------
+
+
+def offline_device_seen(*, device: Device, prepare: bool = True) -> bool:
+    """Note that the device is here (written at most every ``SYNC_SEEN_WRITE_S``). A device
+    that was away longer than ``SYNC_AWAY_AFTER_S`` (or never seen) came back: its offline
+    package is prepared by a task, so the pages it pulls next are cheap reads. Returns whether
+    it came back."""
+    now = timezone.now()
+    last = device.last_seen_at
+    came_back = last is None or now - last > timedelta(seconds=settings.SYNC_AWAY_AFTER_S)
+    if last is None or now - last > timedelta(seconds=settings.SYNC_SEEN_WRITE_S):
+        Device.objects.filter(pk=device.pk).update(last_seen_at=now)
+        device.last_seen_at = now
+    if came_back and prepare:
+        offline_request_prepare(device_pk=device.pk)
+    return came_back
+
+
+def offline_request_prepare(*, device_pk: int) -> None:
+    """Send ``offline.prepare_device`` once the current transaction (if any) commits."""
+    transaction.on_commit(lambda: _send_prepare(device_pk))
+
+
+def _send_prepare(device_pk: int) -> None:
+    from .tasks import prepare_device
+
+    try:
+        prepare_device.delay(device_pk=device_pk)
+    except kombu.exceptions.OperationalError:
+        # The broker is down: the device's pulls read the store directly, just less cheaply.
+        logger.warning("could not send prepare_device for device %s", device_pk, exc_info=True)
+
+
+def offline_prepare_device(*, device_pk: int) -> str:
+    """Build a device's offline package: everything after its acked version, with message
+    bodies read now (or, if it is behind the store, the gap snapshot), kept in Redis for
+    ``SYNC_PACKAGE_TTL_S``. Returns what was prepared: "package", "snapshot" or "none"."""
+    device = Device.objects.filter(pk=device_pk).first()
+    if device is None:
+        return "none"
+    since = selectors.device_acked_version(device)
+    page = store.read_page(
+        user_id=device.user_id, device_pk=device.pk, since=since, limit=settings.OFFLINE_MAX_ENTRIES
+    )
+    ttl = settings.SYNC_PACKAGE_TTL_S
+    if page.status == "gap":
+        snapshot = selectors.sync_snapshot(user_id=device.user_id, latest_version=page.latest)
+        store.store_snapshot(
+            user_id=device.user_id, device_pk=device.pk, snapshot=snapshot, ttl_s=ttl
+        )
+        return "snapshot"
+    messages = [e for e in page.entries if e.type == "m"]
+    store.store_package(
+        user_id=device.user_id,
+        device_pk=device.pk,
+        entries=selectors.entries_out(messages),
+        ttl_s=ttl,
+    )
+    return "package"
+
+
+# ---- pull and ack --------------------------------------------------------------------------
+
+
+def sync_pull(*, device: Device, since: int, limit: int) -> dict:
+    """Entries after ``since`` in version order (at most ``limit``), or, when ``since`` is
+    behind what the store holds, ``gap: true`` and a snapshot of every conversation from
+    PostgreSQL with the version to continue from."""
+    try:
+        page = store.read_page(
+            user_id=device.user_id, device_pk=device.pk, since=since, limit=limit
+        )
+    except SinceAhead as exc:
+        raise BadRequest(
+            f"since {since} is ahead of the latest version {exc.latest}",
+            details={"latest_version": exc.latest},
+        ) from exc
+    offline_device_seen(device=device)
+    if page.status == "gap":
+        snapshot = page.snapshot
+        if snapshot is None or snapshot["latest_version"] < page.floor:
+            snapshot = selectors.sync_snapshot(user_id=device.user_id, latest_version=page.latest)
+        return {
+            "entries": [],
+            "latest_version": snapshot["latest_version"],
+            "has_more": False,
+            "gap": True,
+            "snapshot": snapshot,
+        }
+    return {
+        "entries": selectors.entries_out(page.entries[:limit], page.package),
+        "latest_version": page.latest,
+        "has_more": len(page.entries) > limit,
+        "gap": False,
+    }
+
+
+def sync_ack(*, device: Device, version: int) -> int:
+    """Cumulative ack: the device has everything up to ``version``. Never moves back (an older
+    ack is ignored). Absorbed in Redis and written to PostgreSQL in batches by
+    ``offline.flush_acks`` (every ``SYNC_ACK_FLUSH_INTERVAL_S``, or at once when
+    ``SYNC_ACK_FLUSH_THRESHOLD`` devices have acks waiting). Returns the device's ack now."""
+    try:
+        store.read_page(user_id=device.user_id, device_pk=device.pk, since=version, limit=0)
+    except SinceAhead as exc:
+        raise BadRequest(
+            f"version {version} is ahead of the latest version {exc.latest}",
+            details={"latest_version": exc.latest},
+        ) from exc
+    offline_device_seen(device=device, prepare=False)
+    highest, flush = store.ack_absorb(device_pk=device.pk, version=version)
+    if flush:
+        from .tasks import flush_acks
+
+        try:
+            flush_acks.delay()
+        except kombu.exceptions.OperationalError:
+            logger.warning(
+                "could not send flush_acks; the periodic flush takes them", exc_info=True
+            )
+    return max(device.acked_version, highest)
+
+
+def offline_flush_acks() -> int:
+    """Write the absorbed acks to PostgreSQL: one UPDATE per ``ACK_WRITE_CHUNK`` devices,
+    never moving an ack back. Returns the number of devices written."""
+    batch = store.acks_take()
+    if not batch:
+        store.acks_done()
+        return 0
+    table = Device._meta.db_table
+    pks = sorted(batch)
+    with connection.cursor() as cursor:
+        for start in range(0, len(pks), ACK_WRITE_CHUNK):
+            chunk = pks[start : start + ACK_WRITE_CHUNK]
+            cursor.execute(
+                f"UPDATE {table} AS d SET acked_version = GREATEST(d.acked_version, a.v) "
+                "FROM unnest(%s::bigint[], %s::bigint[]) AS a(id, v) WHERE d.id = a.id",
+                [chunk, [batch[pk] for pk in chunk]],
+            )
+    store.acks_done()
+    return len(pks)
+
+
+# ---- retention -----------------------------------------------------------------------------
+
+
+def offline_trim() -> tuple[int, int]:
+    """The periodic trim: drop entries past ``OFFLINE_RETENTION_S``, and entries every device
+    of the user has acknowledged (a device that logs in later starts with the gap snapshot,
+    so it never needs them). Returns ``(users looked at, entries dropped)``."""
+    users = dropped = 0
+    for batch in store.log_users():
+        users += len(batch)
+        acked_by_all = dict(
+            Device.objects.filter(user_id__in=batch)
+            .values("user_id")
+            .annotate(low=Min("acked_version"))
+            .values_list("user_id", "low")
+        )
+        dropped += store.trim_users(acked_by_all, batch)
+    logger.info("offline trim: %s users, %s entries dropped", users, dropped)
+    return users, dropped

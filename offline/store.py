@@ -1,0 +1,403 @@
+"""The offline store and the version service, on Redis with Lua (layout in :mod:`.keys`).
+
+Versions follow WeChat's seqsvr: Redis hands them out (one script call per user, atomic with
+the entry it numbers), but never above an upper bound stored in PostgreSQL
+(``offline_versionbound``), which is raised in steps of ``OFFLINE_VERSION_STEP`` before it is
+used. PostgreSQL is written once per step per user, not once per version. When Redis loses a
+user's hash, or restarts (its ``run_id`` changes, so even a restore from an older snapshot is
+caught), the user is reloaded: PostgreSQL's bound is raised by a step and versions continue
+above the old bound, so none goes backwards or repeats.
+
+Every write is idempotent through watermarks in the user's hash (message seq, read seq,
+membership rev), so at-least-once callers (the aggregation pipeline, a client's retry) record
+each change once.
+
+The writers batch: one script call per user, pipelined ``PIPELINE_CHUNK`` at a time, and the
+PostgreSQL reads and writes of reloading and raising bounds are one statement per batch.
+"""
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import redis
+from django.conf import settings
+from django.db import connection, transaction
+from redis.commands.core import Script
+
+from counters.redis import get_redis
+from imcore.models import Membership
+
+from . import keys
+from .models import VersionBound
+
+LUA_DIR = Path(__file__).with_name("lua")
+PIPELINE_CHUNK = 1000
+# A write retries after reloading or raising bounds; more than this many rounds means something
+# keeps wiping Redis under it.
+MAX_ROUNDS = 6
+
+
+class SyncUnavailable(Exception):
+    """The store could not hand out versions (Redis kept losing the user's state)."""
+
+
+class SinceAhead(Exception):
+    """A pull or ack names a version the user has not reached."""
+
+    def __init__(self, latest: int):
+        super().__init__(latest)
+        self.latest = latest
+
+
+@dataclass(frozen=True)
+class Op:
+    """A non-message entry: ``r`` read, ``j`` join, ``l`` leave, ``u`` mute. ``watermark`` is
+    the read seq (``r``) or the membership rev; ``seq`` is the conversation's last_seq for a
+    join; ``arg`` is stored as given."""
+
+    type: str
+    conversation_id: int
+    watermark: int
+    seq: int = 0
+    arg: str = ""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry of the log as stored."""
+
+    version: int
+    at_ms: int
+    type: str
+    conversation_id: int
+    arg: str
+
+    @classmethod
+    def parse(cls, member: str) -> "Entry":
+        version, at_ms, typ, cid, arg = member.split("|", 4)
+        return cls(int(version), int(at_ms), typ, int(cid), arg)
+
+
+@dataclass(frozen=True)
+class Page:
+    """What one read of the store found."""
+
+    status: str  # "entries" or "gap"
+    latest: int
+    floor: int
+    entries: list[Entry]
+    package: dict[int, dict]  # version -> prepared entry JSON (message entries)
+    snapshot: dict | None = None
+
+
+@cache
+def _source(name: str) -> str:
+    return (LUA_DIR / f"{name}.lua").read_text()
+
+
+class _Scripts:
+    def __init__(self, client: redis.Redis):
+        for name in ("append", "init", "bound", "read", "trim", "ack", "ackpop"):
+            setattr(self, name, client.register_script(_source(name)))
+
+    append: Script
+    init: Script
+    bound: Script
+    read: Script
+    trim: Script
+    ack: Script
+    ackpop: Script
+
+
+@cache
+def _scripts_for(client: redis.Redis) -> _Scripts:
+    return _Scripts(client)
+
+
+def client() -> redis.Redis:
+    return get_redis()
+
+
+def scripts() -> _Scripts:
+    return _scripts_for(client())
+
+
+def redis_run_id() -> str:
+    """The run_id of the Redis process: it changes on every restart, so a user's hash loaded
+    under another run_id may come from an older snapshot and is reloaded."""
+    return client().info("server")["run_id"]
+
+
+def _ttl_ms() -> int:
+    return int(settings.OFFLINE_RETENTION_S * 1000)
+
+
+# ---- writes --------------------------------------------------------------------------------
+
+
+def append_messages(items: Sequence[tuple[int, Sequence[tuple[int, int, int]]]]):
+    """Record messages: ``items`` = ``[(user_id, [(conversation_id, top seq, read seq)])]``;
+    every seq above what the user's log has for the conversation, up to top, gets an entry.
+    Returns ``{user_id: (first version, last version)}`` of what was new."""
+    return _append("m", {uid: [v for triple in triples for v in triple] for uid, triples in items})
+
+
+def append_ops(items: Sequence[tuple[int, Sequence[Op]]]):
+    """Record operations (reads, joins, leaves, mutes) for users; same return as
+    :func:`append_messages`."""
+    return _append(
+        "o",
+        {
+            uid: [
+                v for op in ops for v in (op.type, op.conversation_id, op.watermark, op.seq, op.arg)
+            ]
+            for uid, ops in items
+        },
+    )
+
+
+def _append(mode: str, args_by_user: dict[int, list]) -> dict[int, tuple[int, int]]:
+    written: dict[int, tuple[int, int]] = {}
+    todo = args_by_user
+    for _ in range(MAX_ROUNDS):
+        if not todo:
+            return written
+        rid = redis_run_id()
+        head = [rid, settings.OFFLINE_MAX_ENTRIES, _ttl_ms(), mode]
+        results = _pipelined(
+            scripts().append,
+            [([keys.state(uid), keys.log(uid)], head + args) for uid, args in todo.items()],
+        )
+        reload: list[int] = []
+        need: dict[int, int] = {}
+        for uid, result in zip(todo, results, strict=True):
+            if result[0] == 1:
+                written[uid] = (int(result[1]), int(result[2]))
+            elif result[0] == -1:
+                reload.append(uid)
+            else:
+                need[uid] = int(result[1])
+        if reload:
+            load_users(reload, rid=rid)
+        if need:
+            raise_bounds(need, rid=rid)
+        todo = {uid: todo[uid] for uid in [*reload, *need]}
+    raise SyncUnavailable(f"versions for {len(todo)} users could not be handed out")
+
+
+def _pipelined(script: Script, calls: list[tuple[list[str], list]]) -> list:
+    out: list = []
+    for start in range(0, len(calls), PIPELINE_CHUNK):
+        pipe = client().pipeline(transaction=False)
+        for keys_, args in calls[start : start + PIPELINE_CHUNK]:
+            script(keys=keys_, args=args, client=pipe)
+        out.extend(pipe.execute())
+    return out
+
+
+def _upsert_bounds(sql_set: str, values: dict[int, int]) -> dict[int, tuple[int, bool]]:
+    """One statement for all users, rows locked in user order (no deadlock between two
+    batches); durable before any version under the new bound is handed out (callers are not
+    inside a transaction: the pipeline, request paths after their commit). Returns
+    ``{user_id: (bound, whether the row is new)}``."""
+    table = VersionBound._meta.db_table
+    uids = sorted(values)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (user_id, bound) "
+            "SELECT u, b FROM unnest(%s::bigint[], %s::bigint[]) AS t(u, b) ORDER BY u "
+            f"ON CONFLICT (user_id) DO UPDATE SET bound = {sql_set} "
+            "RETURNING user_id, bound, xmax = 0",
+            [uids, [values[u] for u in uids]],
+        )
+        return {uid: (bound, inserted) for uid, bound, inserted in cursor.fetchall()}
+
+
+def raise_bounds(need: dict[int, int], *, rid: str) -> None:
+    """Store bounds at least a step above what each user needs, then let Redis use them."""
+    step = settings.OFFLINE_VERSION_STEP
+    stored = _upsert_bounds(
+        f"GREATEST({VersionBound._meta.db_table}.bound, EXCLUDED.bound)",
+        {uid: n + step for uid, n in need.items()},
+    )
+    _pipelined(
+        scripts().bound,
+        [([keys.state(uid)], [rid, bound]) for uid, (bound, _) in stored.items()],
+    )
+
+
+def load_users(user_ids: Iterable[int], *, rid: str) -> None:
+    """(Re)load users whose hash Redis lost or loaded under another run_id. Their bound moves a
+    step up first; versions continue just above the old bound, and that first version stays
+    unused: it becomes the floor, so every device that synced before gets the gap snapshot
+    (what the lost hash held is gone). A user PostgreSQL has no bound for never had a version
+    handed out, so it starts at 0 with nothing to miss."""
+    user_ids = sorted(set(user_ids))
+    step = settings.OFFLINE_VERSION_STEP
+    table = VersionBound._meta.db_table
+    bounds = _upsert_bounds(f"{table}.bound + EXCLUDED.bound", dict.fromkeys(user_ids, step))
+    rows: dict[int, list] = {uid: [] for uid in user_ids}
+    for uid, cid, last_seq, read_seq, rev in Membership.objects.filter(
+        user_id__in=user_ids, left_at__isnull=True
+    ).values_list("user_id", "conversation_id", "conversation__last_seq", "last_read_seq", "rev"):
+        rows[uid] += [cid, last_seq, read_seq, rev]
+    ttl = _ttl_ms()
+    calls = []
+    for uid in user_ids:
+        bound, new = bounds[uid]
+        cur = 0 if new else bound - step + 1
+        calls.append(([keys.state(uid), keys.log(uid)], [rid, cur, bound, ttl, *rows[uid]]))
+    _pipelined(scripts().init, calls)
+
+
+# ---- reads ---------------------------------------------------------------------------------
+
+
+def read_page(*, user_id: int, device_pk: int, since: int, limit: int) -> Page:
+    """Entries with version > ``since``, at most ``limit`` + 1 (the caller tells ``has_more``
+    from the extra one), or the gap verdict when ``since`` is below what the store holds.
+    Raises :class:`SinceAhead` when ``since`` is beyond the latest version."""
+    for _ in range(MAX_ROUNDS):
+        rid = redis_run_id()
+        result = scripts().read(
+            keys=[
+                keys.state(user_id),
+                keys.log(user_id),
+                keys.package(user_id, device_pk),
+                keys.snapshot(user_id, device_pk),
+            ],
+            args=[rid, since, limit],
+        )
+        status = int(result[0])
+        if status == -1:
+            load_users([user_id], rid=rid)
+            continue
+        if status == -3:
+            raise SinceAhead(int(result[1]))
+        latest, floor = int(result[1]), int(result[2])
+        if status == 0:
+            snapshot = json.loads(result[3]) if result[3] else None
+            return Page("gap", latest, floor, [], {}, snapshot)
+        package = {}
+        for raw in result[4]:
+            entry = json.loads(raw)
+            package[entry["version"]] = entry
+        return Page("entries", latest, floor, [Entry.parse(m) for m in result[3]], package)
+    raise SyncUnavailable(f"the sync state of user {user_id} could not be loaded")
+
+
+def latest_version(user_id: int) -> int:
+    """VERSION-LATEST of a user (loads the user when Redis does not hold it)."""
+    return read_page(user_id=user_id, device_pk=0, since=0, limit=0).latest
+
+
+def peek_latest(user_ids: Iterable[int]) -> dict[int, int | None]:
+    """Latest versions as Redis holds them now, without loading (admin); None = not loaded."""
+    user_ids = list(user_ids)
+    pipe = client().pipeline(transaction=False)
+    for uid in user_ids:
+        pipe.hget(keys.state(uid), "cur")
+    return {
+        uid: int(v) if v is not None else None
+        for uid, v in zip(user_ids, pipe.execute(), strict=True)
+    }
+
+
+def store_package(*, user_id: int, device_pk: int, entries: list[dict], ttl_s: int) -> None:
+    key = keys.package(user_id, device_pk)
+    pipe = client().pipeline(transaction=True)
+    pipe.delete(key)
+    if entries:
+        pipe.zadd(key, {json.dumps(e, separators=(",", ":")): e["version"] for e in entries})
+        pipe.expire(key, ttl_s)
+    pipe.execute()
+
+
+def store_snapshot(*, user_id: int, device_pk: int, snapshot: dict, ttl_s: int) -> None:
+    client().set(
+        keys.snapshot(user_id, device_pk), json.dumps(snapshot, separators=(",", ":")), ex=ttl_s
+    )
+
+
+# ---- acks ----------------------------------------------------------------------------------
+
+
+def ack_absorb(*, device_pk: int, version: int) -> tuple[int, bool]:
+    """Keep a device's cumulative ack until the next flush; returns ``(highest pending ack of
+    the device, whether a flush should be sent now)``."""
+    highest, flush = scripts().ack(
+        keys=[keys.ACKS_PENDING, keys.ACKS_FLUSH_FLAG],
+        args=[
+            device_pk,
+            version,
+            settings.SYNC_ACK_FLUSH_THRESHOLD,
+            int(settings.SYNC_ACK_FLUSH_INTERVAL_S * 1000) + 1000,
+        ],
+    )
+    return int(highest), bool(flush)
+
+
+def acks_pending(device_pks: Iterable[int]) -> dict[int, int]:
+    """Acks not yet written to PostgreSQL (pending or in flight), per device."""
+    device_pks = [int(pk) for pk in device_pks]
+    if not device_pks:
+        return {}
+    pipe = client().pipeline(transaction=False)
+    pipe.hmget(keys.ACKS_PENDING, device_pks)
+    pipe.hmget(keys.ACKS_INFLIGHT, device_pks)
+    pending, inflight = pipe.execute()
+    out = {}
+    for pk, a, b in zip(device_pks, pending, inflight, strict=True):
+        values = [int(v) for v in (a, b) if v is not None]
+        if values:
+            out[pk] = max(values)
+    return out
+
+
+def acks_take() -> dict[int, int]:
+    """The batch of acks to write (a batch left in flight by a dead flusher comes first)."""
+    flat = scripts().ackpop(keys=[keys.ACKS_PENDING, keys.ACKS_INFLIGHT])
+    return {int(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def acks_done() -> None:
+    pipe = client().pipeline(transaction=False)
+    pipe.delete(keys.ACKS_INFLIGHT)
+    pipe.delete(keys.ACKS_FLUSH_FLAG)
+    pipe.execute()
+
+
+# ---- retention -----------------------------------------------------------------------------
+
+
+def log_users(count: int = 1000) -> Iterable[list[int]]:
+    """Users that have a log, in batches (SCAN: no index key to keep up to date)."""
+    batch: list[int] = []
+    for key in client().scan_iter(match=keys.LOG_PATTERN, count=count, _type="zset"):
+        batch.append(keys.user_of_log(key))
+        if len(batch) >= count:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def trim_users(acked_by_all: dict[int, int], user_ids: list[int]) -> int:
+    """Drop what is past the retention, or acknowledged by every device, for these users;
+    returns how many entries went."""
+    cutoff_ms = int((time.time() - settings.OFFLINE_RETENTION_S) * 1000)
+    results = _pipelined(
+        scripts().trim,
+        [
+            (
+                [keys.state(uid), keys.log(uid)],
+                [cutoff_ms, acked_by_all.get(uid, 0), settings.OFFLINE_MAX_ENTRIES],
+            )
+            for uid in user_ids
+        ],
+    )
+    return sum(max(int(r), 0) for r in results)

@@ -1,0 +1,132 @@
+"""Multi-device sync through the API against real PostgreSQL and Redis: entries for every
+device of every member, reads, joins/leaves/mutes, paging, idempotence and isolation. The
+counter pipeline is drained in-process here; test_sync_worker.py runs it on real workers."""
+
+import pytest
+
+from counters.pipeline import counters_drain
+from counters.services import counters_message_committed
+from offline import keys, store
+from tests.offline.conftest import first_sync, pull, pull_all
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def group(owner, *others, title="team") -> int:
+    response = owner.post(
+        "/conversations", {"kind": "group", "members": [m.id for m in others], "title": title}
+    )
+    assert response.status_code == 201, response.content
+    return response.json()["id"]
+
+
+def test_message_sent_on_one_device_appears_on_the_other(make_member, second_device):
+    alice, bob = make_member("alice"), make_member("bob")
+    laptop = second_device(alice)
+    v_laptop, v_bob = first_sync(laptop), first_sync(bob)
+    cid = group(alice, bob)
+    sent = alice.send(cid, "hello from the phone")
+    counters_drain()
+    entries, latest = pull_all(laptop, v_laptop)
+    assert [e["type"] for e in entries] == ["join", "message"]
+    message = entries[1]
+    assert message["conversation_id"] == cid
+    assert message["seq"] == sent["seq"]
+    assert message["message"]["body"] == "hello from the phone"
+    assert message["message"]["sender_id"] == alice.id
+    assert latest == message["version"]
+    # bob (another user) gets the same message in his own store, with his own versions
+    bob_entries, _ = pull_all(bob, v_bob)
+    assert [(e["type"], e.get("seq")) for e in bob_entries] == [("join", None), ("message", 1)]
+
+
+def test_read_on_one_device_becomes_a_read_entry_on_the_other(make_member, second_device):
+    alice, bob = make_member("alice"), make_member("bob")
+    laptop = second_device(alice)
+    cid = group(bob, alice)
+    for i in range(3):
+        bob.send(cid, f"m{i}")
+    counters_drain()
+    since = first_sync(laptop)
+    assert alice.post(f"/conversations/{cid}/read", {"seq": 2}).status_code == 200
+    entries, _ = pull_all(laptop, since)
+    assert [(e["type"], e["conversation_id"], e["seq"]) for e in entries] == [("read", cid, 2)]
+    # reading the same or an older seq again records nothing new
+    assert alice.post(f"/conversations/{cid}/read", {"seq": 2}).status_code == 200
+    assert alice.post(f"/conversations/{cid}/read", {"seq": 1}).status_code == 200
+    assert pull_all(laptop, entries[-1]["version"])[0] == []
+
+
+def test_join_mute_leave_entries(make_member):
+    alice, bob, carol = make_member("alice"), make_member("bob"), make_member("carol")
+    since = first_sync(carol)
+    cid = group(alice, bob, title="plans")
+    alice.send(cid, "before carol")
+    counters_drain()
+    assert alice.post(f"/conversations/{cid}/members", {"user_ids": [carol.id]}).status_code in (
+        200,
+        201,
+    )
+    assert carol.post(f"/conversations/{cid}/mute", {"muted": True}).status_code == 200
+    alice.send(cid, "after carol joined")
+    counters_drain()
+    assert carol.delete(f"/conversations/{cid}/members/{carol.id}").status_code == 204
+    alice.send(cid, "after carol left")
+    counters_drain()
+    entries, _ = pull_all(carol, since)
+    assert [e["type"] for e in entries] == ["join", "mute", "message", "leave"]
+    join = entries[0]
+    assert join["kind"] == "group" and join["title"] == "plans"
+    assert join["last_seq"] == 1 and join["read_seq"] == 1 and join["muted"] is False
+    assert entries[1]["muted"] is True
+    assert entries[2]["message"]["body"] == "after carol joined"
+    versions = [e["version"] for e in entries]
+    assert versions == sorted(set(versions))
+
+
+def test_paging_returns_every_entry_once_in_order(make_member, second_device):
+    alice, bob = make_member("alice"), make_member("bob")
+    laptop = second_device(alice)
+    since = first_sync(laptop)
+    cid = group(alice, bob)
+    for i in range(25):
+        bob.send(cid, f"m{i}")
+    counters_drain()
+    entries, latest = pull_all(laptop, since, limit=7)
+    messages = [e for e in entries if e["type"] == "message"]
+    assert [m["message"]["body"] for m in messages] == [f"m{i}" for i in range(25)]
+    versions = [e["version"] for e in entries]
+    assert versions == sorted(set(versions)) and versions[-1] == latest
+    page = pull(laptop, since, limit=7)
+    assert page["has_more"] is True and len(page["entries"]) == 7
+
+
+def test_repeated_events_and_retried_sends_record_once(make_member, second_device):
+    alice, bob = make_member("alice"), make_member("bob")
+    laptop = second_device(alice)
+    since = first_sync(laptop)
+    cid = group(bob, alice)
+    sent = bob.send(cid, "once", client_msg_id="same")
+    again = bob.post(f"/conversations/{cid}/messages", {"body": "once", "client_msg_id": "same"})
+    assert again.status_code == 200
+    counters_message_committed(conversation_id=cid, seq=sent["seq"], sender_id=bob.id)
+    counters_drain()
+    counters_message_committed(conversation_id=cid, seq=sent["seq"], sender_id=bob.id)
+    counters_drain()
+    entries, _ = pull_all(laptop, since)
+    assert [e["type"] for e in entries] == ["join", "message"]
+
+
+def test_a_device_never_sees_another_users_entries(make_member):
+    alice, bob, carol = make_member("alice"), make_member("bob"), make_member("carol")
+    since_carol = first_sync(carol)
+    r = alice.post("/conversations", {"kind": "direct", "members": [bob.id]})
+    cid = r.json()["id"]
+    alice.send(cid, "private")
+    assert bob.post(f"/conversations/{cid}/read", {"seq": 1}).status_code == 200
+    counters_drain()
+    entries, _ = pull_all(carol, since_carol)
+    assert entries == []
+    # carol's versions are hers: her latest did not move with alice's and bob's entries
+    assert pull(carol, 0)["latest_version"] == since_carol
+    assert store.client().zcard(keys.log(carol.id)) == 0
