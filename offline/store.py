@@ -240,11 +240,18 @@ def load_users(user_ids: Iterable[int], *, rid: str) -> None:
     step = settings.OFFLINE_VERSION_STEP
     table = VersionBound._meta.db_table
     bounds = _upsert_bounds(f"{table}.bound + EXCLUDED.bound", dict.fromkeys(user_ids, step))
+    # A reloaded user's watermarks start at what PostgreSQL holds now (the snapshot its devices
+    # get covers everything before). A new user starts without any: the change being recorded
+    # right now (its first join, say) must not count as recorded already.
+    known = [uid for uid in user_ids if not bounds[uid][1]]
     rows: dict[int, list] = {uid: [] for uid in user_ids}
-    for uid, cid, last_seq, read_seq, rev in Membership.objects.filter(
-        user_id__in=user_ids, left_at__isnull=True
-    ).values_list("user_id", "conversation_id", "conversation__last_seq", "last_read_seq", "rev"):
-        rows[uid] += [cid, last_seq, read_seq, rev]
+    if known:
+        for uid, cid, last_seq, read_seq, rev in Membership.objects.filter(
+            user_id__in=known, left_at__isnull=True
+        ).values_list(
+            "user_id", "conversation_id", "conversation__last_seq", "last_read_seq", "rev"
+        ):
+            rows[uid] += [cid, last_seq, read_seq, rev]
     ttl = _ttl_ms()
     calls = []
     for uid in user_ids:

@@ -14,7 +14,7 @@ from imcore.settings import *  # noqa: F403
 # Password hashing at full strength costs ~0.5 s a login; tests log in hundreds of devices.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # Beat runs only the Timer and the ack flush in tests; reconcile and trim are called directly.
-CELERY_BEAT_SCHEDULE = {  # noqa: F405
+CELERY_BEAT_SCHEDULE = {
     name: CELERY_BEAT_SCHEDULE[name]  # noqa: F405
     for name in ("counters-timer", "offline-flush-acks")
 }
