@@ -15,7 +15,7 @@ export DATABASE_URL ?= postgres://postgres@$(PG_HOST):$(PG_PORT)/imcore
 export REDIS_URL ?= redis://$(PG_HOST):$(REDIS_PORT)/0
 export CELERY_BROKER_URL ?= redis://$(PG_HOST):$(REDIS_PORT)/1
 
-.PHONY: run test lint fmt services venv migrate demo clean bench-storm
+.PHONY: run test lint fmt services venv migrate demo clean bench-storm bench-sync
 
 run: venv services migrate demo
 	@echo
@@ -87,6 +87,9 @@ demo: migrate
 # Benchmarks use their own database (imcore_bench) and Redis (db 8, broker on port 6390).
 bench-storm: venv services
 	$(BIN)/python bench/storm.py $(BENCH_ARGS)
+
+bench-sync: venv services
+	$(BIN)/python bench/sync.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache .ruff_cache .hypothesis

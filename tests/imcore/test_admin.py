@@ -29,6 +29,7 @@ def test_admin_pages_open(admin_client, make_member):
         "/admin/imcore/message/",
         "/admin/imcore/device/",
         "/admin/imcore/user/",
+        "/admin/offline/versionbound/",
     ):
         assert admin_client.get(url).status_code == 200, url
     page = admin_client.get("/admin/imcore/membership/").content.decode().lower()
@@ -44,3 +45,22 @@ def test_admin_cannot_add_or_edit_invariant_rows(admin_client, make_member):
     assert admin_client.get("/admin/imcore/message/add/").status_code == 403
     assert admin_client.get("/admin/imcore/membership/add/").status_code == 403
     assert admin_client.get("/admin/imcore/conversation/add/").status_code == 403
+
+
+def test_admin_shows_each_devices_ack_against_the_users_latest(admin_client, make_member):
+    from imcore.models import Device
+    from offline import services as sync
+
+    alice, bob = make_member("alice"), make_member("bob")
+    gid = alice.post("/conversations", {"kind": "group", "members": [bob.id]}).json()["id"]
+    latest = bob.get("/sync").json()["latest_version"]
+    assert bob.post("/sync/ack", {"version": latest}).status_code == 200
+    page = admin_client.get("/admin/imcore/device/").content.decode().lower()
+    assert "acked version" in page and "user&#x27;s latest version" in page
+    device_admin = admin.site._registry[Device]
+    device = Device.objects.get(user=bob.user)
+    assert device_admin.acked(device) == latest  # pending in Redis, not flushed yet
+    sync.offline_flush_acks()
+    device.refresh_from_db()
+    assert device.acked_version == latest and device_admin.behind(device) == 0
+    assert gid

@@ -651,7 +651,6 @@ CASES = [
     ),
     Case("unknown-version", "anon", "GET", "/../v2/unread", 404, "not_found"),
     Case("trailing-slash", "alice", "GET", "/conversations/", 404, "not_found"),
-    Case("sync-not-served", "alice", "GET", "/sync", 404, "not_found"),
     Case(
         "put-read",
         "bob",

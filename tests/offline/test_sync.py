@@ -130,3 +130,31 @@ def test_a_device_never_sees_another_users_entries(make_member):
     # carol's versions are hers: her latest did not move with alice's and bob's entries
     assert pull(carol, 0)["latest_version"] == since_carol
     assert store.client().zcard(keys.log(carol.id)) == 0
+
+
+def test_a_message_recorded_before_the_joiners_join_entry_starts_at_their_read_pointer(
+    make_member,
+):
+    """The aggregator may see a new member before the join's own entry reached Redis (the
+    join's write comes after its commit): the member's entries start after the read pointer
+    the join gave them, and the late join entry still gets recorded."""
+    from imcore.models import Conversation, Membership
+    from offline.services import offline_record_memberships
+
+    alice, bob, carol = make_member("alice"), make_member("bob"), make_member("carol")
+    since = first_sync(carol)
+    cid = group(alice, bob)
+    for i in range(3):
+        alice.send(cid, f"before{i}")
+    counters_drain()
+    conversation = Conversation.objects.get(pk=cid)
+    joined = Membership.objects.create(
+        user=carol.user, conversation=conversation, last_read_seq=conversation.last_seq
+    )  # committed; its sync write has not happened yet
+    alice.send(cid, "first after carol joined")
+    counters_drain()
+    offline_record_memberships(
+        memberships=[joined], conversation=conversation, last_seq=3, change="join"
+    )
+    entries, _ = pull_all(carol, since)
+    assert [(e["type"], e.get("seq")) for e in entries] == [("message", 4), ("join", None)]
