@@ -138,6 +138,8 @@ def test_a_message_recorded_before_the_joiners_join_entry_starts_at_their_read_p
     """The aggregator may see a new member before the join's own entry reached Redis (the
     join's write comes after its commit): the member's entries start after the read pointer
     the join gave them, and the late join entry still gets recorded."""
+    from django.utils import timezone
+
     from imcore.models import Conversation, Membership
     from offline.services import offline_record_memberships
 
@@ -149,7 +151,10 @@ def test_a_message_recorded_before_the_joiners_join_entry_starts_at_their_read_p
     counters_drain()
     conversation = Conversation.objects.get(pk=cid)
     joined = Membership.objects.create(
-        user=carol.user, conversation=conversation, last_read_seq=conversation.last_seq
+        user=carol.user,
+        conversation=conversation,
+        last_read_seq=conversation.last_seq,
+        joined_at=timezone.now(),
     )  # committed; its sync write has not happened yet
     alice.send(cid, "first after carol joined")
     counters_drain()
