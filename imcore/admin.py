@@ -8,7 +8,7 @@ from django.db.models import Count, Q
 
 from counters.selectors import counters_peek
 from counters.services import counters_reconcile
-from offline.selectors import devices_sync_state
+from offline.selectors import devices_last_seen, devices_sync_state
 
 from .models import Conversation, Device, Membership, Message, User
 
@@ -146,7 +146,7 @@ class DeviceAdmin(admin.ModelAdmin):
         "device_id",
         "platform",
         "created_at",
-        "last_seen_at",
+        "last_seen",
         "acked",
         "latest",
         "behind",
@@ -158,7 +158,7 @@ class DeviceAdmin(admin.ModelAdmin):
         "device_id",
         "platform",
         "created_at",
-        "last_seen_at",
+        "last_seen",
         "acked",
         "latest",
         "behind",
@@ -169,9 +169,16 @@ class DeviceAdmin(admin.ModelAdmin):
         changelist = super().get_changelist_instance(request)
         # The sync state of the whole page in two Redis round trips, not two per row.
         rows = list(changelist.result_list)
-        for device, state in zip(rows, devices_sync_state(rows).values(), strict=True):
-            device.sync_state = state
+        states, seen = devices_sync_state(rows), devices_last_seen(rows)
+        for device in rows:
+            device.sync_state, device.seen = states[device.pk], seen[device.pk]
         return changelist
+
+    @admin.display(description="last seen")
+    def last_seen(self, obj):
+        # Includes the time not yet flushed to last_seen_at (presence is a delayed write).
+        seen = getattr(obj, "seen", None) or devices_last_seen([obj])[obj.pk]
+        return seen or "never"
 
     @staticmethod
     def _state(obj) -> tuple[int, int | None]:

@@ -183,13 +183,12 @@ SYNC_PAGE_DEFAULT = env_int("SYNC_PAGE_DEFAULT", 200)
 SYNC_PAGE_MAX = env_int("SYNC_PAGE_MAX", 1000)
 # Messages per conversation in the gap snapshot.
 SYNC_SNAPSHOT_MESSAGES = env_int("SYNC_SNAPSHOT_MESSAGES", 3)
-# Delayed acks: written to PostgreSQL this often (s), or at once when this many devices wait.
+# Delayed acks (and last-seen times): written to PostgreSQL this often (s), or at once when
+# this many devices have acks waiting.
 SYNC_ACK_FLUSH_INTERVAL_S = float(os.environ.get("SYNC_ACK_FLUSH_INTERVAL_S", "2.0"))
 SYNC_ACK_FLUSH_THRESHOLD = env_int("SYNC_ACK_FLUSH_THRESHOLD", 5000)
 # A device unseen for this long (s) "comes back" on its next call: its package is prepared.
 SYNC_AWAY_AFTER_S = env_int("SYNC_AWAY_AFTER_S", 300)
-# last_seen_at is written at most this often per device (s).
-SYNC_SEEN_WRITE_S = env_int("SYNC_SEEN_WRITE_S", 60)
 # How long a prepared package or snapshot is kept (s).
 SYNC_PACKAGE_TTL_S = env_int("SYNC_PACKAGE_TTL_S", 600)
 

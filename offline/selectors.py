@@ -2,6 +2,7 @@
 
 import json
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 from django.conf import settings
 
@@ -134,3 +135,14 @@ def devices_sync_state(devices: list[Device]) -> dict[int, tuple[int, int | None
     return {
         d.pk: (max(d.acked_version, pending.get(d.pk, 0)), latest.get(d.user_id)) for d in devices
     }
+
+
+def devices_last_seen(devices: list[Device]) -> dict[int, datetime | None]:
+    """When each device was last seen, including what the next flush will write."""
+    pending = store.seen_pending(d.pk for d in devices)
+    out = {}
+    for d in devices:
+        ms = pending.get(d.pk)
+        recent = datetime.fromtimestamp(ms / 1000, tz=UTC) if ms is not None else None
+        out[d.pk] = max((t for t in (d.last_seen_at, recent) if t is not None), default=None)
+    return out

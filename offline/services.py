@@ -13,7 +13,7 @@ Who gets what:
 
 import json
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import kombu.exceptions
 from django.conf import settings
@@ -76,19 +76,22 @@ def offline_record_memberships(
 
 
 def offline_device_seen(*, device: Device, prepare: bool = True) -> bool:
-    """Note that the device is here (written at most every ``SYNC_SEEN_WRITE_S``). A device
-    that was away longer than ``SYNC_AWAY_AFTER_S`` (or never seen) came back: its offline
-    package is prepared by a task, so the pages it pulls next are cheap reads. Returns whether
-    it came back."""
+    """Note that the device is here. Kept in Redis and written to ``last_seen_at`` by the
+    next ack flush, so presence costs no database write per request. A device that was away
+    longer than ``SYNC_AWAY_AFTER_S`` (or never seen) came back: its offline package is
+    prepared by a task, so the pages it pulls next are cheap reads. Returns whether it came
+    back."""
     now = timezone.now()
-    last = device.last_seen_at
+    pending = store.seen_touch(device_pk=device.pk)
+    last = max((t for t in (device.last_seen_at, _from_ms(pending)) if t is not None), default=None)
     came_back = last is None or now - last > timedelta(seconds=settings.SYNC_AWAY_AFTER_S)
-    if last is None or now - last > timedelta(seconds=settings.SYNC_SEEN_WRITE_S):
-        Device.objects.filter(pk=device.pk).update(last_seen_at=now)
-        device.last_seen_at = now
     if came_back and prepare:
         offline_request_prepare(device_pk=device.pk)
     return came_back
+
+
+def _from_ms(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
 def offline_request_prepare(*, device_pk: int) -> None:
@@ -197,24 +200,32 @@ def sync_ack(*, device: Device, version: int) -> int:
 
 
 def offline_flush_acks() -> int:
-    """Write the absorbed acks to PostgreSQL: one UPDATE per ``ACK_WRITE_CHUNK`` devices,
-    never moving an ack back. Returns the number of devices written."""
-    batch = store.acks_take()
-    if not batch:
-        store.acks_done()
-        return 0
+    """Write the absorbed acks and last-seen times to PostgreSQL: one UPDATE each per
+    ``ACK_WRITE_CHUNK`` devices, never moving an ack or a last-seen time back. Returns the
+    number of devices whose ack was written."""
+    acks, seen = store.acks_take()
     table = Device._meta.db_table
-    pks = sorted(batch)
-    with connection.cursor() as cursor:
-        for start in range(0, len(pks), ACK_WRITE_CHUNK):
-            chunk = pks[start : start + ACK_WRITE_CHUNK]
+    with transaction.atomic(), connection.cursor() as cursor:
+        for chunk in _chunks(sorted(acks)):
             cursor.execute(
                 f"UPDATE {table} AS d SET acked_version = GREATEST(d.acked_version, a.v) "
                 "FROM unnest(%s::bigint[], %s::bigint[]) AS a(id, v) WHERE d.id = a.id",
-                [chunk, [batch[pk] for pk in chunk]],
+                [chunk, [acks[pk] for pk in chunk]],
+            )
+        for chunk in _chunks(sorted(seen)):
+            cursor.execute(
+                f"UPDATE {table} AS d SET last_seen_at = "
+                "GREATEST(d.last_seen_at, to_timestamp(a.ms / 1000.0)) "
+                "FROM unnest(%s::bigint[], %s::bigint[]) AS a(id, ms) WHERE d.id = a.id",
+                [chunk, [seen[pk] for pk in chunk]],
             )
     store.acks_done()
-    return len(pks)
+    return len(acks)
+
+
+def _chunks(pks: list[int]):
+    for start in range(0, len(pks), ACK_WRITE_CHUNK):
+        yield pks[start : start + ACK_WRITE_CHUNK]
 
 
 # ---- retention -----------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def _source(name: str) -> str:
 
 class _Scripts:
     def __init__(self, client: redis.Redis):
-        for name in ("append", "init", "bound", "read", "trim", "ack", "ackpop"):
+        for name in ("append", "init", "bound", "read", "trim", "ack", "ackpop", "seen"):
             setattr(self, name, client.register_script(_source(name)))
 
     append: Script
@@ -111,6 +111,7 @@ class _Scripts:
     trim: Script
     ack: Script
     ackpop: Script
+    seen: Script
 
 
 @cache
@@ -365,17 +366,49 @@ def acks_pending(device_pks: Iterable[int]) -> dict[int, int]:
     return out
 
 
-def acks_take() -> dict[int, int]:
-    """The batch of acks to write (a batch left in flight by a dead flusher comes first)."""
-    flat = scripts().ackpop(keys=[keys.ACKS_PENDING, keys.ACKS_INFLIGHT])
+def acks_take() -> tuple[dict[int, int], dict[int, int]]:
+    """The batch to write: ``({device pk: acked version}, {device pk: last seen unix ms})``.
+    A batch a dead flusher left in flight comes first."""
+    pipe = client().pipeline(transaction=False)
+    scripts().ackpop(keys=[keys.ACKS_PENDING, keys.ACKS_INFLIGHT], client=pipe)
+    scripts().ackpop(keys=[keys.SEEN_PENDING, keys.SEEN_INFLIGHT], client=pipe)
+    acks, seen = pipe.execute()
+    return _pairs(acks), _pairs(seen)
+
+
+def _pairs(flat: list) -> dict[int, int]:
     return {int(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def acks_done() -> None:
     pipe = client().pipeline(transaction=False)
-    pipe.delete(keys.ACKS_INFLIGHT)
+    pipe.delete(keys.ACKS_INFLIGHT, keys.SEEN_INFLIGHT)
     pipe.delete(keys.ACKS_FLUSH_FLAG)
     pipe.execute()
+
+
+def seen_touch(*, device_pk: int) -> int | None:
+    """Record that the device is here now; returns when it was last seen before, if that is
+    not flushed to PostgreSQL yet (unix ms)."""
+    old = scripts().seen(keys=[keys.SEEN_PENDING], args=[device_pk, int(time.time() * 1000)])
+    return int(old) if old else None
+
+
+def seen_pending(device_pks: Iterable[int]) -> dict[int, int]:
+    """Last-seen times not yet written to PostgreSQL (unix ms), per device."""
+    device_pks = [int(pk) for pk in device_pks]
+    if not device_pks:
+        return {}
+    pipe = client().pipeline(transaction=False)
+    pipe.hmget(keys.SEEN_PENDING, device_pks)
+    pipe.hmget(keys.SEEN_INFLIGHT, device_pks)
+    pending, inflight = pipe.execute()
+    out = {}
+    for pk, a, b in zip(device_pks, pending, inflight, strict=True):
+        values = [int(v) for v in (a, b) if v is not None]
+        if values:
+            out[pk] = max(values)
+    return out
 
 
 # ---- retention -----------------------------------------------------------------------------
