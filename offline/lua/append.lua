@@ -12,9 +12,9 @@
 -- Returns {1, first, last} (first > last: nothing new), {-1} not loaded here (reload),
 -- {-2, need} the stored bound is below the versions needed (raise it to need, retry).
 local state, log = KEYS[1], KEYS[2]
-if redis.call('HGET', state, 'rid') ~= ARGV[1] then return {-1} end
-local cur = tonumber(redis.call('HGET', state, 'cur'))
-local bound = tonumber(redis.call('HGET', state, 'bound'))
+local head = redis.call('HMGET', state, 'rid', 'cur', 'bound', 'floor')
+if head[1] ~= ARGV[1] then return {-1} end
+local cur, bound, floor = tonumber(head[2]), tonumber(head[3]), tonumber(head[4])
 local maxn = tonumber(ARGV[2])
 local mode = ARGV[4]
 
@@ -62,18 +62,27 @@ local v = cur
 if hole then
   -- One version stays unused: a device at or behind it missed what was skipped.
   v = v + 1
-  redis.call('HSET', state, 'floor', v)
+  floor = v
 end
 local first = v + 1
+local fields = {}
 if mode == 'm' then
+  local adds = {}
   for _, p in ipairs(plan) do
     local cid = p[1]
     for s = p[2], p[3] do
       v = v + 1
-      redis.call('ZADD', log, v, v .. stamp .. 'm|' .. cid .. '|' .. s)
+      adds[#adds + 1] = v
+      adds[#adds + 1] = v .. stamp .. 'm|' .. cid .. '|' .. s
+      if #adds >= 1000 then
+        redis.call('ZADD', log, unpack(adds))
+        adds = {}
+      end
     end
-    redis.call('HSET', state, 'y:' .. cid, p[3])
+    fields[#fields + 1] = 'y:' .. cid
+    fields[#fields + 1] = p[3]
   end
+  if #adds > 0 then redis.call('ZADD', log, unpack(adds)) end
 else
   for _, p in ipairs(plan) do
     local typ, cid = p[1], p[2]
@@ -86,17 +95,14 @@ else
     end
   end
 end
-redis.call('HSET', state, 'cur', v)
-
 -- Never more than OFFLINE_MAX_ENTRIES: the oldest go, and the floor moves past them.
 local size = redis.call('ZCARD', log)
 if size > maxn then
   local cut = redis.call('ZRANGE', log, size - maxn - 1, size - maxn - 1, 'WITHSCORES')
   redis.call('ZREMRANGEBYRANK', log, 0, size - maxn - 1)
-  if tonumber(cut[2]) > tonumber(redis.call('HGET', state, 'floor')) then
-    redis.call('HSET', state, 'floor', cut[2])
-  end
+  if tonumber(cut[2]) > floor then floor = tonumber(cut[2]) end
 end
+redis.call('HSET', state, 'cur', v, 'floor', floor, unpack(fields))
 redis.call('PEXPIRE', state, ARGV[3])
 redis.call('PEXPIRE', log, ARGV[3])
 return {1, first, v}
