@@ -72,7 +72,9 @@ def test_a_device_coming_back_gets_its_package_prepared_by_a_worker(make_member,
         bodies = [e["message"]["body"] for e in page["entries"] if e["type"] == "message"]
         assert bodies == [f"while away {i}" for i in range(30)]
         wait_until(  # the last-seen time reaches PostgreSQL with beat's ack flush
-            lambda: Device.objects.get(pk=device.pk).last_seen_at
-            > timezone.now() - timedelta(minutes=1),
+            lambda: (
+                Device.objects.get(pk=device.pk).last_seen_at
+                > timezone.now() - timedelta(minutes=1)
+            ),
             message="last_seen_at was not written",
         )
