@@ -5,11 +5,14 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
 
 from imcore.models import Device, Membership, Message
 
 from . import store
 from .store import Entry
+
+_json = DjangoJSONEncoder()
 
 TYPES = {"m": "message", "r": "read", "j": "join", "l": "leave", "u": "mute"}
 
@@ -22,7 +25,8 @@ def message_out(message: Message) -> dict:
         "sender_id": message.sender_id,
         "body": message.body,
         "client_msg_id": message.client_msg_id,
-        "created_at": message.created_at.isoformat(),
+        # the format of the rest of the API (DjangoJSONEncoder: ms precision, "Z")
+        "created_at": _json.default(message.created_at),
     }
 
 

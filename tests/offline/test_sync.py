@@ -163,3 +163,16 @@ def test_a_message_recorded_before_the_joiners_join_entry_starts_at_their_read_p
     )
     entries, _ = pull_all(carol, since)
     assert [(e["type"], e.get("seq")) for e in entries] == [("message", 4), ("join", None)]
+
+
+def test_a_synced_message_looks_like_the_same_message_from_the_history_call(
+    make_member, second_device
+):
+    alice, bob = make_member("alice"), make_member("bob")
+    since = first_sync(bob)
+    cid = group(alice, bob)
+    alice.send(cid, "same everywhere")
+    counters_drain()
+    entries, _ = pull_all(bob, since)
+    history = bob.get(f"/conversations/{cid}/messages").json()["messages"]
+    assert entries[-1]["message"] == history[0]
