@@ -103,6 +103,7 @@ def conversation_create(
             raise BadRequest("a direct conversation has exactly one other member")
         key = Conversation.direct_key_for(creator.pk, next(iter(others)))
         if existing := Conversation.objects.filter(direct_key=key).first():
+            _resend_direct(existing)
             return existing, False
         title = ""
     else:
@@ -123,12 +124,28 @@ def conversation_create(
         if key is None:
             raise
         # Two requests raced to create the same direct pair: the other one won.
-        return Conversation.objects.get(direct_key=key), False
+        existing = Conversation.objects.get(direct_key=key)
+        _resend_direct(existing)
+        return existing, False
     counters_memberships_changed(memberships=memberships, last_seq=0)
     offline_record_memberships(
         memberships=memberships, conversation=conversation, last_seq=0, change="join"
     )
     return conversation, True
+
+
+def _resend_direct(conversation: Conversation) -> None:
+    """Asking for an existing direct pair re-sends both members' state to Redis (idempotent):
+    a client retrying after a 503 repairs what the first try could not write."""
+    memberships = list(Membership.objects.filter(conversation=conversation))
+    counters_memberships_changed(memberships=memberships, last_seq=conversation.last_seq)
+    offline_record_memberships(
+        memberships=memberships,
+        conversation=conversation,
+        last_seq=conversation.last_seq,
+        change="join",
+        joined=set(),
+    )
 
 
 def members_add(*, actor: User, conversation: Conversation, user_ids: list[int]) -> list[int]:
@@ -165,7 +182,11 @@ def members_add(*, actor: User, conversation: Conversation, user_ids: list[int])
     memberships = list(Membership.objects.filter(conversation=conv, user_id__in=user_ids))
     counters_memberships_changed(memberships=memberships, last_seq=conv.last_seq)
     offline_record_memberships(
-        memberships=memberships, conversation=conv, last_seq=conv.last_seq, change="join"
+        memberships=memberships,
+        conversation=conv,
+        last_seq=conv.last_seq,
+        change="join",
+        joined=set(joining),
     )
     return joining
 

@@ -30,6 +30,7 @@ the entry's JSON), written by the ``offline.prepare_device`` task; expires.
 ``imc:{acks}:pending`` HASH device pk -> highest version acked since the last flush.
 ``imc:{acks}:inflight`` HASH the batch being written to PostgreSQL (kept until committed).
 ``imc:{acks}:flush`` STRING set while an ack flush is requested.
+``imc:{acks}:lock`` STRING held by the one flusher writing a batch.
 ``imc:{acks}:seen`` / ``imc:{acks}:seen-inflight`` HASH device pk -> unix ms it was last
 seen, written to ``last_seen_at`` by the same flush (presence costs no write per request).
 """
@@ -63,5 +64,6 @@ def user_of_log(key: str) -> int:
 ACKS_PENDING = f"{PREFIX}:{{acks}}:pending"
 ACKS_INFLIGHT = f"{PREFIX}:{{acks}}:inflight"
 ACKS_FLUSH_FLAG = f"{PREFIX}:{{acks}}:flush"
+ACKS_FLUSH_LOCK = f"{PREFIX}:{{acks}}:lock"
 SEEN_PENDING = f"{PREFIX}:{{acks}}:seen"
 SEEN_INFLIGHT = f"{PREFIX}:{{acks}}:seen-inflight"

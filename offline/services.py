@@ -11,11 +11,13 @@ Who gets what:
   state the devices keep is the user's own conversation list).
 """
 
+import contextlib
 import json
 import logging
 from datetime import UTC, datetime, timedelta
 
 import kombu.exceptions
+import redis
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Min
@@ -46,10 +48,18 @@ def offline_record_read(*, user_id: int, conversation_id: int, seq: int) -> None
 
 
 def offline_record_memberships(
-    *, memberships: list[Membership], conversation: Conversation, last_seq: int, change: str
+    *,
+    memberships: list[Membership],
+    conversation: Conversation,
+    last_seq: int,
+    change: str,
+    joined: set[int] | None = None,
 ) -> None:
     """Record joins (``change="join"``), leaves or mutes of one conversation's members. The
-    membership ``rev`` is the watermark, so repeating a call records nothing new."""
+    membership ``rev`` is the watermark, so repeating a call records nothing new. For a join,
+    ``joined`` names the users who joined in this call (default: all): only their message
+    watermark starts at ``last_seq``; a member whose state is only re-sent keeps recording
+    the messages still queued for it."""
     ops = []
     for m in memberships:
         if change == "join" and m.left_at is None:
@@ -63,7 +73,8 @@ def offline_record_memberships(
                 },
                 separators=(",", ":"),
             )
-            ops.append((m.user_id, [Op("j", m.conversation_id, m.rev, last_seq, arg)]))
+            start = last_seq if joined is None or m.user_id in joined else -1
+            ops.append((m.user_id, [Op("j", m.conversation_id, m.rev, start, arg)]))
         elif change == "leave" and m.left_at is not None:
             ops.append((m.user_id, [Op("l", m.conversation_id, m.rev)]))
         elif change == "mute" and m.left_at is None:
@@ -196,30 +207,37 @@ def sync_ack(*, device: Device, version: int) -> int:
             logger.warning(
                 "could not send flush_acks; the periodic flush takes them", exc_info=True
             )
-    return max(device.acked_version, highest)
+    return max(device.acked_version, highest, selectors.device_acked_version(device))
 
 
 def offline_flush_acks() -> int:
     """Write the absorbed acks and last-seen times to PostgreSQL: one UPDATE each per
     ``ACK_WRITE_CHUNK`` devices, never moving an ack or a last-seen time back. Returns the
     number of devices whose ack was written."""
-    acks, seen = store.acks_take()
-    table = Device._meta.db_table
-    with transaction.atomic(), connection.cursor() as cursor:
-        for chunk in _chunks(sorted(acks)):
-            cursor.execute(
-                f"UPDATE {table} AS d SET acked_version = GREATEST(d.acked_version, a.v) "
-                "FROM unnest(%s::bigint[], %s::bigint[]) AS a(id, v) WHERE d.id = a.id",
-                [chunk, [acks[pk] for pk in chunk]],
-            )
-        for chunk in _chunks(sorted(seen)):
-            cursor.execute(
-                f"UPDATE {table} AS d SET last_seen_at = "
-                "GREATEST(d.last_seen_at, to_timestamp(a.ms / 1000.0)) "
-                "FROM unnest(%s::bigint[], %s::bigint[]) AS a(id, ms) WHERE d.id = a.id",
-                [chunk, [seen[pk] for pk in chunk]],
-            )
-    store.acks_done()
+    lock = store.flush_lock()
+    if not lock.acquire(blocking=False):
+        return 0  # another flusher is writing; what waits goes with the next flush
+    try:
+        acks, seen = store.acks_take()
+        table = Device._meta.db_table
+        with transaction.atomic(), connection.cursor() as cursor:
+            for chunk in _chunks(sorted(acks)):
+                cursor.execute(
+                    f"UPDATE {table} AS d SET acked_version = GREATEST(d.acked_version, a.v) "
+                    "FROM unnest(%s::bigint[], %s::bigint[]) AS a(id, v) WHERE d.id = a.id",
+                    [chunk, [acks[pk] for pk in chunk]],
+                )
+            for chunk in _chunks(sorted(seen)):
+                cursor.execute(
+                    f"UPDATE {table} AS d SET last_seen_at = "
+                    "GREATEST(d.last_seen_at, to_timestamp(a.ms / 1000.0)) "
+                    "FROM unnest(%s::bigint[], %s::bigint[]) AS a(id, ms) WHERE d.id = a.id",
+                    [chunk, [seen[pk] for pk in chunk]],
+                )
+        store.acks_done()
+    finally:
+        with contextlib.suppress(redis.exceptions.LockError):
+            lock.release()
     return len(acks)
 
 

@@ -235,29 +235,24 @@ def load_users(user_ids: Iterable[int], *, rid: str) -> None:
     """(Re)load users whose hash Redis lost or loaded under another run_id. Their bound moves a
     step up first; versions continue just above the old bound, and that first version stays
     unused: it becomes the floor, so every device that synced before gets the gap snapshot
-    (what the lost hash held is gone). A user PostgreSQL has no bound for never had a version
-    handed out, so it starts at 0 with nothing to miss."""
+    (what the lost hash held is gone). A user new to the store starts the same way at 1, so
+    its devices start with the snapshot of what already exists."""
     user_ids = sorted(set(user_ids))
     step = settings.OFFLINE_VERSION_STEP
     table = VersionBound._meta.db_table
     bounds = _upsert_bounds(f"{table}.bound + EXCLUDED.bound", dict.fromkeys(user_ids, step))
-    # A reloaded user's watermarks start at what PostgreSQL holds now (the snapshot its devices
-    # get covers everything before). A new user starts without any: the change being recorded
-    # right now (its first join, say) must not count as recorded already.
-    known = [uid for uid in user_ids if not bounds[uid][1]]
+    # Watermarks start at what PostgreSQL holds now: the snapshot the devices get covers
+    # everything before (a user new to the store, too: its devices start with the snapshot).
     rows: dict[int, list] = {uid: [] for uid in user_ids}
-    if known:
-        for uid, cid, last_seq, read_seq, rev in Membership.objects.filter(
-            user_id__in=known, left_at__isnull=True
-        ).values_list(
-            "user_id", "conversation_id", "conversation__last_seq", "last_read_seq", "rev"
-        ):
-            rows[uid] += [cid, last_seq, read_seq, rev]
+    for uid, cid, last_seq, read_seq, rev in Membership.objects.filter(
+        user_id__in=user_ids, left_at__isnull=True
+    ).values_list("user_id", "conversation_id", "conversation__last_seq", "last_read_seq", "rev"):
+        rows[uid] += [cid, last_seq, read_seq, rev]
     ttl = _ttl_ms()
     calls = []
     for uid in user_ids:
-        bound, new = bounds[uid]
-        cur = 0 if new else bound - step + 1
+        bound, _ = bounds[uid]
+        cur = bound - step + 1  # above the old bound: above every version handed out
         calls.append(([keys.state(uid), keys.log(uid)], [rid, cur, bound, ttl, *rows[uid]]))
     _pipelined(scripts().init, calls)
 
@@ -366,6 +361,12 @@ def acks_pending(device_pks: Iterable[int]) -> dict[int, int]:
     return out
 
 
+def flush_lock():
+    """One ack flusher at a time (a second one would delete the first one's batch in flight);
+    a flusher that dies frees it after 60 s."""
+    return client().lock(keys.ACKS_FLUSH_LOCK, timeout=60)
+
+
 def acks_take() -> tuple[dict[int, int], dict[int, int]]:
     """The batch to write: ``({device pk: acked version}, {device pk: last seen unix ms})``.
     A batch a dead flusher left in flight comes first."""
@@ -390,7 +391,9 @@ def acks_done() -> None:
 def seen_touch(*, device_pk: int) -> int | None:
     """Record that the device is here now; returns when it was last seen before, if that is
     not flushed to PostgreSQL yet (unix ms)."""
-    old = scripts().seen(keys=[keys.SEEN_PENDING], args=[device_pk, int(time.time() * 1000)])
+    old = scripts().seen(
+        keys=[keys.SEEN_PENDING, keys.SEEN_INFLIGHT], args=[device_pk, int(time.time() * 1000)]
+    )
     return int(old) if old else None
 
 

@@ -7,7 +7,8 @@
 --       (a join not recorded yet: the joiner's read pointer starts at the join's last_seq)
 --   mode "o" (operations): 5-tuples type, cid, watermark, seq, arg
 --       type r (read; watermark = seq, field q:), j/l/u (join/leave/mute; watermark = rev,
---       field v:); a join's seq (the conversation's last_seq then) starts y:<cid>
+--       field v:); a join's seq (the conversation's last_seq then, -1 for a membership re-sent
+--       but not joining now) starts y:<cid>; a leave forgets y: and q: (a rejoin starts anew)
 -- Idempotent: what is at or below a watermark was recorded already and is skipped.
 -- Returns {1, first, last} (first > last: nothing new), {-1} not loaded here (reload),
 -- {-2, need} the stored bound is below the versions needed (raise it to need, retry).
@@ -15,6 +16,8 @@ local state, log = KEYS[1], KEYS[2]
 local head = redis.call('HMGET', state, 'rid', 'cur', 'bound', 'floor')
 if head[1] ~= ARGV[1] then return {-1} end
 local cur, bound, floor = tonumber(head[2]), tonumber(head[3]), tonumber(head[4])
+-- Entries above the floor exist but the log is gone (evicted apart from the hash): reload.
+if cur > floor and redis.call('EXISTS', log) == 0 then return {-1} end
 local maxn = tonumber(ARGV[2])
 local mode = ARGV[4]
 
@@ -57,7 +60,7 @@ if hole then n = n + 1 end
 if cur + n > bound then return {-2, cur + n} end
 
 local t = redis.call('TIME')
-local stamp = '|' .. (t[1] * 1000 + math.floor(t[2] / 1000)) .. '|'
+local stamp = '|' .. string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000)) .. '|'
 local v = cur
 if hole then
   -- One version stays unused: a device at or behind it missed what was skipped.
@@ -73,7 +76,7 @@ if mode == 'm' then
     for s = p[2], p[3] do
       v = v + 1
       adds[#adds + 1] = v
-      adds[#adds + 1] = v .. stamp .. 'm|' .. cid .. '|' .. s
+      adds[#adds + 1] = string.format('%d|', v) .. stamp:sub(2) .. 'm|' .. cid .. '|' .. string.format('%d', s)
       if #adds >= 1000 then
         redis.call('ZADD', log, unpack(adds))
         adds = {}
@@ -87,11 +90,13 @@ else
   for _, p in ipairs(plan) do
     local typ, cid = p[1], p[2]
     v = v + 1
-    redis.call('ZADD', log, v, v .. stamp .. typ .. '|' .. cid .. '|' .. p[5])
+    redis.call('ZADD', log, v, string.format('%d', v) .. stamp .. typ .. '|' .. cid .. '|' .. p[5])
     redis.call('HSET', state, p[6], p[3])
-    if typ == 'j' then
+    if typ == 'j' and p[4] >= 0 then
       local y = tonumber(redis.call('HGET', state, 'y:' .. cid)) or -1
       if p[4] > y then redis.call('HSET', state, 'y:' .. cid, p[4]) end
+    elseif typ == 'l' then
+      redis.call('HDEL', state, 'y:' .. cid, 'q:' .. cid)
     end
   end
 end
@@ -102,7 +107,10 @@ if size > maxn then
   redis.call('ZREMRANGEBYRANK', log, 0, size - maxn - 1)
   if tonumber(cut[2]) > floor then floor = tonumber(cut[2]) end
 end
-redis.call('HSET', state, 'cur', v, 'floor', floor, unpack(fields))
+redis.call('HSET', state, 'cur', v, 'floor', floor)
+for i = 1, #fields, 1000 do
+  redis.call('HSET', state, unpack(fields, i, math.min(i + 999, #fields)))
+end
 redis.call('PEXPIRE', state, ARGV[3])
 redis.call('PEXPIRE', log, ARGV[3])
 return {1, first, v}

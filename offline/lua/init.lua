@@ -5,9 +5,14 @@
 -- KEYS[1] sync hash, KEYS[2] log
 -- ARGV[1] run_id, ARGV[2] cur, ARGV[3] bound, ARGV[4] key lifetime (ms),
 -- then 4-tuples per active membership: cid, conversation last_seq, read seq, rev
--- Returns 1 when loaded, 0 when it was loaded for this run_id already.
+-- Returns 1 when loaded, 0 when it was loaded for this run_id already (and is whole).
 local state, log = KEYS[1], KEYS[2]
-if redis.call('HGET', state, 'rid') == ARGV[1] then return 0 end
+local head = redis.call('HMGET', state, 'rid', 'cur', 'floor')
+if head[1] == ARGV[1] then
+  -- Loaded for this run_id already, unless its log went missing (evicted apart from it).
+  local lost = tonumber(head[2]) > tonumber(head[3]) and redis.call('EXISTS', log) == 0
+  if not lost then return 0 end
+end
 redis.call('DEL', state, log)
 redis.call('HSET', state, 'cur', ARGV[2], 'bound', ARGV[3], 'floor', ARGV[2], 'rid', ARGV[1])
 for i = 5, #ARGV, 4 do

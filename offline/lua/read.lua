@@ -10,6 +10,8 @@ local cur = tonumber(redis.call('HGET', state, 'cur'))
 local floor = tonumber(redis.call('HGET', state, 'floor'))
 local since, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
 if since > cur then return {-3, cur} end
+-- Entries above the floor exist but the log is gone (evicted apart from the hash): reload.
+if cur > floor and redis.call('EXISTS', KEYS[2]) == 0 then return {-1} end
 if since < floor then return {0, cur, floor, redis.call('GET', KEYS[4])} end
 local after = '(' .. ARGV[2]
 local entries = redis.call('ZRANGEBYSCORE', KEYS[2], after, '+inf', 'LIMIT', 0, limit + 1)

@@ -176,3 +176,65 @@ def test_a_synced_message_looks_like_the_same_message_from_the_history_call(
     entries, _ = pull_all(bob, since)
     history = bob.get(f"/conversations/{cid}/messages").json()["messages"]
     assert entries[-1]["message"] == history[0]
+
+
+def test_a_rejoining_member_gets_nothing_of_what_was_said_while_away(make_member):
+    alice, bob = make_member("alice"), make_member("bob")
+    since = first_sync(bob)
+    cid = group(alice, bob)
+    alice.send(cid, "before")
+    counters_drain()
+    assert bob.delete(f"/conversations/{cid}/members/{bob.id}").status_code == 204
+    alice.send(cid, "while bob was away")
+    counters_drain()
+    assert alice.post(f"/conversations/{cid}/members", {"user_ids": [bob.id]}).status_code in (
+        200,
+        201,
+    )
+    alice.send(cid, "welcome back")
+    counters_drain()
+    entries, _ = pull_all(bob, since)
+    assert [(e["type"], e.get("seq")) for e in entries] == [
+        ("join", None),
+        ("message", 1),
+        ("leave", None),
+        ("join", None),
+        ("message", 3),
+    ]
+
+
+def test_re_sending_a_members_state_does_not_skip_their_queued_messages(make_member):
+    """``members_add`` re-sends the state of members named again; when that re-send records an
+    entry (an earlier change of theirs was never recorded), messages still queued for them
+    must still be recorded afterwards."""
+    from imcore.models import Membership
+
+    alice, bob, carol = make_member("alice"), make_member("bob"), make_member("carol")
+    since = first_sync(bob)
+    cid = group(alice, bob)
+    counters_drain()
+    # bob's mute reached PostgreSQL but not the sync store (its write failed after commit)
+    Membership.objects.filter(user=bob.user, conversation_id=cid).update(muted=True, rev=2)
+    alice.send(cid, "queued while the re-send happens")  # in the queue, not applied yet
+    response = alice.post(f"/conversations/{cid}/members", {"user_ids": [bob.id, carol.id]})
+    assert response.status_code in (200, 201)
+    counters_drain()
+    entries, _ = pull_all(bob, since)
+    assert [(e["type"], e.get("seq")) for e in entries] == [
+        ("join", None),
+        ("join", None),  # the re-sent state: muted now
+        ("message", 1),
+    ]
+    assert entries[1]["muted"] is True
+
+
+def test_a_log_lost_apart_from_its_hash_gives_the_gap(make_member):
+    alice, bob = make_member("alice"), make_member("bob")
+    since = first_sync(bob)
+    cid = group(alice, bob)
+    alice.send(cid, "kept in PostgreSQL")
+    counters_drain()
+    store.client().delete(keys.log(bob.id))  # e.g. evicted by a volatile-* policy
+    page = pull(bob, since)
+    assert page["gap"] is True
+    assert page["snapshot"]["conversations"][0]["messages"][0]["body"] == "kept in PostgreSQL"
