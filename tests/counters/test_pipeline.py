@@ -136,6 +136,8 @@ def test_timer_alone_flushes_within_the_interval(transactional_db, settings):
         send(sender, conv, 1)
         wait_until(lambda: counters_get(user_id=ids[1]).conversations[conv.pk] == 1, timeout=20)
         waited = time.monotonic() - started
+        # the batch goes on (offline-store entries, ack, record) after the counts show
+        wait_until(lambda: pipeline_status().recent_flushes, message="no flush recorded")
     flushes = pipeline_status().recent_flushes
     assert {f["trigger"] for f in flushes} == {"timer"}
     # A bound for a failure message, not a speed target: interval + one flush + slack.
@@ -154,6 +156,7 @@ def test_flusher_fires_before_the_timer(transactional_db, settings):
         assert counters_get(user_id=ids[1]).conversations[conv.pk] == 0  # no Timer, no flush
         send(sender, conv, 1, tag="x")
         wait_until(lambda: counters_get(user_id=ids[1]).conversations[conv.pk] == 5)
+        wait_until(lambda: pipeline_status().recent_flushes, message="no flush recorded")
     assert {f["trigger"] for f in pipeline_status().recent_flushes} == {"flusher"}
 
 
