@@ -192,6 +192,21 @@ SYNC_AWAY_AFTER_S = env_int("SYNC_AWAY_AFTER_S", 300)
 # How long a prepared package or snapshot is kept (s).
 SYNC_PACKAGE_TTL_S = env_int("SYNC_PACKAGE_TTL_S", 600)
 
+# --- live sync over WebSocket and presence -----------------------------------------------------
+# The channel layer (Django Channels) that carries "new entries" pokes to connected devices.
+CHANNELS_REDIS_URL = os.environ.get("CHANNELS_REDIS_URL", REDIS_URL)
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [CHANNELS_REDIS_URL], "prefix": "imc:ws"},
+    }
+}
+# A connected device is online until this long (s) after its last frame; clients send a ping
+# frame every third of it. A connection that dies without a close frame drops out by itself.
+PRESENCE_TTL_S = float(os.environ.get("PRESENCE_TTL_S", "60"))
+# Entries per WebSocket frame of the offline package and of live updates.
+SYNC_WS_FRAME_ENTRIES = env_int("SYNC_WS_FRAME_ENTRIES", 500)
+
 # --- Celery ---------------------------------------------------------------------------------
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/1")
 CELERY_TASK_IGNORE_RESULT = True

@@ -27,6 +27,9 @@ message's size.
 the entry's JSON), written by the ``offline.prepare_device`` task; expires.
 ``imc:{u:<id>}:snap:<device pk>`` STRING, a device's prepared gap snapshot (JSON); expires.
 
+``imc:{u:<id>}:online`` ZSET presence: device pk -> unix ms its presence expires (refreshed by
+every frame of its WebSocket; a connection that dies silently drops out when its time passes).
+
 ``imc:{acks}:pending`` HASH device pk -> highest version acked since the last flush.
 ``imc:{acks}:inflight`` HASH the batch being written to PostgreSQL (kept until committed).
 ``imc:{acks}:flush`` STRING set while an ack flush is requested.
@@ -52,6 +55,15 @@ def package(user_id: int, device_pk: int) -> str:
 
 def snapshot(user_id: int, device_pk: int) -> str:
     return f"{PREFIX}:{user_tag(user_id)}:snap:{int(device_pk)}"
+
+
+def online(user_id: int) -> str:
+    return f"{PREFIX}:{user_tag(user_id)}:online"
+
+
+def live_group(user_id: int) -> str:
+    """The channel-layer group of a user's connected devices (not a Redis key of ours)."""
+    return f"sync.u.{int(user_id)}"
 
 
 LOG_PATTERN = f"{PREFIX}:{{u:*}}:log"

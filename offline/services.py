@@ -148,10 +148,30 @@ def offline_prepare_device(*, device_pk: int) -> str:
     return "package"
 
 
+# ---- presence -------------------------------------------------------------------------------
+
+
+def presence_connected(*, device: Device) -> None:
+    """A device's WebSocket is open (or sent a frame): online for ``PRESENCE_TTL_S`` more."""
+    store.presence_touch(user_id=device.user_id, device_pk=device.pk, ttl_s=settings.PRESENCE_TTL_S)
+    offline_device_seen(device=device, prepare=False)
+
+
+def presence_disconnected(*, device: Device) -> None:
+    store.presence_leave(user_id=device.user_id, device_pk=device.pk)
+
+
 # ---- pull and ack --------------------------------------------------------------------------
 
 
 def sync_pull(*, device: Device, since: int, limit: int) -> dict:
+    """``GET /sync``: one page (see :func:`sync_page`), and the device is seen."""
+    page = sync_page(device=device, since=since, limit=limit)
+    offline_device_seen(device=device)
+    return page
+
+
+def sync_page(*, device: Device, since: int, limit: int) -> dict:
     """Entries after ``since`` in version order (at most ``limit``), or, when ``since`` is
     behind what the store holds, ``gap: true`` and a snapshot of every conversation from
     PostgreSQL with the version to continue from."""
@@ -164,7 +184,6 @@ def sync_pull(*, device: Device, since: int, limit: int) -> dict:
             f"since {since} is ahead of the latest version {exc.latest}",
             details={"latest_version": exc.latest},
         ) from exc
-    offline_device_seen(device=device)
     if page.status == "gap":
         snapshot = page.snapshot
         if snapshot is None or snapshot["latest_version"] < page.floor:
@@ -182,6 +201,26 @@ def sync_pull(*, device: Device, since: int, limit: int) -> dict:
         "has_more": len(page.entries) > limit,
         "gap": False,
     }
+
+
+def sync_catch_up(*, device: Device, since: int | None) -> tuple[list[dict], int]:
+    """What a connected device has not been sent yet: pages (or a snapshot) from ``since``
+    (its acked version when None) up to the latest version, in frames of
+    ``SYNC_WS_FRAME_ENTRIES``. Returns the frames and the version the last one reached."""
+    if since is None:
+        since = selectors.device_acked_version(device)
+    frames = []
+    while True:
+        page = sync_page(device=device, since=since, limit=settings.SYNC_WS_FRAME_ENTRIES)
+        if page["gap"] or page["entries"]:
+            frames.append({"type": "sync", **page})
+        since = (
+            page["latest_version"]
+            if page["gap"]
+            else (page["entries"][-1]["version"] if page["entries"] else since)
+        )
+        if not page["has_more"]:
+            return frames, since
 
 
 def sync_ack(*, device: Device, version: int) -> int:

@@ -163,21 +163,31 @@ def append_ops(items: Sequence[tuple[int, Sequence[Op]]]):
 
 def _append(mode: str, args_by_user: dict[int, list]) -> dict[int, tuple[int, int]]:
     written: dict[int, tuple[int, int]] = {}
+    online: list[int] = []  # users with new entries and a device connected
     todo = args_by_user
     for _ in range(MAX_ROUNDS):
         if not todo:
+            if online:
+                from .live import live_poke
+
+                live_poke(online)
             return written
         rid = redis_run_id()
         head = [rid, settings.OFFLINE_MAX_ENTRIES, _ttl_ms(), mode]
         results = _pipelined(
             scripts().append,
-            [([keys.state(uid), keys.log(uid)], head + args) for uid, args in todo.items()],
+            [
+                ([keys.state(uid), keys.log(uid), keys.online(uid)], head + args)
+                for uid, args in todo.items()
+            ],
         )
         reload: list[int] = []
         need: dict[int, int] = {}
         for uid, result in zip(todo, results, strict=True):
             if result[0] == 1:
                 written[uid] = (int(result[1]), int(result[2]))
+                if len(result) > 3 and int(result[3]) > 0:
+                    online.append(uid)
             elif result[0] == -1:
                 reload.append(uid)
             else:
@@ -324,6 +334,39 @@ def store_snapshot(*, user_id: int, device_pk: int, snapshot: dict, ttl_s: int) 
     client().set(
         keys.snapshot(user_id, device_pk), json.dumps(snapshot, separators=(",", ":")), ex=ttl_s
     )
+
+
+# ---- presence -----------------------------------------------------------------------------
+
+
+def presence_touch(*, user_id: int, device_pk: int, ttl_s: float) -> None:
+    """The device is connected: online until now + ``ttl_s`` unless touched again."""
+    now_ms = int(time.time() * 1000)
+    key = keys.online(user_id)
+    pipe = client().pipeline(transaction=True)
+    pipe.zremrangebyscore(key, "-inf", now_ms)
+    pipe.zadd(key, {str(device_pk): now_ms + int(ttl_s * 1000)})
+    pipe.pexpire(key, int(ttl_s * 1000) + 1000)
+    pipe.execute()
+
+
+def presence_leave(*, user_id: int, device_pk: int) -> None:
+    client().zrem(keys.online(user_id), str(device_pk))
+
+
+def presence_online(user_ids: Iterable[int]) -> dict[int, set[int]]:
+    """``{user_id: {device pks online}}``, one round trip per 1,000 users."""
+    user_ids = list(user_ids)
+    now_ms = int(time.time() * 1000)
+    out: dict[int, set[int]] = {}
+    for start in range(0, len(user_ids), PIPELINE_CHUNK):
+        part = user_ids[start : start + PIPELINE_CHUNK]
+        pipe = client().pipeline(transaction=False)
+        for uid in part:
+            pipe.zrangebyscore(keys.online(uid), now_ms, "+inf")
+        for uid, members in zip(part, pipe.execute(), strict=True):
+            out[uid] = {int(m) for m in members}
+    return out
 
 
 # ---- acks ----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 -- Append entries to one user's offline store, each with the next version.
--- KEYS[1] the user's sync hash, KEYS[2] the user's log (see offline/keys.py)
+-- KEYS[1] the user's sync hash, KEYS[2] the user's log, KEYS[3] its presence (offline/keys.py)
 -- ARGV[1] run_id of the Redis the caller talks to, ARGV[2] OFFLINE_MAX_ENTRIES,
 -- ARGV[3] key lifetime (ms), ARGV[4] mode, then:
 --   mode "m" (messages):   triples  cid, top seq, read seq
@@ -10,7 +10,7 @@
 --       field v:); a join's seq (the conversation's last_seq then, -1 for a membership re-sent
 --       but not joining now) starts y:<cid>; a leave forgets y: and q: (a rejoin starts anew)
 -- Idempotent: what is at or below a watermark was recorded already and is skipped.
--- Returns {1, first, last} (first > last: nothing new), {-1} not loaded here (reload),
+-- Returns {1, first, last, devices online} (first > last: nothing new), {-1} not loaded here,
 -- {-2, need} the stored bound is below the versions needed (raise it to need, retry).
 local state, log = KEYS[1], KEYS[2]
 local head = redis.call('HMGET', state, 'rid', 'cur', 'bound', 'floor')
@@ -60,7 +60,8 @@ if hole then n = n + 1 end
 if cur + n > bound then return {-2, cur + n} end
 
 local t = redis.call('TIME')
-local stamp = '|' .. string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000)) .. '|'
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local stamp = '|' .. string.format('%d', now) .. '|'
 local v = cur
 if hole then
   -- One version stays unused: a device at or behind it missed what was skipped.
@@ -113,4 +114,4 @@ for i = 1, #fields, 1000 do
 end
 redis.call('PEXPIRE', state, ARGV[3])
 redis.call('PEXPIRE', log, ARGV[3])
-return {1, first, v}
+return {1, first, v, redis.call('ZCOUNT', KEYS[3], now, '+inf')}

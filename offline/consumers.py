@@ -1,0 +1,124 @@
+"""``/ws/v1/sync``: live sync for a connected device.
+
+On connect (device token in ``Authorization: Bearer``, or ``?token=`` for browsers, which
+cannot set headers on a WebSocket) the device is marked online and joins its user's group,
+then receives its offline package: everything after its acked version, in frames of
+``SYNC_WS_FRAME_ENTRIES`` (or the gap snapshot). From then on a poke on the group (a writer
+added entries for the user) makes it read the store from the last version it sent.
+
+Every version is sent once and in order, with no gap at the seam: the device joins the group
+before reading the package, and every read (package or poke) starts from the last version
+sent, under one lock, so entries written while the package goes out arrive right after it.
+
+Frames from the client: ``{"type": "ack", "version": V}`` (cumulative, like the HTTP ack;
+answered ``{"type": "acked", "acked_version": N}``) and ``{"type": "ping"}`` (keeps the
+device online; answered ``pong``; also catches up on anything a lost poke missed). Frames to
+the client: ``{"type": "sync", "entries": [...], "latest_version", "has_more", "gap",
+"snapshot"?}``. Close codes: 4401 missing or bad token, 4400 a bad frame (not JSON, an
+unknown type, an invalid or future version); nothing changes on either.
+"""
+
+import asyncio
+import json
+import logging
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from imcore.errors import BadRequest
+from imcore.services import device_authenticate
+
+from . import keys, services
+
+logger = logging.getLogger(__name__)
+
+CLOSE_BAD_TOKEN = 4401
+CLOSE_BAD_FRAME = 4400
+BIGINT_MAX = 2**63 - 1
+
+
+def _token(scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    tokens = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
+    return tokens[0] if tokens else None
+
+
+def _authenticate(token: str):
+    device = device_authenticate(token=token)
+    return device if device is not None and device.user.is_active else None
+
+
+class SyncConsumer(AsyncWebsocketConsumer):
+    device = None
+
+    async def connect(self):
+        token = _token(self.scope)
+        device = await database_sync_to_async(_authenticate)(token) if token else None
+        await self.accept()
+        if device is None:
+            await self._refuse(CLOSE_BAD_TOKEN, "a valid device token is required")
+            return
+        self.device = device
+        self.sent: int | None = None  # the last version sent; None: start at the acked one
+        self.lock = asyncio.Lock()
+        self.group = keys.live_group(device.user_id)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await database_sync_to_async(services.presence_connected)(device=device)
+        await self._catch_up()
+
+    async def disconnect(self, code):
+        if self.device is None:
+            return
+        await self.channel_layer.group_discard(self.group, self.channel_name)
+        await database_sync_to_async(services.presence_disconnected)(device=self.device)
+
+    async def receive(self, text_data=None, bytes_data=None):
+        if self.device is None:
+            return
+        try:
+            frame = json.loads(text_data if text_data is not None else bytes_data)
+        except (TypeError, ValueError):
+            await self._refuse(CLOSE_BAD_FRAME, "frames are JSON objects")
+            return
+        kind = frame.get("type") if isinstance(frame, dict) else None
+        if kind == "ping" and set(frame) == {"type"}:
+            await database_sync_to_async(services.presence_connected)(device=self.device)
+            await self.send(text_data='{"type":"pong"}')
+            await self._catch_up()
+        elif kind == "ack" and set(frame) == {"type", "version"} and _version(frame["version"]):
+            try:
+                acked = await database_sync_to_async(services.sync_ack)(
+                    device=self.device, version=frame["version"]
+                )
+            except BadRequest as exc:
+                await self._refuse(CLOSE_BAD_FRAME, exc.message)
+                return
+            await self.send(text_data=json.dumps({"type": "acked", "acked_version": acked}))
+        else:
+            await self._refuse(
+                CLOSE_BAD_FRAME,
+                'unknown frame: send {"type": "ack", "version": <int>} or {"type": "ping"}',
+            )
+
+    async def sync_poke(self, event):
+        await self._catch_up()
+
+    async def _catch_up(self) -> None:
+        async with self.lock:
+            frames, self.sent = await database_sync_to_async(services.sync_catch_up)(
+                device=self.device, since=self.sent
+            )
+            for frame in frames:
+                await self.send(text_data=json.dumps(frame, separators=(",", ":")))
+
+    async def _refuse(self, code: int, message: str) -> None:
+        await self.send(text_data=json.dumps({"type": "error", "code": code, "message": message}))
+        await self.close(code=code)
+
+
+def _version(value) -> bool:
+    return type(value) is int and 0 <= value <= BIGINT_MAX
