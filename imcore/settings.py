@@ -198,11 +198,18 @@ CHANNELS_REDIS_URL = os.environ.get("CHANNELS_REDIS_URL", REDIS_URL)
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [CHANNELS_REDIS_URL], "prefix": "imc:ws"},
+        "CONFIG": {
+            # redis-py 8 reads with a 5 s socket timeout by default, the same as the
+            # layer's blocking BZPOPMIN: give the blocking reads room.
+            "hosts": [{"address": CHANNELS_REDIS_URL, "socket_timeout": 15}],
+            "prefix": "imc:ws",
+            "capacity": 1000,
+        },
     }
 }
-# A connected device is online until this long (s) after its last frame; clients send a ping
-# frame every third of it. A connection that dies without a close frame drops out by itself.
+# A connected device is online for this long (s) after the server last refreshed it (every
+# third of it while the socket lives); the ASGI server pings every third of it and closes a
+# connection that does not answer, so one that dies without a close frame drops out by itself.
 PRESENCE_TTL_S = float(os.environ.get("PRESENCE_TTL_S", "60"))
 # Entries per WebSocket frame of the offline package and of live updates.
 SYNC_WS_FRAME_ENTRIES = env_int("SYNC_WS_FRAME_ENTRIES", 500)

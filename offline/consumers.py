@@ -11,8 +11,9 @@ before reading the package, and every read (package or poke) starts from the las
 sent, under one lock, so entries written while the package goes out arrive right after it.
 
 Frames from the client: ``{"type": "ack", "version": V}`` (cumulative, like the HTTP ack;
-answered ``{"type": "acked", "acked_version": N}``) and ``{"type": "ping"}`` (keeps the
-device online; answered ``pong``; also catches up on anything a lost poke missed). Frames to
+answered ``{"type": "acked", "acked_version": N}``) and ``{"type": "ping"}`` (answered
+``pong``; also catches up on anything a lost poke missed). Presence needs no frames from the
+client: see ``_keep_online``. Frames to
 the client: ``{"type": "sync", "entries": [...], "latest_version", "has_more", "gap",
 "snapshot"?}``. Close codes: 4401 missing or bad token, 4400 a bad frame (not JSON, an
 unknown type, an invalid or future version); nothing changes on either.
@@ -25,6 +26,7 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
 
 from imcore.errors import BadRequest
 from imcore.services import device_authenticate
@@ -68,11 +70,23 @@ class SyncConsumer(AsyncWebsocketConsumer):
         self.group = keys.live_group(device.user_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await database_sync_to_async(services.presence_connected)(device=device)
+        self.heartbeat = asyncio.create_task(self._keep_online())
         await self._catch_up()
+
+    async def _keep_online(self) -> None:
+        """Presence lives while the connection does: the server refreshes it every third of
+        ``PRESENCE_TTL_S``; the ASGI server's WebSocket pings (uvicorn ``--ws-ping-interval``
+        and ``--ws-ping-timeout``, a third of the TTL each) close a connection whose client
+        stopped answering, and a server process that dies stops refreshing: either way the
+        device drops out within the TTL."""
+        while True:
+            await asyncio.sleep(settings.PRESENCE_TTL_S / 3)
+            await database_sync_to_async(services.presence_connected)(device=self.device)
 
     async def disconnect(self, code):
         if self.device is None:
             return
+        self.heartbeat.cancel()
         await self.channel_layer.group_discard(self.group, self.channel_name)
         await database_sync_to_async(services.presence_disconnected)(device=self.device)
 

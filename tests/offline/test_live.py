@@ -23,7 +23,7 @@ from tests.offline.test_sync import group
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-TTL = 1.5
+TTL = 3.0
 
 
 def free_port() -> int:
@@ -47,6 +47,10 @@ def server(django_db_setup, django_db_blocker):
             "imcore.asgi:application",
             "--port",
             str(port),
+            "--ws-ping-interval",
+            str(TTL / 3),
+            "--ws-ping-timeout",
+            str(TTL / 3),
             "--log-level",
             "warning",
         ],
@@ -62,10 +66,15 @@ def server(django_db_setup, django_db_blocker):
     wait_until(up, timeout=30, message="uvicorn did not start")
     yield f"ws://127.0.0.1:{port}/ws/v1/sync"
     proc.terminate()
-    proc.wait(10)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def ws(url, member, **kw):
+    kw.setdefault("max_queue", None)  # read everything: a full queue would stop answering pings
     return connect(url, additional_headers={"Authorization": f"Bearer {member.token}"}, **kw)
 
 
@@ -74,7 +83,15 @@ def frames_until(sock, version: int, timeout: float = 15) -> list[dict]:
     out = []
     deadline = time.monotonic() + timeout
     while True:
-        frame = json.loads(sock.recv(timeout=max(deadline - time.monotonic(), 0.01)))
+        try:
+            raw = sock.recv(timeout=max(deadline - time.monotonic(), 0.01))
+        except TimeoutError:
+            got = versions(out)
+            pytest.fail(
+                f"waited for version {version}; got {len(got)} entries up to "
+                f"{got[-1] if got else None}, frames {[f['latest_version'] for f in out]}"
+            )
+        frame = json.loads(raw)
         if frame["type"] == "sync":
             out.append(frame)
             if (
@@ -149,13 +166,37 @@ def test_no_gap_and_no_repeat_at_the_seam(server, make_member, second_device):
     assert got == list(range(since + 1, latest + 1))
 
 
-def test_a_silent_connection_goes_offline_within_the_ttl(server, make_member):
+def test_a_quiet_client_stays_online(server, make_member):
     alice = make_member("alice")
-    with ws(server, alice) as sock:
+    with ws(server, alice):
+        time.sleep(TTL * 2)  # no frames from the client; it answers the server's pings
+        assert store.presence_online([alice.id])[alice.id]
+
+
+def test_a_connection_dropped_without_a_close_frame_goes_offline_within_the_ttl(
+    server, make_member
+):
+    """A client that vanished (it answers nothing, sends no close frame; its TCP stays
+    open) is offline within the TTL."""
+    alice = make_member("alice")
+    host, port = server.split("/")[2].split(":")
+    raw = socket.create_connection((host, int(port)))
+    raw.sendall(
+        (
+            "GET /ws/v1/sync HTTP/1.1\r\n"
+            f"Host: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {alice.token}\r\n\r\n"
+        ).encode()
+    )
+    try:
+        assert b"101" in raw.recv(1024)
         wait_until(lambda: store.presence_online([alice.id])[alice.id])
-        sock.send(json.dumps({"type": "ping"}))
-        # no more frames, no close frame: the client went quiet (its TCP stays open)
-        wait_until(lambda: not store.presence_online([alice.id])[alice.id], timeout=TTL + 3)
+        went_online = time.monotonic()
+        wait_until(lambda: not store.presence_online([alice.id])[alice.id], timeout=TTL + 5)
+        assert time.monotonic() - went_online < TTL + 1
+    finally:
+        raw.close()
 
 
 @pytest.mark.parametrize(
