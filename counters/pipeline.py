@@ -41,6 +41,7 @@ import redis
 from django.conf import settings
 
 from imcore.models import Membership
+from offline.push import push_badge_changed
 from offline.services import offline_record_messages
 
 from . import keys
@@ -231,10 +232,14 @@ def _apply_batch(client, lock, shard: int, trigger: str, stream: str, entries) -
     strategy = get_strategy()
 
     def apply(part) -> None:
-        # Counters, then the same users' offline-store entries (both idempotent).
-        strategy.inc_many(part)
+        # Counters, then the same users' offline-store entries (both idempotent), then a push
+        # for the offline devices of users whose badge went up.
+        deltas = strategy.inc_many(part)
         offline_record_messages(
             [(uid, [(cid, s, read_seqs[uid, cid]) for cid, s in pairs]) for uid, pairs in part]
+        )
+        push_badge_changed(
+            user_ids=[uid for (uid, _), d in zip(part, deltas, strict=True) if d > 0], alert=True
         )
 
     half = len(items) // 2

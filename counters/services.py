@@ -71,6 +71,7 @@ def counters_message_committed(*, conversation_id: int, seq: int, sender_id: int
 def counters_fanout(*, conversation_id: int, seq: int, sender_id: int | None = None) -> int:
     """Count message ``seq`` for every active member but the sender, and record it in every
     member's offline store (the sender's too); returns how many users were counted."""
+    from offline.push import push_badge_changed
     from offline.services import offline_record_messages
 
     members = list(
@@ -79,8 +80,11 @@ def counters_fanout(*, conversation_id: int, seq: int, sender_id: int | None = N
         ).values_list("user_id", "last_read_seq")
     )
     counted = [uid for uid, _ in members if uid != sender_id]
-    get_strategy().inc_many([(uid, [(conversation_id, seq)]) for uid in counted])
+    deltas = get_strategy().inc_many([(uid, [(conversation_id, seq)]) for uid in counted])
     offline_record_messages([(uid, [(conversation_id, seq, rs)]) for uid, rs in members])
+    push_badge_changed(
+        user_ids=[uid for uid, d in zip(counted, deltas, strict=True) if d and d > 0], alert=True
+    )
     return len(counted)
 
 

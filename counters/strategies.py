@@ -55,8 +55,9 @@ class Strategy(ABC):
         return self.client.hgetall(keys.counters(user_id))
 
     @abstractmethod
-    def inc_many(self, items: Sequence[tuple[int, Sequence[tuple[int, int]]]]) -> None:
-        """Apply ``[(user_id, [(conversation_id, seq), ...]), ...]``."""
+    def inc_many(self, items: Sequence[tuple[int, Sequence[tuple[int, int]]]]) -> list[int]:
+        """Apply ``[(user_id, [(conversation_id, seq), ...]), ...]``; returns each user's badge
+        change, in order."""
 
     @abstractmethod
     def read(self, user_id: int, conversation_id: int, read_seq: int, top: int) -> tuple[int, int]:
@@ -81,8 +82,10 @@ class PythonStrategy(Strategy):
     read and written back."""
 
     def inc_many(self, items):
-        for user_id, pairs in items:
+        return [
             self._atomic(user_id, lambda w, p=pairs: transitions.inc(w, p))
+            for user_id, pairs in items
+        ]
 
     def read(self, user_id, conversation_id, read_seq, top):
         return self._atomic(user_id, lambda w: transitions.read(w, conversation_id, read_seq, top))
@@ -115,18 +118,21 @@ class LuaStrategy(Strategy):
         self.scripts = CounterScripts(client)
 
     def inc_many(self, items):
-        self._pipelined(self.scripts.inc, items)
+        return [int(delta) for delta in self._pipelined(self.scripts.inc, items)]
 
     def member_many(self, items):
         self._pipelined(self.scripts.member, items)
 
-    def _pipelined(self, script, items) -> None:
-        """One script call per ``(user_id, arg)``, sent in pipelines of ``PIPELINE_CHUNK``."""
+    def _pipelined(self, script, items) -> list:
+        """One script call per ``(user_id, arg)``, sent in pipelines of ``PIPELINE_CHUNK``;
+        returns the results in order."""
+        results: list = []
         for start in range(0, len(items), PIPELINE_CHUNK):
             pipe = self.client.pipeline(transaction=False)
             for user_id, arg in items[start : start + PIPELINE_CHUNK]:
                 script(user_id, arg, pipe=pipe)
-            pipe.execute()
+            results.extend(pipe.execute())
+        return results
 
     def read(self, user_id, conversation_id, read_seq, top):
         return self.scripts.read(user_id, conversation_id, read_seq, top)

@@ -9,6 +9,7 @@ from ninja import Field, Path, Query, Router, Schema, Status
 from pydantic import ConfigDict, field_validator
 
 from counters.selectors import counters_get
+from offline.selectors import device_list
 
 from . import selectors, services
 from .models import Conversation, Message
@@ -80,6 +81,8 @@ class DeviceLoginIn(Body):
     password: str = Field(min_length=1, max_length=128)
     device_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
     platform: Literal["ios", "android", "web", "desktop"]
+    pushkey: str | None = Field(default=None, min_length=1, max_length=512)
+    push_app_id: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 class DeviceLoginOut(Schema):
@@ -96,8 +99,52 @@ def device_login_api(request, payload: DeviceLoginIn):
         password=payload.password,
         device_id=payload.device_id,
         platform=payload.platform,
+        pushkey=payload.pushkey,
+        push_app_id=payload.push_app_id,
     )
     return Status(201, {"device_id": device.device_id, "user_id": device.user_id, "token": token})
+
+
+class DeviceOut(Schema):
+    device_id: str
+    platform: str
+    current: bool
+    online: bool
+    last_seen_at: datetime | None
+    acked_version: int
+    push: bool
+
+
+class DevicesOut(Schema):
+    devices: list[DeviceOut]
+
+
+@router.get("/devices", response={200: DevicesOut, **ERRORS}, tags=["devices"])
+def device_list_api(request):
+    """My devices: platform, online now (a live WebSocket), last seen, acked sync version,
+    and whether push notifications are registered."""
+    return {"devices": device_list(user=request.device.user, current=request.device)}
+
+
+class PushkeyIn(Body):
+    pushkey: str = Field(min_length=1, max_length=512)
+    app_id: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+@router.put("/devices/current/pushkey", response={204: None, **ERRORS}, tags=["devices"])
+def pushkey_set_api(request, payload: PushkeyIn):
+    """Register (or replace) this device's pushkey for push notifications while offline."""
+    services.device_pushkey_set(
+        device=request.device, pushkey=payload.pushkey, app_id=payload.app_id
+    )
+    return Status(204, None)
+
+
+@router.delete("/devices/current/pushkey", response={204: None, **ERRORS}, tags=["devices"])
+def pushkey_delete_api(request):
+    """Stop push notifications to this device."""
+    services.device_pushkey_set(device=request.device, pushkey="", app_id=None)
+    return Status(204, None)
 
 
 # ---- conversations -------------------------------------------------------------------------

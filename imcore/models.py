@@ -137,6 +137,10 @@ class Device(models.Model):
     # Cumulative sync ack: the device holds every entry up to this version. Written in
     # batches by offline.flush_acks (newer acks may still wait in Redis); only grows.
     acked_version = models.BigIntegerField(default=0, editable=False)
+    # Push notifications while offline (Matrix push gateway pushkey; empty: no pushes).
+    pushkey = models.CharField(max_length=512, blank=True, default="")
+    push_app_id = models.CharField(max_length=64, blank=True, default="")
+    pushkey_updated_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [

@@ -24,6 +24,7 @@ from counters.services import (
     counters_memberships_changed,
     counters_message_committed,
 )
+from offline.push import push_badge_changed
 from offline.services import (
     offline_device_seen,
     offline_record_memberships,
@@ -59,10 +60,16 @@ def token_hash(token: str) -> str:
 
 
 def device_login(
-    *, username: str, password: str, device_id: str, platform: str
+    *,
+    username: str,
+    password: str,
+    device_id: str,
+    platform: str,
+    pushkey: str | None = None,
+    push_app_id: str | None = None,
 ) -> tuple[Device, str]:
     """Log a device in; returns the device and its new bearer token (shown only now). Logging
-    the same device in again replaces its token."""
+    the same device in again replaces its token; a pushkey given registers it."""
     user = authenticate(username=username, password=password)
     if user is None:
         raise NotAuthenticated("wrong username or password")
@@ -70,11 +77,30 @@ def device_login(
     device, _ = Device.objects.update_or_create(
         user=user,
         device_id=device_id,
-        defaults={"platform": platform, "token_hash": token_hash(token)},
+        defaults={
+            "platform": platform,
+            "token_hash": token_hash(token),
+            **(
+                {
+                    "pushkey": pushkey,
+                    "push_app_id": push_app_id or "",
+                    "pushkey_updated_at": timezone.now(),
+                }
+                if pushkey
+                else {}
+            ),
+        },
     )
     # A device logging in is coming back: its offline package is prepared meanwhile.
     offline_device_seen(device=device)
     return device, token
+
+
+def device_pushkey_set(*, device: Device, pushkey: str, app_id: str | None) -> None:
+    """Register a device's pushkey (empty: no more pushes)."""
+    device.pushkey, device.push_app_id = pushkey, app_id or ""
+    device.pushkey_updated_at = timezone.now()
+    device.save(update_fields=["pushkey", "push_app_id", "pushkey_updated_at"])
 
 
 def device_authenticate(*, token: str) -> Device | None:
@@ -236,6 +262,7 @@ def conversation_mute(*, membership: Membership, muted: bool) -> tuple[int, int]
     offline_record_memberships(
         memberships=[m], conversation=membership.conversation, last_seq=last_seq, change="mute"
     )
+    push_badge_changed(user_ids=[m.user_id], alert=False)  # the badge may have changed
     counts = counters_get(user_id=m.user_id)
     return counts.conversations.get(m.conversation_id, 0), counts.badge
 
@@ -344,4 +371,5 @@ def conversation_mark_read(*, membership: Membership, seq: int) -> tuple[int, in
     offline_record_read(
         user_id=membership.user_id, conversation_id=membership.conversation_id, seq=seq
     )
+    push_badge_changed(user_ids=[membership.user_id], alert=False)  # silent badge update
     return counts

@@ -214,6 +214,18 @@ PRESENCE_TTL_S = float(os.environ.get("PRESENCE_TTL_S", "60"))
 # Entries per WebSocket frame of the offline package and of live updates.
 SYNC_WS_FRAME_ENTRIES = env_int("SYNC_WS_FRAME_ENTRIES", 500)
 
+# --- push notifications for offline devices ----------------------------------------------------
+# "log" (default: logs each push) or "matrix" (a Matrix push gateway such as Sygnal).
+PUSH_BACKEND = os.environ.get("PUSH_BACKEND", "log")
+PUSH_GATEWAY_URL = os.environ.get("PUSH_GATEWAY_URL", "http://127.0.0.1:5000")
+# app_id sent with pushkeys registered without one.
+PUSH_APP_ID = os.environ.get("PUSH_APP_ID", "org.imcore.app")
+# At most one push per device this often (s); each carries the newest badge.
+PUSH_INTERVAL_S = float(os.environ.get("PUSH_INTERVAL_S", "10"))
+# How often Celery beat sends the pushes that are due (s), and the gateway's timeout (s).
+PUSH_TICK_S = float(os.environ.get("PUSH_TICK_S", "1.0"))
+PUSH_TIMEOUT_S = float(os.environ.get("PUSH_TIMEOUT_S", "5"))
+
 # --- Celery ---------------------------------------------------------------------------------
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/1")
 CELERY_TASK_IGNORE_RESULT = True
@@ -237,6 +249,7 @@ CELERY_BEAT_SCHEDULE["offline-flush-acks"] = {
     "task": "offline.flush_acks",
     "schedule": SYNC_ACK_FLUSH_INTERVAL_S,
 }
+CELERY_BEAT_SCHEDULE["offline-push-due"] = {"task": "offline.push_due", "schedule": PUSH_TICK_S}
 CELERY_BEAT_SCHEDULE["offline-trim"] = {
     "task": "offline.trim",
     "schedule": float(OFFLINE_TRIM_INTERVAL_S),

@@ -30,6 +30,9 @@ the entry's JSON), written by the ``offline.prepare_device`` task; expires.
 ``imc:{u:<id>}:online`` ZSET presence: device pk -> unix ms its presence expires (refreshed by
 every frame of its WebSocket; a connection that dies silently drops out when its time passes).
 
+``imc:{push}:due`` ZSET device pk -> unix ms its push is due; ``imc:{push}:kind`` HASH device
+pk -> "alert" or "silent"; ``imc:{push}:last`` HASH device pk -> unix ms of its last push.
+
 ``imc:{acks}:pending`` HASH device pk -> highest version acked since the last flush.
 ``imc:{acks}:inflight`` HASH the batch being written to PostgreSQL (kept until committed).
 ``imc:{acks}:flush`` STRING set while an ack flush is requested.
@@ -79,3 +82,6 @@ ACKS_FLUSH_FLAG = f"{PREFIX}:{{acks}}:flush"
 ACKS_FLUSH_LOCK = f"{PREFIX}:{{acks}}:lock"
 SEEN_PENDING = f"{PREFIX}:{{acks}}:seen"
 SEEN_INFLIGHT = f"{PREFIX}:{{acks}}:seen-inflight"
+PUSH_DUE = f"{PREFIX}:{{push}}:due"
+PUSH_KIND = f"{PREFIX}:{{push}}:kind"
+PUSH_LAST = f"{PREFIX}:{{push}}:last"

@@ -150,3 +150,24 @@ def devices_last_seen(devices: list[Device]) -> dict[int, datetime | None]:
         recent = datetime.fromtimestamp(ms / 1000, tz=UTC) if ms is not None else None
         out[d.pk] = max((t for t in (d.last_seen_at, recent) if t is not None), default=None)
     return out
+
+
+def device_list(*, user, current: Device) -> list[dict]:
+    """A user's devices for ``GET /devices``: online (live WebSocket), last seen and acked
+    version including what is not flushed to PostgreSQL yet."""
+    devices = list(Device.objects.filter(user=user).order_by("created_at", "pk"))
+    online = store.presence_online([user.pk])[user.pk]
+    acked = devices_sync_state(devices)
+    seen = devices_last_seen(devices)
+    return [
+        {
+            "device_id": d.device_id,
+            "platform": d.platform,
+            "current": d.pk == current.pk,
+            "online": d.pk in online,
+            "last_seen_at": seen[d.pk],
+            "acked_version": acked[d.pk][0],
+            "push": bool(d.pushkey),
+        }
+        for d in devices
+    ]

@@ -101,7 +101,18 @@ def _source(name: str) -> str:
 
 class _Scripts:
     def __init__(self, client: redis.Redis):
-        for name in ("append", "init", "bound", "read", "trim", "ack", "ackpop", "seen"):
+        for name in (
+            "append",
+            "init",
+            "bound",
+            "read",
+            "trim",
+            "ack",
+            "ackpop",
+            "seen",
+            "push_schedule",
+            "push_take",
+        ):
             setattr(self, name, client.register_script(_source(name)))
 
     append: Script
@@ -112,6 +123,8 @@ class _Scripts:
     ack: Script
     ackpop: Script
     seen: Script
+    push_schedule: Script
+    push_take: Script
 
 
 @cache
@@ -367,6 +380,26 @@ def presence_online(user_ids: Iterable[int]) -> dict[int, set[int]]:
         for uid, members in zip(part, pipe.execute(), strict=True):
             out[uid] = {int(m) for m in members}
     return out
+
+
+# ---- push ---------------------------------------------------------------------------------
+
+PUSH_KEYS = [keys.PUSH_DUE, keys.PUSH_KIND, keys.PUSH_LAST]
+
+
+def push_schedule(devices: list[tuple[int, bool]], *, interval_s: float) -> None:
+    """``devices`` = ``[(device pk, alert)]``."""
+    args = [int(time.time() * 1000), int(interval_s * 1000)]
+    for start in range(0, len(devices), PIPELINE_CHUNK):
+        part = devices[start : start + PIPELINE_CHUNK]
+        scripts().push_schedule(
+            keys=PUSH_KEYS, args=args + [v for pk, alert in part for v in (pk, int(alert))]
+        )
+
+
+def push_take(limit: int = 1000) -> list[tuple[int, str]]:
+    flat = scripts().push_take(keys=PUSH_KEYS, args=[int(time.time() * 1000), limit])
+    return [(int(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
 # ---- acks ----------------------------------------------------------------------------------

@@ -6,12 +6,14 @@
   runs it every ``SYNC_ACK_FLUSH_INTERVAL_S`` and an ack sends it at once past
   ``SYNC_ACK_FLUSH_THRESHOLD`` waiting devices.
 - ``offline.trim``: retention; Celery beat runs it every ``OFFLINE_TRIM_INTERVAL_S``.
+- ``offline.push_due``: sends the push notifications that are due (see :mod:`offline.push`);
+  Celery beat runs it every ``PUSH_TICK_S``.
 """
 
 import redis
 from celery import shared_task
 
-from . import services
+from . import push, services
 
 
 @shared_task(
@@ -32,3 +34,8 @@ def flush_acks() -> int:
 @shared_task(name="offline.trim", max_retries=0)
 def trim() -> tuple[int, int]:
     return services.offline_trim()
+
+
+@shared_task(name="offline.push_due", max_retries=0)
+def push_due() -> int:
+    return push.push_send_due()

@@ -69,6 +69,14 @@ class Member:
             f"/api/v1{path}", data, content_type="application/json", headers=self._headers(token)
         )
 
+    def put(self, path, body=None, token=None):
+        return self.client.put(
+            f"/api/v1{path}",
+            json.dumps(body if body is not None else {}),
+            content_type="application/json",
+            headers=self._headers(token),
+        )
+
     def delete(self, path, token=None):
         return self.client.delete(f"/api/v1{path}", headers=self._headers(token))
 

@@ -1,8 +1,15 @@
+import contextlib
+import socket
+import subprocess
+import sys
+
 import pytest
 from django.test import Client
 
 from imcore import services
-from tests.conftest import Member
+from tests.conftest import ROOT, Member, celery_env, wait_until
+
+TTL = 3.0  # the presence TTL of the test server
 
 
 @pytest.fixture
@@ -47,3 +54,50 @@ def first_sync(member: Member) -> int:
     while page["has_more"]:
         page = pull(member, page["entries"][-1]["version"])
     return page["latest_version"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(django_db_setup, django_db_blocker):
+    """uvicorn serving imcore.asgi on the test database and Redis, with a short presence TTL
+    and small frames (so a package takes many frames)."""
+    port = free_port()
+    with django_db_blocker.unblock():
+        env = celery_env(PRESENCE_TTL_S=TTL, SYNC_WS_FRAME_ENTRIES=50)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "imcore.asgi:application",
+            "--port",
+            str(port),
+            "--ws-ping-interval",
+            str(TTL / 3),
+            "--ws-ping-timeout",
+            str(TTL / 3),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+
+    def up():
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return True
+        return False
+
+    wait_until(up, timeout=30, message="uvicorn did not start")
+    yield f"ws://127.0.0.1:{port}/ws/v1/sync"
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

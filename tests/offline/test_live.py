@@ -2,11 +2,8 @@
 on connect, live entries, no gap and no repeat at the seam between them, acks over the
 socket, presence with a TTL, and refused tokens and frames."""
 
-import contextlib
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,60 +14,13 @@ from websockets.sync.client import connect
 from counters.pipeline import counters_drain
 from imcore.models import Device
 from offline import keys, services, store
-from tests.conftest import ROOT, celery_env, wait_until
+from tests.conftest import wait_until
 from tests.offline.conftest import first_sync, pull_all
 from tests.offline.test_sync import group
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 TTL = 3.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(django_db_setup, django_db_blocker):
-    """uvicorn serving imcore.asgi on the test database and Redis, with a short presence TTL
-    and small frames (so a package takes many frames)."""
-    port = free_port()
-    with django_db_blocker.unblock():
-        env = celery_env(PRESENCE_TTL_S=TTL, SYNC_WS_FRAME_ENTRIES=50)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "imcore.asgi:application",
-            "--port",
-            str(port),
-            "--ws-ping-interval",
-            str(TTL / 3),
-            "--ws-ping-timeout",
-            str(TTL / 3),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
-
-    def up():
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return True
-        return False
-
-    wait_until(up, timeout=30, message="uvicorn did not start")
-    yield f"ws://127.0.0.1:{port}/ws/v1/sync"
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def ws(url, member, **kw):
@@ -235,3 +185,26 @@ def test_a_bad_token_closes_with_4401(server, make_member, token):
                 sock.recv(timeout=5)
         assert closed.value.rcvd.code == 4401
     assert not store.presence_online([alice.id])[alice.id]
+
+
+def test_devices_lists_mine_with_online_last_seen_acked_and_push(
+    server, make_member, second_device
+):
+    alice, bob = make_member("alice"), make_member("bob")
+    laptop = second_device(alice)
+    assert laptop.put("/devices/current/pushkey", {"pushkey": "k1"}).status_code == 204
+    since = first_sync(laptop)
+    assert laptop.post("/sync/ack", {"version": since}).status_code == 200
+    with ws(server, alice):
+        wait_until(lambda: store.presence_online([alice.id])[alice.id])
+        devices = {d["device_id"]: d for d in alice.get("/devices").json()["devices"]}
+    assert set(devices) == {"phone", "laptop"}  # bob's phone is not listed
+    assert devices["phone"]["online"] is True and devices["phone"]["current"] is True
+    assert devices["laptop"]["online"] is False and devices["laptop"]["push"] is True
+    assert devices["laptop"]["acked_version"] == since
+    assert devices["laptop"]["last_seen_at"] is not None
+    assert devices["phone"]["push"] is False
+    assert laptop.delete("/devices/current/pushkey").status_code == 204
+    assert not Device.objects.get(user=alice.user, device_id="laptop").pushkey
+    assert bob.get("/devices").json()["devices"][0]["device_id"] == "phone"
+    assert alice.get("/devices", token="nope").status_code == 401

@@ -1,0 +1,952 @@
+"""``make bench-push``: live sync over the WebSocket ``/ws/v1/sync``, measured through one real
+uvicorn process (``imcore.asgi``, as in the Procfile but a single process), in one run on one
+machine:
+
+1. idle sockets: authenticated devices connect in steps (``--steps``) and stay idle; after
+   each step, the server's RSS (``VmRSS`` of ``/proc/<pid>/status``), RSS per socket (growth
+   since the step with 0 sockets / sockets) and the server's CPU over ``--idle-seconds`` of
+   idling. Steps stop early when one fails or takes longer than ``--slow-step`` seconds;
+2. delivery latency: ``--members`` devices online (one per user, all members of one group,
+   the sockets of step 1 kept), a member sends ``--messages`` messages ``--interval`` s apart
+   with ``message_send``, and every device stamps ``time.time()`` when the frame with the
+   message's entry arrives. Latency = that stamp - ``time.time()`` right after
+   ``message_send`` returned (the commit), over every (message, device) pair. Twice:
+   ``counters_drain()`` right after each send in this process (no Timer interval: commit →
+   socket of the live path), and a real Celery worker + beat running the pipeline with its
+   Timer (``COUNTERS_FLUSH_INTERVAL``), nothing drained here.
+
+The sockets are ``websockets.asyncio.client`` connections, held by ``--clients`` client
+processes (this script with ``--client``), each opening its share with ``--concurrency``
+handshakes in flight; the client offers permessage-deflate as browsers do and sends no pings
+of its own (the server pings every 20 s). Everything runs on this machine, so the clocks of
+the server, the clients and this process agree. Users and devices come from ``create_user``
+and ``device_login`` (with the MD5 password hasher in this process only, so set-up does not
+spend minutes hashing; the tasks ``device_login`` sends run eagerly here, so nothing of the
+set-up waits in the broker).
+
+    python bench/push.py [--steps 0,500,1000,2000,4000] [--members 1000] [--messages 20]
+                         [--interval 0.5] [--runs 3] [--idle-seconds 3] [--clients 2]
+                         [--concurrency 100] [--slow-step 90] [--no-celery]
+
+Writes bench/results/push-<date>-<host>.md and .json. Stops uvicorn, the client processes,
+the Celery worker and beat (and the broker redis-server when this run started it) on the way
+out, errors included. Flushes only the benchmark's Redis database (``common.ENV``, db 8).
+"""
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import glob
+import http.client
+import json
+import logging
+import os
+import queue
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import common
+
+PASSWORD = "bench-push"
+STARTED = time.perf_counter()
+
+
+def say(text: str) -> None:
+    print(f"[{time.perf_counter() - STARTED:4.0f} s] {text}", flush=True)
+
+
+# ---- the client processes (``--client``) -----------------------------------------------------
+
+
+class Sock:
+    """One device's connection, as the client process keeps it."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.receipts: dict[tuple[int, int], float] = {}  # (conversation, seq) -> arrival
+        self.duplicates = 0
+        self.frames = 0
+        self.errors: list[str] = []
+        self.closed: str | None = None  # why the connection ended, when it did
+        self.task: asyncio.Task | None = None
+
+    def take(self, raw, now: float) -> None:
+        frame = json.loads(raw)
+        self.frames += 1
+        if frame.get("type") == "sync":
+            for e in frame.get("entries", []):
+                if e.get("type") == "message":
+                    key = (e["conversation_id"], e["seq"])
+                    if key in self.receipts:
+                        self.duplicates += 1
+                    else:
+                        self.receipts[key] = now
+        elif frame.get("type") == "error":
+            self.errors.append(str(frame))
+
+    async def read(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            async for raw in self.ws:
+                self.take(raw, time.time())
+        except ConnectionClosed:
+            pass
+        except Exception as exc:
+            self.errors.append(repr(exc))
+        self.closed = f"code {self.ws.close_code} {self.ws.close_reason!r}"
+
+
+class ClientProcess:
+    """Holds many sockets; answers one JSON line per command read from stdin."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.socks: dict[int, Sock] = {}
+
+    async def open_one(self, idx: int, token: str, sem: asyncio.Semaphore) -> str | None:
+        from websockets.asyncio.client import connect
+
+        async with sem:
+            try:
+                ws = await connect(
+                    self.url,
+                    additional_headers={"Authorization": f"Bearer {token}"},
+                    ping_interval=None,
+                    open_timeout=60,
+                    close_timeout=5,
+                    max_size=None,
+                )
+            except Exception as exc:
+                return f"connect: {exc!r}"
+            sock = Sock(ws)
+            try:
+                sock.take(await asyncio.wait_for(ws.recv(), 60), time.time())
+            except Exception as exc:
+                await ws.close()
+                return f"first frame: {exc!r}"
+            if sock.errors:
+                await ws.close()
+                return sock.errors[0]
+            sock.task = asyncio.create_task(sock.read())
+            self.socks[idx] = sock
+            return None
+
+    async def handle(self, cmd: dict) -> dict:
+        op = cmd["cmd"]
+        if op == "open":
+            sem = asyncio.Semaphore(cmd["concurrency"])
+            t0 = time.perf_counter()
+            results = await asyncio.gather(
+                *(self.open_one(idx, token, sem) for idx, token in cmd["sockets"])
+            )
+            failed = [[idx, r] for (idx, _), r in zip(cmd["sockets"], results, strict=True) if r]
+            deflate = sum(
+                1
+                for s in self.socks.values()
+                if "permessage-deflate"
+                in (s.ws.response.headers.get("Sec-WebSocket-Extensions") or "")
+            )
+            return {
+                "opened": len(cmd["sockets"]) - len(failed),
+                "failed": failed[:20],
+                "n_failed": len(failed),
+                "seconds": time.perf_counter() - t0,
+                "deflate": deflate,
+            }
+        if op == "close":
+            socks = [self.socks.pop(i) for i in cmd["idx"] if i in self.socks]
+            await asyncio.gather(*(s.ws.close() for s in socks), return_exceptions=True)
+            return {"closed": len(socks)}
+        if op == "count":
+            cid, seqs = cmd["conversation_id"], set(cmd["seqs"])
+            n = sum(1 for s in self.socks.values() for c, q in s.receipts if c == cid and q in seqs)
+            return {"received": n}
+        if op == "receipts":
+            cid, seqs = cmd["conversation_id"], set(cmd["seqs"])
+            return {
+                "receipts": {
+                    idx: {q: t for (c, q), t in s.receipts.items() if c == cid and q in seqs}
+                    for idx, s in self.socks.items()
+                },
+                "duplicates": sum(s.duplicates for s in self.socks.values()),
+                "closed": {idx: s.closed for idx, s in self.socks.items() if s.closed},
+                "errors": [e for s in self.socks.values() for e in s.errors][:20],
+            }
+        if op == "status":
+            return {
+                "open": sum(1 for s in self.socks.values() if s.closed is None),
+                "closed": {idx: s.closed for idx, s in self.socks.items() if s.closed},
+                "rss_kb": rss_kb(os.getpid()),
+            }
+        if op == "quit":
+            await asyncio.gather(
+                *(s.ws.close() for s in self.socks.values()), return_exceptions=True
+            )
+            return {"bye": True}
+        return {"error": f"unknown command {op!r}"}
+
+
+async def client_loop(url: str) -> None:
+    loop = asyncio.get_running_loop()
+    commands: asyncio.Queue = asyncio.Queue()
+
+    def read_stdin() -> None:
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(commands.put_nowait, line)
+        loop.call_soon_threadsafe(commands.put_nowait, None)
+
+    threading.Thread(target=read_stdin, daemon=True).start()
+    client = ClientProcess(url)
+    while (line := await commands.get()) is not None:
+        cmd = json.loads(line)
+        try:
+            reply = await client.handle(cmd)
+        except Exception as exc:
+            reply = {"error": repr(exc)}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+        if cmd["cmd"] == "quit":
+            return
+
+
+# ---- processes seen from the bench -------------------------------------------------------
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def proc_status(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    return -1
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One uvicorn process serving ``imcore.asgi`` in its own process group; always stopped
+    by :meth:`stop`."""
+
+    def __init__(self):
+        self.port = free_port()
+        # Lives as long as the server (closed in stop()).
+        self.log = tempfile.NamedTemporaryFile(prefix="imcore-bench-push-", suffix=".log")  # noqa: SIM115
+        self.args = [
+            "--port",
+            str(self.port),
+            "--ws-ping-interval",
+            "20",
+            "--ws-ping-timeout",
+            "20",
+            "--log-level",
+            "warning",
+        ]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "imcore.asgi:application", *self.args],
+            cwd=common.ROOT,
+            env={**os.environ, **common.ENV},
+            start_new_session=True,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.description = (
+            f"one uvicorn process `uvicorn imcore.asgi:application {' '.join(self.args)}`"
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"uvicorn exited ({self.proc.returncode}):\n{self.log_tail()}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/api/v1/sync")
+                if conn.getresponse().status == 401:
+                    conn.close()
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"uvicorn did not answer in {timeout:g} s:\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            common.stop(self.proc)
+        self.log.close()
+
+
+class Client:
+    """A client process and the replies it writes, one JSON line per command."""
+
+    def __init__(self, url: str):
+        self.log = tempfile.NamedTemporaryFile(prefix="imcore-bench-push-client-", suffix=".log")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--client", url],
+            cwd=common.ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            start_new_session=True,
+        )
+        self.replies: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.replies.put(json.loads(line))
+        self.replies.put(None)
+
+    def send(self, cmd: dict) -> None:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def reply(self, timeout: float) -> dict:
+        try:
+            r = self.replies.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"client {self.proc.pid} did not answer in {timeout:g} s") from None
+        if r is None:
+            raise RuntimeError(f"client {self.proc.pid} exited:\n{self.log_tail()}")
+        if "error" in r:
+            raise RuntimeError(f"client {self.proc.pid}: {r['error']}")
+        return r
+
+    def log_tail(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self.send({"cmd": "quit"})
+                self.proc.wait(15)
+        if self.proc.poll() is None:
+            common.stop(self.proc)
+        self.log.close()
+
+
+def ask_all(clients: list[Client], cmds: list[dict], timeout: float) -> list[dict]:
+    """Send each client its command, then wait for every reply (the clients work at once)."""
+    for c, cmd in zip(clients, cmds, strict=True):
+        c.send(cmd)
+    deadline = time.monotonic() + timeout
+    return [c.reply(max(deadline - time.monotonic(), 0.1)) for c in clients]
+
+
+class Warnings(logging.Handler):
+    """Counts the warnings of a logger (``offline.live``'s failed pokes) instead of printing
+    a traceback for each; keeps the first message."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+        self.first: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        if self.first is None:
+            exc = record.exc_info[1] if record.exc_info else None
+            self.first = record.getMessage() + (f": {exc!r}" if exc else "")
+
+    def take(self) -> tuple[int, str | None]:
+        out = (self.count, self.first)
+        self.count, self.first = 0, None
+        return out
+
+
+POKE_WARNINGS = Warnings()
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+
+def reset_data() -> None:
+    """Empty the benchmark's tables and its Redis database (db 8 of ``common.ENV``). Unlike
+    ``common.reset_data`` the broker is left alone: nothing of this run waits there."""
+    from django.db import connection
+
+    from counters.redis import get_redis
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "TRUNCATE imcore_message, imcore_membership, imcore_device, imcore_conversation, "
+            "imcore_user_groups, imcore_user_user_permissions, django_admin_log, imcore_user "
+            "RESTART IDENTITY CASCADE"
+        )
+    client = get_redis()
+    db = client.connection_pool.connection_kwargs.get("db")
+    if db != 8:
+        raise RuntimeError(f"the benchmark's Redis is db {db}, not 8: not flushing it")
+    client.flushdb()
+
+
+def setup(n_users: int, members: int) -> dict:
+    """``n_users`` users with one device each; the first ``members`` in one group, created
+    with ``create_user`` and logged in with ``device_login``. The others only hold idle
+    sockets: bulk-inserted, with the token hash ``device_login`` would store."""
+    import secrets
+
+    from django.contrib.auth.hashers import make_password
+    from django.test import override_settings
+
+    from counters.services import counters_reconcile
+    from imcore import services
+    from imcore.celery import app
+    from imcore.models import Device, User
+
+    t0 = time.perf_counter()
+    reset_data()
+    fast = override_settings(PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"])
+    fast.enable()
+    app.conf.task_always_eager = True
+    try:
+        users = [
+            User.objects.create_user(username=f"push{i}", password=PASSWORD) for i in range(members)
+        ]
+        ids = [u.pk for u in users]
+        conversation, _ = services.conversation_create(
+            creator=users[0], kind="group", member_ids=ids, title="push bench"
+        )
+        counters_reconcile(user_ids=ids)  # every member's counters loaded
+        tokens = []
+        for i, u in enumerate(users):
+            _, token = services.device_login(
+                username=u.username, password=PASSWORD, device_id=f"bench-{i}", platform="web"
+            )
+            tokens.append(token)
+    finally:
+        app.conf.task_always_eager = False
+        fast.disable()
+    login_s = time.perf_counter() - t0
+    unusable = make_password(None)
+    extra = User.objects.bulk_create(
+        User(username=f"push{i}", password=unusable) for i in range(members, n_users)
+    )
+    extra_tokens = [secrets.token_urlsafe(32) for _ in extra]
+    Device.objects.bulk_create(
+        Device(
+            user=u,
+            device_id=f"bench-{i}",
+            platform="web",
+            token_hash=services.token_hash(token),
+        )
+        for i, (u, token) in enumerate(zip(extra, extra_tokens, strict=True), start=members)
+    )
+    return {
+        "sender": users[0],
+        "conversation": conversation,
+        "tokens": tokens + extra_tokens,
+        "setup_s": time.perf_counter() - t0,
+        "login_s": login_s,
+    }
+
+
+# ---- 1. idle sockets -----------------------------------------------------------------------
+
+
+def server_snapshot(server: Server, idle_s: float) -> dict:
+    """Idle ``idle_s`` seconds: the server's CPU over them, then its RSS, threads and fds."""
+    cpu0 = common.group_cpu_seconds(server.proc)
+    t0 = time.perf_counter()
+    time.sleep(idle_s)
+    cpu = common.group_cpu_seconds(server.proc) - cpu0
+    wall = time.perf_counter() - t0
+    pid = server.proc.pid
+    return {
+        "rss_kb": rss_kb(pid),
+        "idle_cpu_pct": 100 * cpu / wall,
+        "threads": proc_status(pid, "Threads"),
+        "fds": fd_count(pid),
+    }
+
+
+def open_sockets(clients: list[Client], tokens: list[str], idx: range, args) -> dict:
+    """Open the sockets of devices ``idx``: device i goes to client i % len(clients)."""
+    parts = [[[i, tokens[i]] for i in idx if i % len(clients) == k] for k in range(len(clients))]
+    t0 = time.perf_counter()
+    replies = ask_all(
+        clients,
+        [{"cmd": "open", "sockets": p, "concurrency": args.concurrency} for p in parts],
+        timeout=max(600, len(idx)),
+    )
+    return {
+        "seconds": time.perf_counter() - t0,
+        "opened": sum(r["opened"] for r in replies),
+        "failed": sum(r["n_failed"] for r in replies),
+        "failures": [f for r in replies for f in r["failed"]][:10],
+        "deflate": sum(r["deflate"] for r in replies),
+    }
+
+
+def measure_idle(server: Server, clients: list[Client], tokens: list[str], args) -> dict:
+    steps = []
+    held = 0
+    base = None
+    stopped = None
+    for n in args.steps:
+        if n > len(tokens):
+            stopped = f"step {n} is above the {len(tokens)} devices set up"
+            break
+        opened = {"seconds": 0.0, "opened": 0, "failed": 0, "failures": [], "deflate": 0}
+        if n > held:
+            opened = open_sockets(clients, tokens, range(held, n), args)
+        status = ask_all(clients, [{"cmd": "status"}] * len(clients), 60)
+        open_now = sum(s["open"] for s in status)
+        snap = server_snapshot(server, args.idle_seconds)
+        if base is None:
+            base = snap["rss_kb"]
+        step = {
+            "sockets": n,
+            "open": open_now,
+            **opened,
+            **snap,
+            "rss_delta_kb": snap["rss_kb"] - base,
+            "kb_per_socket": (snap["rss_kb"] - base) / n if n else None,
+            "client_rss_kb": [s["rss_kb"] for s in status],
+        }
+        steps.append(step)
+        held = max(held, n)
+        per_s = n - (steps[-2]["sockets"] if len(steps) > 1 else 0)
+        say(
+            f"  {n} sockets: opened {opened['opened']} in {opened['seconds']:.1f} s "
+            f"({per_s / opened['seconds'] if opened['seconds'] else 0:.0f}/s), "
+            f"{opened['failed']} failed, {open_now} open; server RSS {snap['rss_kb'] / 1024:.0f} "
+            f"MiB, idle CPU {snap['idle_cpu_pct']:.1f} %"
+        )
+        if opened["failed"] or open_now != n:
+            stopped = f"step {n} failed: {opened['failures'][:3]}"
+            break
+        if opened["seconds"] > args.slow_step:
+            stopped = f"step {n} took {opened['seconds']:.0f} s (> --slow-step {args.slow_step:g})"
+            break
+    return {"steps": steps, "held": held, "stopped": stopped}
+
+
+# ---- 2. delivery latency -------------------------------------------------------------------
+
+
+def send_messages(data: dict, clients: list[Client], args, mode: str, run: int) -> dict:
+    """Send ``--messages`` messages ``--interval`` s apart; unless mode is "celery", apply the
+    pipeline in this process after each. Wait for every delivery (or ``--settle`` s after the
+    last send), then collect the arrival stamps."""
+    from counters.pipeline import counters_drain
+    from imcore import services
+
+    cid = data["conversation"].pk
+    commits: dict[int, float] = {}
+    send_ms, drain_ms = [], []
+    server = data["server"]
+    cpu0 = common.group_cpu_seconds(server.proc)
+    start = time.perf_counter()
+    for k in range(args.messages):
+        delay = start + k * args.interval - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        t0 = time.perf_counter()
+        message, _ = services.message_send(
+            sender=data["sender"],
+            conversation=data["conversation"],
+            body=f"push {mode} {run} {k}",
+            client_msg_id=f"push-{mode}-{run}-{k}",
+        )
+        commits[message.seq] = time.time()
+        t1 = time.perf_counter()
+        send_ms.append((t1 - t0) * 1000)
+        if mode != "celery":
+            counters_drain()
+            drain_ms.append((time.perf_counter() - t1) * 1000)
+    send_s = time.perf_counter() - start
+    seqs = sorted(commits)
+    expected = len(seqs) * args.members
+    deadline = time.monotonic() + args.settle
+    received = 0
+    while time.monotonic() < deadline:
+        received = sum(
+            r["received"]
+            for r in ask_all(
+                clients,
+                [{"cmd": "count", "conversation_id": cid, "seqs": seqs}] * len(clients),
+                60,
+            )
+        )
+        if received >= expected:
+            break
+        time.sleep(0.25)
+    server_cpu = common.group_cpu_seconds(server.proc) - cpu0
+    poke_failures, poke_error = POKE_WARNINGS.take()
+    replies = ask_all(
+        clients, [{"cmd": "receipts", "conversation_id": cid, "seqs": seqs}] * len(clients), 120
+    )
+    latencies: list[float] = []
+    per_message: dict[int, list[float]] = {s: [] for s in seqs}
+    devices = 0
+    for r in replies:
+        for stamps in r["receipts"].values():
+            devices += 1
+            for seq, t in stamps.items():
+                ms = (t - commits[int(seq)]) * 1000
+                latencies.append(ms)
+                per_message[int(seq)].append(ms)
+    return {
+        "mode": mode,
+        "messages": len(seqs),
+        "devices": devices,
+        "expected": expected,
+        "delivered": len(latencies),
+        "missing": expected - len(latencies),
+        "missing_by_message": {s: args.members - len(v) for s, v in per_message.items()},
+        "duplicates": sum(r["duplicates"] for r in replies),
+        "closed": sum(len(r["closed"]) for r in replies),
+        "errors": [e for r in replies for e in r["errors"]][:10],
+        "p50_ms": common.percentile(latencies, 50),
+        "p99_ms": common.percentile(latencies, 99),
+        "max_ms": max(latencies, default=float("nan")),
+        "min_ms": min(latencies, default=float("nan")),
+        "first_ms": [min(v) if v else None for v in per_message.values()],
+        "last_ms": [max(v) if v else None for v in per_message.values()],
+        "send_s": send_s,
+        "send_ms": send_ms,
+        "drain_ms": drain_ms,
+        "server_cpu_s": server_cpu,
+        "poke_failures": poke_failures,  # live_poke calls that failed in this process
+        "poke_error": poke_error,
+        "latencies_ms": latencies,
+    }
+
+
+def measure_latency(data: dict, clients: list[Client], args, mode: str) -> list[dict]:
+    runs = []
+    for run in range(args.runs):
+        r = send_messages(data, clients, args, mode, run)
+        runs.append(r)
+        say(
+            f"  {mode} run {run + 1}: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
+            f"max {r['max_ms']:.0f} ms; {r['missing']} of {r['expected']} missing; sent in "
+            f"{r['send_s']:.1f} s"
+        )
+    return runs
+
+
+def with_pool_lifted(data, clients, args) -> list[dict]:
+    """The drain variant with the channel layer's Redis pool in this process allowed
+    ``--members`` + 100 connections (redis-py's asyncio pool allows 100 by default, and
+    ``live_poke`` runs one ``group_send`` per user at once)."""
+    import copy
+
+    from django.conf import settings
+    from django.test import override_settings
+
+    layers = copy.deepcopy(settings.CHANNEL_LAYERS)
+    for host in layers["default"]["CONFIG"]["hosts"]:
+        host["max_connections"] = args.members + 100
+    with override_settings(CHANNEL_LAYERS=layers):  # channels drops its cached layer
+        return measure_latency(data, clients, args, "drain-pool")
+
+
+def with_celery(data, clients, args) -> list[dict]:
+    """The pipeline as deployed: a worker (prefork, 2 processes) and beat with the Timer."""
+    beat_file = f"/tmp/imcore-bench-push-beat-{os.getpid()}"
+    worker = beat = None
+    try:
+        worker = common.start_worker()
+        beat = common.celery("beat", "--schedule", beat_file)
+        time.sleep(2.5)  # let beat tick once and the worker settle before measuring
+        return measure_latency(data, clients, args, "celery")
+    finally:
+        for p in (beat, worker):
+            if p is not None:
+                common.stop(p)
+        for f in glob.glob(f"{beat_file}*"):
+            with contextlib.suppress(OSError):
+                os.unlink(f)
+
+
+# ---- report --------------------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(median(values))} ({fmt.format(min(values))}..{fmt.format(max(values))})"
+
+
+def latency_row(name: str, runs: list[dict]) -> str:
+    pooled = [ms for r in runs for ms in r["latencies_ms"]]
+    missing = sum(r["missing"] for r in runs)
+    expected = sum(r["expected"] for r in runs)
+    drain = [ms for r in runs for ms in r["drain_ms"]]
+    pokes = (
+        f"{sum(r['poke_failures'] for r in runs)} of {sum(len(r['drain_ms']) for r in runs)}"
+        if drain
+        else "(in the worker)"
+    )
+    return (
+        f"| {name} | {len(runs)} x {runs[0]['messages']} x {runs[0]['devices']:,} | "
+        f"{spread([r['p50_ms'] for r in runs])} | {spread([r['p99_ms'] for r in runs])} | "
+        f"{spread([r['max_ms'] for r in runs])} | {common.percentile(pooled, 50):.0f} / "
+        f"{common.percentile(pooled, 99):.0f} / {max(pooled, default=float('nan')):.0f} | "
+        f"{median([x for r in runs for x in r['first_ms']]):.0f} / "
+        f"{median([x for r in runs for x in r['last_ms']]):.0f} | "
+        f"{missing:,} of {expected:,} | {sum(r['duplicates'] for r in runs)} | "
+        f"{pokes} | {spread([r['send_s'] for r in runs], '{:.1f}')} | "
+        f"{median([x for r in runs for x in r['send_ms']]):.1f} | "
+        f"{f'{median(drain):.0f}' if drain else '-'} | "
+        f"{median([r['server_cpu_s'] for r in runs]):.1f} |"
+    )
+
+
+def tables(res: dict, args) -> list[str]:
+    from django.conf import settings
+
+    idle = res["idle"]
+    lines = [
+        "### 1. Idle authenticated sockets on one uvicorn process",
+        "",
+        "| sockets | opened in s (sockets/s) | failed | server RSS MiB | RSS growth MiB "
+        "| KiB / socket | server CPU idle, % of a core | threads | fds | client RSS MiB |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    prev = 0
+    for s in idle["steps"]:
+        new = s["sockets"] - prev
+        rate = f" ({new / s['seconds']:.0f})" if s["seconds"] else ""
+        lines.append(
+            f"| {s['sockets']:,} | {s['seconds']:.1f}{rate} | {s['failed']} | "
+            f"{s['rss_kb'] / 1024:.0f} | {s['rss_delta_kb'] / 1024:.0f} | "
+            f"{s['kb_per_socket']:.0f} | {s['idle_cpu_pct']:.1f} | {s['threads']} | {s['fds']:,} | "
+            f"{' + '.join(f'{kb / 1024:.0f}' for kb in s['client_rss_kb'])} |"
+            if s["sockets"]
+            else f"| 0 | - | - | {s['rss_kb'] / 1024:.0f} | 0 | - | {s['idle_cpu_pct']:.1f} | "
+            f"{s['threads']} | {s['fds']:,} | "
+            f"{' + '.join(f'{kb / 1024:.0f}' for kb in s['client_rss_kb'])} |"
+        )
+        prev = s["sockets"]
+    after = res.get("after_close")
+    lines += [
+        "",
+        f"One server process held {idle['held']:,} idle sockets"
+        + (f"; stopped: {idle['stopped']}." if idle["stopped"] else "; every step passed.")
+        + f" permessage-deflate negotiated on {res['deflate']:,} of them. "
+        f"Idle CPU: the server's user+system time over {args.idle_seconds:g} s of idling after "
+        "the step, in % of one core (the server pings each socket every 20 s and refreshes its "
+        f"presence every {settings.PRESENCE_TTL_S / 3:g} s). RSS per socket = growth since 0 "
+        "sockets / sockets.",
+    ]
+    if after:
+        lines += [
+            "",
+            f"After closing back to {after['sockets']:,} sockets: server RSS "
+            f"{after['rss_kb'] / 1024:.0f} MiB, idle CPU {after['idle_cpu_pct']:.1f} %.",
+        ]
+    lat = res["latency"]
+    lines += [
+        "",
+        f"### 2. Delivery latency: commit → frame at the device, {args.members:,} devices "
+        f"online in one group, {args.messages} messages {args.interval:g} s apart per run",
+        "",
+        "| pipeline | runs x messages x devices | p50 ms | p99 ms | max ms "
+        "| pooled p50 / p99 / max ms | first / last device per message, median ms "
+        "| missing deliveries | duplicates | drains with a failed `live_poke` "
+        "| sending took s | message_send ms | drain ms | server CPU s / run |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: |",
+    ]
+    names = {
+        "drain": "`counters_drain()` after each send, in the bench process (no Timer)",
+        "celery": "Celery worker (2 processes) + beat, Timer "
+        f"{settings.COUNTERS_FLUSH_INTERVAL:g} s",
+        "drain-pool": "`counters_drain()` as above, channel-layer pool limit lifted to "
+        f"{args.members + 100:,} connections",
+    }
+    for mode, runs in lat.items():
+        lines.append(latency_row(names[mode], runs))
+    lines += [
+        "",
+        "Latency = the client's `time.time()` when the frame holding the message's entry "
+        "arrived minus `time.time()` right after `message_send` returned (its transaction "
+        "committed), over every (message, device) pair, the sender's own device included. "
+        "p50/p99/max: median of the runs' values (min..max); pooled: over every pair of every "
+        "run. Missing: pairs never delivered within "
+        f"{args.settle:g} s of the last send.",
+    ]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--steps",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[0, 500, 1000, 2000, 4000],
+        help="idle sockets after each step (comma-separated, rising)",
+    )
+    parser.add_argument("--members", type=int, default=1000, help="devices online in item 2")
+    parser.add_argument("--messages", type=int, default=20, help="messages per latency run")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between messages")
+    parser.add_argument("--runs", type=int, default=3, help="latency runs per pipeline")
+    parser.add_argument("--settle", type=float, default=15, help="wait after the last send")
+    parser.add_argument("--idle-seconds", type=float, default=3)
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--concurrency", type=int, default=100, help="handshakes per client")
+    parser.add_argument("--slow-step", type=float, default=90, help="stop the steps past this")
+    parser.add_argument("--no-celery", action="store_true", help="skip the Celery variant")
+    parser.add_argument(
+        "--no-pool-variant",
+        action="store_true",
+        help="skip the drain variant with the channel layer's connection limit lifted",
+    )
+    args = parser.parse_args()
+    if args.client:
+        asyncio.run(client_loop(args.client))
+        return
+    # A kill unwinds like an error: every process of the run is still stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.perf_counter()
+    broker_was_up = broker_up()
+    try:
+        run(args, started)
+    finally:
+        if not broker_was_up and broker_up():
+            import redis
+
+            # The broker common.setup_django() started for this run; nothing else uses it.
+            with contextlib.suppress(redis.ConnectionError):
+                redis.Redis(port=common.BROKER_PORT).shutdown(nosave=True)
+
+
+def broker_up() -> bool:
+    ping = ["redis-cli", "-p", str(common.BROKER_PORT), "ping"]
+    return subprocess.run(ping, capture_output=True).returncode == 0
+
+
+def run(args, started: float) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the server and clients inherit
+    common.setup_django()
+    live_log = logging.getLogger("offline.live")
+    live_log.addHandler(POKE_WARNINGS)
+    live_log.propagate = False
+    steps = sorted(set(args.steps) | {0})
+    args.steps = steps
+    n_users = max(max(steps), args.members)
+    say(f"setting up {n_users:,} users and devices…")
+    data = setup(n_users, args.members)
+    say(f"  set up in {data['setup_s']:.0f} s (logins {data['login_s']:.0f} s)")
+    from django.db import connection
+
+    connection.close()  # not held open across the server's start
+    server = Server()
+    data["server"] = server
+    clients: list[Client] = []
+    res: dict = {}
+    try:
+        server.wait_ready()
+        machine = common.machine()
+        url = f"ws://127.0.0.1:{server.port}/ws/v1/sync"
+        clients = [Client(url) for _ in range(args.clients)]
+        say("1. idle sockets")
+        res["idle"] = measure_idle(server, clients, data["tokens"], args)
+        held = res["idle"]["held"]
+        if held > args.members:
+            ask_all(
+                clients,
+                [{"cmd": "close", "idx": [i for i in range(args.members, held)]} for _ in clients],
+                120,
+            )
+            time.sleep(2)  # the disconnects done
+            res["after_close"] = {"sockets": args.members, **server_snapshot(server, 3)}
+        elif held < args.members:
+            extra = open_sockets(clients, data["tokens"], range(held, args.members), args)
+            if extra["failed"]:
+                raise RuntimeError(f"could not open the latency sockets: {extra['failures']}")
+        status = ask_all(clients, [{"cmd": "status"}] * len(clients), 60)
+        res["deflate"] = max(s["deflate"] for s in res["idle"]["steps"]) if held else 0
+        online = sum(s["open"] for s in status)
+        if online != args.members:
+            raise RuntimeError(f"{online} sockets open for the latency runs, not {args.members}")
+        say(f"2. latency, {online} devices online")
+        res["latency"] = {"drain": measure_latency(data, clients, args, "drain")}
+        if not args.no_celery:
+            res["latency"]["celery"] = with_celery(data, clients, args)
+        if not args.no_pool_variant:
+            res["latency"]["drain-pool"] = with_pool_lifted(data, clients, args)
+        res["server_log"] = server.log_tail()[-2000:]
+    finally:
+        for c in clients:
+            c.stop()
+        server.stop()
+    elapsed = time.perf_counter() - started
+    now = datetime.datetime.now()
+    lines = [
+        f"# Push benchmark (live sync over WebSocket), {now:%Y-%m-%d %H:%M}, "
+        f"{socket.gethostname()}",
+        "",
+        f"Machine: {machine}.",
+        f"Server: {server.description} (uvicorn's WebSocket implementation: websockets-sansio); "
+        f"{args.clients} client processes (`websockets.asyncio.client`), up to "
+        f"{args.concurrency} handshakes in flight each. Set-up ({n_users:,} users and devices): "
+        f"{data['setup_s']:.0f} s. Run took {elapsed:.0f} s.",
+        "",
+    ]
+    lines += tables(res, args)
+    print()
+    print("\n".join(lines), flush=True)
+    out = common.ROOT / "bench" / "results" / f"push-{datetime.date.today()}-{socket.gethostname()}"
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    for runs in res["latency"].values():
+        for r in runs:
+            r["latencies_ms"] = sorted(round(x, 2) for x in r["latencies_ms"])
+    Path(f"{out}.json").write_text(
+        json.dumps(
+            {
+                "at": now.isoformat(timespec="seconds"),
+                "host": socket.gethostname(),
+                "machine": machine,
+                "server": server.description,
+                "args": vars(args),
+                "elapsed_s": elapsed,
+                "setup_s": data["setup_s"],
+                **res,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"\nwritten to {out.relative_to(common.ROOT)}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
