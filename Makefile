@@ -21,6 +21,7 @@ run: venv services migrate demo
 	@echo
 	@echo "  API      http://127.0.0.1:8000/api/v1/   (docs /api/v1/docs, schema /api/v1/schema)"
 	@echo "  Admin    http://127.0.0.1:8000/admin/    (login admin / admin)"
+	@echo "  Live     ws://127.0.0.1:8000/ws/v1/sync  (Authorization: Bearer <device token>)"
 	@echo "  Flower   http://127.0.0.1:5555/"
 	@echo
 	PATH="$(BIN):$$PATH" $(BIN)/honcho start

@@ -13,7 +13,13 @@ machine:
    ``message_send`` returned (the commit), over every (message, device) pair. Twice:
    ``counters_drain()`` right after each send in this process (no Timer interval: commit →
    socket of the live path), and a real Celery worker + beat running the pipeline with its
-   Timer (``COUNTERS_FLUSH_INTERVAL``), nothing drained here.
+   Timer (``COUNTERS_FLUSH_INTERVAL``), nothing drained here. Then each once more
+   (``--pool-runs``) with the channel layer's Redis pool allowed ``--members`` + 100
+   connections where ``live_poke`` runs (this process, or the worker through
+   ``CHANNELS_REDIS_URL``): redis-py's asyncio pool allows 100, and ``live_poke`` sends one
+   ``group_send`` per online user at once, so as configured a poke of more than 100 users
+   fails as a whole. The drain variant then sends ``--pool-messages`` messages only: each
+   drain pokes every member, which takes seconds.
 
 The sockets are ``websockets.asyncio.client`` connections, held by ``--clients`` client
 processes (this script with ``--client``), each opening its share with ``--concurrency``
@@ -25,8 +31,9 @@ spend minutes hashing; the tasks ``device_login`` sends run eagerly here, so not
 set-up waits in the broker).
 
     python bench/push.py [--steps 0,500,1000,2000,4000] [--members 1000] [--messages 20]
-                         [--interval 0.5] [--runs 3] [--idle-seconds 3] [--clients 2]
-                         [--concurrency 100] [--slow-step 90] [--no-celery]
+                         [--interval 0.5] [--runs 3] [--settle 20] [--quiet 3]
+                         [--pool-runs 1] [--pool-messages 5] [--idle-seconds 3]
+                         [--clients 2] [--concurrency 100] [--slow-step 90] [--no-celery]
 
 Writes bench/results/push-<date>-<host>.md and .json. Stops uvicorn, the client processes,
 the Celery worker and beat (and the broker redis-server when this run started it) on the way
@@ -552,7 +559,9 @@ def measure_idle(server: Server, clients: list[Client], tokens: list[str], args)
 # ---- 2. delivery latency -------------------------------------------------------------------
 
 
-def send_messages(data: dict, clients: list[Client], args, mode: str, run: int) -> dict:
+def send_messages(
+    data: dict, clients: list[Client], args, mode: str, run: int, messages: int
+) -> dict:
     """Send ``--messages`` messages ``--interval`` s apart; unless mode is "celery", apply the
     pipeline in this process after each. Wait for every delivery (or ``--settle`` s after the
     last send), then collect the arrival stamps."""
@@ -565,7 +574,7 @@ def send_messages(data: dict, clients: list[Client], args, mode: str, run: int) 
     server = data["server"]
     cpu0 = common.group_cpu_seconds(server.proc)
     start = time.perf_counter()
-    for k in range(args.messages):
+    for k in range(messages):
         delay = start + k * args.interval - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
@@ -579,14 +588,15 @@ def send_messages(data: dict, clients: list[Client], args, mode: str, run: int) 
         commits[message.seq] = time.time()
         t1 = time.perf_counter()
         send_ms.append((t1 - t0) * 1000)
-        if mode != "celery":
+        if mode.startswith("drain"):
             counters_drain()
             drain_ms.append((time.perf_counter() - t1) * 1000)
     send_s = time.perf_counter() - start
+    sent_at = time.monotonic()
     seqs = sorted(commits)
     expected = len(seqs) * args.members
     deadline = time.monotonic() + args.settle
-    received = 0
+    received, progress = 0, (-1, time.monotonic())
     while time.monotonic() < deadline:
         received = sum(
             r["received"]
@@ -598,6 +608,10 @@ def send_messages(data: dict, clients: list[Client], args, mode: str, run: int) 
         )
         if received >= expected:
             break
+        if received != progress[0]:
+            progress = (received, time.monotonic())
+        elif time.monotonic() - progress[1] >= args.quiet:
+            break  # nothing arrived for --quiet s: what is missing stays missing
         time.sleep(0.25)
     server_cpu = common.group_cpu_seconds(server.proc) - cpu0
     poke_failures, poke_error = POKE_WARNINGS.take()
@@ -621,6 +635,7 @@ def send_messages(data: dict, clients: list[Client], args, mode: str, run: int) 
         "expected": expected,
         "delivered": len(latencies),
         "missing": expected - len(latencies),
+        "waited_s": time.monotonic() - sent_at,
         "missing_by_message": {s: args.members - len(v) for s, v in per_message.items()},
         "duplicates": sum(r["duplicates"] for r in replies),
         "closed": sum(len(r["closed"]) for r in replies),
@@ -641,23 +656,32 @@ def send_messages(data: dict, clients: list[Client], args, mode: str, run: int) 
     }
 
 
-def measure_latency(data: dict, clients: list[Client], args, mode: str) -> list[dict]:
-    runs = []
-    for run in range(args.runs):
-        r = send_messages(data, clients, args, mode, run)
-        runs.append(r)
+def measure_latency(
+    data: dict, clients: list[Client], args, mode: str, runs: int, messages: int
+) -> list[dict]:
+    out = []
+    for run in range(runs):
+        r = send_messages(data, clients, args, mode, run, messages)
+        out.append(r)
         say(
             f"  {mode} run {run + 1}: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
             f"max {r['max_ms']:.0f} ms; {r['missing']} of {r['expected']} missing; sent in "
             f"{r['send_s']:.1f} s"
+            + (f"; {r['poke_failures']} failed pokes" if r["poke_failures"] else "")
         )
-    return runs
+    return out
 
 
-def with_pool_lifted(data, clients, args) -> list[dict]:
-    """The drain variant with the channel layer's Redis pool in this process allowed
-    ``--members`` + 100 connections (redis-py's asyncio pool allows 100 by default, and
-    ``live_poke`` runs one ``group_send`` per user at once)."""
+def pool_limit(args) -> int:
+    """The connection limit of the channel layer's Redis pool in the pool variants: enough
+    for ``live_poke`` to run one ``group_send`` per online member at once (redis-py's asyncio
+    pool allows 100 by default)."""
+    return args.members + 100
+
+
+def with_drain(data, clients, args, *, lifted: bool) -> list[dict]:
+    if not lifted:
+        return measure_latency(data, clients, args, "drain", args.runs, args.messages)
     import copy
 
     from django.conf import settings
@@ -665,20 +689,29 @@ def with_pool_lifted(data, clients, args) -> list[dict]:
 
     layers = copy.deepcopy(settings.CHANNEL_LAYERS)
     for host in layers["default"]["CONFIG"]["hosts"]:
-        host["max_connections"] = args.members + 100
+        host["max_connections"] = pool_limit(args)
     with override_settings(CHANNEL_LAYERS=layers):  # channels drops its cached layer
-        return measure_latency(data, clients, args, "drain-pool")
+        return measure_latency(
+            data, clients, args, "drain-pool", args.pool_runs, args.pool_messages
+        )
 
 
-def with_celery(data, clients, args) -> list[dict]:
+def with_celery(data, clients, args, *, lifted: bool) -> list[dict]:
     """The pipeline as deployed: a worker (prefork, 2 processes) and beat with the Timer."""
     beat_file = f"/tmp/imcore-bench-push-beat-{os.getpid()}"
+    env = {}
+    if lifted:  # the worker's channel layer: the pool's limit as a URL parameter
+        env["CHANNELS_REDIS_URL"] = f"{common.ENV['REDIS_URL']}?max_connections={pool_limit(args)}"
     worker = beat = None
     try:
-        worker = common.start_worker()
-        beat = common.celery("beat", "--schedule", beat_file)
+        worker = common.start_worker(**env)
+        beat = common.celery("beat", "--schedule", beat_file, **env)
         time.sleep(2.5)  # let beat tick once and the worker settle before measuring
-        return measure_latency(data, clients, args, "celery")
+        if lifted:
+            return measure_latency(
+                data, clients, args, "celery-pool", args.pool_runs, args.messages
+            )
+        return measure_latency(data, clients, args, "celery", args.runs, args.messages)
     finally:
         for p in (beat, worker):
             if p is not None:
@@ -707,23 +740,27 @@ def latency_row(name: str, runs: list[dict]) -> str:
     missing = sum(r["missing"] for r in runs)
     expected = sum(r["expected"] for r in runs)
     drain = [ms for r in runs for ms in r["drain_ms"]]
-    pokes = (
-        f"{sum(r['poke_failures'] for r in runs)} of {sum(len(r['drain_ms']) for r in runs)}"
-        if drain
-        else "(in the worker)"
-    )
+    pokes = f"{sum(r['poke_failures'] for r in runs)}" if drain else "(in the worker)"
+    if pooled:
+        figures = (
+            f"{spread([r['p50_ms'] for r in runs])} | {spread([r['p99_ms'] for r in runs])} | "
+            f"{spread([r['max_ms'] for r in runs])} | {common.percentile(pooled, 50):.0f} / "
+            f"{common.percentile(pooled, 99):.0f} / {max(pooled):.0f} | "
+            f"{median([x for r in runs for x in r['first_ms']]):.0f} / "
+            f"{median([x for r in runs for x in r['last_ms']]):.0f} | "
+        )
+    else:
+        figures = "- | - | - | - | - | "  # nothing was delivered
     return (
         f"| {name} | {len(runs)} x {runs[0]['messages']} x {runs[0]['devices']:,} | "
-        f"{spread([r['p50_ms'] for r in runs])} | {spread([r['p99_ms'] for r in runs])} | "
-        f"{spread([r['max_ms'] for r in runs])} | {common.percentile(pooled, 50):.0f} / "
-        f"{common.percentile(pooled, 99):.0f} / {max(pooled, default=float('nan')):.0f} | "
-        f"{median([x for r in runs for x in r['first_ms']]):.0f} / "
-        f"{median([x for r in runs for x in r['last_ms']]):.0f} | "
-        f"{missing:,} of {expected:,} | {sum(r['duplicates'] for r in runs)} | "
-        f"{pokes} | {spread([r['send_s'] for r in runs], '{:.1f}')} | "
-        f"{median([x for r in runs for x in r['send_ms']]):.1f} | "
-        f"{f'{median(drain):.0f}' if drain else '-'} | "
-        f"{median([r['server_cpu_s'] for r in runs]):.1f} |"
+        + figures
+        + (
+            f"{missing:,} of {expected:,} | {sum(r['duplicates'] for r in runs)} | "
+            f"{pokes} | {spread([r['send_s'] for r in runs], '{:.1f}')} | "
+            f"{median([x for r in runs for x in r['send_ms']]):.1f} | "
+            f"{f'{median(drain):.0f}' if drain else '-'} | "
+            f"{median([r['server_cpu_s'] for r in runs]):.1f} |"
+        )
     )
 
 
@@ -774,11 +811,12 @@ def tables(res: dict, args) -> list[str]:
     lines += [
         "",
         f"### 2. Delivery latency: commit → frame at the device, {args.members:,} devices "
-        f"online in one group, {args.messages} messages {args.interval:g} s apart per run",
+        f"online in one group, messages {args.interval:g} s apart (a drain variant sends the "
+        "next one once its drain returned, if later)",
         "",
         "| pipeline | runs x messages x devices | p50 ms | p99 ms | max ms "
         "| pooled p50 / p99 / max ms | first / last device per message, median ms "
-        "| missing deliveries | duplicates | drains with a failed `live_poke` "
+        "| missing deliveries | duplicates | failed `live_poke` calls here "
         "| sending took s | message_send ms | drain ms | server CPU s / run |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
         "| ---: | ---: |",
@@ -788,7 +826,9 @@ def tables(res: dict, args) -> list[str]:
         "celery": "Celery worker (2 processes) + beat, Timer "
         f"{settings.COUNTERS_FLUSH_INTERVAL:g} s",
         "drain-pool": "`counters_drain()` as above, channel-layer pool limit lifted to "
-        f"{args.members + 100:,} connections",
+        f"{pool_limit(args):,} connections",
+        "celery-pool": "Celery worker + beat as above, channel-layer pool limit lifted to "
+        f"{pool_limit(args):,} connections",
     }
     for mode, runs in lat.items():
         lines.append(latency_row(names[mode], runs))
@@ -798,8 +838,11 @@ def tables(res: dict, args) -> list[str]:
         "arrived minus `time.time()` right after `message_send` returned (its transaction "
         "committed), over every (message, device) pair, the sender's own device included. "
         "p50/p99/max: median of the runs' values (min..max); pooled: over every pair of every "
-        "run. Missing: pairs never delivered within "
-        f"{args.settle:g} s of the last send.",
+        "run. First / last device: per message, the earliest and the latest delivery. "
+        "Missing: pairs not delivered when the wait ended: at most "
+        f"{args.settle:g} s after the last send, or once nothing had arrived for "
+        f"{args.quiet:g} s. Failed `live_poke` calls: warnings `offline.live` logged in this "
+        "process (a drain pokes in two calls, one per half of the batch's users).",
     ]
     return lines
 
@@ -817,16 +860,26 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20, help="messages per latency run")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between messages")
     parser.add_argument("--runs", type=int, default=3, help="latency runs per pipeline")
-    parser.add_argument("--settle", type=float, default=15, help="wait after the last send")
+    parser.add_argument("--settle", type=float, default=20, help="wait at most after the last send")
     parser.add_argument("--idle-seconds", type=float, default=3)
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument("--concurrency", type=int, default=100, help="handshakes per client")
     parser.add_argument("--slow-step", type=float, default=90, help="stop the steps past this")
     parser.add_argument("--no-celery", action="store_true", help="skip the Celery variant")
     parser.add_argument(
-        "--no-pool-variant",
-        action="store_true",
-        help="skip the drain variant with the channel layer's connection limit lifted",
+        "--pool-runs",
+        type=int,
+        default=1,
+        help="runs of each variant with the channel layer's pool limit lifted (0: none)",
+    )
+    parser.add_argument(
+        "--pool-messages",
+        type=int,
+        default=5,
+        help="messages per drain run with the pool limit lifted (each drain pokes every member)",
+    )
+    parser.add_argument(
+        "--quiet", type=float, default=3, help="stop waiting once nothing arrived for this long"
     )
     args = parser.parse_args()
     if args.client:
@@ -898,11 +951,13 @@ def run(args, started: float) -> None:
         if online != args.members:
             raise RuntimeError(f"{online} sockets open for the latency runs, not {args.members}")
         say(f"2. latency, {online} devices online")
-        res["latency"] = {"drain": measure_latency(data, clients, args, "drain")}
+        res["latency"] = {"drain": with_drain(data, clients, args, lifted=False)}
         if not args.no_celery:
-            res["latency"]["celery"] = with_celery(data, clients, args)
-        if not args.no_pool_variant:
-            res["latency"]["drain-pool"] = with_pool_lifted(data, clients, args)
+            res["latency"]["celery"] = with_celery(data, clients, args, lifted=False)
+        if args.pool_runs:
+            res["latency"]["drain-pool"] = with_drain(data, clients, args, lifted=True)
+            if not args.no_celery:
+                res["latency"]["celery-pool"] = with_celery(data, clients, args, lifted=True)
         res["server_log"] = server.log_tail()[-2000:]
     finally:
         for c in clients:

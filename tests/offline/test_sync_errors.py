@@ -262,3 +262,43 @@ def test_an_ack_never_touches_another_users_device(make_member, second_device):
     acked = dict(Device.objects.values_list("pk", "acked_version"))
     bob_pk = Device.objects.get(user=bob.user).pk
     assert acked == {phone_pk: 1, laptop_pk: a_latest, bob_pk: b_latest}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"pushkey": ""},
+        {"pushkey": 5},
+        {"pushkey": "x" * 513},
+        {"pushkey": "a", "extra": 1},
+        {"pushkey": "a\u0000b"},
+        {"pushkey": "a", "app_id": ""},
+        [],
+    ],
+)
+def test_bad_pushkey_bodies_change_nothing(make_member, body):
+    alice = make_member("alice")
+    before = list(Device.objects.values_list("pk", "pushkey", "push_app_id"))
+    response = alice.put("/devices/current/pushkey", body)
+    assert_error(response, 422, "invalid_request")
+    assert list(Device.objects.values_list("pk", "pushkey", "push_app_id")) == before
+    assert_error(alice.put("/devices/current/pushkey", {"pushkey": "k"}, token="bad"), 401)
+    assert_error(alice.get("/devices", token="bad"), 401)
+
+
+def test_a_login_with_a_bad_pushkey_creates_nothing(make_member):
+    alice = make_member("alice")
+    count = Device.objects.count()
+    response = alice.post(
+        "/devices",
+        {
+            "username": "alice",
+            "password": "pw-for-tests-1",
+            "device_id": "tablet",
+            "platform": "ios",
+            "pushkey": "",
+        },
+    )
+    assert_error(response, 422, "invalid_request")
+    assert Device.objects.count() == count
