@@ -208,3 +208,25 @@ def test_devices_lists_mine_with_online_last_seen_acked_and_push(
     assert not Device.objects.get(user=alice.user, device_id="laptop").pushkey
     assert bob.get("/devices").json()["devices"][0]["device_id"] == "phone"
     assert alice.get("/devices", token="nope").status_code == 401
+
+
+def test_a_socket_gets_only_its_own_users_entries(server, make_member):
+    """Another user's token opens that user's stream, never this one's."""
+    alice, bob, carol = make_member("alice"), make_member("bob"), make_member("carol")
+    cid = alice.post("/conversations", {"kind": "direct", "members": [carol.id]}).json()["id"]
+    with ws(server, bob) as bob_sock, ws(server, carol) as carol_sock:
+        frames_until(bob_sock, 0)
+        frames_until(carol_sock, 0)
+        alice.send(cid, "for carol only")
+        counters_drain()
+        bodies: list[str] = []
+        while not bodies:
+            bodies = [
+                e["message"]["body"]
+                for f in frames_until(carol_sock, 0, timeout=5)
+                for e in f["entries"]
+                if e["type"] == "message"
+            ]
+        assert bodies == ["for carol only"]
+        with pytest.raises(TimeoutError):
+            bob_sock.recv(timeout=1.5)
