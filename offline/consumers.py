@@ -24,7 +24,7 @@ import json
 import logging
 from urllib.parse import parse_qs
 
-from channels.db import database_sync_to_async
+from channels.db import DatabaseSyncToAsync
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
@@ -34,6 +34,14 @@ from imcore.services import device_authenticate
 from . import keys, services
 
 logger = logging.getLogger(__name__)
+
+
+def in_thread(fn):
+    """Run blocking service code in the thread pool, connections closed around it as Channels'
+    ``database_sync_to_async`` does, but not all on one thread (its default): a poke to a
+    thousand connected devices then reads the store for many of them at once."""
+    return DatabaseSyncToAsync(fn, thread_sensitive=False)
+
 
 CLOSE_BAD_TOKEN = 4401
 CLOSE_BAD_FRAME = 4400
@@ -59,7 +67,7 @@ class SyncConsumer(AsyncWebsocketConsumer):
 
     async def connect(self):
         token = _token(self.scope)
-        device = await database_sync_to_async(_authenticate)(token) if token else None
+        device = await in_thread(_authenticate)(token) if token else None
         await self.accept()
         if device is None:
             await self._refuse(CLOSE_BAD_TOKEN, "a valid device token is required")
@@ -69,7 +77,7 @@ class SyncConsumer(AsyncWebsocketConsumer):
         self.lock = asyncio.Lock()
         self.group = keys.live_group(device.user_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
-        await database_sync_to_async(services.presence_connected)(device=device)
+        await in_thread(services.presence_connected)(device=device)
         self.heartbeat = asyncio.create_task(self._keep_online())
         await self._catch_up()
 
@@ -81,14 +89,14 @@ class SyncConsumer(AsyncWebsocketConsumer):
         device drops out within the TTL."""
         while True:
             await asyncio.sleep(settings.PRESENCE_TTL_S / 3)
-            await database_sync_to_async(services.presence_connected)(device=self.device)
+            await in_thread(services.presence_connected)(device=self.device)
 
     async def disconnect(self, code):
         if self.device is None:
             return
         self.heartbeat.cancel()
         await self.channel_layer.group_discard(self.group, self.channel_name)
-        await database_sync_to_async(services.presence_disconnected)(device=self.device)
+        await in_thread(services.presence_disconnected)(device=self.device)
 
     async def receive(self, text_data=None, bytes_data=None):
         if self.device is None:
@@ -100,12 +108,12 @@ class SyncConsumer(AsyncWebsocketConsumer):
             return
         kind = frame.get("type") if isinstance(frame, dict) else None
         if kind == "ping" and set(frame) == {"type"}:
-            await database_sync_to_async(services.presence_connected)(device=self.device)
+            await in_thread(services.presence_connected)(device=self.device)
             await self.send(text_data='{"type":"pong"}')
             await self._catch_up()
         elif kind == "ack" and set(frame) == {"type", "version"} and _version(frame["version"]):
             try:
-                acked = await database_sync_to_async(services.sync_ack)(
+                acked = await in_thread(services.sync_ack)(
                     device=self.device, version=frame["version"]
                 )
             except BadRequest as exc:
@@ -123,7 +131,7 @@ class SyncConsumer(AsyncWebsocketConsumer):
 
     async def _catch_up(self) -> None:
         async with self.lock:
-            frames, self.sent = await database_sync_to_async(services.sync_catch_up)(
+            frames, self.sent = await in_thread(services.sync_catch_up)(
                 device=self.device, since=self.sent
             )
             for frame in frames:
