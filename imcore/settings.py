@@ -200,8 +200,12 @@ CHANNEL_LAYERS = {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
             # redis-py 8 reads with a 5 s socket timeout by default, the same as the
-            # layer's blocking BZPOPMIN: give the blocking reads room.
-            "hosts": [{"address": CHANNELS_REDIS_URL, "socket_timeout": 15}],
+            # layer's blocking BZPOPMIN: give the blocking reads room;
+            # and its pools stop at 100 connections, which a wave of connects or disconnects
+            # on one server process exceeds.
+            "hosts": [
+                {"address": CHANNELS_REDIS_URL, "socket_timeout": 15, "max_connections": 2000}
+            ],
             "prefix": "imc:ws",
             "capacity": 1000,
         },

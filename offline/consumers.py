@@ -95,8 +95,11 @@ class SyncConsumer(AsyncWebsocketConsumer):
         if self.device is None:
             return
         self.heartbeat.cancel()
-        await self.channel_layer.group_discard(self.group, self.channel_name)
         await in_thread(services.presence_disconnected)(device=self.device)
+        try:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+        except Exception:  # the group forgets a dead channel by itself (group expiry)
+            logger.warning("group_discard failed for device %s", self.device.pk, exc_info=True)
 
     async def receive(self, text_data=None, bytes_data=None):
         if self.device is None:
