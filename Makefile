@@ -15,7 +15,7 @@ export DATABASE_URL ?= postgres://postgres@$(PG_HOST):$(PG_PORT)/imcore
 export REDIS_URL ?= redis://$(PG_HOST):$(REDIS_PORT)/0
 export CELERY_BROKER_URL ?= redis://$(PG_HOST):$(REDIS_PORT)/1
 
-.PHONY: run test lint fmt services venv migrate demo clean bench-storm bench-sync
+.PHONY: run test lint fmt services venv migrate demo clean bench-storm bench-sync bench-push
 
 run: venv services migrate demo
 	@echo
@@ -91,6 +91,9 @@ bench-storm: venv services
 
 bench-sync: venv services
 	$(BIN)/python bench/sync.py $(BENCH_ARGS)
+
+bench-push: venv services
+	$(BIN)/python bench/push.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache .ruff_cache .hypothesis

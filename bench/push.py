@@ -5,7 +5,9 @@ machine:
 1. idle sockets: authenticated devices connect in steps (``--steps``) and stay idle; after
    each step, the server's RSS (``VmRSS`` of ``/proc/<pid>/status``), RSS per socket (growth
    since the step with 0 sockets / sockets) and the server's CPU over ``--idle-seconds`` of
-   idling. Steps stop early when one fails or takes longer than ``--slow-step`` seconds;
+   idling (20 s: the server pings every socket and refreshes its presence every 20 s, so a
+   shorter window right after a step sees none of that, and one later sees a burst). Steps
+   stop early when one fails or takes longer than ``--slow-step`` seconds;
 2. delivery latency: ``--members`` devices online (one per user, all members of one group,
    the sockets of step 1 kept), a member sends ``--messages`` messages ``--interval`` s apart
    with ``message_send``, and every device stamps ``time.time()`` when the frame with the
@@ -13,27 +15,24 @@ machine:
    ``message_send`` returned (the commit), over every (message, device) pair. Twice:
    ``counters_drain()`` right after each send in this process (no Timer interval: commit →
    socket of the live path), and a real Celery worker + beat running the pipeline with its
-   Timer (``COUNTERS_FLUSH_INTERVAL``), nothing drained here. Then each once more
-   (``--pool-runs``) with the channel layer's Redis pool allowed ``--members`` + 100
-   connections where ``live_poke`` runs (this process, or the worker through
-   ``CHANNELS_REDIS_URL``): redis-py's asyncio pool allows 100, and ``live_poke`` sends one
-   ``group_send`` per online user at once, so as configured a poke of more than 100 users
-   fails as a whole. The drain variant then sends ``--pool-messages`` messages only: each
-   drain pokes every member, which takes seconds.
+   Timer (``COUNTERS_FLUSH_INTERVAL``), nothing drained here.
 
 The sockets are ``websockets.asyncio.client`` connections, held by ``--clients`` client
 processes (this script with ``--client``), each opening its share with ``--concurrency``
 handshakes in flight; the client offers permessage-deflate as browsers do and sends no pings
 of its own (the server pings every 20 s). Everything runs on this machine, so the clocks of
-the server, the clients and this process agree. Users and devices come from ``create_user``
-and ``device_login`` (with the MD5 password hasher in this process only, so set-up does not
-spend minutes hashing; the tasks ``device_login`` sends run eagerly here, so nothing of the
-set-up waits in the broker).
+the server, the clients and this process agree. The members' users and devices come from
+``create_user`` and ``device_login`` (with the MD5 password hasher in this process only, so
+set-up does not spend minutes hashing; the tasks ``device_login`` sends run eagerly here, so
+nothing of the set-up waits in the broker); the other devices, which only hold idle sockets,
+are bulk-inserted with the token hash ``device_login`` would store. Handshakes that fail are
+retried once with ``--retry-concurrency`` in flight. The commit the run measured is recorded,
+and a change of the code during the run is reported.
 
-    python bench/push.py [--steps 0,500,1000,2000,4000] [--members 1000] [--messages 20]
-                         [--interval 0.5] [--runs 3] [--settle 20] [--quiet 3]
-                         [--pool-runs 1] [--pool-messages 5] [--idle-seconds 3]
-                         [--clients 2] [--concurrency 100] [--slow-step 90] [--no-celery]
+    python bench/push.py [--steps 0,1000,2000,4000] [--members 1000] [--messages 20]
+                         [--interval 0.5] [--runs 2] [--settle 20] [--quiet 3]
+                         [--idle-seconds 20] [--clients 2] [--concurrency 100]
+                         [--retry-concurrency 10] [--slow-step 90] [--no-celery]
 
 Writes bench/results/push-<date>-<host>.md and .json. Stops uvicorn, the client processes,
 the Celery worker and beat (and the broker redis-server when this run started it) on the way
@@ -164,10 +163,13 @@ class ClientProcess:
                 if "permessage-deflate"
                 in (s.ws.response.headers.get("Sec-WebSocket-Extensions") or "")
             )
+            reasons: dict[str, int] = {}
+            for _, r in failed:
+                reasons[r[:160]] = reasons.get(r[:160], 0) + 1
             return {
                 "opened": len(cmd["sockets"]) - len(failed),
-                "failed": failed[:20],
-                "n_failed": len(failed),
+                "failed_idx": [idx for idx, _ in failed],
+                "reasons": reasons,
                 "seconds": time.perf_counter() - t0,
                 "deflate": deflate,
             }
@@ -190,9 +192,16 @@ class ClientProcess:
                 "closed": {idx: s.closed for idx, s in self.socks.items() if s.closed},
                 "errors": [e for s in self.socks.values() for e in s.errors][:20],
             }
+        if op == "ping":
+            live = [s for s in self.socks.values() if s.closed is None]
+            await asyncio.gather(
+                *(s.ws.send('{"type":"ping"}') for s in live), return_exceptions=True
+            )
+            return {"pinged": len(live)}
         if op == "status":
             return {
                 "open": sum(1 for s in self.socks.values() if s.closed is None),
+                "open_idx": [i for i, s in self.socks.items() if s.closed is None],
                 "closed": {idx: s.closed for idx, s in self.socks.items() if s.closed},
                 "rss_kb": rss_kb(os.getpid()),
             }
@@ -303,6 +312,24 @@ class Server:
     def log_tail(self) -> str:
         return Path(self.log.name).read_text(errors="replace")[-4000:]
 
+    def log_errors(self) -> dict:
+        """Tracebacks in the server's log so far, by the exception that ended each (the last
+        one of a chain)."""
+        chained = ("During handling of the above exception", "The above exception was")
+        errors: dict[str, int] = {}
+        lines = [x for x in Path(self.log.name).read_text(errors="replace").splitlines() if x]
+        in_traceback = False
+        for i, line in enumerate(lines):
+            if line.startswith("Traceback"):
+                in_traceback = True
+            elif in_traceback and not line.startswith((" ", *chained)):
+                nxt = lines[i + 1] if i + 1 < len(lines) else ""
+                if not nxt.startswith(chained):
+                    name = line.split(":", 1)[0]
+                    errors[name] = errors.get(name, 0) + 1
+                in_traceback = False
+        return errors
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             common.stop(self.proc)
@@ -367,14 +394,18 @@ def ask_all(clients: list[Client], cmds: list[dict], timeout: float) -> list[dic
     return [c.reply(max(deadline - time.monotonic(), 0.1)) for c in clients]
 
 
-class Warnings(logging.Handler):
-    """Counts the warnings of a logger (``offline.live``'s failed pokes) instead of printing
-    a traceback for each; keeps the first message."""
+class LogCount(logging.Handler):
+    """Counts the records of a logger instead of printing them (a traceback for each failed
+    poke); keeps the first message."""
 
-    def __init__(self):
-        super().__init__(logging.WARNING)
+    def __init__(self, name: str, level: int):
+        super().__init__(level)
         self.count = 0
         self.first: str | None = None
+        log = logging.getLogger(name)
+        log.setLevel(min(log.getEffectiveLevel(), level))
+        log.addHandler(self)
+        log.propagate = False
 
     def emit(self, record: logging.LogRecord) -> None:
         self.count += 1
@@ -386,9 +417,6 @@ class Warnings(logging.Handler):
         out = (self.count, self.first)
         self.count, self.first = 0, None
         return out
-
-
-POKE_WARNINGS = Warnings()
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -488,27 +516,74 @@ def server_snapshot(server: Server, idle_s: float) -> dict:
     pid = server.proc.pid
     return {
         "rss_kb": rss_kb(pid),
-        "idle_cpu_pct": 100 * cpu / wall,
+        "idle_cpu_pct": 100 * cpu / wall if wall > 0.5 else None,
         "threads": proc_status(pid, "Threads"),
         "fds": fd_count(pid),
     }
 
 
-def open_sockets(clients: list[Client], tokens: list[str], idx: range, args) -> dict:
-    """Open the sockets of devices ``idx``: device i goes to client i % len(clients)."""
-    parts = [[[i, tokens[i]] for i in idx if i % len(clients) == k] for k in range(len(clients))]
+def after_close(server: Server, sockets: int) -> dict:
+    """How long the server stays busy with the disconnects (until a second of under 10 % of
+    a core, at most 30 s), then its RSS."""
     t0 = time.perf_counter()
-    replies = ask_all(
-        clients,
-        [{"cmd": "open", "sockets": p, "concurrency": args.concurrency} for p in parts],
-        timeout=max(600, len(idx)),
+    busy = 0.0
+    while time.perf_counter() - t0 < 30:
+        cpu0 = common.group_cpu_seconds(server.proc)
+        time.sleep(1)
+        if common.group_cpu_seconds(server.proc) - cpu0 < 0.1:
+            break
+        busy = time.perf_counter() - t0
+    return {"sockets": sockets, "busy_s": busy, **server_snapshot(server, 0)}
+
+
+def still_online(idx: range) -> int:
+    """Devices ``bench-<i>`` whose presence Redis still holds (their socket closed)."""
+    from imcore.models import Device
+    from offline.store import presence_online
+
+    devices = dict(
+        Device.objects.filter(device_id__in=[f"bench-{i}" for i in idx]).values_list(
+            "pk", "user_id"
+        )
     )
+    online = presence_online(set(devices.values()))
+    return sum(1 for pk, uid in devices.items() if pk in online.get(uid, set()))
+
+
+def open_sockets(clients: list[Client], tokens: list[str], idx: list[int], args) -> dict:
+    """Open the sockets of devices ``idx`` (device i goes to client i % len(clients)), then
+    retry those that failed once, with ``--retry-concurrency`` handshakes in flight."""
+
+    def attempt(which: list[int], concurrency: int) -> list[dict]:
+        parts = [[[i, tokens[i]] for i in which if i % len(clients) == k] for k in clients_k]
+        return ask_all(
+            clients,
+            [{"cmd": "open", "sockets": p, "concurrency": concurrency} for p in parts],
+            timeout=max(600, len(which)),
+        )
+
+    clients_k = range(len(clients))
+    t0 = time.perf_counter()
+    first = attempt(list(idx), args.concurrency)
+    seconds = time.perf_counter() - t0
+    failed = [i for r in first for i in r["failed_idx"]]
+    reasons: dict[str, int] = {}
+    for r in first:
+        for reason, n in r["reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    retry: list[dict] = []
+    if failed:
+        time.sleep(1)
+        retry = attempt(failed, args.retry_concurrency)
+    still = [i for r in retry for i in r["failed_idx"]]
     return {
-        "seconds": time.perf_counter() - t0,
-        "opened": sum(r["opened"] for r in replies),
-        "failed": sum(r["n_failed"] for r in replies),
-        "failures": [f for r in replies for f in r["failed"]][:10],
-        "deflate": sum(r["deflate"] for r in replies),
+        "seconds": seconds,  # the first attempt
+        "opened": len(idx) - len(still),
+        "failed_first": len(failed),
+        "failed": len(still),
+        "reasons_first": reasons,
+        "reasons_retry": {k: v for r in retry for k, v in r["reasons"].items()},
+        "deflate": sum(r["deflate"] for r in (retry or first)),
     }
 
 
@@ -521,12 +596,12 @@ def measure_idle(server: Server, clients: list[Client], tokens: list[str], args)
         if n > len(tokens):
             stopped = f"step {n} is above the {len(tokens)} devices set up"
             break
-        opened = {"seconds": 0.0, "opened": 0, "failed": 0, "failures": [], "deflate": 0}
+        opened = {"seconds": 0.0, "opened": 0, "failed_first": 0, "failed": 0, "deflate": 0}
         if n > held:
-            opened = open_sockets(clients, tokens, range(held, n), args)
+            opened = open_sockets(clients, tokens, list(range(held, n)), args)
         status = ask_all(clients, [{"cmd": "status"}] * len(clients), 60)
         open_now = sum(s["open"] for s in status)
-        snap = server_snapshot(server, args.idle_seconds)
+        snap = server_snapshot(server, args.idle_seconds if n else min(args.idle_seconds, 3))
         if base is None:
             base = snap["rss_kb"]
         step = {
@@ -544,11 +619,17 @@ def measure_idle(server: Server, clients: list[Client], tokens: list[str], args)
         say(
             f"  {n} sockets: opened {opened['opened']} in {opened['seconds']:.1f} s "
             f"({per_s / opened['seconds'] if opened['seconds'] else 0:.0f}/s), "
-            f"{opened['failed']} failed, {open_now} open; server RSS {snap['rss_kb'] / 1024:.0f} "
-            f"MiB, idle CPU {snap['idle_cpu_pct']:.1f} %"
+            f"{opened['failed_first']} failed ({opened['failed']} after a retry), {open_now} "
+            f"open; server RSS {snap['rss_kb'] / 1024:.0f} MiB, idle CPU "
+            f"{snap['idle_cpu_pct']:.1f} %"
         )
+        for reason, k in opened.get("reasons_first", {}).items():
+            say(f"    {k} x {reason}")
         if opened["failed"] or open_now != n:
-            stopped = f"step {n} failed: {opened['failures'][:3]}"
+            stopped = (
+                f"step {n}: {opened['failed']} sockets failed twice, {open_now} of {n} open "
+                f"({opened.get('reasons_retry')})"
+            )
             break
         if opened["seconds"] > args.slow_step:
             stopped = f"step {n} took {opened['seconds']:.0f} s (> --slow-step {args.slow_step:g})"
@@ -562,9 +643,11 @@ def measure_idle(server: Server, clients: list[Client], tokens: list[str], args)
 def send_messages(
     data: dict, clients: list[Client], args, mode: str, run: int, messages: int
 ) -> dict:
-    """Send ``--messages`` messages ``--interval`` s apart; unless mode is "celery", apply the
-    pipeline in this process after each. Wait for every delivery (or ``--settle`` s after the
-    last send), then collect the arrival stamps."""
+    """Send ``messages`` messages ``--interval`` s apart; unless mode is "celery", apply the
+    pipeline in this process after each. Wait for every delivery (at most ``--settle`` s after
+    the last send, or until nothing arrived for ``--quiet`` s). If some are missing, every
+    device sends a ``ping`` frame (the server catches it up): what arrives then was in the
+    store but its poke never came; it is counted apart, not in the latencies."""
     from counters.pipeline import counters_drain
     from imcore import services
 
@@ -595,36 +678,30 @@ def send_messages(
     sent_at = time.monotonic()
     seqs = sorted(commits)
     expected = len(seqs) * args.members
-    deadline = time.monotonic() + args.settle
-    received, progress = 0, (-1, time.monotonic())
-    while time.monotonic() < deadline:
-        received = sum(
-            r["received"]
-            for r in ask_all(
-                clients,
-                [{"cmd": "count", "conversation_id": cid, "seqs": seqs}] * len(clients),
-                60,
-            )
-        )
-        if received >= expected:
-            break
-        if received != progress[0]:
-            progress = (received, time.monotonic())
-        elif time.monotonic() - progress[1] >= args.quiet:
-            break  # nothing arrived for --quiet s: what is missing stays missing
-        time.sleep(0.25)
+    received = wait_for(clients, cid, seqs, expected, args.settle, args.quiet)
+    waited_s = time.monotonic() - sent_at
+    pinged_at = None
+    if received < expected:
+        pinged_at = time.time()
+        ask_all(clients, [{"cmd": "ping"}] * len(clients), 60)
+        wait_for(clients, cid, seqs, expected, args.settle, args.quiet)
     server_cpu = common.group_cpu_seconds(server.proc) - cpu0
-    poke_failures, poke_error = POKE_WARNINGS.take()
+    poke_failures, poke_error = data["poke_log"].take()
+    # channels_redis drops a message for a channel whose Redis list is full (INFO record)
+    over_capacity, over_capacity_first = data["capacity_log"].take()
     replies = ask_all(
         clients, [{"cmd": "receipts", "conversation_id": cid, "seqs": seqs}] * len(clients), 120
     )
     latencies: list[float] = []
     per_message: dict[int, list[float]] = {s: [] for s in seqs}
-    devices = 0
+    devices = recovered = 0
     for r in replies:
         for stamps in r["receipts"].values():
             devices += 1
             for seq, t in stamps.items():
+                if pinged_at is not None and t >= pinged_at:
+                    recovered += 1
+                    continue
                 ms = (t - commits[int(seq)]) * 1000
                 latencies.append(ms)
                 per_message[int(seq)].append(ms)
@@ -635,7 +712,8 @@ def send_messages(
         "expected": expected,
         "delivered": len(latencies),
         "missing": expected - len(latencies),
-        "waited_s": time.monotonic() - sent_at,
+        "recovered_by_ping": recovered,
+        "waited_s": waited_s,
         "missing_by_message": {s: args.members - len(v) for s, v in per_message.items()},
         "duplicates": sum(r["duplicates"] for r in replies),
         "closed": sum(len(r["closed"]) for r in replies),
@@ -652,8 +730,36 @@ def send_messages(
         "server_cpu_s": server_cpu,
         "poke_failures": poke_failures,  # live_poke calls that failed in this process
         "poke_error": poke_error,
+        "group_sends_over_capacity": over_capacity,  # in this process
+        "over_capacity_first": over_capacity_first,
         "latencies_ms": latencies,
     }
+
+
+def wait_for(
+    clients: list[Client], cid: int, seqs: list[int], expected: int, cap: float, quiet: float
+) -> int:
+    """Poll the clients until ``expected`` deliveries arrived, ``cap`` s passed, or nothing
+    arrived for ``quiet`` s; returns how many arrived."""
+    deadline = time.monotonic() + cap
+    received, progress = 0, (-1, time.monotonic())
+    while time.monotonic() < deadline:
+        received = sum(
+            r["received"]
+            for r in ask_all(
+                clients,
+                [{"cmd": "count", "conversation_id": cid, "seqs": seqs}] * len(clients),
+                60,
+            )
+        )
+        if received >= expected:
+            break
+        if received != progress[0]:
+            progress = (received, time.monotonic())
+        elif time.monotonic() - progress[1] >= quiet:
+            break  # nothing arrived for a while: what is missing stays missing
+        time.sleep(0.25)
+    return received
 
 
 def measure_latency(
@@ -672,45 +778,14 @@ def measure_latency(
     return out
 
 
-def pool_limit(args) -> int:
-    """The connection limit of the channel layer's Redis pool in the pool variants: enough
-    for ``live_poke`` to run one ``group_send`` per online member at once (redis-py's asyncio
-    pool allows 100 by default)."""
-    return args.members + 100
-
-
-def with_drain(data, clients, args, *, lifted: bool) -> list[dict]:
-    if not lifted:
-        return measure_latency(data, clients, args, "drain", args.runs, args.messages)
-    import copy
-
-    from django.conf import settings
-    from django.test import override_settings
-
-    layers = copy.deepcopy(settings.CHANNEL_LAYERS)
-    for host in layers["default"]["CONFIG"]["hosts"]:
-        host["max_connections"] = pool_limit(args)
-    with override_settings(CHANNEL_LAYERS=layers):  # channels drops its cached layer
-        return measure_latency(
-            data, clients, args, "drain-pool", args.pool_runs, args.pool_messages
-        )
-
-
-def with_celery(data, clients, args, *, lifted: bool) -> list[dict]:
+def with_celery(data, clients, args) -> list[dict]:
     """The pipeline as deployed: a worker (prefork, 2 processes) and beat with the Timer."""
     beat_file = f"/tmp/imcore-bench-push-beat-{os.getpid()}"
-    env = {}
-    if lifted:  # the worker's channel layer: the pool's limit as a URL parameter
-        env["CHANNELS_REDIS_URL"] = f"{common.ENV['REDIS_URL']}?max_connections={pool_limit(args)}"
     worker = beat = None
     try:
-        worker = common.start_worker(**env)
-        beat = common.celery("beat", "--schedule", beat_file, **env)
+        worker = common.start_worker()
+        beat = common.celery("beat", "--schedule", beat_file)
         time.sleep(2.5)  # let beat tick once and the worker settle before measuring
-        if lifted:
-            return measure_latency(
-                data, clients, args, "celery-pool", args.pool_runs, args.messages
-            )
         return measure_latency(data, clients, args, "celery", args.runs, args.messages)
     finally:
         for p in (beat, worker):
@@ -740,7 +815,12 @@ def latency_row(name: str, runs: list[dict]) -> str:
     missing = sum(r["missing"] for r in runs)
     expected = sum(r["expected"] for r in runs)
     drain = [ms for r in runs for ms in r["drain_ms"]]
-    pokes = f"{sum(r['poke_failures'] for r in runs)}" if drain else "(in the worker)"
+    pokes = (
+        f"{sum(r['poke_failures'] for r in runs)} / "
+        f"{sum(r['group_sends_over_capacity'] for r in runs)}"
+        if drain
+        else "(in the worker)"
+    )
     if pooled:
         figures = (
             f"{spread([r['p50_ms'] for r in runs])} | {spread([r['p99_ms'] for r in runs])} | "
@@ -755,7 +835,8 @@ def latency_row(name: str, runs: list[dict]) -> str:
         f"| {name} | {len(runs)} x {runs[0]['messages']} x {runs[0]['devices']:,} | "
         + figures
         + (
-            f"{missing:,} of {expected:,} | {sum(r['duplicates'] for r in runs)} | "
+            f"{missing:,} of {expected:,} ({sum(r['recovered_by_ping'] for r in runs):,}) | "
+            f"{sum(r['duplicates'] for r in runs)} | "
             f"{pokes} | {spread([r['send_s'] for r in runs], '{:.1f}')} | "
             f"{median([x for r in runs for x in r['send_ms']]):.1f} | "
             f"{f'{median(drain):.0f}' if drain else '-'} | "
@@ -771,7 +852,8 @@ def tables(res: dict, args) -> list[str]:
     lines = [
         "### 1. Idle authenticated sockets on one uvicorn process",
         "",
-        "| sockets | opened in s (sockets/s) | failed | server RSS MiB | RSS growth MiB "
+        "| sockets | opened in s (sockets/s) | failed (after a retry) | server RSS MiB "
+        "| RSS growth MiB "
         "| KiB / socket | server CPU idle, % of a core | threads | fds | client RSS MiB |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -780,7 +862,8 @@ def tables(res: dict, args) -> list[str]:
         new = s["sockets"] - prev
         rate = f" ({new / s['seconds']:.0f})" if s["seconds"] else ""
         lines.append(
-            f"| {s['sockets']:,} | {s['seconds']:.1f}{rate} | {s['failed']} | "
+            f"| {s['sockets']:,} | {s['seconds']:.1f}{rate} | {s['failed_first']} "
+            f"({s['failed']}) | "
             f"{s['rss_kb'] / 1024:.0f} | {s['rss_delta_kb'] / 1024:.0f} | "
             f"{s['kb_per_socket']:.0f} | {s['idle_cpu_pct']:.1f} | {s['threads']} | {s['fds']:,} | "
             f"{' + '.join(f'{kb / 1024:.0f}' for kb in s['client_rss_kb'])} |"
@@ -790,23 +873,54 @@ def tables(res: dict, args) -> list[str]:
             f"{' + '.join(f'{kb / 1024:.0f}' for kb in s['client_rss_kb'])} |"
         )
         prev = s["sockets"]
+    reasons = [
+        f"step {s['sockets']:,}: {k} x `{reason}`"
+        for s in idle["steps"]
+        for reason, k in s.get("reasons_first", {}).items()
+    ]
+    if reasons:
+        lines += ["", "Failed handshakes (first attempt): " + "; ".join(reasons) + "."]
+    reopened = res.get("latency_sockets_reopened")
+    if reopened:
+        lines += [
+            "",
+            f"Before item 2, {reopened['opened']:,} members' sockets were reopened "
+            f"({reopened['failed_first']} failed once, {reopened['failed']} twice).",
+        ]
     after = res.get("after_close")
     lines += [
         "",
         f"One server process held {idle['held']:,} idle sockets"
         + (f"; stopped: {idle['stopped']}." if idle["stopped"] else "; every step passed.")
         + f" permessage-deflate negotiated on {res['deflate']:,} of them. "
-        f"Idle CPU: the server's user+system time over {args.idle_seconds:g} s of idling after "
-        "the step, in % of one core (the server pings each socket every 20 s and refreshes its "
-        f"presence every {settings.PRESENCE_TTL_S / 3:g} s). RSS per socket = growth since 0 "
-        "sockets / sockets.",
+        f"Idle CPU: the server's user+system time over {args.idle_seconds:g} s of idling right "
+        "after the step (3 s at 0 sockets), in % of one core: one full period of the server's "
+        f"pings (every 20 s) and presence refreshes (every {settings.PRESENCE_TTL_S / 3:g} s) "
+        "of every socket. RSS per socket = growth since 0 sockets / sockets. Opened in: from "
+        "the first handshake of the step to the first frame of its last socket.",
     ]
     if after:
         lines += [
             "",
-            f"After closing back to {after['sockets']:,} sockets: server RSS "
-            f"{after['rss_kb'] / 1024:.0f} MiB, idle CPU {after['idle_cpu_pct']:.1f} %.",
+            f"After closing back to {after['sockets']:,} sockets: the server was busy with the "
+            f"disconnects for {after['busy_s']:.0f} s (1-s samples above 10 % of a core); "
+            f"RSS then {after['rss_kb'] / 1024:.0f} MiB. Devices of the closed sockets still "
+            f"online in Redis (presence) then: {after['still_online']:,} (their presence "
+            f"expires within PRESENCE_TTL_S, {settings.PRESENCE_TTL_S:g} s).",
         ]
+
+    def errors_between(before: dict | None, after: dict | None) -> str:
+        diff = {k: n - (before or {}).get(k, 0) for k, n in (after or {}).items()}
+        return ", ".join(f"{n:,} x {k}" for k, n in diff.items() if n) or "none"
+
+    lines += [
+        "",
+        "Tracebacks in the server's log (errors, or warnings logged with one): during the "
+        "steps, "
+        f"{errors_between(None, res.get('server_errors_steps'))}; while "
+        f"{idle['held'] - args.members if idle['held'] > args.members else 0:,} sockets "
+        f"closed, {errors_between(res.get('server_errors_steps'), res.get('server_errors_idle'))}.",
+    ]
     lat = res["latency"]
     lines += [
         "",
@@ -816,7 +930,9 @@ def tables(res: dict, args) -> list[str]:
         "",
         "| pipeline | runs x messages x devices | p50 ms | p99 ms | max ms "
         "| pooled p50 / p99 / max ms | first / last device per message, median ms "
-        "| missing deliveries | duplicates | failed `live_poke` calls here "
+        "| missing deliveries (of them, delivered after a ping) | duplicates "
+        "| failed `live_poke` calls / `group_send`s over "
+        "capacity, here "
         "| sending took s | message_send ms | drain ms | server CPU s / run |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
         "| ---: | ---: |",
@@ -825,10 +941,6 @@ def tables(res: dict, args) -> list[str]:
         "drain": "`counters_drain()` after each send, in the bench process (no Timer)",
         "celery": "Celery worker (2 processes) + beat, Timer "
         f"{settings.COUNTERS_FLUSH_INTERVAL:g} s",
-        "drain-pool": "`counters_drain()` as above, channel-layer pool limit lifted to "
-        f"{pool_limit(args):,} connections",
-        "celery-pool": "Celery worker + beat as above, channel-layer pool limit lifted to "
-        f"{pool_limit(args):,} connections",
     }
     for mode, runs in lat.items():
         lines.append(latency_row(names[mode], runs))
@@ -841,8 +953,14 @@ def tables(res: dict, args) -> list[str]:
         "run. First / last device: per message, the earliest and the latest delivery. "
         "Missing: pairs not delivered when the wait ended: at most "
         f"{args.settle:g} s after the last send, or once nothing had arrived for "
-        f"{args.quiet:g} s. Failed `live_poke` calls: warnings `offline.live` logged in this "
-        "process (a drain pokes in two calls, one per half of the batch's users).",
+        f"{args.quiet:g} s; then every device sent a `ping` frame (the server catches it up "
+        "from the store): deliveries that arrived then had their entry stored but no poke "
+        "reached the device; they are left out of the latencies. Failed `live_poke` calls: "
+        "warnings `offline.live` logged in this "
+        "process (a drain pokes in two calls, one per half of the batch's users); over "
+        "capacity: `group_send`s of this process for which channels_redis logged channels over "
+        "capacity (the message was dropped for them). Tracebacks in the server's log during "
+        f"item 2: {errors_between(res.get('server_errors_idle'), res.get('server_errors_all'))}.",
     ]
     return lines
 
@@ -853,31 +971,28 @@ def main() -> None:
     parser.add_argument(
         "--steps",
         type=lambda s: [int(x) for x in s.split(",")],
-        default=[0, 500, 1000, 2000, 4000],
+        default=[0, 1000, 2000, 4000],
         help="idle sockets after each step (comma-separated, rising)",
     )
     parser.add_argument("--members", type=int, default=1000, help="devices online in item 2")
     parser.add_argument("--messages", type=int, default=20, help="messages per latency run")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between messages")
-    parser.add_argument("--runs", type=int, default=3, help="latency runs per pipeline")
+    parser.add_argument("--runs", type=int, default=2, help="latency runs per pipeline")
     parser.add_argument("--settle", type=float, default=20, help="wait at most after the last send")
-    parser.add_argument("--idle-seconds", type=float, default=3)
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=20,
+        help="idle window after each step: 20 s = one server ping and presence refresh of "
+        "every socket (3 s at 0 sockets)",
+    )
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument("--concurrency", type=int, default=100, help="handshakes per client")
+    parser.add_argument(
+        "--retry-concurrency", type=int, default=10, help="handshakes per client on a retry"
+    )
     parser.add_argument("--slow-step", type=float, default=90, help="stop the steps past this")
     parser.add_argument("--no-celery", action="store_true", help="skip the Celery variant")
-    parser.add_argument(
-        "--pool-runs",
-        type=int,
-        default=1,
-        help="runs of each variant with the channel layer's pool limit lifted (0: none)",
-    )
-    parser.add_argument(
-        "--pool-messages",
-        type=int,
-        default=5,
-        help="messages per drain run with the pool limit lifted (each drain pokes every member)",
-    )
     parser.add_argument(
         "--quiet", type=float, default=3, help="stop waiting once nothing arrived for this long"
     )
@@ -900,23 +1015,44 @@ def main() -> None:
                 redis.Redis(port=common.BROKER_PORT).shutdown(nosave=True)
 
 
+def code_state() -> dict:
+    """The commit, and the files outside bench/ that differ from it (with their mtimes)."""
+
+    def git(*a: str) -> str:
+        return subprocess.run(
+            ["git", *a], cwd=common.ROOT, capture_output=True, text=True
+        ).stdout.rstrip("\n")
+
+    changed = sorted(
+        line[3:] for line in git("status", "--porcelain", "--", ".", ":(exclude)bench").splitlines()
+    )
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "subject": git("log", "-1", "--format=%s"),
+        "changed": {
+            f: (common.ROOT / f).stat().st_mtime if (common.ROOT / f).exists() else None
+            for f in changed
+        },
+    }
+
+
 def broker_up() -> bool:
     ping = ["redis-cli", "-p", str(common.BROKER_PORT), "ping"]
     return subprocess.run(ping, capture_output=True).returncode == 0
 
 
 def run(args, started: float) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    code = code_state()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the server and clients inherit
     common.setup_django()
-    live_log = logging.getLogger("offline.live")
-    live_log.addHandler(POKE_WARNINGS)
-    live_log.propagate = False
     steps = sorted(set(args.steps) | {0})
     args.steps = steps
     n_users = max(max(steps), args.members)
     say(f"setting up {n_users:,} users and devices…")
     data = setup(n_users, args.members)
+    data["poke_log"] = LogCount("offline.live", logging.WARNING)
+    data["capacity_log"] = LogCount("channels_redis.core", logging.INFO)
     say(f"  set up in {data['setup_s']:.0f} s (logins {data['login_s']:.0f} s)")
     from django.db import connection
 
@@ -933,38 +1069,54 @@ def run(args, started: float) -> None:
         say("1. idle sockets")
         res["idle"] = measure_idle(server, clients, data["tokens"], args)
         held = res["idle"]["held"]
+        res["server_errors_steps"] = server.log_errors()
         if held > args.members:
             ask_all(
                 clients,
                 [{"cmd": "close", "idx": [i for i in range(args.members, held)]} for _ in clients],
                 120,
             )
-            time.sleep(2)  # the disconnects done
-            res["after_close"] = {"sockets": args.members, **server_snapshot(server, 3)}
-        elif held < args.members:
-            extra = open_sockets(clients, data["tokens"], range(held, args.members), args)
+            res["after_close"] = after_close(server, args.members)
+            res["after_close"]["still_online"] = still_online(range(args.members, held))
+        status = ask_all(clients, [{"cmd": "status"}] * len(clients), 60)
+        missing = sorted(set(range(args.members)) - {i for s in status for i in s["open_idx"]})
+        if missing:  # the members' sockets a failed step left closed, or a step never opened
+            extra = open_sockets(clients, data["tokens"], missing, args)
+            res["latency_sockets_reopened"] = extra
             if extra["failed"]:
-                raise RuntimeError(f"could not open the latency sockets: {extra['failures']}")
+                raise RuntimeError(f"could not open the latency sockets: {extra['reasons_retry']}")
+        res["server_errors_idle"] = server.log_errors()
         status = ask_all(clients, [{"cmd": "status"}] * len(clients), 60)
         res["deflate"] = max(s["deflate"] for s in res["idle"]["steps"]) if held else 0
         online = sum(s["open"] for s in status)
         if online != args.members:
             raise RuntimeError(f"{online} sockets open for the latency runs, not {args.members}")
         say(f"2. latency, {online} devices online")
-        res["latency"] = {"drain": with_drain(data, clients, args, lifted=False)}
+        res["latency"] = {
+            "drain": measure_latency(data, clients, args, "drain", args.runs, args.messages)
+        }
         if not args.no_celery:
-            res["latency"]["celery"] = with_celery(data, clients, args, lifted=False)
-        if args.pool_runs:
-            res["latency"]["drain-pool"] = with_drain(data, clients, args, lifted=True)
-            if not args.no_celery:
-                res["latency"]["celery-pool"] = with_celery(data, clients, args, lifted=True)
-        res["server_log"] = server.log_tail()[-2000:]
+            res["latency"]["celery"] = with_celery(data, clients, args)
+        res["server_errors_all"] = server.log_errors()
+        res["server_log_tail"] = server.log_tail()[-2000:]
     finally:
         for c in clients:
             c.stop()
         server.stop()
     elapsed = time.perf_counter() - started
     now = datetime.datetime.now()
+    code_after = code_state()
+    code_note = (
+        f"Code: commit {code['commit']} ({code['subject']})"
+        + (f", with uncommitted changes to {', '.join(code['changed'])}" if code["changed"] else "")
+        + (
+            ". WARNING: the code changed during the run (now "
+            f"{code_after['commit']}, {', '.join(code_after['changed']) or 'clean'}): the "
+            "processes started later may run other code."
+            if code_after != code
+            else "; unchanged during the run."
+        )
+    )
     lines = [
         f"# Push benchmark (live sync over WebSocket), {now:%Y-%m-%d %H:%M}, "
         f"{socket.gethostname()}",
@@ -974,6 +1126,7 @@ def run(args, started: float) -> None:
         f"{args.clients} client processes (`websockets.asyncio.client`), up to "
         f"{args.concurrency} handshakes in flight each. Set-up ({n_users:,} users and devices): "
         f"{data['setup_s']:.0f} s. Run took {elapsed:.0f} s.",
+        code_note,
         "",
     ]
     lines += tables(res, args)
@@ -983,7 +1136,7 @@ def run(args, started: float) -> None:
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     for runs in res["latency"].values():
         for r in runs:
-            r["latencies_ms"] = sorted(round(x, 2) for x in r["latencies_ms"])
+            r["p90_ms"] = common.percentile(r.pop("latencies_ms"), 90)
     Path(f"{out}.json").write_text(
         json.dumps(
             {
@@ -993,6 +1146,8 @@ def run(args, started: float) -> None:
                 "server": server.description,
                 "args": vars(args),
                 "elapsed_s": elapsed,
+                "code": code,
+                "code_after": code_after,
                 "setup_s": data["setup_s"],
                 **res,
             },
