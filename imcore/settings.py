@@ -207,7 +207,8 @@ CHANNEL_LAYERS = {
                 {"address": CHANNELS_REDIS_URL, "socket_timeout": 15, "max_connections": 2000}
             ],
             "prefix": "imc:ws",
-            "capacity": 1000,
+            # Pokes are tiny; a process's inbox holds this many before the layer drops them.
+            "capacity": 100_000,
         },
     }
 }

@@ -83,13 +83,15 @@ class SyncConsumer(AsyncWebsocketConsumer):
 
     async def _keep_online(self) -> None:
         """Presence lives while the connection does: the server refreshes it every third of
-        ``PRESENCE_TTL_S``; the ASGI server's WebSocket pings (uvicorn ``--ws-ping-interval``
+        ``PRESENCE_TTL_S`` (and catches up then, in case a poke was lost); the ASGI server's
+        WebSocket pings (uvicorn ``--ws-ping-interval``
         and ``--ws-ping-timeout``, a third of the TTL each) close a connection whose client
         stopped answering, and a server process that dies stops refreshing: either way the
         device drops out within the TTL."""
         while True:
             await asyncio.sleep(settings.PRESENCE_TTL_S / 3)
             await in_thread(services.presence_connected)(device=self.device)
+            await self._catch_up()  # in case a poke was lost
 
     async def disconnect(self, code):
         if self.device is None:
