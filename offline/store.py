@@ -422,12 +422,17 @@ def ack_absorb(*, device_pk: int, version: int) -> tuple[int, bool]:
 
 def acks_pending(device_pks: Iterable[int]) -> dict[int, int]:
     """Acks not yet written to PostgreSQL (pending or in flight), per device."""
+    return _newest_waiting(keys.ACKS_PENDING, keys.ACKS_INFLIGHT, device_pks)
+
+
+def _newest_waiting(pending_key: str, inflight_key: str, device_pks) -> dict[int, int]:
+    """Per device, the higher of its pending and in-flight values (acks, last-seen times)."""
     device_pks = [int(pk) for pk in device_pks]
     if not device_pks:
         return {}
     pipe = client().pipeline(transaction=False)
-    pipe.hmget(keys.ACKS_PENDING, device_pks)
-    pipe.hmget(keys.ACKS_INFLIGHT, device_pks)
+    pipe.hmget(pending_key, device_pks)
+    pipe.hmget(inflight_key, device_pks)
     pending, inflight = pipe.execute()
     out = {}
     for pk, a, b in zip(device_pks, pending, inflight, strict=True):
@@ -475,19 +480,7 @@ def seen_touch(*, device_pk: int) -> int | None:
 
 def seen_pending(device_pks: Iterable[int]) -> dict[int, int]:
     """Last-seen times not yet written to PostgreSQL (unix ms), per device."""
-    device_pks = [int(pk) for pk in device_pks]
-    if not device_pks:
-        return {}
-    pipe = client().pipeline(transaction=False)
-    pipe.hmget(keys.SEEN_PENDING, device_pks)
-    pipe.hmget(keys.SEEN_INFLIGHT, device_pks)
-    pending, inflight = pipe.execute()
-    out = {}
-    for pk, a, b in zip(device_pks, pending, inflight, strict=True):
-        values = [int(v) for v in (a, b) if v is not None]
-        if values:
-            out[pk] = max(values)
-    return out
+    return _newest_waiting(keys.SEEN_PENDING, keys.SEEN_INFLIGHT, device_pks)
 
 
 # ---- retention -----------------------------------------------------------------------------
