@@ -217,3 +217,36 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[k]
+
+
+class ServedApp:
+    """A web server process the benchmarks started: ``self.proc``, ``self.port``,
+    ``self.log`` (its output file) and ``self.server_name`` set by the subclass."""
+
+    server_name = "server"
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the API answers (401 for an unauthenticated sync call)."""
+        import http.client
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.server_name} exited ({self.proc.returncode}):\n{self.log_tail()}"
+                )
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/api/v1/sync")
+                if conn.getresponse().status == 401:
+                    conn.close()
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(
+            f"{self.server_name} did not answer in {timeout:g} s:\n{self.log_tail()}"
+        )
+
+    def log_tail(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-4000:]

@@ -44,7 +44,6 @@ import asyncio
 import contextlib
 import datetime
 import glob
-import http.client
 import json
 import logging
 import os
@@ -263,9 +262,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
+class Server(common.ServedApp):
     """One uvicorn process serving ``imcore.asgi`` in its own process group; always stopped
     by :meth:`stop`."""
+
+    server_name = "uvicorn"
 
     def __init__(self):
         self.port = free_port()
@@ -292,25 +293,6 @@ class Server:
         self.description = (
             f"one uvicorn process `uvicorn imcore.asgi:application {' '.join(self.args)}`"
         )
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"uvicorn exited ({self.proc.returncode}):\n{self.log_tail()}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/api/v1/sync")
-                if conn.getresponse().status == 401:
-                    conn.close()
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"uvicorn did not answer in {timeout:g} s:\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-4000:]
 
     def log_errors(self) -> dict:
         """Tracebacks in the server's log so far, by the exception that ended each (the last

@@ -119,8 +119,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
+class Server(common.ServedApp):
     """gunicorn in its own process group; always stopped by :meth:`stop`."""
+
+    server_name = "gunicorn"
 
     def __init__(self, *, count_sql: bool, workers: int = 2, threads: int = 4):
         self.port = free_port()
@@ -151,25 +153,6 @@ class Server:
             stderr=subprocess.STDOUT,
         )
         self.description = f"gunicorn `{app}`, {workers} workers x {threads} threads (gthread)"
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited ({self.proc.returncode}):\n{self.log_tail()}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/api/v1/sync")
-                if conn.getresponse().status == 401:
-                    conn.close()
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"gunicorn did not answer in {timeout:g} s:\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -153,16 +153,7 @@ class DeviceAdmin(admin.ModelAdmin):
     )
     list_filter = ("platform",)
     search_fields = ("user__username", "device_id")
-    readonly_fields = (
-        "user",
-        "device_id",
-        "platform",
-        "created_at",
-        "last_seen",
-        "acked",
-        "latest",
-        "behind",
-    )
+    readonly_fields = list_display[1:]
     exclude = ("token_hash",)
 
     def get_changelist_instance(self, request):

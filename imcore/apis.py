@@ -12,7 +12,7 @@ from counters.selectors import counters_get
 from offline.selectors import device_list
 
 from . import selectors, services
-from .models import Conversation, Message
+from .models import Conversation
 
 router = Router()
 
@@ -285,16 +285,7 @@ class MessageOut(Schema):
     created_at: datetime
 
 
-def message_out(message: Message) -> dict:
-    return {
-        "id": message.pk,
-        "conversation_id": message.conversation_id,
-        "seq": message.seq,
-        "sender_id": message.sender_id,
-        "body": message.body,
-        "client_msg_id": message.client_msg_id,
-        "created_at": message.created_at,
-    }
+message_out = selectors.message_fields
 
 
 @router.post(

@@ -76,3 +76,16 @@ def message_list(*, conversation: Conversation, after_seq: int, limit: int) -> Q
     return Message.objects.filter(conversation=conversation, seq__gt=after_seq).order_by("seq")[
         :limit
     ]
+
+
+def message_fields(message: Message) -> dict:
+    """A message as the API shows it (``created_at`` left a datetime for the caller to encode)."""
+    return {
+        "id": message.pk,
+        "conversation_id": message.conversation_id,
+        "seq": message.seq,
+        "sender_id": message.sender_id,
+        "body": message.body,
+        "client_msg_id": message.client_msg_id,
+        "created_at": message.created_at,
+    }

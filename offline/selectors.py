@@ -8,6 +8,7 @@ from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 
 from imcore.models import Device, Membership, Message
+from imcore.selectors import message_fields
 
 from . import store
 from .store import Entry
@@ -18,16 +19,11 @@ TYPES = {"m": "message", "r": "read", "j": "join", "l": "leave", "u": "mute"}
 
 
 def message_out(message: Message) -> dict:
-    return {
-        "id": message.pk,
-        "conversation_id": message.conversation_id,
-        "seq": message.seq,
-        "sender_id": message.sender_id,
-        "body": message.body,
-        "client_msg_id": message.client_msg_id,
-        # the format of the rest of the API (DjangoJSONEncoder: ms precision, "Z")
-        "created_at": _json.default(message.created_at),
-    }
+    """The API's message shape, JSON-ready (stored in prepared packages): ``created_at`` in
+    the rest of the API's format (DjangoJSONEncoder: ms precision, "Z")."""
+    out = message_fields(message)
+    out["created_at"] = _json.default(message.created_at)
+    return out
 
 
 def messages_by_seq(pairs: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Message]:
