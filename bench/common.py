@@ -2,10 +2,14 @@
 redis-server on its own port serves as the broker, so each side's commands are counted
 apart), real Celery processes, and a description of the machine."""
 
+import datetime
+import json
 import os
 import platform
 import shutil
 import signal
+import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -250,3 +254,39 @@ class ServedApp:
 
     def log_tail(self) -> str:
         return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: list[float], fmt: str = "{:.1f}") -> str:
+    """``median (min..max)`` of several runs, or the one value when they all agree."""
+    if not values:
+        return "n/a"
+    if min(values) == max(values):
+        return fmt.format(values[0])
+    return f"{fmt.format(median(values))} ({fmt.format(min(values))}..{fmt.format(max(values))})"
+
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def results_stem(name: str) -> Path:
+    """``bench/results/<name>-<date>-<host>`` (``<date>-<host>`` for the whole ``make bench``)."""
+    prefix = f"{name}-" if name else ""
+    return RESULTS / f"{prefix}{datetime.date.today()}-{socket.gethostname()}"
+
+
+def write_results(name: str, markdown: str, data: dict) -> Path:
+    """Write ``<stem>.md`` and ``<stem>.json``, print the markdown; returns the stem.
+
+    Every benchmark script ends with this, so ``bench/all.py`` (``make bench``) can gather the
+    sections of one run from the files they wrote."""
+    stem = results_stem(name)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.md").write_text(markdown.rstrip() + "\n")
+    Path(f"{stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(markdown)
+    print(f"\nWritten: {stem}.md and .json")
+    return stem
