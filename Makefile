@@ -15,7 +15,7 @@ export DATABASE_URL ?= postgres://postgres@$(PG_HOST):$(PG_PORT)/imcore
 export REDIS_URL ?= redis://$(PG_HOST):$(REDIS_PORT)/0
 export CELERY_BROKER_URL ?= redis://$(PG_HOST):$(REDIS_PORT)/1
 
-.PHONY: run test lint fmt services venv migrate demo clean bench-storm bench-sync bench-push
+.PHONY: run test lint fmt services venv migrate demo clean bench bench-tools bench-strategies bench-send bench-storm bench-sync bench-push
 
 run: venv services migrate demo
 	@echo
@@ -86,6 +86,27 @@ demo: migrate
 	$(BIN)/python manage.py seed_demo
 
 # Benchmarks use their own database (imcore_bench) and Redis (db 8, broker on port 6390).
+# `make bench` runs them all (and the machine's limits: redis-benchmark, pgbench) in one go
+# and writes bench/results/<date>-<host>.md and .json.
+bench: venv services bench-tools
+	$(BIN)/python bench/all.py $(BENCH_ARGS)
+
+# redis-benchmark and pgbench come with the Redis and PostgreSQL packages; wrk drives HTTP.
+bench-tools:
+	@for tool in wrk:wrk redis-benchmark:redis-tools pgbench:postgresql-contrib; do \
+	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $$missing; \
+	fi
+
+bench-strategies: venv services bench-tools
+	$(BIN)/python bench/strategies.py $(BENCH_ARGS)
+
+bench-send: venv services bench-tools
+	$(BIN)/python bench/send.py $(BENCH_ARGS)
+
 bench-storm: venv services
 	$(BIN)/python bench/storm.py $(BENCH_ARGS)
 

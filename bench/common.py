@@ -275,7 +275,9 @@ RESULTS = ROOT / "bench" / "results"
 def results_stem(name: str) -> Path:
     """``bench/results/<name>-<date>-<host>`` (``<date>-<host>`` for the whole ``make bench``)."""
     prefix = f"{name}-" if name else ""
-    return RESULTS / f"{prefix}{datetime.date.today()}-{socket.gethostname()}"
+    # make bench sets BENCH_DATE once, so a run past midnight keeps one date for its sections.
+    day = os.environ.get("BENCH_DATE") or datetime.date.today().isoformat()
+    return RESULTS / f"{prefix}{day}-{socket.gethostname()}"
 
 
 def write_results(name: str, markdown: str, data: dict) -> Path:

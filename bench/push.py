@@ -1112,32 +1112,22 @@ def run(args, started: float) -> None:
         "",
     ]
     lines += tables(res, args)
-    print()
-    print("\n".join(lines), flush=True)
-    out = common.ROOT / "bench" / "results" / f"push-{datetime.date.today()}-{socket.gethostname()}"
-    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     for runs in res["latency"].values():
         for r in runs:
             r["p90_ms"] = common.percentile(r.pop("latencies_ms"), 90)
-    Path(f"{out}.json").write_text(
-        json.dumps(
-            {
-                "at": now.isoformat(timespec="seconds"),
-                "host": socket.gethostname(),
-                "machine": machine,
-                "server": server.description,
-                "args": vars(args),
-                "elapsed_s": elapsed,
-                "code": code,
-                "code_after": code_after,
-                "setup_s": data["setup_s"],
-                **res,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"\nwritten to {out.relative_to(common.ROOT)}.md and .json")
+    data = {
+        "at": now.isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "machine": machine,
+        "server": server.description,
+        "args": vars(args),
+        "elapsed_s": elapsed,
+        "code": code,
+        "code_after": code_after,
+        "setup_s": data["setup_s"],
+        **res,
+    }
+    common.write_results("push", "\n".join(lines), data)
 
 
 if __name__ == "__main__":

@@ -984,27 +984,17 @@ def run(args, started: float) -> None:
         "",
     ]
     lines += tables(res, args)
-    print()
-    print("\n".join(lines), flush=True)
-    out = common.ROOT / "bench" / "results" / f"sync-{datetime.date.today()}-{socket.gethostname()}"
-    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
-    Path(f"{out}.json").write_text(
-        json.dumps(
-            {
-                "at": now.isoformat(timespec="seconds"),
-                "host": socket.gethostname(),
-                "machine": machine,
-                "server": server.description,
-                "args": vars(args),
-                "reconnects": reconnects,
-                "elapsed_s": elapsed,
-                **res,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"\nwritten to {out.relative_to(common.ROOT)}.md and .json")
+    data = {
+        "at": now.isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "machine": machine,
+        "server": server.description,
+        "args": vars(args),
+        "reconnects": reconnects,
+        "elapsed_s": elapsed,
+        **res,
+    }
+    common.write_results("sync", "\n".join(lines), data)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,315 @@
+"""``make bench`` item 1: the counter consistency strategies under contention, beside the
+machine's limit measured by ``redis-benchmark`` on the same Redis in the same run.
+
+Several processes play fan-out workers of one group: each "message" is a new seq in one of
+the group's conversations, counted for every member with one ``inc_many`` call (as
+``counters.fanout_message`` does). All processes count the same members, in the same
+conversations, at the same time, so every strategy meets contention on the same hashes:
+``watch`` retries, ``lock`` waits, ``naive`` loses updates. Process ``p`` sends seqs
+``p+1, p+1+P, …`` (interleaved with the others), so the truth at the end is known without
+PostgreSQL: each conversation's top is the highest seq any process sent, a member's unread
+is that top (nobody reads) and the badge is their sum. The drift is what the hashes differ
+from it by.
+
+Beside them ``redis-benchmark`` (same Redis, same database) runs INCR and an EVALSHA of the
+strategies' own ``inc`` script, each without and with pipelining; the pipelined EVALSHA is
+the limit each strategy's rate is divided by.
+
+    python bench/strategies.py [--runs 3] [--seconds 5] [--processes 4] [--members 50]
+                               [--conversations 4] [--strategies lua,watch,lock,naive]
+"""
+
+import argparse
+import csv
+import io
+import multiprocessing
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import common
+
+FORK = multiprocessing.get_context("fork")
+STRATEGIES = ["lua", "watch", "lock", "naive"]
+FIRST_USER = 900_000  # member ids of the benchmark's group, away from any real user
+BENCH_USER = 990_000  # the redis-benchmark EVALSHA calls' user
+
+
+def members(n: int) -> list[int]:
+    return list(range(FIRST_USER, FIRST_USER + n))
+
+
+def load_members(client, user_ids: list[int], conversations: list[int]) -> None:
+    """Empty counters for every member in every conversation, loaded (``ready``)."""
+    from counters import keys
+    from counters.scripts import CounterScripts
+    from counters.transitions import MembershipRow
+
+    client.delete(*[keys.counters(u) for u in user_ids], *[keys.counters_lock(u) for u in user_ids])
+    rows = [MembershipRow(c, 1, True, False, 0, 0) for c in conversations]
+    scripts = CounterScripts(client)
+    for u in user_ids:
+        scripts.load(u, rows)
+
+
+def worker(p: int, name: str, args, start_at: float, results) -> None:
+    """One fan-out process: count messages for every member until the time is up."""
+    try:
+        from counters.redis import get_redis
+        from counters.strategies import STRATEGIES as CLASSES
+        from counters.strategies import CountersBusy
+
+        strategy = CLASSES[name](get_redis())  # the app's client; its pool reconnects after fork
+        user_ids = members(args.members)
+        conversations = list(range(1, args.conversations + 1))
+        top = dict.fromkeys(conversations, 0)
+        updates = busy = 0
+        time.sleep(max(0.0, start_at - time.time()))
+        deadline = time.perf_counter() + args.seconds
+        k = 0
+        while time.perf_counter() < deadline:
+            cid = conversations[k % len(conversations)]
+            seq = k * args.processes + p + 1
+            try:
+                strategy.inc_many([(u, [(cid, seq)]) for u in user_ids])
+            except CountersBusy:
+                busy += 1
+                continue
+            top[cid] = seq
+            updates += len(user_ids)
+            k += 1
+        results.put(
+            (p, {"updates": updates, "top": top, "retries": strategy.retries,
+                 "wait_s": strategy.wait_seconds, "busy": busy})
+        )  # fmt: skip
+    except BaseException as exc:  # report it instead of dying silently
+        results.put((p, {"error": repr(exc)}))
+        raise
+
+
+def drift(client, user_ids: list[int], truth: dict[int, int]) -> dict:
+    """How far the hashes are from the truth: members with a wrong unread or badge, the sum
+    of their badge errors, and whether any top went backwards."""
+    from counters import keys
+
+    pipe = client.pipeline(transaction=False)
+    for u in user_ids:
+        pipe.hgetall(keys.counters(u))
+    wrong = badge_error = unread_error = 0
+    want_badge = sum(truth.values())
+    for h in pipe.execute():
+        unread = {c: int(h.get(f"u:{c}", 0)) for c in truth}
+        badge = int(h.get("badge", 0))
+        errors = sum(abs(unread[c] - truth[c]) for c in truth)
+        if errors or badge != want_badge:
+            wrong += 1
+        unread_error += errors
+        badge_error += abs(badge - want_badge)
+    return {"members_wrong": wrong, "badge_error": badge_error, "unread_error": unread_error}
+
+
+def run_strategy(name: str, args) -> dict:
+    """One timed run of ``name`` with ``args.processes`` processes."""
+    from counters.redis import get_redis
+
+    client = get_redis()
+    user_ids = members(args.members)
+    conversations = list(range(1, args.conversations + 1))
+    load_members(client, user_ids, conversations)
+    info0 = common.redis_info()
+    results = FORK.Queue()
+    start_at = time.time() + 0.5
+    procs = [
+        FORK.Process(target=worker, args=(p, name, args, start_at, results))
+        for p in range(args.processes)
+    ]
+    for proc in procs:
+        proc.start()
+    out = dict(results.get(timeout=args.seconds + 60) for _ in procs)
+    for proc in procs:
+        proc.join(30)
+    info1 = common.redis_info()
+    failed = {p: r["error"] for p, r in out.items() if "error" in r}
+    if failed:
+        raise RuntimeError(f"{name}: worker processes failed: {failed}")
+    truth = {c: max(r["top"][c] for r in out.values()) for c in conversations}
+    updates = sum(r["updates"] for r in out.values())
+    return {
+        "updates": updates,
+        "updates_per_s": updates / args.seconds,
+        "retries": sum(r["retries"] for r in out.values()),
+        "lock_wait_s": sum(r["wait_s"] for r in out.values()),
+        "busy": sum(r["busy"] for r in out.values()),
+        "redis_commands": common.commands_total(info1) - common.commands_total(info0),
+        "redis_cpu_s": common.redis_cpu(info1) - common.redis_cpu(info0),
+        **drift(client, user_ids, truth),
+    }
+
+
+# ---- the machine's limit: redis-benchmark on the same Redis --------------------------------
+
+
+def redis_target() -> list[str]:
+    url = urlparse(common.ENV["REDIS_URL"])
+    db = (url.path or "/0").lstrip("/") or "0"
+    return ["-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379), "--dbnum", db]
+
+
+def redis_benchmark(label: str, command: list[str], *, clients: int, pipeline: int, n: int):
+    """ops/s of one ``redis-benchmark`` run (its CSV output)."""
+    out = subprocess.run(
+        ["redis-benchmark", *redis_target(), "-c", str(clients), "-P", str(pipeline),
+         "-n", str(n), "-r", "1000000000000", "--csv", *command],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rows = [r for r in csv.reader(io.StringIO(out)) if r and r[0] != "test"]
+    if not rows:
+        raise RuntimeError(f"redis-benchmark printed no result for {label}: {out!r}")
+    return float(rows[-1][1])
+
+
+def limit_commands() -> dict[str, list[str]]:
+    """INCR, and EVALSHA of the ``inc`` script on a loaded member hash with a random seq (the
+    script the ``lua`` strategy calls, one member and one conversation per call)."""
+    from counters import keys
+    from counters.redis import get_redis
+    from counters.scripts import source
+
+    client = get_redis()
+    load_members(client, [BENCH_USER], [1])
+    sha = client.script_load(source("inc"))
+    return {
+        "INCR": ["INCR", "bench:incr"],
+        "EVALSHA inc": ["EVALSHA", sha, "1", keys.counters(BENCH_USER), "1", "__rand_int__"],
+    }
+
+
+LIMIT_SHAPES = [(50, 1), (50, 32)]  # (clients, pipeline) of redis-benchmark
+
+
+def run_limits(n: int) -> dict[str, float]:
+    return {
+        f"{label} -c {c} -P {p}": redis_benchmark(label, cmd, clients=c, pipeline=p, n=n * p)
+        for label, cmd in limit_commands().items()
+        for c, p in LIMIT_SHAPES
+    }
+
+
+# ---- the report ----------------------------------------------------------------------------
+
+
+def report(runs: list[dict], args, took: float) -> tuple[str, dict]:
+    limit_key = f"EVALSHA inc -c {LIMIT_SHAPES[-1][0]} -P {LIMIT_SHAPES[-1][1]}"
+    limits = {k: [r["limits"][k] for r in runs] for k in runs[0]["limits"]}
+    limit = common.median(limits[limit_key])
+    lines = [
+        f"# Counter strategies under contention, {time.strftime('%Y-%m-%d %H:%M')}, "
+        f"{socket.gethostname()}",
+        "",
+        f"Machine: {common.machine()}.",
+        f"Workload: {args.processes} processes count messages for the same {args.members} "
+        f"members in {args.conversations} conversations (one `inc_many` of {args.members} "
+        f"members per message, as the fan-out task does), {args.seconds:g} s per run; an update "
+        "is one member's count of one message. Every figure: median (min..max) of "
+        f"{args.runs} runs, strategies and redis-benchmark interleaved. Run took {took:.0f} s.",
+        "",
+        "| strategy | updates/s | ratio to the limit | Redis commands / update | "
+        "Redis CPU, % of a core | retries (watch) or lock waits, per 1,000 updates | "
+        "lock wait s | members left wrong | badge drift (sum of errors) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    data: dict = {"args": vars(args), "limit_key": limit_key, "limits": limits, "strategies": {}}
+    for name in args.strategies:
+        rs = [r["strategies"][name] for r in runs]
+        data["strategies"][name] = rs
+        rate = [r["updates_per_s"] for r in rs]
+        lines.append(
+            f"| `{name}` | {common.spread(rate, '{:,.0f}')} | "
+            f"{common.spread([x / limit for x in rate], '{:.3f}')} | "
+            f"{common.spread([r['redis_commands'] / r['updates'] for r in rs], '{:.1f}')} | "
+            f"{common.spread([100 * r['redis_cpu_s'] / args.seconds for r in rs], '{:.0f}')} | "
+            f"{common.spread([1000 * r['retries'] / r['updates'] for r in rs], '{:.1f}')} | "
+            f"{common.spread([r['lock_wait_s'] for r in rs], '{:.1f}')} | "
+            f"{common.spread([r['members_wrong'] for r in rs], '{:.0f}')} of {args.members} | "
+            f"{common.spread([r['badge_error'] for r in rs], '{:,.0f}')} |"
+        )
+    lines += [
+        "",
+        "The machine's limit, `redis-benchmark` on the same Redis (database and server) in the "
+        "same run:",
+        "",
+        "| redis-benchmark | clients | pipeline | ops/s |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for key, values in limits.items():
+        label, rest = key.split(" -c ")
+        c, p = rest.split(" -P ")
+        mark = " (the limit)" if key == limit_key else ""
+        lines.append(f"| {label}{mark} | {c} | {p} | {common.spread(values, '{:,.0f}')} |")
+    lines += ["", *notes(data, limit)]
+    return "\n".join(lines), data
+
+
+def notes(data: dict, limit: float) -> list[str]:
+    """What to read into the table, checked against this run's figures."""
+    out = [
+        "The EVALSHA limit calls the `inc` script with a random seq on one loaded hash; a seq "
+        "at or below the hash's top changes nothing (tops only move up), so most of its calls "
+        "take the script's short no-op branch and the limit is an upper bound for the script "
+        "doing a full update.",
+    ]
+    over = [
+        n
+        for n, rs in data["strategies"].items()
+        if common.median([r["updates_per_s"] for r in rs]) > limit
+    ]
+    if over:
+        out.append(
+            f"**Above the limit: {', '.join(over)}.** A ratio above 1 means the limit was not "
+            "the machine's: check the redis-benchmark shapes before trusting this table."
+        )
+    return out
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--processes", type=int, default=4)
+    parser.add_argument("--members", type=int, default=50)
+    parser.add_argument("--conversations", type=int, default=4)
+    parser.add_argument(
+        "--limit-requests", type=int, default=200_000, help="redis-benchmark requests per run"
+    )
+    parser.add_argument("--strategies", type=lambda s: s.split(","), default=STRATEGIES)
+    args = parser.parse_args()
+    unknown = set(args.strategies) - set(STRATEGIES)
+    if unknown:
+        parser.error(f"unknown strategies: {sorted(unknown)}")
+    return args
+
+
+def main() -> None:
+    args = parse()
+    common.setup_django()
+    started = time.monotonic()
+    runs = []
+    for i in range(args.runs):
+        run = {"strategies": {}}
+        for name in args.strategies:
+            run["strategies"][name] = run_strategy(name, args)
+            print(f"run {i + 1}/{args.runs} {name}: {run['strategies'][name]}", file=sys.stderr)
+        run["limits"] = run_limits(args.limit_requests)
+        print(f"run {i + 1}/{args.runs} limits: {run['limits']}", file=sys.stderr)
+        runs.append(run)
+    markdown, data = report(runs, args, time.monotonic() - started)
+    data["runs"] = runs
+    common.write_results("strategies", markdown, data)
+
+
+if __name__ == "__main__":
+    main()
