@@ -30,9 +30,19 @@ def _child(target, seed, args, results):
         raise
 
 
+def close_for_fork() -> None:
+    """Close the parent's sessions and its connection pool before a fork: a child must open
+    its own (psycopg_pool's threads do not survive a fork, and a shared socket would mix two
+    processes' queries). Celery's prefork pool does the same in each child."""
+    for conn in connections.all():
+        conn.close()
+        if hasattr(conn, "close_pool"):
+            conn.close_pool()
+
+
 def run_processes(target, n: int, *args, timeout: float = 120):
     """Run ``target(seed, *args)`` in ``n`` forked processes; return their results."""
-    connections.close_all()
+    close_for_fork()
     results = FORK.Queue()
     procs = [FORK.Process(target=_child, args=(target, seed, args, results)) for seed in range(n)]
     for proc in procs:
