@@ -26,6 +26,10 @@ any shard that still holds events once its flag (``COUNTERS_SHARD_LOCK_TTL_MS``)
 The same batches write the offline-store entries of the messages (every member, the sender
 included; see :mod:`offline.services`): each user's new seqs per conversation go in one script
 call beside the counter call, idempotent through the same seq watermark.
+
+What a batch does once its events are read is :func:`counters_apply_events`, shared with the
+celery-batches write path (``COUNTERS_WRITE_PATH=batches``, ``counters.batch_message``), which
+buffers one Celery task message per committed message in the worker instead of a stream.
 """
 
 import contextlib
@@ -33,6 +37,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
 
@@ -58,11 +63,11 @@ APPLY_CHUNK = 20_000
 
 @dataclass
 class FlushStats:
-    """What one aggregator batch did."""
+    """What one aggregator batch (or one celery-batches batch) did."""
 
-    shard: int
-    trigger: str
-    events_in: int = 0  # queue events read
+    shard: int  # -1: a celery-batches batch (``COUNTERS_WRITE_PATH=batches``)
+    trigger: str  # timer, flusher, continue, manual, test; batches
+    events_in: int = 0  # queue events read (task messages for celery-batches)
     conversations: int = 0  # distinct conversations among them
     logical_updates: int = 0  # one per member per event: what per-message fan-out would write
     writes_out: int = 0  # (user, conversation) counter writes made
@@ -210,15 +215,60 @@ def counters_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[Flu
 
 
 def _apply_batch(client, lock, shard: int, trigger: str, stream: str, entries) -> FlushStats:
-    started = time.perf_counter()
-    stats = FlushStats(shard=shard, trigger=trigger, events_in=len(entries))
+    """Apply a batch of stream entries, then acknowledge and delete them (the Aggregator)."""
+    ids = [eid for eid, _ in entries]
+
+    def ack() -> None:
+        failpoint("aggregate.before_ack")
+        pipe = client.pipeline(transaction=True)
+        pipe.xack(stream, keys.GROUP, *ids)
+        pipe.xdel(stream, *ids)
+        pipe.execute()
+
+    return counters_apply_events(
+        [(int(fields["c"]), int(fields["s"])) for _, fields in entries],
+        shard=shard,
+        trigger=trigger,
+        oldest_ms=min(int(eid.split("-")[0]) for eid in ids),
+        after_chunk=lock.reacquire,  # a batch for huge groups may outlast one lock TTL
+        before_record=ack,
+    )
+
+
+def fold_events(events: Iterable[tuple[int, int]]) -> dict[int, int]:
+    """The highest seq per conversation among increment events ``(conversation id, seq)``."""
     top: dict[int, int] = {}
-    events_per_conversation: dict[int, int] = defaultdict(int)
-    for _, fields in entries:
-        cid, seq = int(fields["c"]), int(fields["s"])
+    for cid, seq in events:
         top[cid] = max(top.get(cid, 0), seq)
+    return top
+
+
+def counters_apply_events(
+    events: Sequence[tuple[int, int]],
+    *,
+    shard: int = -1,
+    trigger: str = "batches",
+    oldest_ms: int | None = None,
+    after_chunk: Callable[[], object] | None = None,
+    before_record: Callable[[], object] | None = None,
+) -> FlushStats:
+    """Apply a batch of increment events ``(conversation id, seq)``, in any order and with any
+    duplicates: fold them to the highest seq per conversation, read those conversations'
+    active members in one query, then for each user one counter call (``inc_many``: one
+    script call per user, pipelined), one offline-store call and a push to the users whose
+    badge went up, in chunks of ``APPLY_CHUNK`` users; ``after_chunk`` runs after each chunk
+    (the Aggregator renews its shard lock there), ``before_record`` after the last (the
+    Aggregator acknowledges its stream entries there). Records the flush in the pipeline's
+    metrics and returns it.
+
+    The write of both the Aggregator (``shard`` >= 0) and the celery-batches task
+    ``counters.batch_message`` (``shard`` -1): applying an event again changes nothing."""
+    started = time.perf_counter()
+    stats = FlushStats(shard=shard, trigger=trigger, events_in=len(events))
+    top = fold_events(events)
+    events_per_conversation: dict[int, int] = defaultdict(int)
+    for cid, _ in events:
         events_per_conversation[cid] += 1
-    oldest_ms = min(int(eid.split("-")[0]) for eid, _ in entries)
     per_user: dict[int, list[tuple[int, int]]] = defaultdict(list)
     read_seqs: dict[tuple[int, int], int] = {}
     for cid, uid, read_seq in Membership.objects.filter(
@@ -251,20 +301,18 @@ def _apply_batch(client, lock, shard: int, trigger: str, stream: str, entries) -
             apply(chunk[half - start :])
         else:
             apply(chunk)
-        lock.reacquire()  # a batch for huge groups may outlast one lock TTL
-    failpoint("aggregate.before_ack")
-    ids = [eid for eid, _ in entries]
-    pipe = client.pipeline(transaction=True)
-    pipe.xack(stream, keys.GROUP, *ids)
-    pipe.xdel(stream, *ids)
-    pipe.execute()
+        if after_chunk:
+            after_chunk()
+    if before_record:
+        before_record()
     stats.conversations = len(top)
     stats.users = len(items)
     stats.writes_out = sum(len(pairs) for _, pairs in items)
     stats.at = time.time()
-    stats.batch_age_ms = max(int(stats.at * 1000) - oldest_ms, 0)
+    if oldest_ms is not None:
+        stats.batch_age_ms = max(int(stats.at * 1000) - oldest_ms, 0)
     stats.duration_ms = round((time.perf_counter() - started) * 1000, 3)
-    _record(client, stats)
+    _record(_client(), stats)
     return stats
 
 

@@ -2,6 +2,7 @@
 these functions; the strategy and the key layout stay behind them."""
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -56,12 +57,19 @@ class ReconcileReport:
 def counters_message_committed(*, conversation_id: int, seq: int, sender_id: int) -> None:
     """The write path of increments: called once per committed message (and again when a
     client repeats a send; the event is idempotent). ``COUNTERS_WRITE_PATH`` picks the
-    aggregation pipeline (default: one queue event per message) or the per-message fan-out
-    task (kept for comparison)."""
+    aggregation pipeline (default: one queue event per message), one celery-batches task
+    message per message (``batches``: buffered and folded in the worker), or the per-message
+    fan-out task (kept for comparison)."""
     if settings.COUNTERS_WRITE_PATH == "fanout":
         from .tasks import fanout_message
 
         fanout_message.delay(conversation_id=conversation_id, seq=seq, sender_id=sender_id)
+    elif settings.COUNTERS_WRITE_PATH == "batches":
+        from .tasks import batch_message
+
+        batch_message.delay(
+            conversation_id=conversation_id, seq=seq, sent_ms=int(time.time() * 1000)
+        )
     else:
         from .pipeline import counters_enqueue
 

@@ -4,9 +4,14 @@ Everything that differs between machines is read from the environment, with defa
 work on a developer machine where PostgreSQL and Redis listen on 127.0.0.1:
 
 - ``DATABASE_URL``      PostgreSQL, default ``postgres://postgres@127.0.0.1:5432/imcore``
+- ``DATABASE_POOL_MAX`` connections in each process's pool (default 8; 0: no pool)
 - ``REDIS_URL``         Redis for counters, default ``redis://127.0.0.1:6379/0``
 - ``CELERY_BROKER_URL`` Celery's broker, default ``redis://127.0.0.1:6379/1``
 - ``COUNTERS_STRATEGY`` ``lua`` (default), ``watch``, ``lock`` or ``naive``
+- ``COUNTERS_WRITE_PATH`` ``pipeline`` (default), ``batches`` (celery-batches) or ``fanout``
+- ``COUNTERS_BATCHES_FLUSH_EVERY`` ``batches``: a worker runs a batch every this many task
+  messages (default 1000), or every ``COUNTERS_FLUSH_INTERVAL`` seconds; a worker started
+  with ``COUNTERS_WRITE_PATH=batches`` prefetches twice that many messages per process
 """
 
 import os
@@ -82,13 +87,28 @@ TEMPLATES = [
     },
 ]
 
+# Connections come from Django's PostgreSQL pool (psycopg_pool), one pool per process, at most
+# DATABASE_POOL_MAX connections each. Under ASGI every request runs its ORM code in a thread of
+# its own and Django's connections belong to a thread, so persistent connections
+# (CONN_MAX_AGE) would open a session per request and leave it open until PostgreSQL refuses
+# more (`make bench` saw 503s at 16 concurrent senders); the pool lends one connection per
+# request and takes it back at the end. DATABASE_POOL_MAX=0 turns the pool off (then
+# DATABASE_CONN_MAX_AGE applies, as under a WSGI server).
+DATABASE_POOL_MAX = env_int("DATABASE_POOL_MAX", 8)
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/imcore"),
-        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
-        conn_health_checks=True,
+        conn_max_age=0 if DATABASE_POOL_MAX else env_int("DATABASE_CONN_MAX_AGE", 60),
+        conn_health_checks=not DATABASE_POOL_MAX,
     )
 }
+if DATABASE_POOL_MAX:
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 0,  # a process that never queries (or idles) holds no session
+        "max_size": DATABASE_POOL_MAX,
+        "max_idle": 300,
+        "timeout": 10,  # seconds a request waits for a connection before a 503
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_USER_MODEL = "imcore.User"
 
@@ -145,9 +165,16 @@ COUNTERS_WATCH_MAX_RETRIES = env_int("COUNTERS_WATCH_MAX_RETRIES", 100)
 COUNTERS_RECONCILE_INTERVAL_S = env_int("COUNTERS_RECONCILE_INTERVAL_S", 6 * 3600)
 
 # --- counter aggregation pipeline (storms) --------------------------------------------------
-# How increments reach Redis: "pipeline" (sharded durable queues, Timer, Flusher, Aggregator)
-# or "fanout" (one Celery task per message, the foundation's path, kept for comparison).
+# How increments reach Redis: "pipeline" (sharded durable queues, Timer, Flusher, Aggregator),
+# "batches" (one celery-batches task message per message, buffered and folded in the worker,
+# applied by the Aggregator's code) or "fanout" (one Celery task per message, the
+# foundation's path, kept for comparison).
 COUNTERS_WRITE_PATH = os.environ.get("COUNTERS_WRITE_PATH", "pipeline")
+if COUNTERS_WRITE_PATH not in {"pipeline", "batches", "fanout"}:
+    raise ValueError(f"COUNTERS_WRITE_PATH={COUNTERS_WRITE_PATH!r}: pipeline, batches or fanout")
+# "batches": a worker applies its buffer every this many task messages (or every
+# COUNTERS_FLUSH_INTERVAL seconds, whichever comes first).
+COUNTERS_BATCHES_FLUSH_EVERY = env_int("COUNTERS_BATCHES_FLUSH_EVERY", 1000)
 # Number of queue shards (Redis Streams); a conversation always goes to shard id % N.
 # Drain the queues (no traffic, Timer running) before lowering it: higher shards are not read.
 COUNTERS_SHARDS = env_int("COUNTERS_SHARDS", 8)
@@ -237,6 +264,14 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 4
+if COUNTERS_WRITE_PATH == "batches":
+    # celery-batches keeps the messages it buffers unacknowledged until their batch has run
+    # (acks_late), and the broker stops delivering at the prefetch limit (multiplier x
+    # processes): with 4 x 2 the buffer never reaches COUNTERS_BATCHES_FLUSH_EVERY and only the
+    # interval flushes it, 8 messages at a time. Room for a full buffer plus the batch being
+    # applied, per process. It applies to every queue of the worker (Celery has no per-task
+    # prefetch): run the counters queue on workers of its own where that matters.
+    CELERY_WORKER_PREFETCH_MULTIPLIER = 2 * COUNTERS_BATCHES_FLUSH_EVERY
 CELERY_TASK_DEFAULT_QUEUE = "default"
 # Declared up front so `celery purge`, Flower and the workers' -Q see both queues.
 CELERY_TASK_QUEUES = (Queue("default"), Queue("counters"))
