@@ -2,6 +2,7 @@
 redis-server on its own port serves as the broker, so each side's commands are counted
 apart), real Celery processes, and a description of the machine."""
 
+import contextlib
 import datetime
 import json
 import os
@@ -83,6 +84,32 @@ def start_broker() -> None:
             return
         time.sleep(0.1)
     raise RuntimeError("the benchmark broker did not start")
+
+
+def broker_up() -> bool:
+    ping = ["redis-cli", "-p", str(BROKER_PORT), "ping"]
+    return subprocess.run(ping, capture_output=True).returncode == 0
+
+
+@contextlib.contextmanager
+def broker_stopped_after():
+    """At the end (an error or a kill included), stop the broker if this run started it
+    (``setup_django()`` does when none is up): nothing else uses it."""
+    was_up = broker_up()
+    try:
+        yield
+    finally:
+        if not was_up and broker_up():
+            import redis
+
+            with contextlib.suppress(redis.ConnectionError):
+                redis.Redis(port=BROKER_PORT).shutdown(nosave=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def reset_data() -> None:

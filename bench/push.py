@@ -256,12 +256,6 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server(common.ServedApp):
     """One uvicorn process serving ``imcore.asgi`` in its own process group; always stopped
     by :meth:`stop`."""
@@ -269,7 +263,7 @@ class Server(common.ServedApp):
     server_name = "uvicorn"
 
     def __init__(self):
-        self.port = free_port()
+        self.port = common.free_port()
         # Lives as long as the server (closed in stop()).
         self.log = tempfile.NamedTemporaryFile(prefix="imcore-bench-push-", suffix=".log")  # noqa: SIM115
         self.args = [
@@ -985,16 +979,8 @@ def main() -> None:
     # A kill unwinds like an error: every process of the run is still stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.perf_counter()
-    broker_was_up = broker_up()
-    try:
+    with common.broker_stopped_after():
         run(args, started)
-    finally:
-        if not broker_was_up and broker_up():
-            import redis
-
-            # The broker common.setup_django() started for this run; nothing else uses it.
-            with contextlib.suppress(redis.ConnectionError):
-                redis.Redis(port=common.BROKER_PORT).shutdown(nosave=True)
 
 
 def code_state() -> dict:
@@ -1016,11 +1002,6 @@ def code_state() -> dict:
             for f in changed
         },
     }
-
-
-def broker_up() -> bool:
-    ping = ["redis-cli", "-p", str(common.BROKER_PORT), "ping"]
-    return subprocess.run(ping, capture_output=True).returncode == 0
 
 
 def run(args, started: float) -> None:

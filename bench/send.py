@@ -118,12 +118,6 @@ def procfile() -> dict[str, str]:
     return entries
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def shown_command(pid: int) -> str:
     """The command line a process runs, the interpreter left out (``uvicorn …``)."""
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").decode().split("\0")
@@ -164,7 +158,7 @@ class Stack:
 
     def __init__(self, web_env: dict[str, str]):
         entries = procfile()
-        self.port = free_port()
+        self.port = common.free_port()
         env = {
             **os.environ,
             **common.ENV,
@@ -1312,11 +1306,6 @@ def run(args, started: float) -> None:
     common.write_results("send", markdown(args, report), report)
 
 
-def broker_up() -> bool:
-    ping = ["redis-cli", "-p", str(common.BROKER_PORT), "ping"]
-    return subprocess.run(ping, capture_output=True).returncode == 0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="measurements of each row")
@@ -1339,16 +1328,8 @@ def main() -> None:
     # A kill unwinds like an error: the stack and the broker are still stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.perf_counter()
-    broker_was_up = broker_up()
-    try:
+    with common.broker_stopped_after():
         run(args, started)
-    finally:
-        if not broker_was_up and broker_up():
-            import redis
-
-            # The broker common.setup_django() started for this run; nothing else uses it.
-            with contextlib.suppress(redis.ConnectionError):
-                redis.Redis(port=common.BROKER_PORT).shutdown(nosave=True)
 
 
 if __name__ == "__main__":

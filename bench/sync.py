@@ -35,7 +35,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,19 +112,13 @@ def counted_wsgi(environ, start_response):
 # ---- the server and the client -------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server(common.ServedApp):
     """gunicorn in its own process group; always stopped by :meth:`stop`."""
 
     server_name = "gunicorn"
 
     def __init__(self, *, count_sql: bool, workers: int = 2, threads: int = 4):
-        self.port = free_port()
+        self.port = common.free_port()
         # Lives as long as the server (closed in stop()).
         self.log = tempfile.NamedTemporaryFile(prefix="imcore-bench-sync-", suffix=".log")  # noqa: SIM115
         app = "bench.sync:counted_wsgi" if count_sql else "imcore.wsgi:application"
@@ -346,19 +339,6 @@ def setup(args) -> dict:
 # ---- measurements --------------------------------------------------------------------------
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def spread(values: list[float], fmt: str = "{:.1f}") -> str:
-    """``median (min..max)``."""
-    if not values:
-        return "n/a"
-    if min(values) == max(values):
-        return fmt.format(values[0])
-    return f"{fmt.format(median(values))} ({fmt.format(min(values))}..{fmt.format(max(values))})"
-
-
 def mark_seen(device_pk: int) -> None:
     """The device was seen just now (it logged in, which also asks for its package), so its
     pulls do not send another prepare task."""
@@ -458,7 +438,7 @@ def summarize(pulls: dict) -> dict:
         "round_trips": sorted({r["round_trips"] for r in runs}),
         "entries": sorted({r["entries"] for r in runs}),
         "sql": sorted({r["sql"] for r in runs}),
-        "kb": median([r["kb"] for r in runs]),
+        "kb": common.median([r["kb"] for r in runs]),
         "missing_bodies": max(r["missing_bodies"] for r in runs),
         "ordered": all(r["ordered"] for r in runs),
         "gap": all(r["gap"] for r in runs),
@@ -481,7 +461,7 @@ def measure_catchup(http: Http, data: dict, args) -> list[dict]:
             s = summarize(run_pulls(http, device, since, limit, mode, args.runs))
             s.update(mode=mode, limit=limit, expected_round_trips=-(-n // limit) if n else 1)
             out.append(s)
-            print(f"  catch-up {mode} limit={limit}: {spread(s['ms'])} ms", flush=True)
+            print(f"  catch-up {mode} limit={limit}: {common.spread(s['ms'])} ms", flush=True)
     return out
 
 
@@ -493,7 +473,7 @@ def measure_gap(http: Http, data: dict, args) -> list[dict]:
         s = summarize(run_pulls(http, data["device"], 0, settings.SYNC_PAGE_MAX, mode, args.runs))
         s["mode"] = mode
         out.append(s)
-        print(f"  gap {mode}: {spread(s['ms'])} ms", flush=True)
+        print(f"  gap {mode}: {common.spread(s['ms'])} ms", flush=True)
     return out
 
 
@@ -607,7 +587,7 @@ def measure_entry_writes(data: dict, args) -> dict:
         ],
     }
     for p in result["paths"]:
-        print(f"  {p['path']}: {spread(p['ms'])} ms", flush=True)
+        print(f"  {p['path']}: {common.spread(p['ms'])} ms", flush=True)
     return result
 
 
@@ -800,9 +780,9 @@ def tables(res: dict, args) -> list[str]:
         rt = s["round_trips"][0]
         lines.append(
             f"| {s['mode']} | {s['limit']} | {one(s['round_trips'])} "
-            f"({s['expected_round_trips']}) | {one(s['entries'])} | {spread(s['ms'])} | "
-            f"{median(s['ms']) / rt:.1f} | {one(s['sql'])} | {s['kb']:.0f} | "
-            f"{spread(s['prepare_ms']) if s['prepare_ms'] else '-'} |"
+            f"({s['expected_round_trips']}) | {one(s['entries'])} | {common.spread(s['ms'])} | "
+            f"{common.median(s['ms']) / rt:.1f} | {one(s['sql'])} | {s['kb']:.0f} | "
+            f"{common.spread(s['prepare_ms']) if s['prepare_ms'] else '-'} |"
         )
     gap = res["gap"]
     lines += [
@@ -818,8 +798,8 @@ def tables(res: dict, args) -> list[str]:
     for s in gap["results"]:
         lines.append(
             f"| {s['mode']} | {one(s['round_trips'])} | {one(s['conversations'])} | "
-            f"{spread(s['ms'])} | {one(s['sql'])} | {s['kb']:.0f} | "
-            f"{spread(s['prepare_ms']) if s['prepare_ms'] else '-'} |"
+            f"{common.spread(s['ms'])} | {one(s['sql'])} | {s['kb']:.0f} | "
+            f"{common.spread(s['prepare_ms']) if s['prepare_ms'] else '-'} |"
         )
     w = res["writes"]
     lines += [
@@ -831,8 +811,8 @@ def tables(res: dict, args) -> list[str]:
     ]
     for p in w["paths"]:
         lines.append(
-            f"| {p['path']} | {spread(p['ms'])} | {median(p['versions_per_s']):,.0f} | "
-            f"{p['round_trips']} |"
+            f"| {p['path']} | {common.spread(p['ms'])} | "
+            f"{common.median(p['versions_per_s']):,.0f} | {p['round_trips']} |"
         )
     a = res["acks"]
     runs = a["runs"]
@@ -850,7 +830,7 @@ def tables(res: dict, args) -> list[str]:
         mine = [r for r in runs if r["flush_interval_s"] == interval]
 
         def col(key: str, fmt: str = "{:.0f}", mine=mine) -> str:
-            return spread([r[key] for r in mine], fmt)
+            return common.spread([r[key] for r in mine], fmt)
 
         flush = (
             f"every {interval:g} s (as beat) + once after"
@@ -858,7 +838,8 @@ def tables(res: dict, args) -> list[str]:
             else "once, after the last ack"
         )
         lines.append(
-            f"| {flush} | {col('acks')} | {spread([r['http_ms'] / 1000 for r in mine], '{:.2f}')}"
+            f"| {flush} | {col('acks')} | "
+            f"{common.spread([r['http_ms'] / 1000 for r in mine], '{:.2f}')}"
             f" | {col('flush_calls')} | {col('ack_updates')} | {col('ack_rows')} | "
             f"{col('last_seen_updates')} ({col('last_seen_rows')}) | "
             f"{col('other_server_updates')} | {col('server_queries')} |"
@@ -919,21 +900,8 @@ def main() -> None:
     # A kill unwinds like an error: gunicorn and the broker are still stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.perf_counter()
-    broker_was_up = broker_up()
-    try:
+    with common.broker_stopped_after():
         run(args, started)
-    finally:
-        if not broker_was_up and broker_up():
-            import redis
-
-            # The broker common.setup_django() started for this run; nothing else uses it.
-            with contextlib.suppress(redis.ConnectionError):
-                redis.Redis(port=common.BROKER_PORT).shutdown(nosave=True)
-
-
-def broker_up() -> bool:
-    ping = ["redis-cli", "-p", str(common.BROKER_PORT), "ping"]
-    return subprocess.run(ping, capture_output=True).returncode == 0
 
 
 def run(args, started: float) -> None:
