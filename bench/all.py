@@ -179,6 +179,11 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     args = parse()
     os.environ.setdefault("BENCH_DATE", datetime.date.today().isoformat())
+    with common.broker_stopped_after():
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     common.setup_django()
     machine, code = common.machine(), code_state()
     started = time.monotonic()
