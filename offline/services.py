@@ -185,8 +185,11 @@ def sync_page(*, device: Device, since: int, limit: int) -> dict:
             details={"latest_version": exc.latest},
         ) from exc
     if page.status == "gap":
+        # A prepared snapshot is used only while it is current: one built before the latest
+        # version would answer an older ``latest_version`` with ``has_more: false``, and a
+        # client that follows the protocol would stop there, missing what came after it.
         snapshot = page.snapshot
-        if snapshot is None or snapshot["latest_version"] < page.floor:
+        if snapshot is None or snapshot["latest_version"] != page.latest:
             snapshot = selectors.sync_snapshot(user_id=device.user_id, latest_version=page.latest)
         return {
             "entries": [],
