@@ -28,11 +28,14 @@ run: venv services migrate demo
 
 test: venv services
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# ruff, and the import contract of pyproject.toml (dependencies point one way).
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 fmt: venv
 	$(BIN)/ruff check --fix .

@@ -320,7 +320,7 @@ def settled_count(prefix: str, timeout: float = 10) -> int:
 
 def drain(timeout: float = 60) -> float:
     """Wait until the counter pipeline's queues are empty; returns the seconds waited."""
-    from counters.pipeline import shard_lengths
+    from delivery.pipeline import shard_lengths
 
     started = time.monotonic()
     while sum(shard_lengths()) and time.monotonic() - started < timeout:

@@ -1,7 +1,8 @@
 """Writes of the messaging domain. Each service validates what only it can know, changes
-PostgreSQL in one transaction and then tells the counter store (after commit), so Redis only
-ever hears of committed changes. Counter operations are idempotent, so a client that retries a
-request after a 503 repairs Redis without changing PostgreSQL twice."""
+PostgreSQL in one transaction and then tells :mod:`delivery` what happened (after commit),
+which updates counters, sync entries and pushes, so Redis only ever hears of committed
+changes. Those updates are idempotent, so a client that retries a request after a 503 repairs
+Redis without changing PostgreSQL twice."""
 
 import hashlib
 import secrets
@@ -18,18 +19,13 @@ from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from counters.selectors import counters_get
-from counters.services import (
-    counters_mark_read,
-    counters_membership_changed,
-    counters_memberships_changed,
-    counters_message_committed,
+from delivery.services import (
+    delivery_memberships_changed,
+    delivery_message_committed,
+    delivery_read_moved,
+    delivery_sender_read,
 )
-from offline.push import push_badge_changed
-from offline.services import (
-    offline_device_seen,
-    offline_record_memberships,
-    offline_record_read,
-)
+from offline.services import offline_device_seen
 
 from .errors import BadRequest, Conflict, NotAuthenticated, NotFound, PermissionDenied
 from .models import Conversation, Device, Membership, Message, User
@@ -153,8 +149,7 @@ def conversation_create(
         existing = Conversation.objects.get(direct_key=key)
         _resend_direct(existing)
         return existing, False
-    counters_memberships_changed(memberships=memberships, last_seq=0)
-    offline_record_memberships(
+    delivery_memberships_changed(
         memberships=memberships, conversation=conversation, last_seq=0, change="join"
     )
     return conversation, True
@@ -164,8 +159,7 @@ def _resend_direct(conversation: Conversation) -> None:
     """Asking for an existing direct pair re-sends both members' state to Redis (idempotent):
     a client retrying after a 503 repairs what the first try could not write."""
     memberships = list(Membership.objects.filter(conversation=conversation))
-    counters_memberships_changed(memberships=memberships, last_seq=conversation.last_seq)
-    offline_record_memberships(
+    delivery_memberships_changed(
         memberships=memberships,
         conversation=conversation,
         last_seq=conversation.last_seq,
@@ -206,8 +200,7 @@ def members_add(*, actor: User, conversation: Conversation, user_ids: list[int])
         )
     # Re-send the state of every named member: idempotent, and repairs a failed earlier try.
     memberships = list(Membership.objects.filter(conversation=conv, user_id__in=user_ids))
-    counters_memberships_changed(memberships=memberships, last_seq=conv.last_seq)
-    offline_record_memberships(
+    delivery_memberships_changed(
         memberships=memberships,
         conversation=conv,
         last_seq=conv.last_seq,
@@ -240,8 +233,7 @@ def member_remove(*, actor: User, conversation: Conversation, user_id: int) -> N
             membership.rev += 1
             membership.save(update_fields=["left_at", "rev"])
         last_seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation.pk)
-    counters_membership_changed(membership=membership, last_seq=last_seq)
-    offline_record_memberships(
+    delivery_memberships_changed(
         memberships=[membership], conversation=conversation, last_seq=last_seq, change="leave"
     )
 
@@ -258,11 +250,9 @@ def conversation_mute(*, membership: Membership, muted: bool) -> tuple[int, int]
             m.rev += 1
             m.save(update_fields=["muted", "rev"])
         last_seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=m.conversation_id)
-    counters_membership_changed(membership=m, last_seq=last_seq)
-    offline_record_memberships(
+    delivery_memberships_changed(
         memberships=[m], conversation=membership.conversation, last_seq=last_seq, change="mute"
     )
-    push_badge_changed(user_ids=[m.user_id], alert=False)  # the badge may have changed
     counts = counters_get(user_id=m.user_id)
     return counts.conversations.get(m.conversation_id, 0), counts.badge
 
@@ -312,7 +302,7 @@ def message_send(
                 )
                 transaction.on_commit(
                     partial(
-                        counters_message_committed,
+                        delivery_message_committed,
                         conversation_id=conversation.pk,
                         seq=seq,
                         sender_id=sender.pk,
@@ -325,15 +315,10 @@ def message_send(
                 raise
             created = False
     if not created:
-        counters_message_committed(
+        delivery_message_committed(
             conversation_id=conversation.pk, seq=message.seq, sender_id=sender.pk
         )
-    counters_mark_read(
-        user_id=sender.pk,
-        conversation_id=conversation.pk,
-        read_seq=message.seq,
-        last_seq=message.seq,
-    )
+    delivery_sender_read(user_id=sender.pk, conversation_id=conversation.pk, seq=message.seq)
     return message, created
 
 
@@ -362,14 +347,9 @@ def conversation_mark_read(*, membership: Membership, seq: int) -> tuple[int, in
     )
     if not updated:
         raise NotFound(f"conversation {membership.conversation_id} not found")
-    counts = counters_mark_read(
+    return delivery_read_moved(
         user_id=membership.user_id,
         conversation_id=membership.conversation_id,
-        read_seq=seq,
+        seq=seq,
         last_seq=last_seq,
     )
-    offline_record_read(
-        user_id=membership.user_id, conversation_id=membership.conversation_id, seq=seq
-    )
-    push_badge_changed(user_ids=[membership.user_id], alert=False)  # silent badge update
-    return counts

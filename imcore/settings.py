@@ -8,10 +8,11 @@ work on a developer machine where PostgreSQL and Redis listen on 127.0.0.1:
 - ``REDIS_URL``         Redis for counters, default ``redis://127.0.0.1:6379/0``
 - ``CELERY_BROKER_URL`` Celery's broker, default ``redis://127.0.0.1:6379/1``
 - ``COUNTERS_STRATEGY`` ``lua`` (default), ``watch``, ``lock`` or ``naive``
-- ``COUNTERS_WRITE_PATH`` ``pipeline`` (default), ``batches`` (celery-batches) or ``fanout``
+- ``DELIVERY_WRITE_PATH`` ``pipeline`` (default), ``batches`` (celery-batches) or ``fanout``
+  (``COUNTERS_WRITE_PATH``, its name before the delivery app, is read when it is not set)
 - ``COUNTERS_BATCHES_FLUSH_EVERY`` ``batches``: a worker runs a batch every this many task
   messages (default 1000), or every ``COUNTERS_FLUSH_INTERVAL`` seconds; a worker started
-  with ``COUNTERS_WRITE_PATH=batches`` prefetches twice that many messages per process
+  with ``DELIVERY_WRITE_PATH=batches`` prefetches twice that many messages per process
 """
 
 import os
@@ -54,6 +55,7 @@ INSTALLED_APPS = [
     "imcore",
     "counters",
     "offline",
+    "delivery",
 ]
 
 MIDDLEWARE = [
@@ -165,13 +167,16 @@ COUNTERS_WATCH_MAX_RETRIES = env_int("COUNTERS_WATCH_MAX_RETRIES", 100)
 COUNTERS_RECONCILE_INTERVAL_S = env_int("COUNTERS_RECONCILE_INTERVAL_S", 6 * 3600)
 
 # --- counter aggregation pipeline (storms) --------------------------------------------------
-# How increments reach Redis: "pipeline" (sharded durable queues, Timer, Flusher, Aggregator),
-# "batches" (one celery-batches task message per message, buffered and folded in the worker,
-# applied by the Aggregator's code) or "fanout" (one Celery task per message, the
-# foundation's path, kept for comparison).
-COUNTERS_WRITE_PATH = os.environ.get("COUNTERS_WRITE_PATH", "pipeline")
-if COUNTERS_WRITE_PATH not in {"pipeline", "batches", "fanout"}:
-    raise ValueError(f"COUNTERS_WRITE_PATH={COUNTERS_WRITE_PATH!r}: pipeline, batches or fanout")
+# How a committed message reaches its members (counters, sync entries, pushes; the delivery
+# app): "pipeline" (sharded durable queues, Timer, Flusher, Aggregator), "batches" (one
+# celery-batches task message per message, buffered and folded in the worker, applied by the
+# Aggregator's code) or "fanout" (one Celery task per message, the foundation's path, kept for
+# comparison). COUNTERS_WRITE_PATH is its old name, still read when DELIVERY_WRITE_PATH is unset.
+DELIVERY_WRITE_PATH = os.environ.get(
+    "DELIVERY_WRITE_PATH", os.environ.get("COUNTERS_WRITE_PATH", "pipeline")
+)
+if DELIVERY_WRITE_PATH not in {"pipeline", "batches", "fanout"}:
+    raise ValueError(f"DELIVERY_WRITE_PATH={DELIVERY_WRITE_PATH!r}: pipeline, batches or fanout")
 # "batches": a worker applies its buffer every this many task messages (or every
 # COUNTERS_FLUSH_INTERVAL seconds, whichever comes first).
 COUNTERS_BATCHES_FLUSH_EVERY = env_int("COUNTERS_BATCHES_FLUSH_EVERY", 1000)
@@ -264,7 +269,7 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 4
-if COUNTERS_WRITE_PATH == "batches":
+if DELIVERY_WRITE_PATH == "batches":
     # celery-batches keeps the messages it buffers unacknowledged until their batch has run
     # (acks_late), and the broker stops delivering at the prefetch limit (multiplier x
     # processes): with 4 x 2 the buffer never reaches COUNTERS_BATCHES_FLUSH_EVERY and only the

@@ -174,7 +174,7 @@ def test_service_counts_exact_with_concurrent_clients_and_worker(
     """Three client processes send and mark read on two shared groups while a real worker
     fans out: every count ends equal to PostgreSQL's and the badge to the unmuted sum."""
     settings.COUNTERS_STRATEGY = strategy_name
-    settings.COUNTERS_WRITE_PATH = "fanout"  # a task per message: the most concurrent writers
+    settings.DELIVERY_WRITE_PATH = "fanout"  # a task per message: the most concurrent writers
     ids, convs = setup_chat(make_member)
     with running_worker(COUNTERS_STRATEGY=strategy_name):
         assert service_drift(ids, convs) == []
@@ -184,7 +184,7 @@ def test_service_counts_exact_with_concurrent_clients_and_worker(
 def test_service_naive_drift_is_detected(transactional_db, make_member, settings):
     """With ``naive`` the same scenario leaves counts that differ from PostgreSQL."""
     settings.COUNTERS_STRATEGY = "naive"
-    settings.COUNTERS_WRITE_PATH = "fanout"
+    settings.DELIVERY_WRITE_PATH = "fanout"
     ids, convs = setup_chat(make_member)
     with running_worker(COUNTERS_STRATEGY="naive"):
         for _ in range(4):

@@ -7,8 +7,8 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from counters import keys
-from counters.services import counters_fanout
 from counters.tasks import reconcile
+from delivery.services import delivery_fanout
 from imcore.models import User
 from tests.conftest import wait_until
 from tests.helpers import counter_mismatches
@@ -21,7 +21,7 @@ def group_with_traffic(make_member, n_messages=3):
     ).json()["id"]
     for i in range(n_messages):
         seq = alice.send(gid, f"m{i}")["seq"]
-        counters_fanout(conversation_id=gid, seq=seq, sender_id=alice.id)
+        delivery_fanout(conversation_id=gid, seq=seq, sender_id=alice.id)
     return alice, bob, carol, gid
 
 
@@ -46,7 +46,7 @@ def test_increment_during_a_wipe_is_not_lost(make_member, redis_clean):
     alice, bob, carol, gid = group_with_traffic(make_member, n_messages=1)
     redis_clean.flushdb()
     seq = alice.send(gid, "while empty")["seq"]
-    counters_fanout(conversation_id=gid, seq=seq, sender_id=alice.id)
+    delivery_fanout(conversation_id=gid, seq=seq, sender_id=alice.id)
     assert bob.unread()["badge"] == 2
     assert counter_mismatches([bob.id]) == []
 

@@ -3,7 +3,7 @@
 import pytest
 from django.contrib import admin
 
-from counters.services import counters_fanout
+from delivery.services import delivery_fanout
 from imcore.models import Membership, User
 
 
@@ -19,7 +19,7 @@ def test_admin_pages_open(admin_client, make_member):
     alice, bob = make_member("alice"), make_member("bob")
     gid = alice.post("/conversations", {"kind": "group", "members": [bob.id]}).json()["id"]
     seq = alice.send(gid, "hello")["seq"]
-    counters_fanout(conversation_id=gid, seq=seq, sender_id=alice.id)
+    delivery_fanout(conversation_id=gid, seq=seq, sender_id=alice.id)
     bob.unread()
     for url in (
         "/admin/",

@@ -11,7 +11,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from counters.pipeline import counters_drain
+from delivery.pipeline import delivery_drain
 from imcore.models import Device
 from offline import keys, services, store
 from tests.conftest import wait_until
@@ -68,7 +68,7 @@ def test_connect_gets_the_package_then_live_entries(server, make_member, second_
     cid = group(bob, alice)
     for i in range(120):
         bob.send(cid, f"m{i}")
-    counters_drain()
+    delivery_drain()
     _, latest = pull_all(alice, since)
     with ws(server, laptop) as sock:
         package = frames_until(sock, latest)
@@ -78,7 +78,7 @@ def test_connect_gets_the_package_then_live_entries(server, make_member, second_
             Device.objects.get(user=alice.user, device_id="laptop").pk
         }
         bob.send(cid, "live")
-        counters_drain()
+        delivery_drain()
         live = frames_until(sock, latest + 1)
         assert [e["message"]["body"] for e in live[0]["entries"]] == ["live"]
         sock.send(json.dumps({"type": "ack", "version": latest + 1}))
@@ -96,7 +96,7 @@ def test_no_gap_and_no_repeat_at_the_seam(server, make_member, second_device):
     cid = group(bob, alice)
     for i in range(400):
         bob.send(cid, f"m{i}")
-    counters_drain()
+    delivery_drain()
     stop = threading.Event()
 
     def writer():
@@ -218,7 +218,7 @@ def test_a_socket_gets_only_its_own_users_entries(server, make_member):
         frames_until(bob_sock, 0)
         frames_until(carol_sock, 0)
         alice.send(cid, "for carol only")
-        counters_drain()
+        delivery_drain()
         bodies: list[str] = []
         while not bodies:
             bodies = [

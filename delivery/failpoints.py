@@ -7,8 +7,9 @@ import signal
 
 from django.conf import settings
 
+from counters.redis import get_redis
+
 from . import keys
-from .redis import get_redis
 
 
 def failpoint(name: str) -> None:
