@@ -10,8 +10,8 @@ seconds until the window that is over its limit ends.
 Rates are settings (``AUTH_RATE_*``) in django-ratelimit's syntax ``<count>/<period>``, the
 period ``s``, ``m``, ``h`` or ``d`` ("10/m": ten a minute); an empty rate turns that limit
 off. The client address is ``REMOTE_ADDR`` (IPv6 counted per /64); behind a reverse proxy the
-ASGI server must set it from the proxy's header (uvicorn ``--proxy-headers
---forwarded-allow-ips=<the proxy's address>``), or every client shares the proxy's limit.
+ASGI server must set it from the proxy's header (uvicorn does for the addresses in
+``--forwarded-allow-ips``, default 127.0.0.1), or every client shares the proxy's limit.
 
 Keys (prefix ``imc:rl`` of the ``ratelimit`` cache): one counter per (group, window, key),
 expiring with its window; the username is NFKC-normalized and case-folded, so "Alice" and
