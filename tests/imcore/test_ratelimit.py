@@ -46,14 +46,21 @@ def alice(db):
 
 def test_login_is_limited_per_username(settings, alice):
     """Past the username's limit a login is 429 from any address, even with the right
-    password (no device is created), while other usernames log in."""
+    password (no device is created, none has its token replaced), while other usernames log
+    in."""
     settings.AUTH_RATE_LOGIN_PER_USERNAME = "3/h"
     settings.AUTH_RATE_LOGIN_PER_ADDRESS = ""
-    for i in range(3):
+    assert login("alice", PASSWORD, device_id="d1").status_code == 201
+    d1 = Device.objects.get(user=alice, device_id="d1").token_hash
+    for i in range(2):
         assert login("alice", "wrong", address=f"10.0.0.{i}").status_code == 401
-    assert_limited(login("alice", PASSWORD, address="10.0.1.1"))
+    assert_limited(login("alice", PASSWORD, address="10.0.1.1", device_id="d2"))
+    assert_limited(login("alice", PASSWORD, address="10.0.1.1", device_id="d1"))
     assert_limited(login("ALICE", PASSWORD, address="10.0.1.2"))  # same username, case-folded
-    assert not Device.objects.filter(user=alice).exists()
+    # No new device, and d1's token is not replaced by the refused login.
+    assert list(Device.objects.filter(user=alice).values_list("device_id", "token_hash")) == [
+        ("d1", d1)
+    ]
     User.objects.create_user("bob", password=PASSWORD)
     assert login("bob", PASSWORD, address="10.0.0.0").status_code == 201
 
