@@ -52,6 +52,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "ninja",
     "django_celery_beat",
+    "django_ratelimit",
     "imcore",
     "counters",
     "offline",
@@ -154,6 +155,14 @@ GROUP_MAX_MEMBERS = env_int("GROUP_MAX_MEMBERS", 10_000)
 # Largest page of GET .../messages.
 MESSAGES_PAGE_MAX = env_int("MESSAGES_PAGE_MAX", 200)
 
+# --- sign-up and login rate limits (imcore.ratelimit) -----------------------------------------
+# Attempts per username and per client address, in django-ratelimit's "<count>/<period>"
+# (period s, m, h or d: "10/m" is ten a minute); empty: no limit. Counted in Redis.
+AUTH_RATE_LOGIN_PER_USERNAME = os.environ.get("AUTH_RATE_LOGIN_PER_USERNAME", "10/m")
+AUTH_RATE_LOGIN_PER_ADDRESS = os.environ.get("AUTH_RATE_LOGIN_PER_ADDRESS", "60/m")
+AUTH_RATE_SIGNUP_PER_USERNAME = os.environ.get("AUTH_RATE_SIGNUP_PER_USERNAME", "5/m")
+AUTH_RATE_SIGNUP_PER_ADDRESS = os.environ.get("AUTH_RATE_SIGNUP_PER_ADDRESS", "20/h")
+
 # --- Redis and counters ---------------------------------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 # Consistency strategy of the counter store: lua (default), watch, lock, naive.
@@ -223,6 +232,23 @@ SYNC_ACK_FLUSH_THRESHOLD = env_int("SYNC_ACK_FLUSH_THRESHOLD", 5000)
 SYNC_AWAY_AFTER_S = env_int("SYNC_AWAY_AFTER_S", 300)
 # How long a prepared package or snapshot is kept (s).
 SYNC_PACKAGE_TTL_S = env_int("SYNC_PACKAGE_TTL_S", 600)
+
+# The rate limits' counters live in Redis (never per-process memory: every server process
+# must see the same counts), under their own key prefix.
+RATELIMIT_REDIS_URL = os.environ.get("RATELIMIT_REDIS_URL", REDIS_URL)
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "ratelimit": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": RATELIMIT_REDIS_URL,
+        "KEY_PREFIX": "imc:rl",
+    },
+}
+RATELIMIT_USE_CACHE = "ratelimit"
+RATELIMIT_CACHE_PREFIX = ""  # the cache's KEY_PREFIX is enough
+# django-ratelimit lists only django-redis among Redis caches; Django's own RedisCache does an
+# atomic INCR as well.
+SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"]
 
 # --- live sync over WebSocket and presence -----------------------------------------------------
 # The channel layer (Django Channels) that carries "new entries" pokes to connected devices.
