@@ -10,7 +10,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from counters.pipeline import counters_drain
+from delivery.pipeline import delivery_drain
 from imcore.models import Device
 from offline import store
 from tests.conftest import celery_env, wait_until
@@ -100,13 +100,13 @@ def test_the_users_other_sockets_stay_open(calm_server, make_member, second_devi
     alice, bob = make_member("alice"), make_member("bob")
     laptop = second_device(alice, "laptop")
     cid = group(bob, alice)
-    counters_drain()
+    delivery_drain()
     with ws(calm_server, alice) as phone_sock, ws(calm_server, laptop) as laptop_sock:
         assert alice.delete("/devices/laptop").status_code == 204
         assert closed(laptop_sock, timeout=15)[0] == 4401
         ping(phone_sock)
         bob.send(cid, "still here")
-        counters_drain()
+        delivery_drain()
         deadline = time.monotonic() + 15
         while True:
             frame = json.loads(phone_sock.recv(timeout=max(deadline - time.monotonic(), 0.01)))
