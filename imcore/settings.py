@@ -175,6 +175,10 @@ if COUNTERS_WRITE_PATH not in {"pipeline", "batches", "fanout"}:
 # "batches": a worker applies its buffer every this many task messages (or every
 # COUNTERS_FLUSH_INTERVAL seconds, whichever comes first).
 COUNTERS_BATCHES_FLUSH_EVERY = env_int("COUNTERS_BATCHES_FLUSH_EVERY", 1000)
+# "batches": a batch that failed on Redis or PostgreSQL sends its events again, each event at
+# most this many times (1 s, 2 s, 4 s ... apart, at most 60 s); then it is dropped and logged,
+# and the next message of its conversation or the reconcile repairs the counts.
+COUNTERS_BATCHES_MAX_RESENDS = env_int("COUNTERS_BATCHES_MAX_RESENDS", 8)
 # Number of queue shards (Redis Streams); a conversation always goes to shard id % N.
 # Drain the queues (no traffic, Timer running) before lowering it: higher shards are not read.
 COUNTERS_SHARDS = env_int("COUNTERS_SHARDS", 8)
