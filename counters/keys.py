@@ -73,6 +73,7 @@ def rev_field(conversation_id: int | str) -> str:
 # ``imc:metrics:flushes``      LIST   recent flushes (JSON), newest first
 # ``imc:metrics:totals``       HASH   running totals of the pipeline
 # ``imc:failpoint:<name>``     STRING an armed test failpoint (only with COUNTERS_FAILPOINTS)
+# ``imc:failpoint:<name>:pause`` STRING milliseconds every pass of that failpoint waits (tests)
 
 GROUP = "agg"
 CONSUMER = "agg"
@@ -100,3 +101,7 @@ METRICS_TOTALS = f"{PREFIX}:metrics:totals"
 
 def failpoint(name: str) -> str:
     return f"{PREFIX}:failpoint:{name}"
+
+
+def failpoint_pause(name: str) -> str:
+    return f"{PREFIX}:failpoint:{name}:pause"

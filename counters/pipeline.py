@@ -57,9 +57,6 @@ from .strategies import get_strategy
 
 logger = logging.getLogger(__name__)
 
-# Users whose counters are applied between two renewals of the shard lock.
-APPLY_CHUNK = 20_000
-
 
 @dataclass
 class FlushStats:
@@ -256,10 +253,10 @@ def counters_apply_events(
     duplicates: fold them to the highest seq per conversation, read those conversations'
     active members in one query, then for each user one counter call (``inc_many``: one
     script call per user, pipelined), one offline-store call and a push to the users whose
-    badge went up, in chunks of ``APPLY_CHUNK`` users; ``after_chunk`` runs after each chunk
-    (the Aggregator renews its shard lock there), ``before_record`` after the last (the
-    Aggregator acknowledges its stream entries there). Records the flush in the pipeline's
-    metrics and returns it.
+    badge went up, in chunks of ``COUNTERS_APPLY_CHUNK_USERS`` users; ``after_chunk`` runs
+    after each chunk (the Aggregator renews its shard lock there), ``before_record`` after the
+    last (the Aggregator acknowledges its stream entries there). Records the flush in the
+    pipeline's metrics and returns it.
 
     The write of both the Aggregator (``shard`` >= 0) and the celery-batches task
     ``counters.batch_message`` (``shard`` -1): applying an event again changes nothing."""
@@ -293,14 +290,16 @@ def counters_apply_events(
         )
 
     half = len(items) // 2
-    for start in range(0, len(items), APPLY_CHUNK):
-        chunk = items[start : start + APPLY_CHUNK]
-        if start <= half < start + APPLY_CHUNK:
+    size = settings.COUNTERS_APPLY_CHUNK_USERS
+    for start in range(0, len(items), size):
+        chunk = items[start : start + size]
+        if start <= half < start + size:
             apply(chunk[: half - start])
             failpoint("aggregate.mid_apply")
             apply(chunk[half - start :])
         else:
             apply(chunk)
+        failpoint("aggregate.after_chunk")
         if after_chunk:
             after_chunk()
     if before_record:

@@ -193,9 +193,11 @@ COUNTERS_BATCH_SIZE = env_int("COUNTERS_BATCH_SIZE", 2000)
 COUNTERS_SHARD_LOCK_TTL_MS = env_int("COUNTERS_SHARD_LOCK_TTL_MS", 10_000)
 # Aggregator: one task works a shard at most this long, in seconds, then hands over.
 COUNTERS_AGGREGATE_BUDGET_S = float(os.environ.get("COUNTERS_AGGREGATE_BUDGET_S", "5"))
+# Aggregator: users whose counters a batch applies between two renewals of the shard lock.
+COUNTERS_APPLY_CHUNK_USERS = env_int("COUNTERS_APPLY_CHUNK_USERS", 20_000)
 # Flushes kept for the admin page.
 COUNTERS_RECENT_FLUSHES = env_int("COUNTERS_RECENT_FLUSHES", 100)
-# Test-only failpoints (the kill tests arm them in Redis); off in production.
+# Test-only failpoints (the kill and pause tests arm them in Redis); off in production.
 COUNTERS_FAILPOINTS = env_bool("COUNTERS_FAILPOINTS", False)
 
 # --- multi-device sync (offline store) ------------------------------------------------------
