@@ -113,6 +113,9 @@ def counters_enqueue(*, conversation_id: int, seq: int) -> int:
             flusher.delay(shard=shard)
         except kombu.exceptions.OperationalError:
             # The broker is down: the event is stored; the Timer flushes it once it is back.
+            # No flush is requested after all: clear the flag, or it would hold the Timer's
+            # request back for COUNTERS_SHARD_LOCK_TTL_MS.
+            _client().delete(keys.shard_flush_flag(shard))
             logger.warning("could not send the Flusher for shard %s", shard, exc_info=True)
     return shard
 
@@ -133,7 +136,11 @@ def counters_request_aggregate(*, shard: int, trigger: str) -> bool:
         return False
     from .tasks import aggregate
 
-    aggregate.delay(shard=shard, trigger=trigger)
+    try:
+        aggregate.delay(shard=shard, trigger=trigger)
+    except kombu.exceptions.OperationalError:
+        _client().delete(keys.shard_flush_flag(shard))  # not requested after all
+        raise
     return True
 
 

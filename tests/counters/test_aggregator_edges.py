@@ -81,7 +81,7 @@ def test_a_spent_budget_hands_the_rest_to_a_continuation(transactional_db, edge_
 
 
 def test_the_shard_lock_is_renewed_between_chunks(transactional_db, edge_worker):
-    """A batch of 16 users in chunks of 2 lasts twice the lock's TTL; the lock is renewed
+    """A batch of 16 users in chunks of 2 outlasts the lock's TTL; the lock is renewed
     after every chunk, so another aggregator trying the shard all along gets nothing and the
     batch is applied once."""
     sender, ids, conv = big_group(16)
@@ -96,7 +96,7 @@ def test_the_shard_lock_is_renewed_between_chunks(transactional_db, edge_worker)
             tries += 1
             time.sleep(0.05)
         held = time.monotonic() - started
-    assert held > 2 * LOCK_TTL_MS / 1000 and tries > 10
+    assert held > 1.5 * LOCK_TTL_MS / 1000 and tries > 10  # it outlived its first TTL
     assert flushes() == [("test", 2)]
     assert counter_mismatches(ids) == []
 

@@ -47,6 +47,7 @@ def test_a_device_back_by_a_pull_after_the_away_time_gets_its_package(
     settings.SYNC_AWAY_AFTER_S = 60
     alice, bob = make_member("alice"), make_member("bob")
     laptop = second_device(alice)
+    wait_until(broker_idle)  # the packages prepared at login are built (empty) by now
     team = group(bob, alice)
     since = first_sync(laptop)
     assert laptop.post("/sync/ack", {"version": since}).status_code == 200
