@@ -3,8 +3,6 @@ batch whose body raised, so the task sends its events again itself, each at most
 ``COUNTERS_BATCHES_MAX_RESENDS`` times, then drops and logs them; the next message of the
 conversation repairs the counts. A real worker whose counter store refuses connections."""
 
-import time
-
 import pytest
 
 from counters.pipeline import counters_drain
@@ -45,8 +43,6 @@ def test_a_failing_batch_is_sent_again_a_bounded_number_of_times(transactional_d
             message="the failing event was never dropped",
         )
         wait_until(broker_idle, message="the dropped event left tasks in the broker")
-        time.sleep(2.5)  # longer than the last delay: nothing comes back
-        assert broker_idle()
     assert logged("sending it again") == MAX_RESENDS
     assert logged("dropped 1 events") == 1
     assert counters_get(user_id=ids[1]).conversations == {conv.pk: 0}  # the drop, for now
