@@ -50,9 +50,12 @@ def flushes() -> list[tuple[str, int]]:
 
 def tasks_run(name: str) -> int:
     """How many ``name`` tasks the (one) worker has taken since it started."""
-    with celery_app.connection_for_write() as conn:
-        stats = celery_app.control.inspect(timeout=1, limit=1, connection=conn).stats() or {}
-    return sum(s["total"].get(name, 0) for s in stats.values())
+    for _ in range(10):  # a worker busy on a loaded machine may miss one inspect's timeout
+        with celery_app.connection_for_write() as conn:
+            stats = celery_app.control.inspect(timeout=2, limit=1, connection=conn).stats()
+        if stats:
+            return sum(s["total"].get(name, 0) for s in stats.values())
+    pytest.fail("the worker did not answer inspect stats")
 
 
 @contextlib.contextmanager
