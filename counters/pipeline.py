@@ -189,6 +189,7 @@ def counters_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[Flu
     stream = keys.shard_stream(shard)
     done: list[FlushStats] = []
     deadline = time.monotonic() + settings.COUNTERS_AGGREGATE_BUDGET_S
+    hand_over = False
     try:
         client.delete(keys.shard_flush_flag(shard))
         _ensure_group(client, stream)
@@ -208,13 +209,18 @@ def counters_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[Flu
                 # Flusher, so that each flush folds an interval's worth of messages.
                 break
             if time.monotonic() > deadline:
-                counters_request_aggregate(shard=shard, trigger="continue")
+                hand_over = True
                 break
             lock.reacquire()
     finally:
         with contextlib.suppress(redis.exceptions.LockError):
             lock.release()
         client.delete(keys.shard_flush_flag(shard))
+    if hand_over:
+        # The budget is spent: the rest goes to a continuation, requested only now that the
+        # lock is free (requested earlier, it could find the lock still held and give up,
+        # leaving the rest to the next Timer tick).
+        counters_request_aggregate(shard=shard, trigger="continue")
     return done
 
 
