@@ -189,6 +189,10 @@ if DELIVERY_WRITE_PATH not in {"pipeline", "batches", "fanout"}:
 # "batches": a worker applies its buffer every this many task messages (or every
 # COUNTERS_FLUSH_INTERVAL seconds, whichever comes first).
 COUNTERS_BATCHES_FLUSH_EVERY = env_int("COUNTERS_BATCHES_FLUSH_EVERY", 1000)
+# "batches": a batch that failed on Redis or PostgreSQL sends its events again, each event at
+# most this many times (1 s, 2 s, 4 s ... apart, at most 60 s); then it is dropped and logged,
+# and the next message of its conversation or the reconcile repairs the counts.
+COUNTERS_BATCHES_MAX_RESENDS = env_int("COUNTERS_BATCHES_MAX_RESENDS", 8)
 # Number of queue shards (Redis Streams); a conversation always goes to shard id % N.
 # Drain the queues (no traffic, Timer running) before lowering it: higher shards are not read.
 COUNTERS_SHARDS = env_int("COUNTERS_SHARDS", 8)
@@ -203,9 +207,11 @@ COUNTERS_BATCH_SIZE = env_int("COUNTERS_BATCH_SIZE", 2000)
 COUNTERS_SHARD_LOCK_TTL_MS = env_int("COUNTERS_SHARD_LOCK_TTL_MS", 10_000)
 # Aggregator: one task works a shard at most this long, in seconds, then hands over.
 COUNTERS_AGGREGATE_BUDGET_S = float(os.environ.get("COUNTERS_AGGREGATE_BUDGET_S", "5"))
+# Aggregator: users whose counters a batch applies between two renewals of the shard lock.
+COUNTERS_APPLY_CHUNK_USERS = env_int("COUNTERS_APPLY_CHUNK_USERS", 20_000)
 # Flushes kept for the admin page.
 COUNTERS_RECENT_FLUSHES = env_int("COUNTERS_RECENT_FLUSHES", 100)
-# Test-only failpoints (the kill tests arm them in Redis); off in production.
+# Test-only failpoints (the kill and pause tests arm them in Redis); off in production.
 COUNTERS_FAILPOINTS = env_bool("COUNTERS_FAILPOINTS", False)
 
 # --- multi-device sync (offline store) ------------------------------------------------------
