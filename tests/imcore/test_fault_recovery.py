@@ -332,9 +332,9 @@ def make_conversations(traffic: Traffic, clients: list[Client]) -> dict[int, lis
     return of_user
 
 
-def run_load(traffic: Traffic, clients, conversations, fault) -> None:
-    """Senders, a reader and a sync puller run while ``fault()`` runs in this thread; they
-    go on a second after it returns."""
+def run_load(traffic: Traffic, clients, conversations, fault, around_s: float = 1) -> None:
+    """Senders, a reader and a sync puller run for ``around_s`` seconds, while ``fault()``
+    runs in this thread, and ``around_s`` seconds after it returns."""
     done = threading.Event()
 
     def sender(client: Client):
@@ -363,9 +363,9 @@ def run_load(traffic: Traffic, clients, conversations, fault) -> None:
     for t in threads:
         t.start()
     try:
-        time.sleep(1)
+        time.sleep(around_s)
         fault()
-        time.sleep(1)
+        time.sleep(around_s)
     finally:
         done.set()
         for t in threads:
@@ -440,7 +440,8 @@ def test_redis_restarted_empty_under_load_loses_nothing_a_client_was_told(world)
     """The counter store restarted empty while clients send: answers are 2xx or 503 JSON
     within 10 s; after the retries the counts equal PostgreSQL's and versions never went back."""
     traffic, clients, conversations = world
-    run_load(traffic, clients, conversations, lambda: traffic.site.store.restart(empty=True))
+    restart = lambda: traffic.site.store.restart(empty=True)  # noqa: E731
+    run_load(traffic, clients, conversations, restart, around_s=3)
     figures = assert_recovered(traffic, clients)
     print("redis restarted empty:", figures)
 
