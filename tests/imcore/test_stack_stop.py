@@ -1,6 +1,7 @@
 """The stack `make run` starts (`make serve`: bin/stack.py, honcho with the Procfile) stops as
-one: after a SIGTERM to its process group, or a SIGTERM and a SIGKILL 3 s later, every process
-it started is gone within 30 s, its ports are free, and it starts again at once on them.
+one: after a SIGTERM to its process group, a SIGTERM and a SIGKILL 3 s later, or a SIGTERM to
+`make` alone, every process it started is gone within 30 s, its ports are free, and it starts
+again at once on them.
 
 It runs on ports, a Redis and a broker of its own (a private redis-server) and the test
 database, so a `make run` someone has up on 8000 and 5555 is never in the way."""
@@ -141,26 +142,28 @@ def start_slow_upload(stack: Stack) -> socket.socket:
 
 
 def test_sigterm_and_sigkill_to_the_group_stop_everything_and_it_starts_again_at_once(stack):
-    """SIGTERM to the stack's group while a request is in flight, then SIGTERM and SIGKILL
-    3 s later: each time no process it started is left within 30 s, its ports are free, and
-    it binds them again at once."""
+    """SIGTERM to the stack's group, then SIGTERM and SIGKILL 3 s later, then SIGTERM to
+    `make` alone, each while a request is in flight: each time no process the stack started
+    is left within 30 s and its ports are free, and it binds them again at once."""
     timings = {"start": stack.start()}
-    for mode in ("sigterm", "sigterm+sigkill-3s"):
+    modes = ("sigterm to the group", "sigterm, sigkill 3 s later", "sigterm to make alone")
+    for n, mode in enumerate(modes):
+        if n:
+            timings[f"restart before {mode}"] = stack.start()  # at once, on the same ports
         running = tagged_pids(stack.tag)
         assert len(running) >= 6, describe(running)  # make, honcho, web x3, worker, beat...
         upload = start_slow_upload(stack)
         try:
             time.sleep(0.5)  # the worker has the request
             since = time.monotonic()
-            stack.signal_group(signal.SIGTERM)
-            if mode == "sigterm+sigkill-3s":
+            if mode == "sigterm to make alone":
+                os.kill(stack.proc.pid, signal.SIGTERM)
+            else:
+                stack.signal_group(signal.SIGTERM)
+            if mode == "sigterm, sigkill 3 s later":
                 time.sleep(3)
                 stack.signal_group(signal.SIGKILL)
             timings[mode] = stack.wait_stopped(since, mode)
         finally:
             upload.close()
-        timings[f"restart after {mode}"] = stack.start()  # at once, on the same ports
-    since = time.monotonic()
-    stack.signal_group(signal.SIGTERM)
-    timings["sigterm, nothing in flight"] = stack.wait_stopped(since, "last sigterm")
     print({k: round(v, 1) for k, v in timings.items()})
