@@ -72,9 +72,14 @@ class PgProxy:
         with self.lock:
             links, self.links = self.links, set()
         for sock in links:
+            # a reset, as when the server goes away; shutdown() first: a plain close() would
+            # leave the socket open under the pump thread blocked in recv() on it, and the
+            # server's query would wait for good (a network that drops packets, not a restart)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-                sock.close()  # linger 0: a reset, as when the server goes away
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
 
     def _accept(self, listener: socket.socket) -> None:
         while self.listener is listener:
