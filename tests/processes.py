@@ -3,6 +3,7 @@ tests may stop and restart (never the shared one), and the processes a tagged ru
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,6 +102,11 @@ class RedisServer:
     def restart(self, empty: bool = True) -> None:
         self.stop(save=not empty)
         self.start()
+
+    def close(self) -> None:
+        """Stop it and remove its directory."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def tagged_pids(tag: str) -> set[int]:

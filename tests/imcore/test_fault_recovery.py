@@ -160,8 +160,8 @@ def site(django_db_setup, django_db_blocker):
         for proc in procs:
             stop(proc)
         pg.close()
-        store.stop()
-        broker.stop()
+        store.close()
+        broker.close()
 
 
 def start_worker(log, env: dict) -> subprocess.Popen:

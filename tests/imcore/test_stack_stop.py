@@ -127,7 +127,7 @@ def stack(transactional_db):
         yield stack
     finally:
         stack.cleanup()
-        redis_server.stop()
+        redis_server.close()
 
 
 def start_slow_upload(stack: Stack) -> socket.socket:
