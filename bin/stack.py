@@ -30,7 +30,7 @@ STOP_TIMEOUT_S = float(os.environ.get("STACK_STOP_TIMEOUT_S", "20"))
 
 
 def _children(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (from /proc), deepest last."""
+    """Every descendant of ``pid`` (from /proc)."""
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -69,6 +69,9 @@ class GroupPopen(process.Popen):
 
 
 class GroupProcess(process.Process):
+    """A Procfile process started by :class:`GroupPopen`. Its command must ``exec`` the
+    program (see the Procfile): the pid honcho signals is then the program's."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._child_ctor = GroupPopen
