@@ -5,8 +5,9 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from django.conf import settings
+from django.contrib.auth.password_validation import password_validators_help_texts
 from ninja import Field, Path, Query, Router, Schema, Status
-from pydantic import ConfigDict, field_validator
+from pydantic import BeforeValidator, ConfigDict, field_validator
 
 from counters.selectors import counters_get
 from offline.selectors import device_list
@@ -16,18 +17,39 @@ from .models import Conversation
 
 router = Router()
 
+
+def integral(value):
+    """JSON has one kind of number and JSON Schema calls ``2356.0`` an integer, so a client
+    whose encoder writes integral floats is sending integers; any other float is refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 # PostgreSQL bigint: ids and seqs above it are rejected as input instead of failing in SQL.
 BIGINT_MAX = 2**63 - 1
-Id = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
-Seq = Annotated[int, Field(ge=0, le=BIGINT_MAX)]
+Id = Annotated[int, Field(ge=1, le=BIGINT_MAX), BeforeValidator(integral)]
+Seq = Annotated[int, Field(ge=0, le=BIGINT_MAX), BeforeValidator(integral)]
 ConversationId = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
+
+# The schema's pattern for a text field (PostgreSQL text cannot hold NUL).
+NO_NUL = r"^[^\x00]*$"
+
+
+def describe_no_nul(schema: dict, cls) -> None:
+    """Give each string property of a body without a pattern of its own the NUL-free one, so
+    the schema says what :meth:`Body.no_nul` refuses."""
+    for prop in schema.get("properties", {}).values():
+        for branch in prop.get("anyOf", [prop]):
+            if branch.get("type") == "string" and "enum" not in branch and "const" not in branch:
+                branch.setdefault("pattern", NO_NUL)
 
 
 class Body(Schema):
     """A JSON request body: types are strict (``"5"`` is not a number) and unknown fields are
     refused, so a typo cannot pass as a no-op."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=describe_no_nul)
 
     @field_validator("*", mode="after")
     @classmethod
@@ -44,24 +66,83 @@ class ErrorOut(Schema):
     details: object | None = None
 
 
+class BadRequestOut(ErrorOut):
+    error: Literal["bad_request"]
+
+
+class MalformedBodyOut(ErrorOut):
+    error: Literal["malformed_body"]
+
+
+class BadRequestOrMalformedBodyOut(ErrorOut):
+    error: Literal["bad_request", "malformed_body"]
+
+
+class BodyTooLargeOut(ErrorOut):
+    error: Literal["body_too_large"]
+
+
+# What any operation can answer besides its own answers, 400 and 413 (see `responses`).
 ERRORS = {
-    400: ErrorOut,
     401: ErrorOut,
     403: ErrorOut,
     404: ErrorOut,
     409: ErrorOut,
-    413: ErrorOut,
     422: ErrorOut,
     503: ErrorOut,
 }
 
 
+def responses(answers: dict, *, body: bool = False, refusals: str = "") -> dict:
+    """The ``response`` and ``openapi_extra`` arguments of an operation: its answers and its
+    errors. ``refusals`` says when a request the schema allows still gets 400 ``bad_request``
+    (what a schema cannot say: an id that does not exist, a seq past the last one); an
+    operation without it never answers 400 ``bad_request``. An operation that takes a
+    ``body`` can also answer 400 ``malformed_body`` (not JSON) and 413 ``body_too_large``."""
+    response = {**answers, **ERRORS}
+    notes = {}
+    if refusals and body:
+        response[400] = BadRequestOrMalformedBodyOut
+    elif refusals:
+        response[400] = BadRequestOut
+    elif body:
+        response[400] = MalformedBodyOut
+    if refusals or body:
+        notes[400] = " ".join(
+            ([f"``bad_request``: {refusals}"] if refusals else [])
+            + (["``malformed_body``: the body is not JSON."] if body else [])
+        )
+    if body:
+        response[413] = BodyTooLargeOut
+        notes[413] = (
+            f"``body_too_large``: the body is larger than {settings.API_MAX_BODY_BYTES} bytes "
+            "(``API_MAX_BODY_BYTES``); every body this schema allows fits."
+        )
+    return {
+        "response": response,
+        "openapi_extra": {"responses": {s: {"description": d} for s, d in notes.items()}},
+    }
+
+
 # ---- users and devices ---------------------------------------------------------------------
 
 
+PASSWORD_RULES = " ".join(password_validators_help_texts())
+
+
 class UserCreateIn(Body):
-    username: str = Field(min_length=1, max_length=150)
-    password: str = Field(min_length=1, max_length=128)
+    username: str = Field(
+        min_length=1,
+        max_length=150,
+        description="Letters, digits and @ . + - _ only.",
+        # Django's username validator says so (with \Z); it answers 400 bad_request.
+        json_schema_extra={"pattern": r"^[\w.@+-]+$"},
+    )
+    password: str = Field(
+        min_length=1,
+        max_length=128,
+        description=f"The server's password rules (else 400 bad_request): {PASSWORD_RULES}",
+    )
 
 
 class UserOut(Schema):
@@ -69,7 +150,17 @@ class UserOut(Schema):
     username: str
 
 
-@router.post("/users", auth=None, response={201: UserOut, **ERRORS}, tags=["users"])
+@router.post(
+    "/users",
+    auth=None,
+    tags=["users"],
+    **responses(
+        {201: UserOut},
+        body=True,
+        refusals="the password breaks one of the server's password rules (see ``password``), "
+        "or the username one of Django's (``details`` lists which).",
+    ),
+)
 def user_create_api(request, payload: UserCreateIn):
     """Sign up (``API_SIGNUP_ENABLED`` turns it off)."""
     user = services.user_create(username=payload.username, password=payload.password)
@@ -91,7 +182,7 @@ class DeviceLoginOut(Schema):
     token: str
 
 
-@router.post("/devices", auth=None, response={201: DeviceLoginOut, **ERRORS}, tags=["devices"])
+@router.post("/devices", auth=None, tags=["devices"], **responses({201: DeviceLoginOut}, body=True))
 def device_login_api(request, payload: DeviceLoginIn):
     """Log a device in and get its bearer token (shown once; a new login replaces it)."""
     device, token = services.device_login(
@@ -119,7 +210,7 @@ class DevicesOut(Schema):
     devices: list[DeviceOut]
 
 
-@router.get("/devices", response={200: DevicesOut, **ERRORS}, tags=["devices"])
+@router.get("/devices", tags=["devices"], **responses({200: DevicesOut}))
 def device_list_api(request):
     """My devices: platform, online now (a live WebSocket), last seen, acked sync version,
     and whether push notifications are registered."""
@@ -131,7 +222,7 @@ class PushkeyIn(Body):
     app_id: str | None = Field(default=None, min_length=1, max_length=64)
 
 
-@router.put("/devices/current/pushkey", response={204: None, **ERRORS}, tags=["devices"])
+@router.put("/devices/current/pushkey", tags=["devices"], **responses({204: None}, body=True))
 def pushkey_set_api(request, payload: PushkeyIn):
     """Register (or replace) this device's pushkey for push notifications while offline."""
     services.device_pushkey_set(
@@ -140,7 +231,7 @@ def pushkey_set_api(request, payload: PushkeyIn):
     return Status(204, None)
 
 
-@router.delete("/devices/current/pushkey", response={204: None, **ERRORS}, tags=["devices"])
+@router.delete("/devices/current/pushkey", tags=["devices"], **responses({204: None}))
 def pushkey_delete_api(request):
     """Stop push notifications to this device."""
     services.device_pushkey_set(device=request.device, pushkey="", app_id=None)
@@ -176,8 +267,14 @@ def conversation_out(conversation: Conversation) -> dict:
 
 @router.post(
     "/conversations",
-    response={200: ConversationOut, 201: ConversationOut, **ERRORS},
     tags=["conversations"],
+    **responses(
+        {200: ConversationOut, 201: ConversationOut},
+        body=True,
+        refusals="a member id is not an active user (``details.unknown_user_ids``); a direct "
+        "conversation names other than exactly one other member; a group would have more "
+        "than ``GROUP_MAX_MEMBERS`` members.",
+    ),
 )
 def conversation_create_api(request, payload: ConversationCreateIn):
     """Create a direct or group conversation; an existing direct pair comes back with 200."""
@@ -201,7 +298,7 @@ class ConversationListItem(Schema):
 
 
 @router.get(
-    "/conversations", response={200: list[ConversationListItem], **ERRORS}, tags=["conversations"]
+    "/conversations", tags=["conversations"], **responses({200: list[ConversationListItem]})
 )
 def conversation_list_api(request):
     """My conversations, newest activity first, with unread counts."""
@@ -230,8 +327,14 @@ class MembersAddOut(Schema):
 
 @router.post(
     "/conversations/{conversation_id}/members",
-    response={200: MembersAddOut, **ERRORS},
     tags=["conversations"],
+    **responses(
+        {200: MembersAddOut},
+        body=True,
+        refusals="the conversation is direct; a user id is not an active user "
+        "(``details.unknown_user_ids``); the group would have more than "
+        "``GROUP_MAX_MEMBERS`` members.",
+    ),
 )
 def members_add_api(request, conversation_id: ConversationId, payload: MembersAddIn):
     """Add users to a group; they start with nothing unread."""
@@ -247,8 +350,8 @@ def members_add_api(request, conversation_id: ConversationId, payload: MembersAd
 
 @router.delete(
     "/conversations/{conversation_id}/members/{user_id}",
-    response={204: None, **ERRORS},
     tags=["conversations"],
+    **responses({204: None}, refusals="the conversation is direct: nobody leaves it."),
 )
 def member_remove_api(
     request, conversation_id: ConversationId, user_id: Annotated[int, Path(ge=1, le=BIGINT_MAX)]
@@ -290,8 +393,8 @@ message_out = selectors.message_fields
 
 @router.post(
     "/conversations/{conversation_id}/messages",
-    response={200: MessageOut, 201: MessageOut, **ERRORS},
     tags=["messages"],
+    **responses({200: MessageOut, 201: MessageOut}, body=True),
 )
 def message_send_api(request, conversation_id: ConversationId, payload: MessageSendIn):
     """Send a message; repeating a ``client_msg_id`` returns the stored message with 200."""
@@ -314,8 +417,8 @@ class MessageListOut(Schema):
 
 @router.get(
     "/conversations/{conversation_id}/messages",
-    response={200: MessageListOut, **ERRORS},
     tags=["messages"],
+    **responses({200: MessageListOut}),
 )
 def message_list_api(
     request,
@@ -346,8 +449,12 @@ class CountsOut(Schema):
 
 @router.post(
     "/conversations/{conversation_id}/read",
-    response={200: CountsOut, **ERRORS},
     tags=["counters"],
+    **responses(
+        {200: CountsOut},
+        body=True,
+        refusals="``seq`` is past the conversation's last seq.",
+    ),
 )
 def conversation_read_api(request, conversation_id: ConversationId, payload: ReadIn):
     """Mark read up to ``seq`` (never moves back); the new counts are in the answer."""
@@ -371,8 +478,8 @@ class MuteOut(Schema):
 
 @router.post(
     "/conversations/{conversation_id}/mute",
-    response={200: MuteOut, **ERRORS},
     tags=["counters"],
+    **responses({200: MuteOut}, body=True),
 )
 def conversation_mute_api(request, conversation_id: ConversationId, payload: MuteIn):
     """Mute or unmute: a muted conversation's unread count stays out of the badge."""
@@ -393,7 +500,7 @@ class UnreadOut(Schema):
     conversations: dict[str, int]
 
 
-@router.get("/unread", response={200: UnreadOut, **ERRORS}, tags=["counters"])
+@router.get("/unread", tags=["counters"], **responses({200: UnreadOut}))
 def unread_get_api(request):
     """My badge and the unread count of each of my conversations."""
     counts = counters_get(user_id=request.auth.user.pk)

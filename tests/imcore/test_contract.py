@@ -1,0 +1,170 @@
+"""The OpenAPI schema says what the server accepts, and Schemathesis holds the server to it.
+
+``st run`` drives a real uvicorn process over every operation that /api/v1/schema lists (read
+from the schema, never from a list here), with all of its checks, through its coverage,
+fuzzing and stateful phases, as a device logged in through the API. The run must find no
+server error and no contract failure beyond the kept ones in ``schemathesis-baseline.txt``.
+"""
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import ROOT, broker_reset, celery_env, wait_until
+from tests.offline.conftest import free_port
+
+HERE = Path(__file__).resolve().parent
+BASELINE = HERE / "schemathesis-baseline.txt"
+CONFIG = HERE / "schemathesis.toml"
+# Test cases per operation and phase; the run takes about a minute on a loaded 2-core box.
+MAX_EXAMPLES = int(os.environ.get("CONTRACT_MAX_EXAMPLES", 30))
+PASSWORD = "contract-Pass-2026"
+
+
+def baseline() -> tuple[list[str], set[tuple[str, str]]]:
+    """The kept mismatches: operations to skip (``METHOD path``) and accepted failures
+    (``(code, operation)``). Every line must give its reason."""
+    skips, accepted = [], set()
+    for number, line in enumerate(BASELINE.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        kept, _, reason = line.partition(" | ")
+        assert reason.strip(), f"{BASELINE.name}:{number} gives no reason: {line!r}"
+        word, _, operation = kept.strip().partition(" ")
+        if word == "skip":
+            skips.append(operation)
+        else:
+            accepted.add((word, operation))
+    return skips, accepted
+
+
+@pytest.fixture
+def api_server(transactional_db):
+    """uvicorn serving imcore.asgi on the test database and Redis; yields the API's URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "imcore.asgi:application",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=celery_env(LOG_LEVEL="ERROR"),
+        start_new_session=True,
+    )
+
+    def up():
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return True
+        return False
+
+    try:
+        wait_until(up, timeout=30, message="uvicorn did not start")
+        yield f"http://127.0.0.1:{port}/api/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        broker_reset()  # the tasks the fuzzer's requests queued; no worker ran them
+
+
+def seed(api: str, username: str) -> None:
+    """The fuzzer's user, a friend, a direct conversation and a group with a message, so that
+    the fuzzer's first calls find something to read."""
+    for name in (username, f"{username}-friend"):
+        created = requests.post(f"{api}/users", json={"username": name, "password": PASSWORD})
+        assert created.status_code == 201, created.text
+    friend = created.json()["id"]
+    login = {"username": username, "password": PASSWORD, "device_id": "seed", "platform": "web"}
+    token = requests.post(f"{api}/devices", json=login).json()["token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    for body in ({"kind": "direct", "members": [friend]}, {"kind": "group", "title": "g"}):
+        conversation = requests.post(f"{api}/conversations", json=body, headers=auth).json()
+    sent = requests.post(
+        f"{api}/conversations/{conversation['id']}/messages",
+        json={"body": "hello", "client_msg_id": "seed-1"},
+        headers=auth,
+    )
+    assert sent.status_code == 201, sent.text
+
+
+def test_server_keeps_the_openapi_contract(api_server, tmp_path):
+    """Schemathesis finds no server error and no contract failure outside the baseline."""
+    username = f"fuzzer-{secrets.token_hex(4)}"
+    seed(api_server, username)
+    skips, accepted = baseline()
+    skip_args = [arg for operation in skips for arg in ("--exclude-name", operation)]
+    command = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "--config-file",
+        str(CONFIG),
+        "run",
+        f"{api_server}/schema",
+        "--checks",
+        "all",
+        "--phases",
+        "examples,coverage,fuzzing,stateful",
+        "--max-examples",
+        str(MAX_EXAMPLES),
+        "--workers",
+        "2",
+        "--generation-database",
+        "none",
+        "--request-timeout",
+        "30",
+        "--no-color",
+        "--report",
+        "json",
+        "--report-json-path",
+        str(tmp_path / "report.json"),
+        *skip_args,
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "SCHEMATHESIS_HOOKS": "tests.imcore.contract_hooks",
+        "CONTRACT_API_URL": api_server,
+        "CONTRACT_USERNAME": username,
+        "CONTRACT_PASSWORD": PASSWORD,
+        "CONTRACT_DEVICE_ID": "fuzzer",
+    }
+    run = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    output = run.stdout[-20000:] + run.stderr[-5000:]
+    report_path = tmp_path / "report.json"
+    assert report_path.exists(), output
+    report = json.loads(report_path.read_text())
+    print(
+        f"schemathesis: {report['test_cases']['generated']} cases over "
+        f"{report['operations']['tested']} operations in {report['running_time']:.1f}s, "
+        f"seed {report['seed']}, re-logins {report['auth']['reauth_count']}"
+    )
+    assert report["complete"], output
+    assert report["operations"]["tested"] == report["operations"]["selected"] > 0, output
+    assert not report["errors"], output
+    new = [
+        f"{failure['code']} {operation}: {failure['title']}"
+        for failure in report["failures"]
+        for operation in failure["operations"]
+        if (failure["code"], operation) not in accepted
+    ]
+    assert not new, "\n".join(new) + "\n\n" + output
