@@ -168,3 +168,35 @@ def test_server_keeps_the_openapi_contract(api_server, tmp_path):
         if (failure["code"], operation) not in accepted
     ]
     assert not new, "\n".join(new) + "\n\n" + output
+
+
+def test_largest_bodies_the_schema_allows_fit(make_member, settings):
+    """The largest bodies the schema allows pass the body size limit: no 413 for them."""
+    alice = make_member()
+    group = alice.post("/conversations", {"kind": "group"}).json()["id"]
+    astral = "\U0001f600" * settings.MESSAGE_BODY_MAX_CHARS  # 12 bytes each as \\u escapes
+    sent = alice.post(
+        f"/conversations/{group}/messages", {"body": astral, "client_msg_id": "\U0001f600" * 64}
+    )
+    assert sent.status_code == 201, sent.content[:300]
+    assert sent.json()["body"] == astral
+    members = [2**63 - 1 - i for i in range(settings.GROUP_MAX_MEMBERS)]
+    refused = alice.post(
+        "/conversations", {"kind": "group", "members": members, "title": "é" * 200}
+    )
+    assert refused.status_code == 400, refused.content[:300]  # the ids exist nowhere
+    assert refused.json()["error"] == "bad_request"
+
+
+def test_integral_floats_are_integers(make_member):
+    """An integral float (``2.0``) is the integer it writes, as JSON Schema says; ``2.5`` is
+    refused."""
+    alice, bob = make_member(), make_member()
+    group = alice.post("/conversations", {"kind": "group", "members": [float(bob.id)]}).json()
+    assert group["members"] == sorted([alice.id, bob.id])
+    bob.send(group["id"])
+    read = alice.post(f"/conversations/{group['id']}/read", {"seq": 1.0})
+    assert read.status_code == 200, read.content
+    assert read.json()["unread"] == 0
+    half = alice.post(f"/conversations/{group['id']}/read", {"seq": 0.5})
+    assert half.status_code == 422 and half.json()["error"] == "invalid_request"
