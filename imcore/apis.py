@@ -5,7 +5,10 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from django.conf import settings
-from django.contrib.auth.password_validation import password_validators_help_texts
+from django.contrib.auth.password_validation import (
+    get_default_password_validators,
+    password_validators_help_texts,
+)
 from ninja import Field, Path, Query, Router, Schema, Status
 from pydantic import BeforeValidator, ConfigDict, field_validator
 
@@ -128,20 +131,25 @@ def responses(answers: dict, *, body: bool = False, refusals: str = "") -> dict:
 
 
 PASSWORD_RULES = " ".join(password_validators_help_texts())
+# The one password rule a schema can say (a shorter password gets 400 bad_request).
+PASSWORD_MIN_CHARS = max(
+    [getattr(v, "min_length", 1) for v in get_default_password_validators()] + [1]
+)
 
 
 class UserCreateIn(Body):
     username: str = Field(
         min_length=1,
         max_length=150,
-        description="Letters, digits and @ . + - _ only.",
-        # Django's username validator says so (with \Z); it answers 400 bad_request.
-        json_schema_extra={"pattern": r"^[\w.@+-]+$"},
+        # Django's rule is Python's Unicode \w, which a JSON Schema pattern (ECMA-262, where \w
+        # is ASCII) cannot say: a pattern would call "é" invalid while the server takes it.
+        description="Letters (any script), digits and @ . + - _ only (else 400 bad_request).",
     )
     password: str = Field(
         min_length=1,
         max_length=128,
         description=f"The server's password rules (else 400 bad_request): {PASSWORD_RULES}",
+        json_schema_extra={"minLength": PASSWORD_MIN_CHARS},
     )
 
 
