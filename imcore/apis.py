@@ -85,7 +85,8 @@ class BodyTooLargeOut(ErrorOut):
     error: Literal["body_too_large"]
 
 
-# What any operation can answer besides its own answers, 400 and 413 (see `responses`).
+# The errors an operation can answer besides 400 and 413 (see `responses`); 503 (Redis or
+# PostgreSQL cannot serve) is always among them.
 ERRORS = {
     401: ErrorOut,
     403: ErrorOut,
@@ -96,13 +97,16 @@ ERRORS = {
 }
 
 
-def responses(answers: dict, *, body: bool = False, refusals: str = "") -> dict:
+def responses(
+    answers: dict, *, errors=tuple(ERRORS), body: bool = False, refusals: str = ""
+) -> dict:
     """The ``response`` and ``openapi_extra`` arguments of an operation: its answers and its
-    errors. ``refusals`` says when a request the schema allows still gets 400 ``bad_request``
-    (what a schema cannot say: an id that does not exist, a seq past the last one); an
-    operation without it never answers 400 ``bad_request``. An operation that takes a
-    ``body`` can also answer 400 ``malformed_body`` (not JSON) and 413 ``body_too_large``."""
-    response = {**answers, **ERRORS}
+    ``errors`` (statuses of ``ERRORS``; 503 always). ``refusals`` says when a request the
+    schema allows still gets 400 ``bad_request`` (what a schema cannot say: an id that does
+    not exist, a seq past the last one); an operation without it never answers 400
+    ``bad_request``. An operation that takes a ``body`` can also answer 400
+    ``malformed_body`` (not JSON) and 413 ``body_too_large``."""
+    response = {**answers, **{status: ERRORS[status] for status in (*errors, 503)}}
     notes = {}
     if refusals and body:
         response[400] = BadRequestOrMalformedBodyOut
@@ -164,6 +168,7 @@ class UserOut(Schema):
     tags=["users"],
     **responses(
         {201: UserOut},
+        errors=(403, 409, 422),  # sign-up turned off; the username is taken
         body=True,
         refusals="the password breaks one of the server's password rules (see ``password``), "
         "or the username one of Django's (``details`` lists which).",
@@ -190,7 +195,12 @@ class DeviceLoginOut(Schema):
     token: str
 
 
-@router.post("/devices", auth=None, tags=["devices"], **responses({201: DeviceLoginOut}, body=True))
+@router.post(
+    "/devices",
+    auth=None,
+    tags=["devices"],
+    **responses({201: DeviceLoginOut}, errors=(401, 422), body=True),
+)
 def device_login_api(request, payload: DeviceLoginIn):
     """Log a device in and get its bearer token (shown once; a new login replaces it)."""
     device, token = services.device_login(
@@ -218,7 +228,7 @@ class DevicesOut(Schema):
     devices: list[DeviceOut]
 
 
-@router.get("/devices", tags=["devices"], **responses({200: DevicesOut}))
+@router.get("/devices", tags=["devices"], **responses({200: DevicesOut}, errors=(401,)))
 def device_list_api(request):
     """My devices: platform, online now (a live WebSocket), last seen, acked sync version,
     and whether push notifications are registered."""
@@ -230,7 +240,11 @@ class PushkeyIn(Body):
     app_id: str | None = Field(default=None, min_length=1, max_length=64)
 
 
-@router.put("/devices/current/pushkey", tags=["devices"], **responses({204: None}, body=True))
+@router.put(
+    "/devices/current/pushkey",
+    tags=["devices"],
+    **responses({204: None}, errors=(401, 422), body=True),
+)
 def pushkey_set_api(request, payload: PushkeyIn):
     """Register (or replace) this device's pushkey for push notifications while offline."""
     services.device_pushkey_set(
@@ -239,7 +253,9 @@ def pushkey_set_api(request, payload: PushkeyIn):
     return Status(204, None)
 
 
-@router.delete("/devices/current/pushkey", tags=["devices"], **responses({204: None}))
+@router.delete(
+    "/devices/current/pushkey", tags=["devices"], **responses({204: None}, errors=(401,))
+)
 def pushkey_delete_api(request):
     """Stop push notifications to this device."""
     services.device_pushkey_set(device=request.device, pushkey="", app_id=None)
@@ -278,6 +294,7 @@ def conversation_out(conversation: Conversation) -> dict:
     tags=["conversations"],
     **responses(
         {200: ConversationOut, 201: ConversationOut},
+        errors=(401, 422),
         body=True,
         refusals="a member id is not an active user (``details.unknown_user_ids``); a direct "
         "conversation names other than exactly one other member; a group would have more "
@@ -306,7 +323,9 @@ class ConversationListItem(Schema):
 
 
 @router.get(
-    "/conversations", tags=["conversations"], **responses({200: list[ConversationListItem]})
+    "/conversations",
+    tags=["conversations"],
+    **responses({200: list[ConversationListItem]}, errors=(401,)),
 )
 def conversation_list_api(request):
     """My conversations, newest activity first, with unread counts."""
@@ -338,6 +357,7 @@ class MembersAddOut(Schema):
     tags=["conversations"],
     **responses(
         {200: MembersAddOut},
+        errors=(401, 404, 422),
         body=True,
         refusals="the conversation is direct; a user id is not an active user "
         "(``details.unknown_user_ids``); the group would have more than "
@@ -359,7 +379,11 @@ def members_add_api(request, conversation_id: ConversationId, payload: MembersAd
 @router.delete(
     "/conversations/{conversation_id}/members/{user_id}",
     tags=["conversations"],
-    **responses({204: None}, refusals="the conversation is direct: nobody leaves it."),
+    **responses(
+        {204: None},
+        errors=(401, 403, 404, 422),  # 403: only the group's creator removes someone else
+        refusals="the conversation is direct: nobody leaves it.",
+    ),
 )
 def member_remove_api(
     request, conversation_id: ConversationId, user_id: Annotated[int, Path(ge=1, le=BIGINT_MAX)]
@@ -402,7 +426,11 @@ message_out = selectors.message_fields
 @router.post(
     "/conversations/{conversation_id}/messages",
     tags=["messages"],
-    **responses({200: MessageOut, 201: MessageOut}, body=True),
+    **responses(
+        {200: MessageOut, 201: MessageOut},
+        errors=(401, 404, 409, 422),  # 409: a client_msg_id repeated with another body
+        body=True,
+    ),
 )
 def message_send_api(request, conversation_id: ConversationId, payload: MessageSendIn):
     """Send a message; repeating a ``client_msg_id`` returns the stored message with 200."""
@@ -426,7 +454,7 @@ class MessageListOut(Schema):
 @router.get(
     "/conversations/{conversation_id}/messages",
     tags=["messages"],
-    **responses({200: MessageListOut}),
+    **responses({200: MessageListOut}, errors=(401, 404, 422)),
 )
 def message_list_api(
     request,
@@ -460,6 +488,7 @@ class CountsOut(Schema):
     tags=["counters"],
     **responses(
         {200: CountsOut},
+        errors=(401, 404, 422),
         body=True,
         refusals="``seq`` is past the conversation's last seq.",
     ),
@@ -487,7 +516,7 @@ class MuteOut(Schema):
 @router.post(
     "/conversations/{conversation_id}/mute",
     tags=["counters"],
-    **responses({200: MuteOut}, body=True),
+    **responses({200: MuteOut}, errors=(401, 404, 422), body=True),
 )
 def conversation_mute_api(request, conversation_id: ConversationId, payload: MuteIn):
     """Mute or unmute: a muted conversation's unread count stays out of the badge."""
@@ -508,7 +537,7 @@ class UnreadOut(Schema):
     conversations: dict[str, int]
 
 
-@router.get("/unread", tags=["counters"], **responses({200: UnreadOut}))
+@router.get("/unread", tags=["counters"], **responses({200: UnreadOut}, errors=(401,)))
 def unread_get_api(request):
     """My badge and the unread count of each of my conversations."""
     counts = counters_get(user_id=request.auth.user.pk)

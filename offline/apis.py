@@ -75,6 +75,7 @@ class SyncOut(Schema):
     exclude_none=True,
     **responses(
         {200: SyncOut},
+        errors=(401, 422),
         refusals="``since`` is ahead of the user's latest version (``details.latest_version``).",
     ),
 )
@@ -103,6 +104,7 @@ class AckOut(Schema):
     "/sync/ack",
     **responses(
         {200: AckOut},
+        errors=(401, 422),
         body=True,
         refusals="``version`` is ahead of the user's latest version (``details.latest_version``).",
     ),
