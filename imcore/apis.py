@@ -123,7 +123,12 @@ def responses(
         response[413] = BodyTooLargeOut
         notes[413] = (
             f"``body_too_large``: the body is larger than {settings.API_MAX_BODY_BYTES} bytes "
-            "(``API_MAX_BODY_BYTES``); every body this schema allows fits."
+            "(``API_MAX_BODY_BYTES``); "
+            + (
+                "every body this schema allows fits."
+                if settings.API_MAX_BODY_BYTES >= settings.API_SCHEMA_BODY_BYTES
+                else "this server's limit is lower than the largest body this schema allows."
+            )
         )
     return {
         "response": response,
