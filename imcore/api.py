@@ -39,7 +39,12 @@ api = NinjaAPI(
     title="imcore API",
     version="1",
     description="Messages, exact unread counters and badge. Authenticate with the bearer "
-    "token that POST /devices returns.",
+    "token that POST /devices returns. Every error is JSON, ``{error, message, details}``. "
+    'Request bodies are validated strictly against this schema (``"5"`` is not a number, '
+    "unknown fields are refused, text cannot hold NUL; an integral number such as ``2.0`` is "
+    "an integer): a body that breaks it gets 422 ``invalid_request``, one that is not JSON 400 "
+    "``malformed_body``, one too large 413 ``body_too_large``. A request the schema allows "
+    "gets 400 ``bad_request`` only where its operation lists why.",
     urls_namespace="api-v1",
     openapi_url="/schema",
     docs_url="/docs",
