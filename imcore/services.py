@@ -99,10 +99,13 @@ def device_login(
 
 
 def device_pushkey_set(*, device: Device, pushkey: str, app_id: str | None) -> None:
-    """Register a device's pushkey (empty: no more pushes)."""
-    device.pushkey, device.push_app_id = pushkey, app_id or ""
-    device.pushkey_updated_at = timezone.now()
-    device.save(update_fields=["pushkey", "push_app_id", "pushkey_updated_at"])
+    """Register a device's pushkey (empty: no more pushes). A device logged out while the
+    request ran (its row is gone) gets 401, as its next request would."""
+    fields = {"pushkey": pushkey, "push_app_id": app_id or "", "pushkey_updated_at": timezone.now()}
+    if not Device.objects.filter(pk=device.pk).update(**fields):
+        raise NotAuthenticated("this device was logged out")
+    for name, value in fields.items():
+        setattr(device, name, value)
 
 
 def device_authenticate(*, token: str) -> Device | None:

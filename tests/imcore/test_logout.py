@@ -264,3 +264,18 @@ def test_a_login_checked_against_the_old_password_cannot_outlive_the_change(
     with pytest.raises(NotAuthenticated):
         services.device_login(username="alice", password=PASSWORD, device_id="late", platform="ios")
     assert not Device.objects.filter(device_id="late").exists()
+
+
+def test_a_pushkey_set_by_a_request_that_raced_the_logout_is_401_not_503(make_member):
+    """Contract fuzzing found it: a pushkey request whose device was logged out while it ran
+    (it authenticated before the row went) answered 503 ``database_unavailable``; it is 401,
+    as the device's next request would be, and nothing is written."""
+    alice = make_member("alice")
+    laptop = login(alice, "laptop")
+    device = Device.objects.get(pk=pk_of(alice, "laptop"))  # what the request authenticated
+    assert laptop.delete("/devices/current").status_code == 204
+    for pushkey in ("a-key", ""):
+        with pytest.raises(NotAuthenticated):
+            services.device_pushkey_set(device=device, pushkey=pushkey, app_id=None)
+    assert not Device.objects.filter(pk=device.pk).exists()
+    assert device_ids(alice) == ["phone"]
