@@ -87,11 +87,8 @@ def test_connect_gets_the_package_then_live_entries(server, make_member, second_
             Device.objects.get(user=alice.user, device_id="laptop").pk
         }
         bob.send(cid, "live")
-        started = time.monotonic()
         counters_drain()  # the aggregator, in this process, writes the entry and pokes
-        drained = time.monotonic()
         live = frames_until(sock, latest + 1, timeout=POKE_DEADLINE_S)
-        print(f"drain {drained - started:.3f}s, frame {time.monotonic() - started:.3f}s")
         assert [e["message"]["body"] for e in live[0]["entries"]] == ["live"]
         sock.send(json.dumps({"type": "ack", "version": latest + 1}))
         assert json.loads(sock.recv(timeout=5)) == {"type": "acked", "acked_version": latest + 1}
@@ -152,11 +149,6 @@ def test_no_gap_and_no_repeat_at_the_seam(server, make_member, second_device):
         f["latest_version"] for f in package
     ]
     assert reads[0] < seam < reads[-1], (reads[0], seam, reads[-1])
-    print(
-        f"package: {len(package)} frames, versions up to {seam}; written during its read: "
-        f"{package[-1]['latest_version'] - package[0]['latest_version']}; live after it: "
-        f"{latest - seam}"
-    )
 
 
 def test_a_quiet_client_stays_online(presence_server, make_member):
