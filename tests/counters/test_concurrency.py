@@ -14,6 +14,7 @@ from counters.pipeline import shard_lengths
 from counters.strategies import get_strategy
 from counters.transitions import MembershipRow
 from imcore import services
+from imcore.celery import app as celery_app
 from imcore.models import Conversation, Membership, User
 from tests.conftest import broker_idle, broker_reset, running_worker, wait_until, worker_ping
 from tests.helpers import counter_mismatches
@@ -212,6 +213,13 @@ def test_service_naive_drift_is_detected(write_path, transactional_db, make_memb
 
 
 # ---- the idle signal the service tests wait for ----------------------------------------------
+
+
+def test_every_task_is_acknowledged_late():
+    """``broker_idle`` relies on it: a task acknowledged when it starts would run unseen."""
+    celery_app.loader.import_default_modules()
+    tasks = {n: t for n, t in celery_app.tasks.items() if not n.startswith("celery.")}
+    assert tasks and [n for n, t in tasks.items() if not t.acks_late] == []
 
 
 def test_broker_idle_counts_a_message_popped_but_not_yet_unacknowledged():
