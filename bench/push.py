@@ -13,7 +13,7 @@ machine:
    with ``message_send``, and every device stamps ``time.time()`` when the frame with the
    message's entry arrives. Latency = that stamp - ``time.time()`` right after
    ``message_send`` returned (the commit), over every (message, device) pair. Twice:
-   ``counters_drain()`` right after each send in this process (no Timer interval: commit →
+   ``delivery_drain()`` right after each send in this process (no Timer interval: commit →
    socket of the live path), and a real Celery worker + beat running the pipeline with its
    Timer (``COUNTERS_FLUSH_INTERVAL``), nothing drained here.
 
@@ -624,7 +624,7 @@ def send_messages(
     the last send, or until nothing arrived for ``--quiet`` s). If some are missing, every
     device sends a ``ping`` frame (the server catches it up): what arrives then was in the
     store but its poke never came; it is counted apart, not in the latencies."""
-    from counters.pipeline import counters_drain
+    from delivery.pipeline import delivery_drain
     from imcore import services
 
     cid = data["conversation"].pk
@@ -648,7 +648,7 @@ def send_messages(
         t1 = time.perf_counter()
         send_ms.append((t1 - t0) * 1000)
         if mode.startswith("drain"):
-            counters_drain()
+            delivery_drain()
             drain_ms.append((time.perf_counter() - t1) * 1000)
     send_s = time.perf_counter() - start
     sent_at = time.monotonic()
@@ -914,7 +914,7 @@ def tables(res: dict, args) -> list[str]:
         "| ---: | ---: |",
     ]
     names = {
-        "drain": "`counters_drain()` after each send, in the bench process (no Timer)",
+        "drain": "`delivery_drain()` after each send, in the bench process (no Timer)",
         "celery": "Celery worker (2 processes) + beat, Timer "
         f"{settings.COUNTERS_FLUSH_INTERVAL:g} s",
     }

@@ -136,7 +136,7 @@ class Process(common.ServedApp):
         # Lives as long as the process (closed in stop()).
         self.log = tempfile.NamedTemporaryFile(prefix=f"imcore-bench-send-{name}-", suffix=".log")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            ["/bin/sh", "-c", f"exec {command}"],
+            ["/bin/sh", "-c", f"exec {command.removeprefix('exec ')}"],
             cwd=common.ROOT,
             env=env,
             start_new_session=True,
@@ -320,7 +320,7 @@ def settled_count(prefix: str, timeout: float = 10) -> int:
 
 def drain(timeout: float = 60) -> float:
     """Wait until the counter pipeline's queues are empty; returns the seconds waited."""
-    from counters.pipeline import shard_lengths
+    from delivery.pipeline import shard_lengths
 
     started = time.monotonic()
     while sum(shard_lengths()) and time.monotonic() - started < timeout:

@@ -4,7 +4,7 @@ times in interleaved order on one machine; then, once, more and more such groups
 pipeline no longer keeps up.
 
 Each path gets the same real processes: one Celery worker (prefork, 2 processes) started with
-``COUNTERS_WRITE_PATH`` set, so it is configured as ``imcore.settings`` decides for that path
+``DELIVERY_WRITE_PATH`` set, so it is configured as ``imcore.settings`` decides for that path
 (for ``batches``: the prefetch that lets celery-batches fill its buffer), plus Celery beat (the
 Timer) for the pipeline; messages are sent through ``message_send`` (the service behind the
 API) by sender threads pacing themselves to the target rate. An observer polls one member's
@@ -98,8 +98,8 @@ def held(mode: str, broker: redis.Redis, own: dict[str, int]) -> tuple[int, int]
     sends, which the figures leave out (LLEN is left out by ``common.NOT_COUNTED``)."""
     from django.conf import settings
 
-    from counters import keys
     from counters.redis import get_redis
+    from delivery import keys
 
     if mode == "pipeline":
         shards = range(settings.COUNTERS_SHARDS)
@@ -176,12 +176,12 @@ def send(groups: list[Group], rate: float, seconds: float, sent: list[int]) -> N
 def run(mode: str, groups: list[Group], rate: float, seconds: float, senders: int = 4) -> dict:
     from django.conf import settings
 
-    from counters import keys
     from counters.redis import get_redis
+    from delivery import keys
     from imcore.celery import app
 
-    settings.COUNTERS_WRITE_PATH = mode
-    env = {"COUNTERS_WRITE_PATH": mode}
+    settings.DELIVERY_WRITE_PATH = mode
+    env = {"DELIVERY_WRITE_PATH": mode}
     worker = common.start_worker(**env)
     beat = (
         common.celery("beat", "--schedule", f"/tmp/imcore-bench-beat-{os.getpid()}", **env)

@@ -15,7 +15,7 @@ The server is gunicorn serving ``imcore.wsgi`` (2 workers x 4 threads, as in the
 connections are kept alive), wrapped by :func:`counted_wsgi` which only adds an
 ``X-Bench-SQL`` header with the SQL statements the request ran. Requests go over one
 keep-alive ``http.client`` connection, opened before each timed run. The services that
-Celery tasks or the pipeline would run (``counters_drain``, ``offline_prepare_device``,
+Celery tasks or the pipeline would run (``delivery_drain``, ``offline_prepare_device``,
 ``offline_flush_acks``) run in this process, timed there; no Celery worker is started.
 
     python bench/sync.py [--runs 5] [--catchup-messages 1000] [--group-members 4]
@@ -267,8 +267,8 @@ def sync_state(user_id: int) -> dict[str, int]:
 
 def setup(args) -> dict:
     """Every user, conversation, message and device the measurements use."""
-    from counters.pipeline import counters_drain
     from counters.services import counters_reconcile
+    from delivery.pipeline import delivery_drain
     from imcore import services
     from imcore.models import User
 
@@ -286,7 +286,7 @@ def setup(args) -> dict:
     joined = sync_state(reader)["cur"]
     others = [uid for uid in ids if uid != reader]
     send_messages(conversation.pk, others, args.catchup_messages, "catchup")
-    counters_drain()
+    delivery_drain()
     out["catchup"] = {
         "device": make_devices([reader], "catchup", acked_version=joined)[0],
         "since": joined,
@@ -305,7 +305,7 @@ def setup(args) -> dict:
         )
         send_messages(conversation.pk, [partner], args.gap_messages, "gap")
     counters_reconcile(user_ids=[gap_user, *partners])
-    counters_drain()
+    delivery_drain()
     state = sync_state(gap_user)
     if state.get("floor", 0) <= 0:
         raise RuntimeError(f"the gap user's floor is not above 0: {state}")

@@ -1,12 +1,11 @@
-"""Writes of the counters app. Callers (imcore's services, tasks, admin, commands) use only
-these functions; the strategy and the key layout stay behind them."""
+"""Writes of the counters app, a sink of :mod:`delivery`: its callers (delivery, tasks, admin,
+commands) use only these functions; the strategy and the key layout stay behind them. It never
+imports delivery/."""
 
 import logging
-import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 
 from imcore.models import Membership
@@ -54,46 +53,11 @@ class ReconcileReport:
         )
 
 
-def counters_message_committed(*, conversation_id: int, seq: int, sender_id: int) -> None:
-    """The write path of increments: called once per committed message (and again when a
-    client repeats a send; the event is idempotent). ``COUNTERS_WRITE_PATH`` picks the
-    aggregation pipeline (default: one queue event per message), one celery-batches task
-    message per message (``batches``: buffered and folded in the worker), or the per-message
-    fan-out task (kept for comparison)."""
-    if settings.COUNTERS_WRITE_PATH == "fanout":
-        from .tasks import fanout_message
-
-        fanout_message.delay(conversation_id=conversation_id, seq=seq, sender_id=sender_id)
-    elif settings.COUNTERS_WRITE_PATH == "batches":
-        from .tasks import batch_message
-
-        batch_message.delay(
-            conversation_id=conversation_id, seq=seq, sent_ms=int(time.time() * 1000)
-        )
-    else:
-        from .pipeline import counters_enqueue
-
-        counters_enqueue(conversation_id=conversation_id, seq=seq)
-
-
-def counters_fanout(*, conversation_id: int, seq: int, sender_id: int | None = None) -> int:
-    """Count message ``seq`` for every active member but the sender, and record it in every
-    member's offline store (the sender's too); returns how many users were counted."""
-    from offline.push import push_badge_changed
-    from offline.services import offline_record_messages
-
-    members = list(
-        Membership.objects.filter(
-            conversation_id=conversation_id, left_at__isnull=True
-        ).values_list("user_id", "last_read_seq")
-    )
-    counted = [uid for uid, _ in members if uid != sender_id]
-    deltas = get_strategy().inc_many([(uid, [(conversation_id, seq)]) for uid in counted])
-    offline_record_messages([(uid, [(conversation_id, seq, rs)]) for uid, rs in members])
-    push_badge_changed(
-        user_ids=[uid for uid, d in zip(counted, deltas, strict=True) if d and d > 0], alert=True
-    )
-    return len(counted)
+def counters_count_messages(items: Sequence[tuple[int, Sequence[tuple[int, int]]]]) -> list:
+    """Count messages: ``items`` = ``[(user_id, [(conversation_id, top seq)])]``, one counter
+    call per user (pipelined for ``lua``); a user's top of a conversation only moves up, so
+    counting a seq again changes nothing. Returns each user's badge change, in order."""
+    return get_strategy().inc_many(items)
 
 
 def counters_mark_read(

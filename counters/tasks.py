@@ -1,78 +1,16 @@
 """Celery tasks of the counters app.
 
-``counters.fanout_message`` counts one committed message for every member of its
-conversation: one task per message, one pipelined round trip per 1,000 members. It is
-idempotent (the message seq is the idempotency key; tops only move up), so it runs with
-``acks_late`` and a redelivery after a crash is harmless. Under a burst, tasks queue up in the
-broker and each stays O(members); the aggregation pipeline of the next issue replaces it.
-
-The aggregation pipeline (see :mod:`counters.pipeline`), three tasks Flower shows apart:
-
-- ``counters.timer`` (Celery beat, every ``COUNTERS_FLUSH_INTERVAL``): requests an aggregate of
-  every non-empty shard. One task per interval whatever the load.
-- ``counters.flusher`` (sent when an enqueue takes a shard past ``COUNTERS_FLUSH_THRESHOLD``;
-  a flag makes it once per flush): re-checks the shard's length and requests its aggregate.
-- ``counters.aggregate`` (one per shard per flush, at most one requested at a time): drains a
-  shard. Under a burst, more events fold into each batch instead of more tasks running.
-
-``counters.batch_message`` (``COUNTERS_WRITE_PATH=batches``): one task message per committed
-message, of class ``celery_batches.Batches``. The worker buffers the messages it receives and
-runs the task once per buffer, with the list of requests, every
-``COUNTERS_BATCHES_FLUSH_EVERY`` messages or ``COUNTERS_FLUSH_INTERVAL`` seconds, whichever
-comes first; the body is the Aggregator's :func:`counters.pipeline.counters_apply_events`.
-Buffered messages are not acknowledged: with ``acks_late`` a batch's messages are acknowledged
-when its body has returned, so the worker must be allowed to hold a buffer and a running
-batch unacknowledged (the prefetch of ``imcore.settings``). A worker SIGKILLed with a buffer
-loses nothing from the broker, but its messages wait in the broker's unacked set until the
-visibility timeout (an hour) or a reconcile. celery-batches acknowledges a batch whose body
-raised and never retries it, so the task sends its folded events again itself.
-
 ``counters.reconcile`` rebuilds counters from PostgreSQL (all users, or the ones given) and
 logs what differed; Celery beat runs it every ``COUNTERS_RECONCILE_INTERVAL_S``.
+
+The tasks that deliver messages (``counters.timer``, ``counters.flusher``,
+``counters.aggregate``, ``counters.batch_message``, ``counters.fanout_message``) live in
+:mod:`delivery.tasks` under their old names.
 """
 
-import django.db
-import redis
 from celery import shared_task
-from celery_batches import Batches
-from django.conf import settings
 
-from . import pipeline, services
-
-
-@shared_task(
-    name="counters.fanout_message",
-    queue="counters",
-    acks_late=True,
-    autoretry_for=(redis.ConnectionError, redis.TimeoutError),
-    retry_backoff=True,
-    max_retries=8,
-)
-def fanout_message(conversation_id: int, seq: int, sender_id: int | None = None) -> int:
-    return services.counters_fanout(conversation_id=conversation_id, seq=seq, sender_id=sender_id)
-
-
-@shared_task(
-    base=Batches,
-    name="counters.batch_message",
-    queue="counters",
-    acks_late=True,
-    flush_every=settings.COUNTERS_BATCHES_FLUSH_EVERY,
-    flush_interval=settings.COUNTERS_FLUSH_INTERVAL,
-)
-def batch_message(requests) -> int:
-    """Called as ``batch_message.delay(conversation_id=, seq=, sent_ms=)``; runs with the
-    buffered requests."""
-    events = [(r.kwargs["conversation_id"], r.kwargs["seq"]) for r in requests]
-    sent = [r.kwargs["sent_ms"] for r in requests if r.kwargs.get("sent_ms")]
-    try:
-        pipeline.counters_apply_events(events, oldest_ms=min(sent, default=None))
-    except (redis.ConnectionError, redis.TimeoutError, django.db.OperationalError):
-        # The batch is acknowledged all the same: send its events again, folded, for later.
-        for cid, seq in pipeline.fold_events(events).items():
-            batch_message.apply_async(kwargs={"conversation_id": cid, "seq": seq}, countdown=1)
-        raise
-    return len(events)
+from . import services
 
 
 @shared_task(name="counters.reconcile", queue="counters", max_retries=0)
@@ -82,32 +20,4 @@ def reconcile(user_ids: list[int] | None = None) -> dict:
         "users_checked": report.users_checked,
         "users_differed": len(report.diffs),
         "users_not_loaded": report.users_not_loaded,
-    }
-
-
-@shared_task(name="counters.timer", queue="counters", max_retries=0, expires=10)
-def timer() -> list[int]:
-    return pipeline.counters_timer_tick()
-
-
-@shared_task(name="counters.flusher", queue="counters", max_retries=0)
-def flusher(shard: int) -> bool:
-    return pipeline.counters_flusher_check(shard=shard)
-
-
-@shared_task(
-    name="counters.aggregate",
-    queue="counters",
-    acks_late=True,
-    autoretry_for=(redis.ConnectionError, redis.TimeoutError),
-    retry_backoff=True,
-    max_retries=5,
-)
-def aggregate(shard: int, trigger: str = "timer") -> dict:
-    batches = pipeline.counters_aggregate_shard(shard=shard, trigger=trigger)
-    return {
-        "shard": shard,
-        "batches": len(batches),
-        "events_in": sum(b.events_in for b in batches),
-        "writes_out": sum(b.writes_out for b in batches),
     }

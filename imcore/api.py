@@ -18,7 +18,7 @@ from offline.apis import router as sync_router
 from offline.store import SyncUnavailable
 
 from .apis import router
-from .errors import ApplicationError
+from .errors import ApplicationError, RateLimited
 from .services import device_authenticate
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,13 @@ def error(request, status: int, code: str, message: str, details=None):
 @api.exception_handler(ApplicationError)
 def on_application_error(request, exc: ApplicationError):
     return error(request, exc.status, exc.code, exc.message, exc.details)
+
+
+@api.exception_handler(RateLimited)
+def on_rate_limited(request, exc: RateLimited):
+    response = error(request, exc.status, exc.code, exc.message, exc.details)
+    response["Retry-After"] = str(exc.retry_after_s)
+    return response
 
 
 @api.exception_handler(ValidationError)

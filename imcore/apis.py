@@ -11,7 +11,7 @@ from pydantic import ConfigDict, field_validator
 from counters.selectors import counters_get
 from offline.selectors import device_list
 
-from . import selectors, services
+from . import ratelimit, selectors, services
 from .models import Conversation
 
 router = Router()
@@ -54,6 +54,8 @@ ERRORS = {
     422: ErrorOut,
     503: ErrorOut,
 }
+# Calls that check a password also answer 429 (with Retry-After) past a rate limit.
+AUTH_ERRORS = {**ERRORS, 429: ErrorOut}
 
 
 # ---- users and devices ---------------------------------------------------------------------
@@ -69,20 +71,37 @@ class UserOut(Schema):
     username: str
 
 
-@router.post("/users", auth=None, response={201: UserOut, **ERRORS}, tags=["users"])
+@router.post("/users", auth=None, response={201: UserOut, **AUTH_ERRORS}, tags=["users"])
 def user_create_api(request, payload: UserCreateIn):
-    """Sign up (``API_SIGNUP_ENABLED`` turns it off)."""
+    """Sign up (``API_SIGNUP_ENABLED`` turns it off). Rate-limited per username and per client
+    address (``AUTH_RATE_SIGNUP_*``): 429 with ``Retry-After``."""
+    ratelimit.auth_attempt(request=request, action="signup", username=payload.username)
     user = services.user_create(username=payload.username, password=payload.password)
     return Status(201, user)
+
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9._:-]+$"
 
 
 class DeviceLoginIn(Body):
     username: str = Field(min_length=1, max_length=150)
     password: str = Field(min_length=1, max_length=128)
-    device_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+    device_id: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=DEVICE_ID_PATTERN,
+        description='Any id but "current", which names the calling device in the API.',
+    )
     platform: Literal["ios", "android", "web", "desktop"]
     pushkey: str | None = Field(default=None, min_length=1, max_length=512)
     push_app_id: str | None = Field(default=None, min_length=1, max_length=64)
+
+    @field_validator("device_id", mode="after")
+    @classmethod
+    def not_current(cls, value: str) -> str:
+        if value == "current":
+            raise ValueError('"current" names the calling device in the API; choose another id')
+        return value
 
 
 class DeviceLoginOut(Schema):
@@ -91,9 +110,12 @@ class DeviceLoginOut(Schema):
     token: str
 
 
-@router.post("/devices", auth=None, response={201: DeviceLoginOut, **ERRORS}, tags=["devices"])
+@router.post("/devices", auth=None, response={201: DeviceLoginOut, **AUTH_ERRORS}, tags=["devices"])
 def device_login_api(request, payload: DeviceLoginIn):
-    """Log a device in and get its bearer token (shown once; a new login replaces it)."""
+    """Log a device in and get its bearer token (shown once; a new login replaces it).
+    Rate-limited per username and per client address (``AUTH_RATE_LOGIN_*``): past a limit
+    the answer is 429 with ``Retry-After`` and the password is not checked."""
+    ratelimit.auth_attempt(request=request, action="login", username=payload.username)
     device, token = services.device_login(
         username=payload.username,
         password=payload.password,
@@ -144,6 +166,48 @@ def pushkey_set_api(request, payload: PushkeyIn):
 def pushkey_delete_api(request):
     """Stop push notifications to this device."""
     services.device_pushkey_set(device=request.device, pushkey="", app_id=None)
+    return Status(204, None)
+
+
+@router.delete("/devices/current", response={204: None, **ERRORS}, tags=["devices"])
+def device_logout_current_api(request):
+    """Log this device out: its token stops working at once and its WebSocket closes
+    (4401)."""
+    services.device_logout(device=request.device)
+    return Status(204, None)
+
+
+DeviceId = Annotated[str, Path(min_length=1, max_length=64, pattern=DEVICE_ID_PATTERN)]
+
+
+@router.delete("/devices/{device_id}", response={204: None, **ERRORS}, tags=["devices"])
+def device_logout_api(request, device_id: DeviceId):
+    """Log one of my devices out (a lost phone): its token stops working at once, its open
+    WebSocket closes (4401), its pushkey and presence are forgotten and it leaves
+    ``GET /devices``. Another user's device is not found (404)."""
+    device = selectors.device_get(user=request.auth.user, device_id=device_id)
+    services.device_logout(device=device)
+    return Status(204, None)
+
+
+class PasswordChangeIn(Body):
+    old_password: str = Field(min_length=1, max_length=128)
+    new_password: str = Field(min_length=1, max_length=128)
+
+
+@router.post("/users/me/password", response={204: None, **AUTH_ERRORS}, tags=["users"])
+def password_change_api(request, payload: PasswordChangeIn):
+    """Change my password: every other device of mine is logged out, this one stays. A wrong
+    old password is 403 (this device's token is valid; 401 would tell the client its token
+    died); a new password the validators refuse is 400 with their reasons. Counts as a login
+    attempt of my username and address for the rate limits (429)."""
+    user = request.auth.user
+    ratelimit.auth_attempt(request=request, action="login", username=user.username)
+    services.password_change(
+        device=request.device,
+        old_password=payload.old_password,
+        new_password=payload.new_password,
+    )
     return Status(204, None)
 
 

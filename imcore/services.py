@@ -1,7 +1,8 @@
 """Writes of the messaging domain. Each service validates what only it can know, changes
-PostgreSQL in one transaction and then tells the counter store (after commit), so Redis only
-ever hears of committed changes. Counter operations are idempotent, so a client that retries a
-request after a 503 repairs Redis without changing PostgreSQL twice."""
+PostgreSQL in one transaction and then tells :mod:`delivery` what happened (after commit),
+which updates counters, sync entries and pushes, so Redis only ever hears of committed
+changes. Those updates are idempotent, so a client that retries a request after a 503 repairs
+Redis without changing PostgreSQL twice."""
 
 import hashlib
 import secrets
@@ -18,18 +19,13 @@ from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from counters.selectors import counters_get
-from counters.services import (
-    counters_mark_read,
-    counters_membership_changed,
-    counters_memberships_changed,
-    counters_message_committed,
+from delivery.services import (
+    delivery_memberships_changed,
+    delivery_message_committed,
+    delivery_read_moved,
+    delivery_sender_read,
 )
-from offline.push import push_badge_changed
-from offline.services import (
-    offline_device_seen,
-    offline_record_memberships,
-    offline_record_read,
-)
+from offline.services import offline_device_seen, offline_devices_logged_out
 
 from .errors import BadRequest, Conflict, NotAuthenticated, NotFound, PermissionDenied
 from .models import Conversation, Device, Membership, Message, User
@@ -74,23 +70,29 @@ def device_login(
     if user is None:
         raise NotAuthenticated("wrong username or password")
     token = secrets.token_urlsafe(32)
-    device, _ = Device.objects.update_or_create(
-        user=user,
-        device_id=device_id,
-        defaults={
-            "platform": platform,
-            "token_hash": token_hash(token),
-            **(
-                {
-                    "pushkey": pushkey,
-                    "push_app_id": push_app_id or "",
-                    "pushkey_updated_at": timezone.now(),
-                }
-                if pushkey
-                else {}
-            ),
-        },
-    )
+    with transaction.atomic():
+        # The user's row lock orders this login with a password change: a login checked
+        # against the old password cannot add a device after the change logged the others out.
+        current = User.objects.select_for_update().values_list("password", flat=True)
+        if current.get(pk=user.pk) != user.password:
+            raise NotAuthenticated("wrong username or password")
+        device, _ = Device.objects.update_or_create(
+            user=user,
+            device_id=device_id,
+            defaults={
+                "platform": platform,
+                "token_hash": token_hash(token),
+                **(
+                    {
+                        "pushkey": pushkey,
+                        "push_app_id": push_app_id or "",
+                        "pushkey_updated_at": timezone.now(),
+                    }
+                    if pushkey
+                    else {}
+                ),
+            },
+        )
     # A device logging in is coming back: its offline package is prepared meanwhile.
     offline_device_seen(device=device)
     return device, token
@@ -105,6 +107,58 @@ def device_pushkey_set(*, device: Device, pushkey: str, app_id: str | None) -> N
 
 def device_authenticate(*, token: str) -> Device | None:
     return Device.objects.select_related("user").filter(token_hash=token_hash(token)).first()
+
+
+def device_logout(*, device: Device) -> None:
+    """Log a device out (a lost phone): its token stops working at once, its open WebSocket
+    closes with 4401, its pushkey and presence are forgotten. The row is deleted, so the
+    device leaves ``GET /devices``, gets no pushes and no longer holds back the trim of the
+    offline store; logging the same ``device_id`` in again starts a new device."""
+    _devices_logout(user_id=device.user_id, devices=[device])
+
+
+def password_change(*, device: Device, old_password: str, new_password: str) -> None:
+    """Change the password of the device's user; every other device of the user is logged
+    out (as :func:`device_logout`), this one stays logged in."""
+    user = device.user
+    if not user.check_password(old_password):
+        raise PermissionDenied("the old password is wrong")
+    try:
+        validate_password(new_password, user=user)
+    except ValidationError as exc:
+        raise BadRequest("the new password is not accepted", details=exc.messages) from exc
+    with transaction.atomic():
+        locked = User.objects.select_for_update().get(pk=user.pk)
+        if locked.password != user.password:  # changed meanwhile by another request
+            raise PermissionDenied("the old password is wrong")
+        user.set_password(new_password)
+        user.save(update_fields=["password"])
+        others = list(Device.objects.filter(user=user).exclude(pk=device.pk))
+        _devices_logout(user_id=user.pk, devices=others)
+
+
+def _devices_logout(*, user_id: int, devices: list[Device]) -> None:
+    """Delete the devices' rows; after commit, forget them wherever they are cached or
+    connected."""
+    if not devices:
+        return
+    pks = [d.pk for d in devices]
+    hashes = [d.token_hash for d in devices]
+    with transaction.atomic():
+        Device.objects.filter(pk__in=pks, user_id=user_id).delete()
+        transaction.on_commit(partial(_devices_logged_out, user_id=user_id, pks=pks, hashes=hashes))
+
+
+def _devices_logged_out(*, user_id: int, pks: list[int], hashes: list[str]) -> None:
+    device_tokens_revoked(token_hashes=hashes)
+    offline_devices_logged_out(user_id=user_id, device_pks=pks)
+
+
+def device_tokens_revoked(*, token_hashes: list[str]) -> None:
+    """The hook for a cache of tokens: these tokens were revoked (their devices logged out) and
+    the deletion is committed. Tokens are looked up in PostgreSQL on every request today, so
+    there is nothing to drop; a token cache must drop these entries here, before the logout
+    answers (a cache filled before the commit would otherwise keep a dead token alive)."""
 
 
 # ---- conversations and members -------------------------------------------------------------
@@ -153,8 +207,7 @@ def conversation_create(
         existing = Conversation.objects.get(direct_key=key)
         _resend_direct(existing)
         return existing, False
-    counters_memberships_changed(memberships=memberships, last_seq=0)
-    offline_record_memberships(
+    delivery_memberships_changed(
         memberships=memberships, conversation=conversation, last_seq=0, change="join"
     )
     return conversation, True
@@ -164,8 +217,7 @@ def _resend_direct(conversation: Conversation) -> None:
     """Asking for an existing direct pair re-sends both members' state to Redis (idempotent):
     a client retrying after a 503 repairs what the first try could not write."""
     memberships = list(Membership.objects.filter(conversation=conversation))
-    counters_memberships_changed(memberships=memberships, last_seq=conversation.last_seq)
-    offline_record_memberships(
+    delivery_memberships_changed(
         memberships=memberships,
         conversation=conversation,
         last_seq=conversation.last_seq,
@@ -206,8 +258,7 @@ def members_add(*, actor: User, conversation: Conversation, user_ids: list[int])
         )
     # Re-send the state of every named member: idempotent, and repairs a failed earlier try.
     memberships = list(Membership.objects.filter(conversation=conv, user_id__in=user_ids))
-    counters_memberships_changed(memberships=memberships, last_seq=conv.last_seq)
-    offline_record_memberships(
+    delivery_memberships_changed(
         memberships=memberships,
         conversation=conv,
         last_seq=conv.last_seq,
@@ -240,8 +291,7 @@ def member_remove(*, actor: User, conversation: Conversation, user_id: int) -> N
             membership.rev += 1
             membership.save(update_fields=["left_at", "rev"])
         last_seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation.pk)
-    counters_membership_changed(membership=membership, last_seq=last_seq)
-    offline_record_memberships(
+    delivery_memberships_changed(
         memberships=[membership], conversation=conversation, last_seq=last_seq, change="leave"
     )
 
@@ -258,11 +308,9 @@ def conversation_mute(*, membership: Membership, muted: bool) -> tuple[int, int]
             m.rev += 1
             m.save(update_fields=["muted", "rev"])
         last_seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=m.conversation_id)
-    counters_membership_changed(membership=m, last_seq=last_seq)
-    offline_record_memberships(
+    delivery_memberships_changed(
         memberships=[m], conversation=membership.conversation, last_seq=last_seq, change="mute"
     )
-    push_badge_changed(user_ids=[m.user_id], alert=False)  # the badge may have changed
     counts = counters_get(user_id=m.user_id)
     return counts.conversations.get(m.conversation_id, 0), counts.badge
 
@@ -312,7 +360,7 @@ def message_send(
                 )
                 transaction.on_commit(
                     partial(
-                        counters_message_committed,
+                        delivery_message_committed,
                         conversation_id=conversation.pk,
                         seq=seq,
                         sender_id=sender.pk,
@@ -325,15 +373,10 @@ def message_send(
                 raise
             created = False
     if not created:
-        counters_message_committed(
+        delivery_message_committed(
             conversation_id=conversation.pk, seq=message.seq, sender_id=sender.pk
         )
-    counters_mark_read(
-        user_id=sender.pk,
-        conversation_id=conversation.pk,
-        read_seq=message.seq,
-        last_seq=message.seq,
-    )
+    delivery_sender_read(user_id=sender.pk, conversation_id=conversation.pk, seq=message.seq)
     return message, created
 
 
@@ -362,14 +405,9 @@ def conversation_mark_read(*, membership: Membership, seq: int) -> tuple[int, in
     )
     if not updated:
         raise NotFound(f"conversation {membership.conversation_id} not found")
-    counts = counters_mark_read(
+    return delivery_read_moved(
         user_id=membership.user_id,
         conversation_id=membership.conversation_id,
-        read_seq=seq,
+        seq=seq,
         last_seq=last_seq,
     )
-    offline_record_read(
-        user_id=membership.user_id, conversation_id=membership.conversation_id, seq=seq
-    )
-    push_badge_changed(user_ids=[membership.user_id], alert=False)  # silent badge update
-    return counts

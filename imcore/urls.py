@@ -5,7 +5,7 @@ from django.contrib import admin
 from django.http import JsonResponse
 from django.urls import path, re_path
 
-from counters.views import metrics_view
+from delivery.views import metrics_view
 
 from .api import api
 

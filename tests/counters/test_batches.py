@@ -1,4 +1,4 @@
-"""The celery-batches write path (``COUNTERS_WRITE_PATH=batches``): one task message per
+"""The celery-batches write path (``DELIVERY_WRITE_PATH=batches``): one task message per
 committed message, buffered by a real worker process and applied in batches with the
 Aggregator's code; folded, exact, and counted once through duplicates, redeliveries and a
 worker SIGKILLed with messages in its buffer or half-way through a batch."""
@@ -8,9 +8,10 @@ import signal
 import pytest
 from kombu import Connection
 
-from counters.failpoints import arm
-from counters.selectors import counters_get, pipeline_status
-from counters.tasks import batch_message
+from counters.selectors import counters_get
+from delivery.failpoints import arm
+from delivery.selectors import pipeline_status
+from delivery.tasks import batch_message
 from imcore.celery import app as celery_app
 from tests.conftest import (
     broker_idle,
@@ -30,7 +31,7 @@ FLUSH_EVERY = 25
 # The worker flushes by count only: the interval is out of the tests' reach, so a batch that
 # ran proves the prefetch lets a full buffer in (at the default 4 x 2 it could hold 8).
 COUNT_ONLY = {
-    "COUNTERS_WRITE_PATH": "batches",
+    "DELIVERY_WRITE_PATH": "batches",
     "COUNTERS_BATCHES_FLUSH_EVERY": FLUSH_EVERY,
     "COUNTERS_FLUSH_INTERVAL": 120,
 }
@@ -38,7 +39,7 @@ COUNT_ONLY = {
 
 @pytest.fixture(autouse=True)
 def batches_path(settings):
-    settings.COUNTERS_WRITE_PATH = "batches"
+    settings.DELIVERY_WRITE_PATH = "batches"
 
 
 @pytest.fixture(scope="class")

@@ -10,9 +10,9 @@ import redis
 from django.conf import settings as django_settings
 from django.db import connections
 
-from counters.pipeline import shard_lengths
 from counters.strategies import get_strategy
 from counters.transitions import MembershipRow
+from delivery.pipeline import shard_lengths
 from imcore import services
 from imcore.celery import app as celery_app
 from imcore.models import Conversation, Membership, User
@@ -190,9 +190,9 @@ def test_service_counts_exact_with_concurrent_clients_and_worker(
     workers count the messages (a task per message, or the aggregation pipeline with its
     Timer): every count ends equal to PostgreSQL's and the badge to the unmuted sum."""
     settings.COUNTERS_STRATEGY = strategy_name
-    settings.COUNTERS_WRITE_PATH = write_path
+    settings.DELIVERY_WRITE_PATH = write_path
     ids, convs = setup_chat(make_member)
-    env = {"COUNTERS_STRATEGY": strategy_name, "COUNTERS_WRITE_PATH": write_path}
+    env = {"COUNTERS_STRATEGY": strategy_name, "DELIVERY_WRITE_PATH": write_path}
     with running_worker(beat=write_path == "pipeline", workers=2, **env):
         assert service_drift(ids, convs) == []
 
@@ -202,9 +202,9 @@ def test_service_counts_exact_with_concurrent_clients_and_worker(
 def test_service_naive_drift_is_detected(write_path, transactional_db, make_member, settings):
     """With ``naive`` the same scenario leaves counts that differ from PostgreSQL."""
     settings.COUNTERS_STRATEGY = "naive"
-    settings.COUNTERS_WRITE_PATH = write_path
+    settings.DELIVERY_WRITE_PATH = write_path
     ids, convs = setup_chat(make_member)
-    env = {"COUNTERS_STRATEGY": "naive", "COUNTERS_WRITE_PATH": write_path}
+    env = {"COUNTERS_STRATEGY": "naive", "DELIVERY_WRITE_PATH": write_path}
     with running_worker(beat=write_path == "pipeline", workers=2, **env):
         for _ in range(4):
             if service_drift(ids, convs, n_ops=150):

@@ -7,10 +7,12 @@ import time
 import pytest
 from django.conf import settings as django_settings
 
-from counters import pipeline
-from counters.failpoints import arm
-from counters.selectors import counters_get, pipeline_status
-from counters.services import counters_message_committed, counters_reconcile
+from counters.selectors import counters_get
+from counters.services import counters_reconcile
+from delivery import pipeline
+from delivery.failpoints import arm
+from delivery.selectors import pipeline_status
+from delivery.services import delivery_message_committed
 from imcore import services
 from imcore.models import User
 from tests.conftest import (
@@ -58,11 +60,11 @@ def test_batch_folds_messages_into_one_write_per_member(db):
     """Ten messages to a 50-member group become ten queue events and 50 counter writes."""
     sender, ids, conv = big_group(50)
     for seq in range(1, 11):
-        counters_message_committed(conversation_id=conv.pk, seq=seq, sender_id=sender.pk)
+        delivery_message_committed(conversation_id=conv.pk, seq=seq, sender_id=sender.pk)
     conv.last_seq = 10
     conv.save(update_fields=["last_seq"])
     assert queued() == 10
-    (batch,) = pipeline.counters_aggregate_shard(shard=pipeline.shard_of(conv.pk))
+    (batch,) = pipeline.delivery_aggregate_shard(shard=pipeline.shard_of(conv.pk))
     assert (batch.events_in, batch.conversations, batch.writes_out) == (10, 1, 50)
     assert batch.logical_updates == 500 and batch.ratio == 10
     assert queued() == 0
@@ -75,11 +77,11 @@ def test_events_delivered_twice_count_once(transactional_db):
     sender, ids, conv = big_group(5)
     send(sender, conv, 3)
     for seq in (1, 2, 3, 3, 2):
-        counters_message_committed(conversation_id=conv.pk, seq=seq, sender_id=sender.pk)
-    pipeline.counters_drain()
+        delivery_message_committed(conversation_id=conv.pk, seq=seq, sender_id=sender.pk)
+    pipeline.delivery_drain()
     for seq in (3, 1):
-        counters_message_committed(conversation_id=conv.pk, seq=seq, sender_id=sender.pk)
-    pipeline.counters_drain()
+        delivery_message_committed(conversation_id=conv.pk, seq=seq, sender_id=sender.pk)
+    pipeline.delivery_drain()
     assert counters_get(user_id=ids[1]).conversations == {conv.pk: 3}
     assert counter_mismatches(ids) == []
 
@@ -97,7 +99,7 @@ def test_read_with_increments_still_queued_never_exceeds_truth(transactional_db)
     django_settings.COUNTERS_BATCH_SIZE, size = 2, django_settings.COUNTERS_BATCH_SIZE
     try:
         while queued():
-            pipeline.counters_aggregate_shard(shard=shard)
+            pipeline.delivery_aggregate_shard(shard=shard)
             assert counters_get(user_id=reader.pk).conversations[conv.pk] <= 1
     finally:
         django_settings.COUNTERS_BATCH_SIZE = size
@@ -112,12 +114,12 @@ def test_metrics_and_admin_page_show_the_pipeline(transactional_db, client):
     text = client.get("/metrics").content.decode()
     shard = pipeline.shard_of(conv.pk)
     assert f'imcore_counter_queue_length{{shard="{shard}"}} 2.0' in text
-    pipeline.counters_drain()
+    pipeline.delivery_drain()
     text = client.get("/metrics").content.decode()
     assert "imcore_counter_flushes_total 1.0" in text
     assert "imcore_counter_events_in_total 2.0" in text
     client.force_login(User.objects.create_superuser("root", "r@example.com", "pw"))
-    page = client.get("/admin/counters/pipeline/")
+    page = client.get("/admin/delivery/pipeline/")
     assert page.status_code == 200
     assert b"Recent flushes" in page.content and b"Queue shards" in page.content
 
@@ -172,7 +174,7 @@ def test_worker_killed_mid_batch_loses_nothing(point, transactional_db):
     victim = start_worker("victim", pool="solo", **env)
     try:
         arm(f"aggregate.{point}")
-        pipeline.counters_request_aggregate(shard=pipeline.shard_of(conv.pk), trigger="test")
+        pipeline.delivery_request_aggregate(shard=pipeline.shard_of(conv.pk), trigger="test")
         assert victim.wait(30) == -signal.SIGKILL
     finally:
         stop(victim)

@@ -8,8 +8,9 @@ from django.core.management import CommandError, call_command
 
 from counters import keys
 from counters.selectors import UnreadCounts, counters_peek, counters_truth_rows
-from counters.services import counters_fanout, counters_rebuild
+from counters.services import counters_rebuild
 from counters.tasks import reconcile
+from delivery.services import delivery_fanout
 from imcore.models import User
 from tests.conftest import wait_until
 from tests.helpers import counter_mismatches
@@ -22,7 +23,7 @@ def group_with_traffic(make_member, n_messages=3):
     ).json()["id"]
     for i in range(n_messages):
         seq = alice.send(gid, f"m{i}")["seq"]
-        counters_fanout(conversation_id=gid, seq=seq, sender_id=alice.id)
+        delivery_fanout(conversation_id=gid, seq=seq, sender_id=alice.id)
     return alice, bob, carol, gid
 
 
@@ -53,7 +54,7 @@ def test_an_increment_before_the_rebuilds_rows_are_committed_is_kept(
     redis_clean.flushdb()
     rows = counters_truth_rows(user_ids=[bob.id])[bob.id]  # the rebuild reads: last_seq 1
     seq = alice.send(gid, "while empty")["seq"]
-    counters_fanout(conversation_id=gid, seq=seq, sender_id=alice.id)  # counted, not loaded
+    delivery_fanout(conversation_id=gid, seq=seq, sender_id=alice.id)  # counted, not loaded
     counters_rebuild(user_id=bob.id, rows=rows)  # ... and loads what it read
     assert counters_peek(user_id=bob.id) == UnreadCounts(badge=2, conversations={gid: 2})
     assert counter_mismatches([bob.id]) == []

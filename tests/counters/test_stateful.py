@@ -15,7 +15,7 @@ from hypothesis.stateful import (
 
 from counters.redis import get_redis
 from counters.selectors import counters_get, counters_truth
-from counters.services import counters_fanout
+from delivery.services import delivery_fanout
 from imcore import services
 from imcore.models import Membership, User
 
@@ -92,12 +92,12 @@ class CounterMachine(RuleBasedStateMachine):
     def deliver_one(self, data):
         """The worker applies one queued increment, not necessarily the oldest."""
         ci, seq, ui = self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1)))
-        counters_fanout(conversation_id=self.convs[ci].pk, seq=seq, sender_id=self.users[ui].pk)
+        delivery_fanout(conversation_id=self.convs[ci].pk, seq=seq, sender_id=self.users[ui].pk)
 
     @rule()
     def deliver_all(self):
         for ci, seq, ui in reversed(self.pending):
-            counters_fanout(conversation_id=self.convs[ci].pk, seq=seq, sender_id=self.users[ui].pk)
+            delivery_fanout(conversation_id=self.convs[ci].pk, seq=seq, sender_id=self.users[ui].pk)
         self.pending.clear()
 
     @rule(ui=st.integers(0, N_USERS - 1), ci=st.integers(0, 2), frac=st.floats(0, 1))

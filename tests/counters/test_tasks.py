@@ -1,10 +1,10 @@
-"""The per-message fan-out (``COUNTERS_WRITE_PATH=fanout``) crosses the queue to a real
+"""The per-message fan-out (``DELIVERY_WRITE_PATH=fanout``) crosses the queue to a real
 worker process."""
 
 import pytest
 
 from counters.selectors import counters_get
-from counters.tasks import fanout_message
+from delivery.tasks import fanout_message
 from imcore import services
 from imcore.models import User
 from tests.conftest import broker_idle, wait_until
@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.worker]
 
 @pytest.fixture(autouse=True)
 def fanout_path(settings):
-    settings.COUNTERS_WRITE_PATH = "fanout"
+    settings.DELIVERY_WRITE_PATH = "fanout"
 
 
 def test_send_reaches_every_member_through_the_worker(transactional_db, make_member, celery_worker):

@@ -3,7 +3,7 @@
 Most tests run in the ``db`` fixture's transaction, where ``transaction.on_commit`` never
 fires, so the Celery fan-out that raises the other members' counts does not run by itself:
 the tests whose docstring says "(direct fan-out)" apply each message's increments by calling
-``counters.services.counters_fanout`` directly (``fanout`` in ``state.py``). The tests marked
+``delivery.services.delivery_fanout`` directly (``fanout`` in ``state.py``). The tests marked
 ``worker`` go through a real Celery worker process instead (``transactional_db``).
 """
 
@@ -349,7 +349,7 @@ def test_new_member_starts_at_zero_unread(make_member):
     assert alice.post(f"/conversations/{gid}/members", {"user_ids": [bob.id]}).status_code == 200
     assert bob.unread() == {"badge": 0, "conversations": {str(gid): 0}}
     assert listing_of(bob, gid)["last_read_seq"] == 3
-    # Messages after the join count (increments applied directly with counters_fanout).
+    # Messages after the join count (increments applied directly with delivery_fanout).
     send_and_fanout(alice, gid, 1, prefix="late")
     assert bob.unread() == {"badge": 1, "conversations": {str(gid): 1}}
     assert counter_mismatches() == []

@@ -5,7 +5,7 @@ messages, a read pointer, a mute, a member who left), built once per module insi
 transaction that each test's ``db`` savepoint nests in. Each case compares everything a
 request could change before and after: the rows of PostgreSQL, every key of the counters'
 Redis database and each member's counts as the API's read path returns them. The counter
-increments of the world's messages are applied with ``counters_fanout`` directly, since the
+increments of the world's messages are applied with ``delivery_fanout`` directly, since the
 world's transaction never commits.
 """
 

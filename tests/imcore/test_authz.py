@@ -3,7 +3,7 @@ every conversation-scoped call answers 404 to a user who is not (or no longer) a
 exactly as for a conversation that does not exist, and changes nothing.
 
 The cases run against the shared world of ``state.World`` (built once per module; the
-counter increments of its messages are applied with ``counters_fanout`` directly)."""
+counter increments of its messages are applied with ``delivery_fanout`` directly)."""
 
 import base64
 import json

@@ -1,7 +1,7 @@
 """Redis refusing connections mid-request: the API answers 503, keeps what it stored, and the
 client's retry repairs the counters (no mocks: the client points at a closed port)."""
 
-from counters.pipeline import counters_drain
+from delivery.pipeline import delivery_drain
 from imcore.models import Message
 
 DEAD_REDIS = "redis://127.0.0.1:1/0"
@@ -24,7 +24,7 @@ def test_send_with_redis_down_keeps_the_message_and_the_retry_counts_it(
     settings.REDIS_URL = good
     retried = alice.post(f"/conversations/{gid}/messages", body)
     assert retried.status_code == 200 and retried.json()["seq"] == 1
-    counters_drain()
+    delivery_drain()
     assert bob.unread() == {"badge": 1, "conversations": {str(gid): 1}}
     assert Message.objects.filter(client_msg_id="retry-me").count() == 1
 
@@ -38,7 +38,7 @@ def test_read_with_redis_down_is_kept_and_the_retry_applies_it(
     gid = alice.post("/conversations", {"kind": "group", "members": [bob.id]}).json()["id"]
     for i in range(3):
         alice.send(gid, f"m{i}")
-    counters_drain()
+    delivery_drain()
     assert bob.unread()["badge"] == 3
     good = settings.REDIS_URL
     settings.REDIS_URL = DEAD_REDIS

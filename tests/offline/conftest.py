@@ -9,8 +9,8 @@ from django.test import Client
 from imcore import services
 from tests.conftest import ROOT, Member, celery_env, wait_until
 
-TTL = 3.0  # the presence TTL of the presence tests' server
-LIVE_TTL = 600.0  # the presence TTL of the delivery tests' server: no catch-up in a test
+TTL = 3.0  # the presence TTL of the test server
+LIVE_TTL = 600.0  # the presence TTL of ``poke_server``: no periodic catch-up in a test
 
 
 @pytest.fixture
@@ -64,12 +64,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def uvicorn(django_db_blocker, *, ttl_s: float):
-    """uvicorn serving imcore.asgi on the test database and Redis with presence TTL ``ttl_s``
-    (WebSocket pings every third of it) and small frames (so a package takes many frames)."""
+def run_server(*, env: dict[str, str]):
+    """uvicorn serving imcore.asgi in the environment ``env`` (``celery_env(...)``: the test
+    database and Redis), pinging every third of its ``PRESENCE_TTL_S``; yields the WebSocket
+    URL of ``/ws/v1/sync``."""
     port = free_port()
-    with django_db_blocker.unblock():
-        env = celery_env(PRESENCE_TTL_S=ttl_s, SYNC_WS_FRAME_ENTRIES=50)
+    ttl = float(env["PRESENCE_TTL_S"])
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -79,9 +79,9 @@ def uvicorn(django_db_blocker, *, ttl_s: float):
             "--port",
             str(port),
             "--ws-ping-interval",
-            str(ttl_s / 3),
+            str(ttl / 3),
             "--ws-ping-timeout",
-            str(ttl_s / 3),
+            str(ttl / 3),
             "--log-level",
             "warning",
         ],
@@ -108,15 +108,20 @@ def uvicorn(django_db_blocker, *, ttl_s: float):
 
 @pytest.fixture(scope="module")
 def server(django_db_setup, django_db_blocker):
-    """The server for delivery tests. Its presence TTL is so long that a connection's periodic
-    catch-up (every third of the TTL) never runs during a test: what reaches a socket was
-    brought by a live poke."""
-    with uvicorn(django_db_blocker, ttl_s=LIVE_TTL) as url:
+    """uvicorn serving imcore.asgi on the test database and Redis, with a short presence TTL
+    and small frames (so a package takes many frames)."""
+    with django_db_blocker.unblock():
+        env = celery_env(PRESENCE_TTL_S=TTL, SYNC_WS_FRAME_ENTRIES=50)
+    with run_server(env=env) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
-def presence_server(django_db_setup, django_db_blocker):
-    """The server for presence tests: a presence TTL of ``TTL`` seconds."""
-    with uvicorn(django_db_blocker, ttl_s=TTL) as url:
+def poke_server(django_db_setup, django_db_blocker):
+    """The server for delivery tests: its presence TTL is so long that a connection's periodic
+    catch-up (every third of the TTL) never runs during a test, so what reaches a socket was
+    brought by a live poke."""
+    with django_db_blocker.unblock():
+        env = celery_env(PRESENCE_TTL_S=LIVE_TTL, SYNC_WS_FRAME_ENTRIES=50)
+    with run_server(env=env) as url:
         yield url

@@ -5,7 +5,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from counters.pipeline import counters_drain
+from delivery.pipeline import delivery_drain
 from imcore.models import Device
 from offline import keys, services, store
 from tests.offline.conftest import pull
@@ -24,7 +24,7 @@ def alice_with_entries(make_member):
     team = group(bob, alice)
     for i in range(20):
         bob.send(team, f"m{i}")
-    counters_drain()
+    delivery_drain()
     return alice
 
 

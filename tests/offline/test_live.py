@@ -2,9 +2,9 @@
 on connect, live entries, no gap and no repeat at the seam between them, acks over the
 socket, presence with a TTL, and refused tokens and frames.
 
-Delivery tests run on ``server``, whose presence TTL is so long that a connection's periodic
-catch-up never runs: a live entry reaches the socket through the writer's poke or not at all.
-Presence tests run on ``presence_server`` (a TTL of ``TTL`` seconds)."""
+Delivery tests run on ``poke_server``, whose presence TTL is so long that a connection's
+periodic catch-up never runs: a live entry reaches the socket through the writer's poke or not
+at all. Presence tests run on ``server`` (a TTL of ``TTL`` seconds)."""
 
 import json
 import socket
@@ -15,7 +15,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from counters.pipeline import counters_drain
+from delivery.pipeline import delivery_drain
 from imcore.models import Device
 from offline import keys, services, store
 from tests.conftest import wait_until
@@ -25,8 +25,8 @@ from tests.offline.test_sync import group
 pytestmark = pytest.mark.django_db(transaction=True)
 
 # A poked device gets a live entry within this many seconds of the write (measured on a
-# loaded 2-core box: about 0.01-0.1 s). The periodic catch-up that could also bring it runs
-# every LIVE_TTL / 3 seconds.
+# loaded 2-core box: about 0.02-0.13 s). The periodic catch-up that could also bring it runs
+# every LIVE_TTL / 3 seconds on ``poke_server``.
 POKE_DEADLINE_S = 0.5
 
 
@@ -67,7 +67,7 @@ def ack(member, version: int) -> None:
     assert member.post("/sync/ack", {"version": version}).status_code == 200
 
 
-def test_connect_gets_the_package_then_live_entries(server, make_member, second_device):
+def test_connect_gets_the_package_then_live_entries(poke_server, make_member, second_device):
     """On connect the device gets its offline package, then each live entry within
     ``POKE_DEADLINE_S`` of its write (the poke: the periodic catch-up is minutes away)."""
     alice, bob = make_member("alice"), make_member("bob")
@@ -77,9 +77,9 @@ def test_connect_gets_the_package_then_live_entries(server, make_member, second_
     cid = group(bob, alice)
     for i in range(120):
         bob.send(cid, f"m{i}")
-    counters_drain()
+    delivery_drain()
     _, latest = pull_all(alice, since)
-    with ws(server, laptop) as sock:
+    with ws(poke_server, laptop) as sock:
         package = frames_until(sock, latest)
         assert versions(package) == list(range(since + 1, latest + 1))
         assert len(package) == 3  # frames of 50: join + 120 messages
@@ -87,7 +87,7 @@ def test_connect_gets_the_package_then_live_entries(server, make_member, second_
             Device.objects.get(user=alice.user, device_id="laptop").pk
         }
         bob.send(cid, "live")
-        counters_drain()  # the aggregator, in this process, writes the entry and pokes
+        delivery_drain()  # the aggregator, in this process, writes the entry and pokes
         live = frames_until(sock, latest + 1, timeout=POKE_DEADLINE_S)
         assert [e["message"]["body"] for e in live[0]["entries"]] == ["live"]
         sock.send(json.dumps({"type": "ack", "version": latest + 1}))
@@ -95,7 +95,7 @@ def test_connect_gets_the_package_then_live_entries(server, make_member, second_
     wait_until(lambda: not store.presence_online([alice.id])[alice.id])
 
 
-def test_no_gap_and_no_repeat_at_the_seam(server, make_member, second_device):
+def test_no_gap_and_no_repeat_at_the_seam(poke_server, make_member, second_device):
     """Entries written while the package is being read and sent: every version arrives once,
     in order, and the writer is shown to have written across the package."""
     alice, bob = make_member("alice"), make_member("bob")
@@ -105,7 +105,7 @@ def test_no_gap_and_no_repeat_at_the_seam(server, make_member, second_device):
     cid = group(bob, alice)
     for i in range(400):
         bob.send(cid, f"m{i}")
-    counters_drain()
+    delivery_drain()
     package_received = threading.Event()
     started = threading.Event()
 
@@ -126,7 +126,7 @@ def test_no_gap_and_no_repeat_at_the_seam(server, make_member, second_device):
     t.start()
     try:
         started.wait(10)
-        with ws(server, laptop) as sock:
+        with ws(poke_server, laptop) as sock:
             package: list[dict] = []  # the frames of the first catch-up: up to has_more false
             while not package or package[-1]["has_more"]:
                 frame = json.loads(sock.recv(timeout=15))
@@ -151,21 +151,21 @@ def test_no_gap_and_no_repeat_at_the_seam(server, make_member, second_device):
     assert reads[0] < seam < reads[-1], (reads[0], seam, reads[-1])
 
 
-def test_a_quiet_client_stays_online(presence_server, make_member):
+def test_a_quiet_client_stays_online(server, make_member):
     """A connected client that sends nothing stays online past the TTL."""
     alice = make_member("alice")
-    with ws(presence_server, alice):
+    with ws(server, alice):
         time.sleep(TTL * 2)  # no frames from the client; it answers the server's pings
         assert store.presence_online([alice.id])[alice.id]
 
 
 def test_a_connection_dropped_without_a_close_frame_goes_offline_within_the_ttl(
-    presence_server, make_member
+    server, make_member
 ):
     """A client that vanished (it answers nothing, sends no close frame; its TCP stays
     open) is offline within the TTL."""
     alice = make_member("alice")
-    host, port = presence_server.split("/")[2].split(":")
+    host, port = server.split("/")[2].split(":")
     raw = socket.create_connection((host, int(port)))
     raw.sendall(
         (
@@ -246,15 +246,15 @@ def test_devices_lists_mine_with_online_last_seen_acked_and_push(
     assert alice.get("/devices", token="nope").status_code == 401
 
 
-def test_a_socket_gets_only_its_own_users_entries(server, make_member):
+def test_a_socket_gets_only_its_own_users_entries(poke_server, make_member):
     """Another user's token opens that user's stream, never this one's."""
     alice, bob, carol = make_member("alice"), make_member("bob"), make_member("carol")
     cid = alice.post("/conversations", {"kind": "direct", "members": [carol.id]}).json()["id"]
-    with ws(server, bob) as bob_sock, ws(server, carol) as carol_sock:
+    with ws(poke_server, bob) as bob_sock, ws(poke_server, carol) as carol_sock:
         frames_until(bob_sock, 0)
         frames_until(carol_sock, 0)
         alice.send(cid, "for carol only")
-        counters_drain()
+        delivery_drain()
         bodies = [
             e["message"]["body"]
             for f in frames_until(carol_sock, 0, timeout=POKE_DEADLINE_S)

@@ -101,7 +101,7 @@ def push_state(pk: int) -> tuple:
 
 
 def test_online_device_gets_the_socket_offline_one_a_push_then_catches_up(
-    server, make_member, second_device, pushing
+    poke_server, make_member, second_device, pushing
 ):
     """Both devices have a pushkey: the online phone gets the message over its socket and no
     push is even scheduled for it; the offline tablet gets the push, then catches up."""
@@ -112,7 +112,7 @@ def test_online_device_gets_the_socket_offline_one_a_push_then_catches_up(
     since = first_sync(tablet)
     assert tablet.post("/sync/ack", {"version": since}).status_code == 200
     cid = group(bob, alice)
-    with ws(server, alice) as phone:
+    with ws(poke_server, alice) as phone:
         frames_until(phone, 0)
         wait_until(lambda: store.presence_online([alice.id])[alice.id])
         bob.send(cid, "hello")
@@ -135,19 +135,19 @@ def test_online_device_gets_the_socket_offline_one_a_push_then_catches_up(
     assert not gateway.pushes("phone-key")  # the online device got no push
     # the tablet comes back: the socket delivers what it missed, in order, exactly once
     entries, latest = pull_all(alice, since)
-    with ws(server, tablet) as sock:
+    with ws(poke_server, tablet) as sock:
         got = [e["version"] for f in frames_until(sock, latest) for e in f["entries"]]
     assert got == [e["version"] for e in entries] == list(range(since + 1, latest + 1))
 
 
 def test_a_badge_change_schedules_pushes_only_for_offline_devices(
-    server, make_member, second_device, settings
+    poke_server, make_member, second_device, settings
 ):
     """``push_badge_changed`` skips a device with a live socket and schedules the others."""
     settings.PUSH_INTERVAL_S = INTERVAL
     alice = with_pushkey(make_member("alice"), "phone-key")
     tablet_of(alice, second_device)
-    with ws(server, alice):
+    with ws(poke_server, alice):
         wait_until(lambda: store.presence_online([alice.id])[alice.id])
         assert push.push_badge_changed(user_ids=[alice.id], alert=True) == 1
     assert push_state(device_pk(alice, "phone")) == (None, None, None)
@@ -155,7 +155,7 @@ def test_a_badge_change_schedules_pushes_only_for_offline_devices(
 
 
 def test_a_device_online_when_its_push_falls_due_gets_none(
-    server, make_member, second_device, gateway, settings
+    poke_server, make_member, second_device, gateway, settings
 ):
     """A push scheduled while the phone was offline is not sent once it is online: the
     socket brings everything."""
@@ -165,7 +165,7 @@ def test_a_device_online_when_its_push_falls_due_gets_none(
     alice = with_pushkey(make_member("alice"), "phone-key")
     tablet_of(alice, second_device)
     assert push.push_badge_changed(user_ids=[alice.id], alert=True) == 2  # both offline
-    with ws(server, alice):
+    with ws(poke_server, alice):
         wait_until(lambda: store.presence_online([alice.id])[alice.id])
         assert push.push_send_due() == 1
     assert [p["prio"] for p in gateway.pushes("tablet-key")] == ["high"]

@@ -4,8 +4,8 @@ a device behind the store gets, checked against PostgreSQL."""
 
 import pytest
 
-from counters.pipeline import counters_drain
 from counters.selectors import counters_truth
+from delivery.pipeline import delivery_drain
 from imcore.models import Conversation, Membership, Message
 from offline import keys, services, store
 from tests.offline.conftest import first_sync, pull, pull_all
@@ -57,7 +57,7 @@ def test_past_max_entries_the_oldest_go_and_a_device_behind_gets_the_snapshot(
         bob.send(team, f"t{i}")
     carol.send(direct, "psst")
     carol.send(quiet, "muted news")
-    counters_drain()
+    delivery_drain()
     assert alice.post(f"/conversations/{quiet}/mute", {"muted": True}).status_code == 200
     assert alice.post(f"/conversations/{team}/read", {"seq": 12}).status_code == 200
 
@@ -75,7 +75,7 @@ def test_past_max_entries_the_oldest_go_and_a_device_behind_gets_the_snapshot(
 
     # from the snapshot's version on, entries flow again
     bob.send(team, "after the gap")
-    counters_drain()
+    delivery_drain()
     entries, _ = pull_all(laptop, page["latest_version"])
     assert [e["message"]["body"] for e in entries] == ["after the gap"]
 
@@ -86,7 +86,7 @@ def test_a_device_within_the_window_gets_entries_not_the_snapshot(make_member, s
     team = group(bob, alice)
     for i in range(15):
         bob.send(team, f"t{i}")
-    counters_drain()
+    delivery_drain()
     latest = pull(alice, 0)["latest_version"]
     page = pull(alice, latest - 10)
     assert page["gap"] is False and len(page["entries"]) == 10
@@ -99,7 +99,7 @@ def test_trim_drops_entries_past_the_retention(make_member, settings):
     team = group(bob, alice)
     for i in range(5):
         bob.send(team, f"t{i}")
-    counters_drain()
+    delivery_drain()
     assert len(pull_all(alice, since)[0]) == 6
     settings.OFFLINE_RETENTION_S = 3600
     assert services.offline_trim() == (2, 0)  # young entries stay
@@ -120,7 +120,7 @@ def test_trim_drops_what_every_device_acknowledged(make_member, second_device):
     team = group(bob, alice)
     for i in range(6):
         bob.send(team, f"t{i}")
-    counters_drain()
+    delivery_drain()
     entries, latest = pull_all(alice, since)
     versions = [e["version"] for e in entries]
     assert alice.post("/sync/ack", {"version": versions[4]}).status_code == 200

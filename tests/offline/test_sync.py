@@ -4,8 +4,8 @@ counter pipeline is drained in-process here; test_sync_worker.py runs it on real
 
 import pytest
 
-from counters.pipeline import counters_drain
-from counters.services import counters_message_committed
+from delivery.pipeline import delivery_drain
+from delivery.services import delivery_message_committed
 from offline import keys, store
 from tests.offline.conftest import first_sync, pull, pull_all
 
@@ -26,7 +26,7 @@ def test_message_sent_on_one_device_appears_on_the_other(make_member, second_dev
     v_laptop, v_bob = first_sync(laptop), first_sync(bob)
     cid = group(alice, bob)
     sent = alice.send(cid, "hello from the phone")
-    counters_drain()
+    delivery_drain()
     entries, latest = pull_all(laptop, v_laptop)
     assert [e["type"] for e in entries] == ["join", "message"]
     message = entries[1]
@@ -46,7 +46,7 @@ def test_read_on_one_device_becomes_a_read_entry_on_the_other(make_member, secon
     cid = group(bob, alice)
     for i in range(3):
         bob.send(cid, f"m{i}")
-    counters_drain()
+    delivery_drain()
     since = first_sync(laptop)
     assert alice.post(f"/conversations/{cid}/read", {"seq": 2}).status_code == 200
     entries, _ = pull_all(laptop, since)
@@ -62,17 +62,17 @@ def test_join_mute_leave_entries(make_member):
     since = first_sync(carol)
     cid = group(alice, bob, title="plans")
     alice.send(cid, "before carol")
-    counters_drain()
+    delivery_drain()
     assert alice.post(f"/conversations/{cid}/members", {"user_ids": [carol.id]}).status_code in (
         200,
         201,
     )
     assert carol.post(f"/conversations/{cid}/mute", {"muted": True}).status_code == 200
     alice.send(cid, "after carol joined")
-    counters_drain()
+    delivery_drain()
     assert carol.delete(f"/conversations/{cid}/members/{carol.id}").status_code == 204
     alice.send(cid, "after carol left")
-    counters_drain()
+    delivery_drain()
     entries, _ = pull_all(carol, since)
     assert [e["type"] for e in entries] == ["join", "mute", "message", "leave"]
     join = entries[0]
@@ -91,7 +91,7 @@ def test_paging_returns_every_entry_once_in_order(make_member, second_device):
     cid = group(alice, bob)
     for i in range(25):
         bob.send(cid, f"m{i}")
-    counters_drain()
+    delivery_drain()
     entries, latest = pull_all(laptop, since, limit=7)
     messages = [e for e in entries if e["type"] == "message"]
     assert [m["message"]["body"] for m in messages] == [f"m{i}" for i in range(25)]
@@ -109,10 +109,10 @@ def test_repeated_events_and_retried_sends_record_once(make_member, second_devic
     sent = bob.send(cid, "once", client_msg_id="same")
     again = bob.post(f"/conversations/{cid}/messages", {"body": "once", "client_msg_id": "same"})
     assert again.status_code == 200
-    counters_message_committed(conversation_id=cid, seq=sent["seq"], sender_id=bob.id)
-    counters_drain()
-    counters_message_committed(conversation_id=cid, seq=sent["seq"], sender_id=bob.id)
-    counters_drain()
+    delivery_message_committed(conversation_id=cid, seq=sent["seq"], sender_id=bob.id)
+    delivery_drain()
+    delivery_message_committed(conversation_id=cid, seq=sent["seq"], sender_id=bob.id)
+    delivery_drain()
     entries, _ = pull_all(laptop, since)
     assert [e["type"] for e in entries] == ["join", "message"]
 
@@ -124,7 +124,7 @@ def test_a_device_never_sees_another_users_entries(make_member):
     cid = r.json()["id"]
     alice.send(cid, "private")
     assert bob.post(f"/conversations/{cid}/read", {"seq": 1}).status_code == 200
-    counters_drain()
+    delivery_drain()
     entries, _ = pull_all(carol, since_carol)
     assert entries == []
     # carol's versions are hers: her latest did not move with alice's and bob's entries
@@ -148,7 +148,7 @@ def test_a_message_recorded_before_the_joiners_join_entry_starts_at_their_read_p
     cid = group(alice, bob)
     for i in range(3):
         alice.send(cid, f"before{i}")
-    counters_drain()
+    delivery_drain()
     conversation = Conversation.objects.get(pk=cid)
     joined = Membership.objects.create(
         user=carol.user,
@@ -157,7 +157,7 @@ def test_a_message_recorded_before_the_joiners_join_entry_starts_at_their_read_p
         joined_at=timezone.now(),
     )  # committed; its sync write has not happened yet
     alice.send(cid, "first after carol joined")
-    counters_drain()
+    delivery_drain()
     offline_record_memberships(
         memberships=[joined], conversation=conversation, last_seq=3, change="join"
     )
@@ -172,7 +172,7 @@ def test_a_synced_message_looks_like_the_same_message_from_the_history_call(
     since = first_sync(bob)
     cid = group(alice, bob)
     alice.send(cid, "same everywhere")
-    counters_drain()
+    delivery_drain()
     entries, _ = pull_all(bob, since)
     history = bob.get(f"/conversations/{cid}/messages").json()["messages"]
     assert entries[-1]["message"] == history[0]
@@ -183,16 +183,16 @@ def test_a_rejoining_member_gets_nothing_of_what_was_said_while_away(make_member
     since = first_sync(bob)
     cid = group(alice, bob)
     alice.send(cid, "before")
-    counters_drain()
+    delivery_drain()
     assert bob.delete(f"/conversations/{cid}/members/{bob.id}").status_code == 204
     alice.send(cid, "while bob was away")
-    counters_drain()
+    delivery_drain()
     assert alice.post(f"/conversations/{cid}/members", {"user_ids": [bob.id]}).status_code in (
         200,
         201,
     )
     alice.send(cid, "welcome back")
-    counters_drain()
+    delivery_drain()
     entries, _ = pull_all(bob, since)
     assert [(e["type"], e.get("seq")) for e in entries] == [
         ("join", None),
@@ -212,13 +212,13 @@ def test_re_sending_a_members_state_does_not_skip_their_queued_messages(make_mem
     alice, bob, carol = make_member("alice"), make_member("bob"), make_member("carol")
     since = first_sync(bob)
     cid = group(alice, bob)
-    counters_drain()
+    delivery_drain()
     # bob's mute reached PostgreSQL but not the sync store (its write failed after commit)
     Membership.objects.filter(user=bob.user, conversation_id=cid).update(muted=True, rev=2)
     alice.send(cid, "queued while the re-send happens")  # in the queue, not applied yet
     response = alice.post(f"/conversations/{cid}/members", {"user_ids": [bob.id, carol.id]})
     assert response.status_code in (200, 201)
-    counters_drain()
+    delivery_drain()
     entries, _ = pull_all(bob, since)
     assert [(e["type"], e.get("seq")) for e in entries] == [
         ("join", None),
@@ -233,7 +233,7 @@ def test_a_log_lost_apart_from_its_hash_gives_the_gap(make_member):
     since = first_sync(bob)
     cid = group(alice, bob)
     alice.send(cid, "kept in PostgreSQL")
-    counters_drain()
+    delivery_drain()
     store.client().delete(keys.log(bob.id))  # e.g. evicted by a volatile-* policy
     page = pull(bob, since)
     assert page["gap"] is True

@@ -12,7 +12,7 @@ import secrets
 import pytest
 from django.conf import settings as django_settings
 
-from counters.pipeline import counters_drain
+from delivery.pipeline import delivery_drain
 from imcore.models import Device
 from offline import keys, store
 from offline.services import offline_flush_acks
@@ -62,7 +62,7 @@ def pair(make_member, settings):
     cid = group(alice, bob)
     for i in range(3):
         alice.send(cid, f"m{i}")
-    counters_drain()
+    delivery_drain()
     latest = first_sync(bob)
     assert latest > 1
     assert bob.post("/sync/ack", {"version": 1}).json() == {"acked_version": 1}
@@ -203,7 +203,7 @@ def test_a_device_never_sees_another_users_entries(make_member):
     alice, bob, carol = make_member("alice"), make_member("bob"), make_member("carol")
     shared = group(alice, bob)
     alice.send(shared, "for bob too")
-    counters_drain()
+    delivery_drain()
     since_bob = first_sync(bob)
     r = alice.post("/conversations", {"kind": "direct", "members": [carol.id]})
     private = r.json()["id"]
@@ -212,7 +212,7 @@ def test_a_device_never_sees_another_users_entries(make_member):
         carol.send(private, f"secret c{i}")
     assert carol.post(f"/conversations/{private}/read", {"seq": 5}).status_code == 200
     assert alice.post(f"/conversations/{private}/mute", {"muted": True}).status_code == 200
-    counters_drain()
+    delivery_drain()
     entries, latest = pull_all(bob, since_bob)
     assert entries == [] and latest == since_bob
     everything = pull(bob, 0)  # a new device of bob's: the snapshot of all he has
@@ -235,7 +235,7 @@ def test_an_ack_never_touches_another_users_device(make_member, second_device):
     cid = group(alice, bob)
     for i in range(3):
         alice.send(cid, f"m{i}")
-    counters_drain()
+    delivery_drain()
     b_latest = first_sync(bob)
     assert alice.post(f"/conversations/{cid}/mute", {"muted": True}).status_code == 200
     a_latest = first_sync(alice)

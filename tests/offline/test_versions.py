@@ -10,7 +10,7 @@ import time
 import pytest
 import redis
 
-from counters.pipeline import counters_drain, shard_lengths
+from delivery.pipeline import delivery_drain, shard_lengths
 from imcore import services as im
 from imcore.models import Conversation, User
 from offline import keys, store
@@ -35,7 +35,7 @@ def test_versions_grow_above_everything_handed_out_after_a_wipe_and_restart(
     team = group(bob, alice)
     for i in range(5):
         bob.send(team, f"before{i}")
-    counters_drain()
+    delivery_drain()
     assert alice.post(f"/conversations/{team}/read", {"seq": 3}).status_code == 200
     synced = first_sync(laptop)
     handed_out = max(log_versions(alice.id))
@@ -58,7 +58,7 @@ def test_versions_grow_above_everything_handed_out_after_a_wipe_and_restart(
     team_state = next(c for c in page["snapshot"]["conversations"] if c["conversation_id"] == team)
     assert team_state["last_seq"] == 7 and team_state["read_seq"] == 3
     bob.send(team, "later")
-    counters_drain()
+    delivery_drain()
     entries, _ = pull_all(laptop, page["latest_version"])
     assert [e["message"]["body"] for e in entries if e["type"] == "message"] == ["later"]
     assert VersionBound.objects.get(user=alice.user).bound >= max(log_versions(alice.id))
@@ -107,19 +107,19 @@ def test_versions_never_repeat_after_redis_restarts_from_an_older_snapshot(
     team = group(bob, alice)
     for i in range(3):
         bob.send(team, f"saved{i}")
-    counters_drain()
+    delivery_drain()
     store.client().save()  # the snapshot Redis will come back from
     for i in range(4):
         bob.send(team, f"lost{i}")
-    counters_drain()
+    delivery_drain()
     handed_out = max(log_versions(alice.id))
 
     private_redis()  # Redis restarts with the older snapshot: its cur is behind
     assert max(log_versions(alice.id)) < handed_out
     bob.send(team, "after the restart")
-    counters_drain()
+    delivery_drain()
     bob.send(team, "and one more")
-    counters_drain()
+    delivery_drain()
     after = log_versions(alice.id)
     assert after and min(after) > handed_out
     page = pull(alice, handed_out)  # a device that had everything before the restart

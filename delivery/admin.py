@@ -16,11 +16,11 @@ class PipelineAdmin(ReadOnlyAdmin):
         status = pipeline_status(recent=settings.COUNTERS_RECENT_FLUSHES)
         context = {
             **self.admin_site.each_context(request),
-            "title": "Counter aggregation pipeline",
+            "title": "Delivery: the aggregation pipeline",
             "opts": self.model._meta,
             "status": status,
             "config": {
-                "write path": settings.COUNTERS_WRITE_PATH,
+                "write path": settings.DELIVERY_WRITE_PATH,
                 "strategy": settings.COUNTERS_STRATEGY,
                 "shards": settings.COUNTERS_SHARDS,
                 "flush threshold (events)": settings.COUNTERS_FLUSH_THRESHOLD,
@@ -29,4 +29,4 @@ class PipelineAdmin(ReadOnlyAdmin):
                 "shard lock TTL (ms)": settings.COUNTERS_SHARD_LOCK_TTL_MS,
             },
         }
-        return TemplateResponse(request, "admin/counters/pipeline.html", context)
+        return TemplateResponse(request, "admin/delivery/pipeline.html", context)

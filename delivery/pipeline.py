@@ -1,5 +1,6 @@
-"""The counter aggregation pipeline: sharded durable queues, a Timer, a Flusher and an
-Aggregator, so that a storm of messages in large groups becomes few counter writes.
+"""The aggregation pipeline of the delivery app: sharded durable queues, a Timer, a Flusher
+and an Aggregator, so that a storm of messages in large groups becomes few writes to the sinks
+(counters, sync entries, pushes).
 
 - **Queues**: one Redis Stream per shard (``COUNTERS_SHARDS``). A message adds one event,
   ``(conversation id, seq)``, to shard ``conversation id % N``: one event per message, not per
@@ -27,8 +28,8 @@ The same batches write the offline-store entries of the messages (every member, 
 included; see :mod:`offline.services`): each user's new seqs per conversation go in one script
 call beside the counter call, idempotent through the same seq watermark.
 
-What a batch does once its events are read is :func:`counters_apply_events`, shared with the
-celery-batches write path (``COUNTERS_WRITE_PATH=batches``, ``counters.batch_message``), which
+What a batch does once its events are read is :func:`delivery_apply_events`, shared with the
+celery-batches write path (``DELIVERY_WRITE_PATH=batches``, ``counters.batch_message``), which
 buffers one Celery task message per committed message in the worker instead of a stream.
 """
 
@@ -40,32 +41,31 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
+from pathlib import Path
 
 import kombu.exceptions
 import redis
 from django.conf import settings
 
+from counters.redis import get_redis
+from counters.services import counters_count_messages
 from imcore.models import Membership
 from offline.push import push_badge_changed
 from offline.services import offline_record_messages
 
 from . import keys
 from .failpoints import failpoint
-from .redis import get_redis
-from .scripts import source
-from .strategies import get_strategy
 
 logger = logging.getLogger(__name__)
 
-# Users whose counters are applied between two renewals of the shard lock.
-APPLY_CHUNK = 20_000
+LUA_DIR = Path(__file__).with_name("lua")
 
 
 @dataclass
 class FlushStats:
     """What one aggregator batch (or one celery-batches batch) did."""
 
-    shard: int  # -1: a celery-batches batch (``COUNTERS_WRITE_PATH=batches``)
+    shard: int  # -1: a celery-batches batch (``DELIVERY_WRITE_PATH=batches``)
     trigger: str  # timer, flusher, continue, manual, test; batches
     events_in: int = 0  # queue events read (task messages for celery-batches)
     conversations: int = 0  # distinct conversations among them
@@ -92,10 +92,10 @@ def _client() -> redis.Redis:
 
 @cache
 def _enqueue_script(client: redis.Redis):
-    return client.register_script(source("enqueue"))
+    return client.register_script((LUA_DIR / "enqueue.lua").read_text())
 
 
-def counters_enqueue(*, conversation_id: int, seq: int) -> int:
+def delivery_enqueue(*, conversation_id: int, seq: int) -> int:
     """Append the event of a committed message to its shard; when the shard passes the
     threshold, send the Flusher. Returns the shard."""
     client = _client()
@@ -116,6 +116,9 @@ def counters_enqueue(*, conversation_id: int, seq: int) -> int:
             flusher.delay(shard=shard)
         except kombu.exceptions.OperationalError:
             # The broker is down: the event is stored; the Timer flushes it once it is back.
+            # No flush is requested after all: clear the flag, or it would hold the Timer's
+            # request back for COUNTERS_SHARD_LOCK_TTL_MS.
+            _client().delete(keys.shard_flush_flag(shard))
             logger.warning("could not send the Flusher for shard %s", shard, exc_info=True)
     return shard
 
@@ -128,7 +131,7 @@ def shard_lengths() -> list[int]:
     return [int(n) for n in pipe.execute()]
 
 
-def counters_request_aggregate(*, shard: int, trigger: str) -> bool:
+def delivery_request_aggregate(*, shard: int, trigger: str) -> bool:
     """Send ``counters.aggregate`` for the shard unless one is requested already."""
     if not _client().set(
         keys.shard_flush_flag(shard), 1, nx=True, px=settings.COUNTERS_SHARD_LOCK_TTL_MS
@@ -136,19 +139,23 @@ def counters_request_aggregate(*, shard: int, trigger: str) -> bool:
         return False
     from .tasks import aggregate
 
-    aggregate.delay(shard=shard, trigger=trigger)
+    try:
+        aggregate.delay(shard=shard, trigger=trigger)
+    except kombu.exceptions.OperationalError:
+        _client().delete(keys.shard_flush_flag(shard))  # not requested after all
+        raise
     return True
 
 
-def counters_timer_tick() -> list[int]:
+def delivery_timer_tick() -> list[int]:
     """The Timer: request an aggregate of every non-empty shard; returns those shards."""
     shards = [s for s, n in enumerate(shard_lengths()) if n]
     for shard in shards:
-        counters_request_aggregate(shard=shard, trigger="timer")
+        delivery_request_aggregate(shard=shard, trigger="timer")
     return shards
 
 
-def counters_flusher_check(*, shard: int) -> bool:
+def delivery_flusher_check(*, shard: int) -> bool:
     """The Flusher: the shard crossed the threshold (the enqueue that saw it set the shard's
     flag for this request); hand it to the Aggregator at once unless it drained meanwhile."""
     if _client().xlen(keys.shard_stream(shard)) == 0:
@@ -172,7 +179,7 @@ def _read(client: redis.Redis, stream: str, start: str) -> list:
     return reply[0][1] if reply else []
 
 
-def counters_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[FlushStats]:
+def delivery_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[FlushStats]:
     """The Aggregator: flush one shard, i.e. apply what it holds now (more batches only while
     they come back full, within ``COUNTERS_AGGREGATE_BUDGET_S``); returns the batches done.
     Does nothing when another aggregator holds the shard."""
@@ -185,6 +192,7 @@ def counters_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[Flu
     stream = keys.shard_stream(shard)
     done: list[FlushStats] = []
     deadline = time.monotonic() + settings.COUNTERS_AGGREGATE_BUDGET_S
+    hand_over = False
     try:
         client.delete(keys.shard_flush_flag(shard))
         _ensure_group(client, stream)
@@ -204,13 +212,18 @@ def counters_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[Flu
                 # Flusher, so that each flush folds an interval's worth of messages.
                 break
             if time.monotonic() > deadline:
-                counters_request_aggregate(shard=shard, trigger="continue")
+                hand_over = True
                 break
             lock.reacquire()
     finally:
         with contextlib.suppress(redis.exceptions.LockError):
             lock.release()
         client.delete(keys.shard_flush_flag(shard))
+    if hand_over:
+        # The budget is spent: the rest goes to a continuation, requested only now that the
+        # lock is free (requested earlier, it could find the lock still held and give up,
+        # leaving the rest to the next Timer tick).
+        delivery_request_aggregate(shard=shard, trigger="continue")
     return done
 
 
@@ -225,7 +238,7 @@ def _apply_batch(client, lock, shard: int, trigger: str, stream: str, entries) -
         pipe.xdel(stream, *ids)
         pipe.execute()
 
-    return counters_apply_events(
+    return delivery_apply_events(
         [(int(fields["c"]), int(fields["s"])) for _, fields in entries],
         shard=shard,
         trigger=trigger,
@@ -243,7 +256,7 @@ def fold_events(events: Iterable[tuple[int, int]]) -> dict[int, int]:
     return top
 
 
-def counters_apply_events(
+def delivery_apply_events(
     events: Sequence[tuple[int, int]],
     *,
     shard: int = -1,
@@ -256,10 +269,10 @@ def counters_apply_events(
     duplicates: fold them to the highest seq per conversation, read those conversations'
     active members in one query, then for each user one counter call (``inc_many``: one
     script call per user, pipelined), one offline-store call and a push to the users whose
-    badge went up, in chunks of ``APPLY_CHUNK`` users; ``after_chunk`` runs after each chunk
-    (the Aggregator renews its shard lock there), ``before_record`` after the last (the
-    Aggregator acknowledges its stream entries there). Records the flush in the pipeline's
-    metrics and returns it.
+    badge went up, in chunks of ``COUNTERS_APPLY_CHUNK_USERS`` users; ``after_chunk`` runs
+    after each chunk (the Aggregator renews its shard lock there), ``before_record`` after the
+    last (the Aggregator acknowledges its stream entries there). Records the flush in the
+    pipeline's metrics and returns it.
 
     The write of both the Aggregator (``shard`` >= 0) and the celery-batches task
     ``counters.batch_message`` (``shard`` -1): applying an event again changes nothing."""
@@ -279,12 +292,11 @@ def counters_apply_events(
         stats.logical_updates += events_per_conversation[cid]
     items = list(per_user.items())
     failpoint("aggregate.after_read")
-    strategy = get_strategy()
 
     def apply(part) -> None:
         # Counters, then the same users' offline-store entries (both idempotent), then a push
         # for the offline devices of users whose badge went up.
-        deltas = strategy.inc_many(part)
+        deltas = counters_count_messages(part)
         offline_record_messages(
             [(uid, [(cid, s, read_seqs[uid, cid]) for cid, s in pairs]) for uid, pairs in part]
         )
@@ -293,14 +305,16 @@ def counters_apply_events(
         )
 
     half = len(items) // 2
-    for start in range(0, len(items), APPLY_CHUNK):
-        chunk = items[start : start + APPLY_CHUNK]
-        if start <= half < start + APPLY_CHUNK:
+    size = settings.COUNTERS_APPLY_CHUNK_USERS
+    for start in range(0, len(items), size):
+        chunk = items[start : start + size]
+        if start <= half < start + size:
             apply(chunk[: half - start])
             failpoint("aggregate.mid_apply")
             apply(chunk[half - start :])
         else:
             apply(chunk)
+        failpoint("aggregate.after_chunk")
         if after_chunk:
             after_chunk()
     if before_record:
@@ -327,14 +341,14 @@ def _record(client: redis.Redis, stats: FlushStats) -> None:
     pipe.execute()
 
 
-def counters_drain(*, timeout: float = 30.0) -> int:
+def delivery_drain(*, timeout: float = 30.0) -> int:
     """Aggregate every shard until all are empty (tests, benchmarks, admin); returns the
     number of events applied."""
     applied = 0
     deadline = time.monotonic() + timeout
     while any(shard_lengths()):
         for shard in range(settings.COUNTERS_SHARDS):
-            applied += sum(s.events_in for s in counters_aggregate_shard(shard=shard))
+            applied += sum(s.events_in for s in delivery_aggregate_shard(shard=shard))
         if time.monotonic() > deadline:
             raise TimeoutError("the counter queues did not drain")
     return applied
