@@ -10,6 +10,7 @@ from imcore import services
 from tests.conftest import ROOT, Member, celery_env, wait_until
 
 TTL = 3.0  # the presence TTL of the test server
+LIVE_TTL = 600.0  # the presence TTL of ``poke_server``: no periodic catch-up in a test
 
 
 @pytest.fixture
@@ -111,5 +112,16 @@ def server(django_db_setup, django_db_blocker):
     and small frames (so a package takes many frames)."""
     with django_db_blocker.unblock():
         env = celery_env(PRESENCE_TTL_S=TTL, SYNC_WS_FRAME_ENTRIES=50)
+    with run_server(env=env) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def poke_server(django_db_setup, django_db_blocker):
+    """The server for delivery tests: its presence TTL is so long that a connection's periodic
+    catch-up (every third of the TTL) never runs during a test, so what reaches a socket was
+    brought by a live poke."""
+    with django_db_blocker.unblock():
+        env = celery_env(PRESENCE_TTL_S=LIVE_TTL, SYNC_WS_FRAME_ENTRIES=50)
     with run_server(env=env) as url:
         yield url
