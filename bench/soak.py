@@ -11,17 +11,19 @@ other users each hold one authenticated, idle WebSocket (``/ws/v1/sync``) for th
 1. Probe: locust (``bench/locustfile_soak.py``) sends with no wait for ``--probe-seconds``.
    The sends/s after the first 5 s are the capacity.
 2. Soak: the mix (send, unread, sync pull + ack, history, mark read) runs at ``--load`` times
-   that capacity, in requests/s, for ``--minutes``. Every ``--sample-seconds`` it records each
-   process's RSS (psutil), Redis ``used_memory`` (counters server and broker), the PostgreSQL
-   sessions on the benchmark database, and the open sockets.
+   that capacity, in locust tasks/s (a pull and its ack are one task), for ``--minutes``.
+   Every ``--sample-seconds`` it records each process's RSS (psutil), Redis ``used_memory``
+   (counters server and broker), the PostgreSQL sessions on the benchmark database, and the
+   open sockets.
 3. After the queues drain, it checks three things. Every send answered 200/201 is in
    PostgreSQL. Each conversation's ``last_seq`` equals its message count and highest seq. Each
    user's unread counts and badge in Redis equal the truth (``counters.selectors``).
 
-A memory series passes when it grows by at most ``--limit-percent`` (5) over the last
-``--window-minutes`` (5, or half of a shorter run). PostgreSQL sessions pass when the window
-sets no new high. The run writes ``bench/results/soak-<date>-<host>.md``, ``.json`` and
-``.png``, and exits 1 if any check fails.
+A memory series passes when its highest value in the last ``--window-minutes`` (5, or half
+of a shorter run) is at most ``--limit-percent`` (5) above its value at their start.
+PostgreSQL sessions pass when the window sets no new high. The run writes
+``bench/results/soak-<date>-<host>.md``, ``.json`` and ``.png``, and exits 1 if any check
+fails.
 
     python bench/soak.py [--minutes 10] [--load 0.8] [--users 32] [--sockets 500]
 """
@@ -34,6 +36,7 @@ import datetime
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -437,8 +440,9 @@ def main() -> None:
     parser.add_argument("--window-minutes", type=int, default=5)
     parser.add_argument("--limit-percent", type=float, default=5.0)
     args = parser.parse_args()
-    common.setup_django()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the stack too
     with common.broker_stopped_after(), tempfile.TemporaryDirectory() as work:
+        common.setup_django()
         r = soak(args, Path(work))
     hist, minutes, previous = r["history"], r["samples"][:: 60 // args.sample_seconds], (0, 0)
     for row in minutes:  # requests and failures in the minute up to each row
@@ -466,12 +470,8 @@ def main() -> None:
         "pass": all(g["pass"] for g in r["growth"]) and not bad,
     }
     stem = common.write_results("soak", markdown(args, r), r)
-    plot(
-        r["samples"],
-        series,
-        f"imcore soak, {r['date']}, {r['host']}: {r['machine']}",
-        f"{stem}.png",
-    )
+    title = f"imcore soak, {r['date']}, {r['host']}: {r['machine']}"
+    plot(r["samples"], series, title, f"{stem}.png")
     print(f"Plot: {stem}.png")
     sys.exit(0 if r["pass"] else 1)
 
