@@ -18,7 +18,7 @@ export CELERY_BROKER_URL ?= redis://$(PG_HOST):$(REDIS_PORT)/1
 # exec: make's shell becomes the process manager, so a signal to it reaches honcho itself.
 STACK = PATH="$(BIN):$$PATH" exec $(BIN)/python bin/stack.py
 
-.PHONY: run serve test lint fmt services venv migrate demo clean bench bench-tools bench-strategies bench-send bench-storm bench-sync bench-push
+.PHONY: run serve test lint fmt services venv migrate demo clean bench bench-tools bench-strategies bench-send bench-storm bench-sync bench-push bench-soak
 
 run: venv services migrate demo
 	@echo
@@ -52,7 +52,7 @@ fmt: venv
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements/base.txt requirements/dev.txt
+$(VENV)/.installed: requirements/base.txt requirements/dev.txt requirements/bench.txt
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV) || { \
 	  $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/pip install --quiet --upgrade pip
@@ -127,6 +127,11 @@ bench-sync: venv services
 
 bench-push: venv services
 	$(BIN)/python bench/push.py $(BENCH_ARGS)
+
+# 10 minutes at 80 % of the measured send capacity (BENCH_ARGS="--minutes 2" for a short run):
+# bench/results/soak-<date>-<host>.md, .json and .png; fails when memory grows or anything is lost.
+bench-soak: venv services
+	$(BIN)/python bench/soak.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,85 @@
+"""Locust users of ``bench/soak.py`` (``make bench-soak``); one device each, from the JSON
+file named by ``SOAK_DATA`` (``tag``, ``devices``: ``token``, ``user_id``, ``conversation``).
+
+``ProbeDevice`` only sends, with no wait (the capacity probe). ``SoakDevice`` runs the mix at
+``SOAK_RATE_PER_USER`` tasks/s (locust's ``constant_throughput``): send 4, unread 2, sync pull
+(and ack) 2, history read 1, mark read 1. Every ``client_msg_id`` answered 200/201 is written
+to ``SOAK_ACKED`` when locust quits, so the soak can find each one in PostgreSQL."""
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+from locust import FastHttpUser, constant, constant_throughput, events, task
+
+DATA = json.loads(Path(os.environ["SOAK_DATA"]).read_text())
+RATE = float(os.environ.get("SOAK_RATE_PER_USER", "0"))
+ACKED: list[str] = []
+_devices = itertools.count()
+
+
+@events.quitting.add_listener
+def _write_acked(**_):
+    Path(os.environ["SOAK_ACKED"]).write_text("\n".join(ACKED))
+
+
+class ProbeDevice(FastHttpUser):
+    wait_time = constant(0)
+
+    def on_start(self):
+        device = DATA["devices"][next(_devices) % len(DATA["devices"])]
+        self.headers = {"Authorization": f"Bearer {device['token']}"}
+        self.path = f"/api/v1/conversations/{device['conversation']}"
+        self.prefix = f"{DATA['tag']}-{device['user_id']}-"
+        self.sent = itertools.count()
+        self.seq = self.version = 0
+
+    @task(4)
+    def send(self):
+        cmid = f"{self.prefix}{next(self.sent)}"
+        body = {"body": "soak message", "client_msg_id": cmid}
+        resp = self.client.post(
+            f"{self.path}/messages", json=body, headers=self.headers, name="send"
+        )
+        if resp.status_code in (200, 201):
+            ACKED.append(cmid)
+            self.seq = resp.json()["seq"]
+
+
+class SoakDevice(ProbeDevice):
+    wait_time = constant_throughput(RATE) if RATE else constant(0)
+
+    @task(2)
+    def unread(self):
+        self.client.get("/api/v1/unread", headers=self.headers, name="unread")
+
+    @task(2)
+    def sync_pull(self):
+        resp = self.client.get(
+            f"/api/v1/sync?since={self.version}&limit=200", headers=self.headers, name="sync"
+        )
+        if resp.status_code != 200:
+            return
+        page = resp.json()
+        entries = page["entries"]
+        version = entries[-1]["version"] if page["has_more"] else page["latest_version"]
+        if version > self.version:
+            self.version = version
+            self.client.post(
+                "/api/v1/sync/ack", json={"version": version}, headers=self.headers, name="ack"
+            )
+
+    @task(1)
+    def history(self):
+        after = max(self.seq - 20, 0)
+        self.client.get(
+            f"{self.path}/messages?after_seq={after}&limit=20", headers=self.headers, name="history"
+        )
+
+    @task(1)
+    def mark_read(self):
+        if self.seq:
+            self.client.post(
+                f"{self.path}/read", json={"seq": self.seq}, headers=self.headers, name="read"
+            )

@@ -1,0 +1,481 @@
+"""``bench/soak.py`` (``make bench-soak``): the stack under steady load for ``--minutes``; memory
+must stay flat, and nothing may fail or be lost.
+
+The Procfile's web, worker, beat and flower run under ``bin/stack.py``, as ``make run`` starts
+them, on the benchmark's database, Redis and broker (``bench/common.py``). ``--users`` senders
+share ``--groups`` groups of ``--members`` (the members who do not send only receive). The
+groups are few, so each member's offline store reaches its bound (``OFFLINE_MAX_ENTRIES``) in
+the first minutes and the window measures a full store, not a filling one. ``--sockets``
+other users each hold one authenticated, idle WebSocket (``/ws/v1/sync``) for the run.
+
+1. Probe: locust (``bench/locustfile_soak.py``) sends with no wait for ``--probe-seconds``.
+   The sends/s after the first 5 s are the capacity.
+2. Soak: the mix (send, unread, sync pull + ack, history, mark read) runs at ``--load`` times
+   that capacity, in locust tasks/s (a pull and its ack are one task), for ``--minutes``.
+   Every ``--sample-seconds`` it records each process's RSS (psutil), Redis ``used_memory``
+   (counters server and broker), the PostgreSQL sessions on the benchmark database, and the
+   open sockets.
+3. After the queues drain, it checks three things. Every send answered 200/201 is in
+   PostgreSQL. Each conversation's ``last_seq`` equals its message count and highest seq. Each
+   user's unread counts and badge in Redis equal the truth (``counters.selectors``).
+
+A memory series passes when its highest value in the last ``--window-minutes`` (5, or half
+of a shorter run) is at most ``--limit-percent`` (5) above its value at their start.
+PostgreSQL sessions pass when the window sets no new high. The run writes
+``bench/results/soak-<date>-<host>.md``, ``.json`` and ``.png``, and exits 1 if any check
+fails.
+
+    python bench/soak.py [--minutes 10] [--load 0.8] [--users 32] [--sockets 500]
+"""
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import datetime
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import common
+
+MIB = 1024 * 1024
+LOCUSTFILE = Path(__file__).with_name("locustfile_soak.py")
+ROLES = ("web master", "web worker", "celery worker", "celery pool", "celery beat", "flower")
+CELERY = {" worker": "celery worker", " beat": "celery beat", " flower": "flower"}
+SHELLS = ("sh", "dash", "bash")  # a Procfile command without `exec` runs under `sh -c`
+
+
+def process_role(proc: psutil.Process) -> str | None:
+    """One of ROLES; the Celery worker's prefork children are its pool."""
+    cmd = " ".join(proc.cmdline())
+    if proc.name() in SHELLS:
+        return None
+    if "uvicorn" in cmd or "spawn_main" in cmd:
+        return "web master" if "uvicorn" in cmd else "web worker"
+    role = next((r for arg, r in CELERY.items() if "celery" in cmd and arg in cmd), None)
+    pool = role == "celery worker" and process_role(proc.parent()) == "celery worker"
+    return "celery pool" if pool else role
+
+
+def seed(args) -> tuple[list[dict], list[str], list[int]]:
+    """Senders with a device each in groups, idle users with a device each; returns the
+    senders' devices, the idle tokens, and the ids of every group member."""
+    import secrets
+
+    from django.contrib.auth.hashers import make_password
+
+    from counters.services import counters_reconcile
+    from imcore import services
+    from imcore.models import Device, User
+
+    common.reset_data()
+    groups, unusable = args.groups, make_password(None)
+    senders, size = args.users // groups, max(args.members, args.users // groups)
+    users = User.objects.bulk_create(
+        User(username=f"soak{i}", password=unusable) for i in range(groups * size + args.sockets)
+    )
+    members, idle = users[: groups * size], users[groups * size :]
+    tokens = {u.pk: secrets.token_urlsafe(32) for u in users}
+    Device.objects.bulk_create(
+        Device(user_id=pk, device_id="soak", platform="web", token_hash=services.token_hash(t))
+        for pk, t in tokens.items()
+    )
+    devices = []
+    for g in range(groups):
+        group = members[g * size : (g + 1) * size]
+        conversation, _ = services.conversation_create(
+            creator=group[0], kind="group", member_ids=[u.pk for u in group[1:]], title=f"g{g}"
+        )
+        devices += [
+            {"token": tokens[u.pk], "user_id": u.pk, "conversation": conversation.pk}
+            for u in group[:senders]
+        ]
+    counters_reconcile(user_ids=[u.pk for u in members])
+    return devices, [tokens[u.pk] for u in idle], [u.pk for u in members]
+
+
+class Stack(common.ServedApp):
+    """The Procfile's processes under ``bin/stack.py`` (``honcho start`` keeping them in one
+    process group, as ``make run`` does); their output in a temporary log."""
+
+    server_name = "honcho"
+    names = ("web", "worker", "beat", "flower")
+
+    def __init__(self):
+        self.port = common.free_port()
+        self.log = tempfile.NamedTemporaryFile(prefix="imcore-soak-", suffix=".log")  # noqa: SIM115
+        path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "bin/stack.py", *self.names],
+            cwd=common.ROOT,
+            env={
+                **os.environ,
+                **common.ENV,
+                "IMCORE_PORT": str(self.port),
+                "PATH": path,
+                "FLOWER_PORT": str(common.free_port()),
+            },
+            start_new_session=True,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_all(self) -> None:
+        from imcore.celery import app
+
+        self.wait_ready()
+        deadline = time.monotonic() + 60
+        while self.log_tail().count("startup complete") < 2 or not app.control.ping(timeout=1):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the stack did not start:\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def processes(self) -> dict[str, psutil.Process]:
+        """The stack's processes by name (``web worker 1``, ``celery pool 2``…)."""
+        found: dict[str, list[psutil.Process]] = {role: [] for role in ROLES}
+        for proc in psutil.Process(self.proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if role := process_role(proc):
+                    found[role].append(proc)
+        return {
+            f"{role} {i}" if len(procs) > 1 or role == "celery pool" else role: proc
+            for role, procs in found.items()
+            for i, proc in enumerate(sorted(procs, key=lambda p: p.pid), 1)
+        }
+
+    def stop(self) -> str:
+        """Stop honcho (which stops what it started); returns the stack's output."""
+        common.stop(self.proc)
+        with self.log:
+            return Path(self.log.name).read_text(errors="replace")
+
+
+class IdleSockets:
+    """Authenticated WebSockets held open by an asyncio loop in a thread of this process."""
+
+    def __init__(self, url: str, tokens: list[str]):
+        self.loop, self.socks, self.failures = asyncio.new_event_loop(), [], []
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.call(lambda: self._open_all(url, tokens))
+
+    def call(self, make_awaitable) -> None:
+        async def wrap():
+            await make_awaitable()
+
+        asyncio.run_coroutine_threadsafe(wrap(), self.loop).result()
+
+    async def _open_all(self, url: str, tokens: list[str]) -> None:
+        sem = asyncio.Semaphore(50)
+        await asyncio.gather(*(self._open(url, token, sem) for token in tokens))
+
+    async def _open(self, url: str, token: str, sem: asyncio.Semaphore) -> None:
+        from websockets.asyncio.client import connect
+
+        async with sem:
+            try:
+                ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"})
+                await asyncio.wait_for(ws.recv(), 60)  # the (empty) offline package
+                self.socks.append(ws)
+                self.loop.create_task(self._read(ws))
+            except Exception as exc:
+                self.failures.append(repr(exc))
+
+    async def _read(self, ws) -> None:
+        with contextlib.suppress(Exception):
+            async for _ in ws:
+                pass
+
+    def open_count(self) -> int:
+        from websockets.protocol import State
+
+        return sum(ws.state is State.OPEN for ws in self.socks)
+
+    def close(self) -> None:
+        self.call(lambda: asyncio.gather(*(ws.close() for ws in self.socks)))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def locust(port: int, data: Path, user: str, users: int, seconds: int, rate: float = 0):
+    """Headless locust, ``users`` of class ``user`` for ``seconds`` at ``rate`` requests/s
+    in all; its CSV files, log and acknowledged sends (``.acked``) beside ``data``."""
+    stem = data.with_suffix("")
+    argv = (
+        f"-m locust -f {LOCUSTFILE} {user} --headless -u {users} -r {users} -t {seconds}s "
+        f"--stop-timeout 30 --host http://127.0.0.1:{port} --csv {stem} --csv-full-history "
+        "--only-summary --loglevel WARNING"
+    )
+    env = {"SOAK_DATA": str(data), "SOAK_ACKED": f"{stem}.acked"}
+    with open(f"{stem}.log", "w") as log:
+        return subprocess.Popen(
+            [sys.executable, *argv.split()],
+            env={**os.environ, **env, "SOAK_RATE_PER_USER": str(rate / users)},
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+
+
+def history(data: Path) -> list[tuple[int, int, int]]:
+    """(unix time, requests, failures) so far, each second, from locust's full history."""
+    with open(f"{data.with_suffix('')}_stats_history.csv") as f:
+        return [
+            (int(r["Timestamp"]), int(r["Total Request Count"]), int(r["Total Failure Count"]))
+            for r in csv.DictReader(f)
+            if r["Name"] == "Aggregated"
+        ]
+
+
+def sample(stack: Stack, sockets: IdleSockets, redis_servers: dict) -> dict:
+    from django.db import connection
+
+    row = {"time": time.time(), "load avg 1 min": round(os.getloadavg()[0], 1)}
+    for name, proc in stack.processes().items():
+        with contextlib.suppress(psutil.Error):
+            row[f"{name} RSS MiB"] = proc.memory_info().rss / MIB
+    for name, server in redis_servers.items():
+        row[f"{name} used_memory MiB"] = server.info("memory")["used_memory"] / MIB
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        row["PostgreSQL connections"] = cursor.fetchone()[0]
+    row["sockets open"] = sockets.open_count()
+    return row
+
+
+def drain(timeout: float = 120) -> None:
+    """Until the counter pipeline and the broker's queues are empty."""
+    from delivery.pipeline import shard_lengths
+    from imcore.celery import app
+
+    deadline = time.monotonic() + timeout
+    with app.connection_for_write() as conn:
+        broker = conn.default_channel.client
+        while sum(shard_lengths()) or broker.llen("default") + broker.llen("counters"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the queues did not drain")
+            time.sleep(0.5)
+
+
+def check_data(acked: set[str], member_ids: list[int]) -> dict:
+    """Lost sends, conversations whose last_seq is off, users whose Redis counts are off."""
+    from django.db import connection
+
+    from counters.selectors import counters_peek, counters_truth_from_rows, counters_truth_rows
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT client_msg_id FROM imcore_message")
+        stored = {r[0] for r in cursor.fetchall()}
+        cursor.execute(
+            "SELECT c.id FROM imcore_conversation c LEFT JOIN imcore_message m "
+            "ON m.conversation_id = c.id GROUP BY c.id "
+            "HAVING c.last_seq <> count(m.id) OR c.last_seq <> coalesce(max(m.seq), 0)"
+        )
+        seq_off = [r[0] for r in cursor.fetchall()]
+    truth = counters_truth_rows(user_ids=member_ids)
+    unread_off = [
+        u for u in member_ids if counters_peek(user_id=u) != counters_truth_from_rows(truth[u])
+    ]
+    return {
+        "acked": len(acked),
+        "stored": len(stored),
+        "lost": len(acked - stored),
+        "last_seq_off": seq_off,
+        "unread_off_users": unread_off,
+    }
+
+
+def growth(rows: list[dict], key: str, window: int, limit: float) -> dict:
+    """The highest value of the last ``window`` rows against the first of them, in %."""
+    rows, before = rows[-1 - window :], rows[: -1 - window]
+    if not rows[0].get(key) or any(r.get(key) is None for r in rows):
+        return {"series": key, "growth_pct": None, "pass": False}
+    pct = (max(r[key] for r in rows) - rows[0][key]) / rows[0][key] * 100
+    if key == "PostgreSQL connections":  # pools: fail only on a new high in the window
+        return {
+            "series": key,
+            "growth_pct": pct,
+            "pass": pct <= 0 or max(r[key] for r in rows) <= max(r[key] for r in before),
+        }
+    return {"series": key, "growth_pct": pct, "pass": pct <= limit}
+
+
+def plot(samples: list[dict], series: list[str], title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    minutes = [(s["time"] - samples[0]["time"]) / 60 for s in samples]
+    fig, axes = plt.subplots(3, 1, figsize=(12, 10), sharex=True)
+    panels = [
+        ([k for k in series if "RSS" in k], "process RSS (MiB)"),
+        ([k for k in series if "used_memory" in k], "Redis used_memory (MiB)"),
+        (["PostgreSQL connections"], "PostgreSQL sessions (count)"),
+    ]
+    for ax, (keys, label) in zip(axes, panels, strict=True):
+        for key in keys:
+            name = key.replace(" RSS MiB", "").replace(" MiB", "")
+            ax.plot(minutes, [s.get(key) for s in samples], marker=".", label=name)
+        ax.set(ylabel=label, ylim=(0, None))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    sockets = axes[2].twinx()
+    sockets.plot(minutes, [s["sockets open"] for s in samples], "C1", label="idle WebSockets")
+    sockets.set(ylabel="idle WebSockets open (count)", ylim=(0, None))
+    handles = axes[2].get_legend_handles_labels()[0] + sockets.get_legend_handles_labels()[0]
+    axes[2].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.08, 1))
+    axes[-1].set_xlabel("time since the soak load started (minutes)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def markdown(args, r: dict) -> str:
+    short = {k: k.replace(" RSS MiB", "").replace("used_memory ", "") for k in r["series"]}
+    c = r["checks"]
+    lines = [
+        f"# Soak, {r['date']}, {r['host']}\n\nMachine: {r['machine']}; shared with other work."
+        f" Stack: `bin/stack.py {' '.join(Stack.names)}` (the Procfile). Probe: "
+        f"{r['capacity']:.1f} sends/s at saturation ({args.probe_users} locust users, no wait)."
+        f" Soak: {args.minutes} min at {args.load:.0%} of it, {r['target_rps']:.1f} tasks/s (a sync"
+        f" pull and its ack are one task; {r['requests'] / args.minutes / 60:.1f} requests/s)"
+        f" from {args.users} locust users in {args.groups} groups of {args.members}"
+        " (send 4 : unread 2 : sync pull+ack 2 : history 1 : "
+        f"mark read 1), {args.sockets} idle authenticated WebSockets. RSS and used_memory in "
+        f"MiB; requests and errors in the minute before the row.\n",
+        "| min | " + " | ".join(short.values()) + " | requests | errors |",
+        "| ---: " * (len(r["series"]) + 3) + "|",
+    ]
+    for i, row in enumerate(r["minutes"]):
+        cells = [f"{row.get(k, float('nan')):.1f}" if "MiB" in k else str(row[k]) for k in short]
+        lines.append(f"| {i} | {' | '.join(cells)} | {row['requests']} | {row['errors']} |")
+    lines += [
+        f"\nGrowth over the last {r['window']} min (limit {args.limit_percent:g} %):\n",
+        "| series | growth | result |",
+        "| --- | ---: | --- |",
+    ]
+    for g in r["growth"]:
+        pct = "n/a" if g["growth_pct"] is None else f"{g['growth_pct']:+.1f} %"
+        lines.append(f"| {short[g['series']]} | {pct} | {'PASS' if g['pass'] else 'FAIL'} |")
+    lines.append(
+        f"\nRequests {r['requests']}, errors {r['errors']} (locust failures {r['failures']}, "
+        f"sockets lost {r['sockets_lost']}, 5xx {r['server_5xx']} of {r['access_lines']} lines "
+        f"in the server's access log, tracebacks logged {r['tracebacks']}). Sends "
+        f"answered {c['acked']}, stored {c['stored']}, lost {c['lost']}; conversations with "
+        f"last_seq off: {len(c['last_seq_off'])}; users whose unread counts differ from the "
+        f"truth after draining: {len(c['unread_off_users'])}. **{'PASS' if r['pass'] else 'FAIL'}**"
+    )
+    return "\n".join(lines)
+
+
+def soak(args, work: Path) -> dict:
+    """Seed, start the stack and the sockets, probe, soak, drain, check; the raw results."""
+    import redis
+
+    devices, idle_tokens, member_ids = seed(args)
+    stack = Stack()
+    try:
+        stack.wait_all()
+        sockets = IdleSockets(f"ws://127.0.0.1:{stack.port}/ws/v1/sync", idle_tokens)
+        servers = {
+            "Redis": redis.Redis.from_url(common.ENV["REDIS_URL"]),
+            "broker": redis.Redis(port=common.BROKER_PORT),
+        }
+        probe, run = work / "probe.json", work / "soak.json"
+        probe.write_text(json.dumps({"tag": "probe", "devices": devices}))
+        run.write_text(json.dumps({"tag": "soak", "devices": devices}))
+        locust(stack.port, probe, "ProbeDevice", args.probe_users, args.probe_seconds).wait()
+        hist = history(probe)
+        start = next(h for h in hist if h[0] >= hist[0][0] + 5)
+        capacity = (hist[-1][1] - start[1]) / max(hist[-1][0] - start[0], 1)
+        seconds = args.minutes * 60
+        load = locust(stack.port, run, "SoakDevice", args.users, seconds, args.load * capacity)
+        t0, samples = time.time(), []
+        for k in range(seconds // args.sample_seconds + 1):
+            time.sleep(max(0.0, t0 + k * args.sample_seconds - time.time()))
+            samples.append(sample(stack, sockets, servers))
+        load.wait()
+        sockets_open = sockets.open_count()
+        sockets.close()
+        drain()
+        acked = {line for f in work.glob("*.acked") for line in f.read_text().split()}
+        checks = check_data(acked, member_ids)
+    finally:
+        log = stack.stop()
+    return {
+        "capacity": capacity,
+        "samples": samples,
+        "history": history(run),
+        "checks": checks,
+        "sockets_open": sockets_open,
+        "socket_failures": sockets.failures,
+        "access_lines": len(re.findall(r'HTTP/1\.1" \d\d\d', log)),
+        "server_5xx": len(re.findall(r'HTTP/1\.1" 5\d\d', log)),
+        "tracebacks": log.count("Traceback"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=int, default=10)
+    parser.add_argument("--load", type=float, default=0.8, help="share of the capacity")
+    parser.add_argument("--probe-seconds", type=int, default=20)
+    parser.add_argument("--probe-users", type=int, default=16)
+    parser.add_argument("--users", type=int, default=32, help="senders (locust users)")
+    parser.add_argument("--groups", type=int, default=4)
+    parser.add_argument("--members", type=int, default=10, help="members of each group")
+    parser.add_argument("--sockets", type=int, default=500)
+    parser.add_argument("--sample-seconds", type=int, default=10, choices=(5, 10, 15, 20, 30, 60))
+    parser.add_argument("--window-minutes", type=int, default=5)
+    parser.add_argument("--limit-percent", type=float, default=5.0)
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the stack too
+    with common.broker_stopped_after(), tempfile.TemporaryDirectory() as work:
+        common.setup_django()
+        r = soak(args, Path(work))
+    hist, minutes, previous = r["history"], r["samples"][:: 60 // args.sample_seconds], (0, 0)
+    for row in minutes:  # requests and failures in the minute up to each row
+        now = ([h[1:] for h in hist if h[0] <= row["time"]] or [(0, 0)])[-1]
+        row["requests"], row["errors"] = now[0] - previous[0], now[1] - previous[1]
+        previous = now
+    series = [k for k in r["samples"][-1] if "MiB" in k]
+    series += ["PostgreSQL connections", "sockets open", "load avg 1 min"]
+    window = min(args.window_minutes, args.minutes // 2)
+    r["growth"] = [growth(minutes, k, window, args.limit_percent) for k in series[:-2]]
+    r["failures"], r["sockets_lost"] = hist[-1][2], args.sockets - r["sockets_open"]
+    r["errors"] = r["failures"] + r["sockets_lost"] + r["server_5xx"] + r["tracebacks"]
+    c = r["checks"]
+    bad = c["lost"] or c["last_seq_off"] or c["unread_off_users"] or r["errors"]
+    r |= {
+        "date": datetime.date.today().isoformat(),
+        "host": os.uname().nodename,
+        "machine": common.machine(),
+        "target_rps": args.load * r["capacity"],
+        "args": vars(args),
+        "series": series,
+        "minutes": minutes,
+        "window": window,
+        "requests": hist[-1][1],
+        "pass": all(g["pass"] for g in r["growth"]) and not bad,
+    }
+    stem = common.write_results("soak", markdown(args, r), r)
+    title = f"imcore soak, {r['date']}, {r['host']}: {r['machine']}"
+    plot(r["samples"], series, title, f"{stem}.png")
+    print(f"Plot: {stem}.png")
+    sys.exit(0 if r["pass"] else 1)
+
+
+if __name__ == "__main__":
+    main()
