@@ -149,6 +149,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 API_SIGNUP_ENABLED = env_bool("API_SIGNUP_ENABLED", True)
 # Longest message body, in characters.
 MESSAGE_BODY_MAX_CHARS = env_int("MESSAGE_BODY_MAX_CHARS", 8000)
+# Most user ids one message may mention (``mentions``); larger lists get 422.
+MESSAGE_MENTIONS_MAX = env_int("MESSAGE_MENTIONS_MAX", 1000)
 # Most members a group may have.
 GROUP_MAX_MEMBERS = env_int("GROUP_MAX_MEMBERS", 10_000)
 # Largest page of GET .../messages.

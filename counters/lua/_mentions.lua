@@ -1,0 +1,30 @@
+-- Shared by every counter script (counters/scripts.py prepends it): the unread mention seqs
+-- of a conversation, field n:<cid>, ascending and comma separated.
+
+-- The seqs of two comma-separated lists (nil or '' for none) that are above r, without
+-- duplicates, ascending, comma separated ('' when none).
+local function seqs_above(a, b, r)
+  local seen, out = {}, {}
+  for _, csv in ipairs({a or '', b or ''}) do
+    for s in string.gmatch(csv, '%d+') do
+      if not seen[s] and tonumber(s) > r then
+        seen[s] = true
+        out[#out + 1] = s
+      end
+    end
+  end
+  table.sort(out, function(x, y) return tonumber(x) < tonumber(y) end)
+  return table.concat(out, ',')
+end
+
+-- Keep in n:<cid> the seqs of `cur` and `new` above r (deletes the field when none is left).
+local function store_mentions(h, c, new, r)
+  local cur = redis.call('HGET', h, 'n:' .. c)
+  local kept = seqs_above(cur, new, r)
+  if kept == '' then
+    if cur then redis.call('HDEL', h, 'n:' .. c) end
+  elseif kept ~= cur then
+    redis.call('HSET', h, 'n:' .. c, kept)
+  end
+end
+
