@@ -37,6 +37,7 @@ from celery_batches import Batches
 from django.conf import settings
 
 from . import pipeline, services
+from .mentions import mention_event
 
 
 @shared_task(
@@ -47,8 +48,20 @@ from . import pipeline, services
     retry_backoff=True,
     max_retries=8,
 )
-def fanout_message(conversation_id: int, seq: int, sender_id: int | None = None) -> int:
-    return services.delivery_fanout(conversation_id=conversation_id, seq=seq, sender_id=sender_id)
+def fanout_message(
+    conversation_id: int,
+    seq: int,
+    sender_id: int | None = None,
+    mentions: list[int] | None = None,
+    mention_all: bool = False,
+) -> int:
+    return services.delivery_fanout(
+        conversation_id=conversation_id,
+        seq=seq,
+        sender_id=sender_id,
+        mentions=mentions or (),
+        mention_all=mention_all,
+    )
 
 
 @shared_task(
@@ -60,18 +73,34 @@ def fanout_message(conversation_id: int, seq: int, sender_id: int | None = None)
     flush_interval=settings.COUNTERS_FLUSH_INTERVAL,
 )
 def batch_message(requests) -> int:
-    """Called as ``batch_message.delay(conversation_id=, seq=, sent_ms=)``; runs with the
-    buffered requests."""
-    events = [(r.kwargs["conversation_id"], r.kwargs["seq"]) for r in requests]
+    """Called as ``batch_message.delay(conversation_id=, seq=, sent_ms=)`` (plus ``sender_id=,
+    mentions=, mention_all=`` for a message with mentions); runs with the buffered
+    requests."""
+    events = [_event(r.kwargs) for r in requests]
     sent = [r.kwargs["sent_ms"] for r in requests if r.kwargs.get("sent_ms")]
     try:
         pipeline.delivery_apply_events(events, oldest_ms=min(sent, default=None))
     except (redis.ConnectionError, redis.TimeoutError, django.db.OperationalError):
         # The batch is acknowledged all the same: send its events again, folded, for later.
+        # (mention events as they were: their seqs are not in the folded tops)
         for cid, seq in pipeline.fold_events(events).items():
             batch_message.apply_async(kwargs={"conversation_id": cid, "seq": seq}, countdown=1)
+        for r in requests:
+            if "sender_id" in r.kwargs:
+                kwargs = {k: v for k, v in r.kwargs.items() if k != "sent_ms"}
+                batch_message.apply_async(kwargs=kwargs, countdown=1)
         raise
     return len(events)
+
+
+def _event(kwargs: dict) -> tuple:
+    return mention_event(
+        kwargs["conversation_id"],
+        kwargs["seq"],
+        sender_id=kwargs.get("sender_id"),
+        mentions=kwargs.get("mentions") or (),
+        mention_all=kwargs.get("mention_all", False),
+    )
 
 
 @shared_task(name="counters.timer", queue="counters", max_retries=0, expires=10)
