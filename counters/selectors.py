@@ -34,6 +34,9 @@ def counters_truth_rows(*, user_ids: Iterable[int]) -> dict[int, list[Membership
         "last_read_seq",
         "conversation__last_seq",
     )
+    # The mentions are read after the rows: every mention up to a row's top is then in them,
+    # so the load can drop a seq Redis holds below that top that the truth does not have.
+    memberships = list(memberships)
     mentions = counters_truth_mentions(user_ids=user_ids)
     for user_id, cid, rev, left_at, muted, read_seq, top in memberships:
         rows[user_id].append(

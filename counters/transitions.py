@@ -29,7 +29,8 @@ class MembershipRow:
     muted: bool
     read_seq: int
     top: int
-    # seqs above read_seq of the messages that mention the user (``load`` only)
+    # seqs above read_seq of the messages that mention the user (``load`` only; read after
+    # the row, so it holds every one up to ``top``)
     mentions: tuple[int, ...] = ()
 
 
@@ -148,7 +149,7 @@ def load(w: Working, rows: Sequence[MembershipRow]) -> int:
         w.set(keys.rev_field(cid), row.rev)
         if row.active:
             r = _set_active(w, row)[1]
-            _store_mentions(w, cid, row.mentions, r)
+            _store_mentions(w, cid, row.mentions, r, held_above=row.top)
         else:
             w.delete(*_membership_fields(cid))
     badge = 0
@@ -178,12 +179,16 @@ def _set_active(w: Working, row: MembershipRow) -> tuple[int, int]:
     return t - r, r
 
 
-def _store_mentions(w: Working, cid: int | str, new: Iterable[int | str], r: int) -> None:
+def _store_mentions(
+    w: Working, cid: int | str, new: Iterable[int | str], r: int, held_above: int = 0
+) -> None:
     """Keep in ``n:<cid>`` the seqs it holds and ``new`` above ``r``, ascending, once each
-    (delete the field when none is left)."""
+    (delete the field when none is left); a seq it holds stays only if above ``held_above``
+    too (``load``: the truth's rows cover every seq up to their top)."""
     field = keys.mentions_field(cid)
     current = w.get(field)
-    held = current.split(",") if current else []
+    held = [int(s) for s in current.split(",")] if current else []
+    held = [s for s in held if s > held_above]
     kept = sorted({int(s) for s in (*held, *new) if int(s) > r})
     if not kept:
         w.delete(field)

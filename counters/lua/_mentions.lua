@@ -17,10 +17,13 @@ local function seqs_above(a, b, r)
   return table.concat(out, ',')
 end
 
--- Keep in n:<cid> the seqs of `cur` and `new` above r (deletes the field when none is left).
-local function store_mentions(h, c, new, r)
+-- Keep in n:<cid> the seqs it holds and those of `new` above r (deletes the field when none is
+-- left). With `held_above`, a seq it holds stays only if above that too.
+local function store_mentions(h, c, new, r, held_above)
   local cur = redis.call('HGET', h, 'n:' .. c)
-  local kept = seqs_above(cur, new, r)
+  local held = cur
+  if held_above and held_above > r then held = seqs_above(cur, nil, held_above) end
+  local kept = seqs_above(held, new, r)
   if kept == '' then
     if cur then redis.call('HDEL', h, 'n:' .. c) end
   elseif kept ~= cur then

@@ -153,9 +153,10 @@ def test_mentions_go_with_a_leave_and_a_rejoin_starts_without(strategy):
 
 
 def test_load_merges_the_truths_mentions_with_newer_ones(strategy):
-    """A load keeps the mentions Redis got after the rows were read and adds the rows' own,
-    above the read pointer."""
-    strategy.inc_many([(U, [(1, 6, (6,))])])
+    """A load keeps the mentions Redis got after the rows were read (above the row's top),
+    drops those the truth does not have below it, and adds the rows' own, above the read
+    pointer."""
+    strategy.inc_many([(U, [(1, 6, (6,))]), (U, [(1, 4, (4,))])])
     strategy.load(U, [row(1, read=2, top=5, mentions=(1, 3, 5))])
     assert mentions(strategy) == {1: "3,5,6"}
     assert counts(strategy) == (4, {1: 4})
