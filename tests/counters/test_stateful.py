@@ -139,6 +139,14 @@ class CounterMachine(RuleBasedStateMachine):
 
     @rule(ui=st.integers(0, N_USERS - 1), ci=st.integers(0, 2), frac=st.floats(0, 1))
     def read(self, ui, ci, frac):
+        self.read_up_to(ui, ci, frac)
+
+    @rule(ui=st.integers(0, N_USERS - 1), ci=st.integers(0, 2))
+    def read_all(self, ui, ci):
+        """A client opens the conversation: read up to its last message (past any mention)."""
+        self.read_up_to(ui, ci, 1.0)
+
+    def read_up_to(self, ui, ci, frac):
         if ui not in self.members[ci]:
             return
         seq = round(self.last_seq[ci] * frac)
