@@ -15,7 +15,10 @@ export DATABASE_URL ?= postgres://postgres@$(PG_HOST):$(PG_PORT)/imcore
 export REDIS_URL ?= redis://$(PG_HOST):$(REDIS_PORT)/0
 export CELERY_BROKER_URL ?= redis://$(PG_HOST):$(REDIS_PORT)/1
 
-.PHONY: run test lint fmt services venv migrate demo clean bench bench-tools bench-strategies bench-send bench-storm bench-sync bench-push
+# exec: make's shell becomes the process manager, so a signal to it reaches honcho itself.
+STACK = PATH="$(BIN):$$PATH" exec $(BIN)/python bin/stack.py
+
+.PHONY: run serve test lint fmt services venv migrate demo clean bench bench-tools bench-strategies bench-send bench-storm bench-sync bench-push
 
 run: venv services migrate demo
 	@echo
@@ -24,7 +27,13 @@ run: venv services migrate demo
 	@echo "  Live     ws://127.0.0.1:8000/ws/v1/sync  (Authorization: Bearer <device token>)"
 	@echo "  Flower   http://127.0.0.1:5555/"
 	@echo
-	PATH="$(BIN):$$PATH" $(BIN)/honcho start
+	$(STACK)
+
+# The stack alone, without the setup steps above (the stop/restart test starts it this way).
+# bin/stack.py is `honcho start` with every process in its process group: a SIGTERM to the
+# group stops them all, a SIGKILL leaves no orphan (see its docstring).
+serve:
+	$(STACK)
 
 test: venv services
 	$(BIN)/ruff check .

@@ -136,7 +136,7 @@ class Process(common.ServedApp):
         # Lives as long as the process (closed in stop()).
         self.log = tempfile.NamedTemporaryFile(prefix=f"imcore-bench-send-{name}-", suffix=".log")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            ["/bin/sh", "-c", f"exec {command}"],
+            ["/bin/sh", "-c", f"exec {command.removeprefix('exec ')}"],
             cwd=common.ROOT,
             env=env,
             start_new_session=True,

@@ -12,6 +12,7 @@ events queued by an older process are still read.
 ``imc:metrics:flushes``      LIST   recent flushes (JSON), newest first
 ``imc:metrics:totals``       HASH   running totals of the pipeline
 ``imc:failpoint:<name>``     STRING an armed test failpoint (only with COUNTERS_FAILPOINTS)
+``imc:failpoint:<name>:pause`` STRING milliseconds every pass of that failpoint waits (tests)
 
 A shard's keys share the hash tag ``{cq:<shard>}``, so on Redis Cluster each shard's script
 calls touch one slot.
@@ -45,3 +46,7 @@ METRICS_TOTALS = f"{PREFIX}:metrics:totals"
 
 def failpoint(name: str) -> str:
     return f"{PREFIX}:failpoint:{name}"
+
+
+def failpoint_pause(name: str) -> str:
+    return f"{PREFIX}:failpoint:{name}:pause"

@@ -61,9 +61,6 @@ logger = logging.getLogger(__name__)
 
 LUA_DIR = Path(__file__).with_name("lua")
 
-# Users whose counters are applied between two renewals of the shard lock.
-APPLY_CHUNK = 20_000
-
 
 @dataclass
 class FlushStats:
@@ -137,6 +134,9 @@ def delivery_enqueue(
             flusher.delay(shard=shard)
         except kombu.exceptions.OperationalError:
             # The broker is down: the event is stored; the Timer flushes it once it is back.
+            # No flush is requested after all: clear the flag, or it would hold the Timer's
+            # request back for COUNTERS_SHARD_LOCK_TTL_MS.
+            _client().delete(keys.shard_flush_flag(shard))
             logger.warning("could not send the Flusher for shard %s", shard, exc_info=True)
     return shard
 
@@ -157,7 +157,11 @@ def delivery_request_aggregate(*, shard: int, trigger: str) -> bool:
         return False
     from .tasks import aggregate
 
-    aggregate.delay(shard=shard, trigger=trigger)
+    try:
+        aggregate.delay(shard=shard, trigger=trigger)
+    except kombu.exceptions.OperationalError:
+        _client().delete(keys.shard_flush_flag(shard))  # not requested after all
+        raise
     return True
 
 
@@ -206,6 +210,7 @@ def delivery_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[Flu
     stream = keys.shard_stream(shard)
     done: list[FlushStats] = []
     deadline = time.monotonic() + settings.COUNTERS_AGGREGATE_BUDGET_S
+    hand_over = False
     try:
         client.delete(keys.shard_flush_flag(shard))
         _ensure_group(client, stream)
@@ -225,13 +230,18 @@ def delivery_aggregate_shard(*, shard: int, trigger: str = "manual") -> list[Flu
                 # Flusher, so that each flush folds an interval's worth of messages.
                 break
             if time.monotonic() > deadline:
-                delivery_request_aggregate(shard=shard, trigger="continue")
+                hand_over = True
                 break
             lock.reacquire()
     finally:
         with contextlib.suppress(redis.exceptions.LockError):
             lock.release()
         client.delete(keys.shard_flush_flag(shard))
+    if hand_over:
+        # The budget is spent: the rest goes to a continuation, requested only now that the
+        # lock is free (requested earlier, it could find the lock still held and give up,
+        # leaving the rest to the next Timer tick).
+        delivery_request_aggregate(shard=shard, trigger="continue")
     return done
 
 
@@ -278,10 +288,10 @@ def delivery_apply_events(
     duplicates: fold them to the highest seq per conversation, read those conversations'
     active members in one query, then for each user one counter call (``inc_many``: one
     script call per user, pipelined), one offline-store call and a push to the users whose
-    badge went up, in chunks of ``APPLY_CHUNK`` users; ``after_chunk`` runs after each chunk
-    (the Aggregator renews its shard lock there), ``before_record`` after the last (the
-    Aggregator acknowledges its stream entries there). Records the flush in the pipeline's
-    metrics and returns it.
+    badge went up, in chunks of ``COUNTERS_APPLY_CHUNK_USERS`` users; ``after_chunk`` runs
+    after each chunk (the Aggregator renews its shard lock there), ``before_record`` after the
+    last (the Aggregator acknowledges its stream entries there). Records the flush in the
+    pipeline's metrics and returns it.
 
     The write of both the Aggregator (``shard`` >= 0) and the celery-batches task
     ``counters.batch_message`` (``shard`` -1): applying an event again changes nothing.
@@ -321,14 +331,16 @@ def delivery_apply_events(
         )
 
     half = len(items) // 2
-    for start in range(0, len(items), APPLY_CHUNK):
-        chunk = items[start : start + APPLY_CHUNK]
-        if start <= half < start + APPLY_CHUNK:
+    size = settings.COUNTERS_APPLY_CHUNK_USERS
+    for start in range(0, len(items), size):
+        chunk = items[start : start + size]
+        if start <= half < start + size:
             apply(chunk[: half - start])
             failpoint("aggregate.mid_apply")
             apply(chunk[half - start :])
         else:
             apply(chunk)
+        failpoint("aggregate.after_chunk")
         if after_chunk:
             after_chunk()
     if before_record:

@@ -27,8 +27,15 @@ when its body has returned, so the worker must be allowed to hold a buffer and a
 batch unacknowledged (the prefetch of ``imcore.settings``). A worker SIGKILLed with a buffer
 loses nothing from the broker, but its messages wait in the broker's unacked set until the
 visibility timeout (an hour) or a reconcile. celery-batches acknowledges a batch whose body
-raised and never retries it, so the task sends its folded events again itself.
+raised and never retries it, so the task sends its folded events again itself, each event at
+most ``COUNTERS_BATCHES_MAX_RESENDS`` times, 1 s, 2 s, 4 s ... apart (at most
+``BATCH_RESEND_MAX_DELAY_S``): past that it is dropped and logged, so an outage of Redis or
+PostgreSQL cannot keep a batch going round for ever. A dropped event is repaired by the next
+message of its conversation (counts and offline entries move up to the newest seq) or by the
+reconcile.
 """
+
+import logging
 
 import django.db
 import redis
@@ -38,6 +45,11 @@ from django.conf import settings
 
 from . import pipeline, services
 from .mentions import mention_event
+
+logger = logging.getLogger(__name__)
+
+# Longest wait before a failed batch's events are sent again, in seconds.
+BATCH_RESEND_MAX_DELAY_S = 60
 
 
 @shared_task(
@@ -74,21 +86,16 @@ def fanout_message(
 )
 def batch_message(requests) -> int:
     """Called as ``batch_message.delay(conversation_id=, seq=, sent_ms=)`` (plus ``sender_id=,
-    mentions=, mention_all=`` for a message with mentions); runs with the buffered
-    requests."""
+    mentions=, mention_all=`` for a message with mentions); runs with the buffered requests.
+    An event sent again after a failed batch carries ``resends``, how many times it was sent
+    again so far."""
     events = [_event(r.kwargs) for r in requests]
     sent = [r.kwargs["sent_ms"] for r in requests if r.kwargs.get("sent_ms")]
     try:
         pipeline.delivery_apply_events(events, oldest_ms=min(sent, default=None))
-    except (redis.ConnectionError, redis.TimeoutError, django.db.OperationalError):
+    except (redis.ConnectionError, redis.TimeoutError, django.db.OperationalError) as exc:
         # The batch is acknowledged all the same: send its events again, folded, for later.
-        # (mention events as they were: their seqs are not in the folded tops)
-        for cid, seq in pipeline.fold_events(events).items():
-            batch_message.apply_async(kwargs={"conversation_id": cid, "seq": seq}, countdown=1)
-        for r in requests:
-            if "sender_id" in r.kwargs:
-                kwargs = {k: v for k, v in r.kwargs.items() if k != "sent_ms"}
-                batch_message.apply_async(kwargs=kwargs, countdown=1)
+        _send_again(requests, exc)
         raise
     return len(events)
 
@@ -101,6 +108,56 @@ def _event(kwargs: dict) -> tuple:
         mentions=kwargs.get("mentions") or (),
         mention_all=kwargs.get("mention_all", False),
     )
+
+
+def _send_again(requests, exc: Exception) -> None:
+    """Send a failed batch's folded events again, unless an event was sent again
+    ``COUNTERS_BATCHES_MAX_RESENDS`` times already: then drop it and log it."""
+    resends: dict[tuple[int, int], int] = {}  # the fewest resends of each event in the batch
+    for r in requests:
+        event = (r.kwargs["conversation_id"], r.kwargs["seq"])
+        resends[event] = min(resends.get(event, 10**9), r.kwargs.get("resends", 0))
+    dropped = []
+    for cid, seq in pipeline.fold_events(resends).items():
+        done = resends[cid, seq]
+        if done >= settings.COUNTERS_BATCHES_MAX_RESENDS:
+            dropped.append((cid, seq))
+            continue
+        delay = min(2**done, BATCH_RESEND_MAX_DELAY_S)
+        logger.warning(
+            "counters.batch_message: conversation %s seq %s failed (%s); sending it again in "
+            "%s s (resend %s of %s)",
+            cid,
+            seq,
+            exc,
+            delay,
+            done + 1,
+            settings.COUNTERS_BATCHES_MAX_RESENDS,
+        )
+        batch_message.apply_async(
+            kwargs={"conversation_id": cid, "seq": seq, "resends": done + 1}, countdown=delay
+        )
+    for r in requests:
+        # A message with mentions goes again as it was: its seq may be below the folded top.
+        if "sender_id" not in r.kwargs:
+            continue
+        done = r.kwargs.get("resends", 0)
+        if done >= settings.COUNTERS_BATCHES_MAX_RESENDS:
+            dropped.append((r.kwargs["conversation_id"], r.kwargs["seq"]))
+            continue
+        kwargs = {k: v for k, v in r.kwargs.items() if k != "sent_ms"}
+        batch_message.apply_async(
+            kwargs={**kwargs, "resends": done + 1},
+            countdown=min(2**done, BATCH_RESEND_MAX_DELAY_S),
+        )
+    if dropped:
+        logger.error(
+            "counters.batch_message: dropped %s events after %s resends (the next message of "
+            "each conversation, or the reconcile, repairs them): %s",
+            len(dropped),
+            settings.COUNTERS_BATCHES_MAX_RESENDS,
+            dropped,
+        )
 
 
 @shared_task(name="counters.timer", queue="counters", max_retries=0, expires=10)

@@ -10,6 +10,7 @@ from counters.selectors import counters_peek
 from counters.services import counters_reconcile
 from offline.selectors import devices_last_seen, devices_sync_state
 
+from . import services
 from .models import Conversation, Device, Membership, Message, User
 
 
@@ -159,6 +160,14 @@ class DeviceAdmin(admin.ModelAdmin):
     search_fields = ("user__username", "device_id")
     readonly_fields = list_display[1:]
     exclude = ("token_hash",)
+
+    # Deleting a device here logs it out like the API does: its socket closes, Redis forgets it.
+    def delete_model(self, request, obj):
+        services.device_logout(device=obj)
+
+    def delete_queryset(self, request, queryset):
+        for device in queryset:
+            services.device_logout(device=device)
 
     def get_changelist_instance(self, request):
         changelist = super().get_changelist_instance(request)

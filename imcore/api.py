@@ -18,7 +18,7 @@ from offline.apis import router as sync_router
 from offline.store import SyncUnavailable
 
 from .apis import router
-from .errors import ApplicationError
+from .errors import ApplicationError, RateLimited
 from .services import device_authenticate
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,12 @@ api = NinjaAPI(
     title="imcore API",
     version="1",
     description="Messages, exact unread counters and badge. Authenticate with the bearer "
-    "token that POST /devices returns.",
+    "token that POST /devices returns. Every error is JSON, ``{error, message, details}``. "
+    'Request bodies are validated strictly against this schema (``"5"`` is not a number, '
+    "unknown fields are refused, text cannot hold NUL; an integral number such as ``2.0`` is "
+    "an integer): a body that breaks it gets 422 ``invalid_request``, one that is not JSON 400 "
+    "``malformed_body``, one too large 413 ``body_too_large``. A request the schema allows "
+    "gets 400 ``bad_request`` only where its operation lists why.",
     urls_namespace="api-v1",
     openapi_url="/schema",
     docs_url="/docs",
@@ -57,6 +62,13 @@ def error(request, status: int, code: str, message: str, details=None):
 @api.exception_handler(ApplicationError)
 def on_application_error(request, exc: ApplicationError):
     return error(request, exc.status, exc.code, exc.message, exc.details)
+
+
+@api.exception_handler(RateLimited)
+def on_rate_limited(request, exc: RateLimited):
+    response = error(request, exc.status, exc.code, exc.message, exc.details)
+    response["Retry-After"] = str(exc.retry_after_s)
+    return response
 
 
 @api.exception_handler(ValidationError)

@@ -5,29 +5,54 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from django.conf import settings
+from django.contrib.auth.password_validation import (
+    get_default_password_validators,
+    password_validators_help_texts,
+)
 from ninja import Field, Path, Query, Router, Schema, Status
-from pydantic import ConfigDict, field_validator
+from pydantic import BeforeValidator, ConfigDict, field_validator
 
 from counters.selectors import counters_get
 from offline.selectors import device_list
 
-from . import selectors, services
+from . import ratelimit, selectors, services
 from .models import Conversation
 
 router = Router()
 
+
+def integral(value):
+    """JSON has one kind of number and JSON Schema calls ``2356.0`` an integer, so a client
+    whose encoder writes integral floats is sending integers; any other float is refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 # PostgreSQL bigint: ids and seqs above it are rejected as input instead of failing in SQL.
 BIGINT_MAX = 2**63 - 1
-Id = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
-Seq = Annotated[int, Field(ge=0, le=BIGINT_MAX)]
+Id = Annotated[int, Field(ge=1, le=BIGINT_MAX), BeforeValidator(integral)]
+Seq = Annotated[int, Field(ge=0, le=BIGINT_MAX), BeforeValidator(integral)]
 ConversationId = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
+
+# The schema's pattern for a text field (PostgreSQL text cannot hold NUL).
+NO_NUL = r"^[^\x00]*$"
+
+
+def describe_no_nul(schema: dict, cls) -> None:
+    """Give each string property of a body without a pattern of its own the NUL-free one, so
+    the schema says what :meth:`Body.no_nul` refuses."""
+    for prop in schema.get("properties", {}).values():
+        for branch in prop.get("anyOf", [prop]):
+            if branch.get("type") == "string" and "enum" not in branch and "const" not in branch:
+                branch.setdefault("pattern", NO_NUL)
 
 
 class Body(Schema):
     """A JSON request body: types are strict (``"5"`` is not a number) and unknown fields are
     refused, so a typo cannot pass as a no-op."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=describe_no_nul)
 
     @field_validator("*", mode="after")
     @classmethod
@@ -44,24 +69,99 @@ class ErrorOut(Schema):
     details: object | None = None
 
 
+class BadRequestOut(ErrorOut):
+    error: Literal["bad_request"]
+
+
+class MalformedBodyOut(ErrorOut):
+    error: Literal["malformed_body"]
+
+
+class BadRequestOrMalformedBodyOut(ErrorOut):
+    error: Literal["bad_request", "malformed_body"]
+
+
+class BodyTooLargeOut(ErrorOut):
+    error: Literal["body_too_large"]
+
+
+# The errors an operation can answer besides 400 and 413 (see `responses`); 503 (Redis or
+# PostgreSQL cannot serve) is always among them.
 ERRORS = {
-    400: ErrorOut,
     401: ErrorOut,
     403: ErrorOut,
     404: ErrorOut,
     409: ErrorOut,
-    413: ErrorOut,
     422: ErrorOut,
+    # Calls that check a password answer 429 ``rate_limited`` (with Retry-After) past a limit.
+    429: ErrorOut,
     503: ErrorOut,
 }
+
+
+def responses(
+    answers: dict, *, errors=tuple(ERRORS), body: bool = False, refusals: str = ""
+) -> dict:
+    """The ``response`` and ``openapi_extra`` arguments of an operation: its answers and its
+    ``errors`` (statuses of ``ERRORS``; 503 always). ``refusals`` says when a request the
+    schema allows still gets 400 ``bad_request`` (what a schema cannot say: an id that does
+    not exist, a seq past the last one); an operation without it never answers 400
+    ``bad_request``. An operation that takes a ``body`` can also answer 400
+    ``malformed_body`` (not JSON) and 413 ``body_too_large``."""
+    response = {**answers, **{status: ERRORS[status] for status in (*errors, 503)}}
+    notes = {}
+    if refusals and body:
+        response[400] = BadRequestOrMalformedBodyOut
+    elif refusals:
+        response[400] = BadRequestOut
+    elif body:
+        response[400] = MalformedBodyOut
+    if refusals or body:
+        notes[400] = " ".join(
+            ([f"``bad_request``: {refusals}"] if refusals else [])
+            + (["``malformed_body``: the body is not JSON."] if body else [])
+        )
+    if body:
+        response[413] = BodyTooLargeOut
+        notes[413] = (
+            f"``body_too_large``: the body is larger than {settings.API_MAX_BODY_BYTES} bytes "
+            "(``API_MAX_BODY_BYTES``); "
+            + (
+                "every body this schema allows fits."
+                if settings.API_MAX_BODY_BYTES >= settings.API_SCHEMA_BODY_BYTES
+                else "this server's limit is lower than the largest body this schema allows."
+            )
+        )
+    return {
+        "response": response,
+        "openapi_extra": {"responses": {s: {"description": d} for s, d in notes.items()}},
+    }
 
 
 # ---- users and devices ---------------------------------------------------------------------
 
 
+PASSWORD_RULES = " ".join(password_validators_help_texts())
+# The one password rule a schema can say (a shorter password gets 400 bad_request).
+PASSWORD_MIN_CHARS = max(
+    [getattr(v, "min_length", 1) for v in get_default_password_validators()] + [1]
+)
+
+
 class UserCreateIn(Body):
-    username: str = Field(min_length=1, max_length=150)
-    password: str = Field(min_length=1, max_length=128)
+    username: str = Field(
+        min_length=1,
+        max_length=150,
+        # Django's rule is Python's Unicode \w, which a JSON Schema pattern (ECMA-262, where \w
+        # is ASCII) cannot say: a pattern would call "é" invalid while the server takes it.
+        description="Letters (any script), digits and @ . + - _ only (else 400 bad_request).",
+    )
+    password: str = Field(
+        min_length=1,
+        max_length=128,
+        description=f"The server's password rules (else 400 bad_request): {PASSWORD_RULES}",
+        json_schema_extra={"minLength": PASSWORD_MIN_CHARS},
+    )
 
 
 class UserOut(Schema):
@@ -69,20 +169,48 @@ class UserOut(Schema):
     username: str
 
 
-@router.post("/users", auth=None, response={201: UserOut, **ERRORS}, tags=["users"])
+@router.post(
+    "/users",
+    auth=None,
+    tags=["users"],
+    **responses(
+        {201: UserOut},
+        errors=(403, 409, 422, 429),  # sign-up off; the username is taken; rate limit
+        body=True,
+        refusals="the password breaks one of the server's password rules (see ``password``), "
+        "or the username one of Django's (``details`` lists which).",
+    ),
+)
 def user_create_api(request, payload: UserCreateIn):
-    """Sign up (``API_SIGNUP_ENABLED`` turns it off)."""
+    """Sign up (``API_SIGNUP_ENABLED`` turns it off). Rate-limited per username and per client
+    address (``AUTH_RATE_SIGNUP_*``): 429 with ``Retry-After``."""
+    ratelimit.auth_attempt(request=request, action="signup", username=payload.username)
     user = services.user_create(username=payload.username, password=payload.password)
     return Status(201, user)
+
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9._:-]+$"
 
 
 class DeviceLoginIn(Body):
     username: str = Field(min_length=1, max_length=150)
     password: str = Field(min_length=1, max_length=128)
-    device_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+    device_id: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=DEVICE_ID_PATTERN,
+        description='Any id but "current", which names the calling device in the API.',
+    )
     platform: Literal["ios", "android", "web", "desktop"]
     pushkey: str | None = Field(default=None, min_length=1, max_length=512)
     push_app_id: str | None = Field(default=None, min_length=1, max_length=64)
+
+    @field_validator("device_id", mode="after")
+    @classmethod
+    def not_current(cls, value: str) -> str:
+        if value == "current":
+            raise ValueError('"current" names the calling device in the API; choose another id')
+        return value
 
 
 class DeviceLoginOut(Schema):
@@ -91,9 +219,17 @@ class DeviceLoginOut(Schema):
     token: str
 
 
-@router.post("/devices", auth=None, response={201: DeviceLoginOut, **ERRORS}, tags=["devices"])
+@router.post(
+    "/devices",
+    auth=None,
+    tags=["devices"],
+    **responses({201: DeviceLoginOut}, errors=(401, 422, 429), body=True),
+)
 def device_login_api(request, payload: DeviceLoginIn):
-    """Log a device in and get its bearer token (shown once; a new login replaces it)."""
+    """Log a device in and get its bearer token (shown once; a new login replaces it).
+    Rate-limited per username and per client address (``AUTH_RATE_LOGIN_*``): past a limit
+    the answer is 429 with ``Retry-After`` and the password is not checked."""
+    ratelimit.auth_attempt(request=request, action="login", username=payload.username)
     device, token = services.device_login(
         username=payload.username,
         password=payload.password,
@@ -119,7 +255,7 @@ class DevicesOut(Schema):
     devices: list[DeviceOut]
 
 
-@router.get("/devices", response={200: DevicesOut, **ERRORS}, tags=["devices"])
+@router.get("/devices", tags=["devices"], **responses({200: DevicesOut}, errors=(401,)))
 def device_list_api(request):
     """My devices: platform, online now (a live WebSocket), last seen, acked sync version,
     and whether push notifications are registered."""
@@ -131,7 +267,11 @@ class PushkeyIn(Body):
     app_id: str | None = Field(default=None, min_length=1, max_length=64)
 
 
-@router.put("/devices/current/pushkey", response={204: None, **ERRORS}, tags=["devices"])
+@router.put(
+    "/devices/current/pushkey",
+    tags=["devices"],
+    **responses({204: None}, errors=(401, 422), body=True),
+)
 def pushkey_set_api(request, payload: PushkeyIn):
     """Register (or replace) this device's pushkey for push notifications while offline."""
     services.device_pushkey_set(
@@ -140,10 +280,71 @@ def pushkey_set_api(request, payload: PushkeyIn):
     return Status(204, None)
 
 
-@router.delete("/devices/current/pushkey", response={204: None, **ERRORS}, tags=["devices"])
+@router.delete(
+    "/devices/current/pushkey", tags=["devices"], **responses({204: None}, errors=(401,))
+)
 def pushkey_delete_api(request):
     """Stop push notifications to this device."""
     services.device_pushkey_set(device=request.device, pushkey="", app_id=None)
+    return Status(204, None)
+
+
+@router.delete("/devices/current", tags=["devices"], **responses({204: None}, errors=(401,)))
+def device_logout_current_api(request):
+    """Log this device out: its token stops working at once and its WebSocket closes
+    (4401)."""
+    services.device_logout(device=request.device)
+    return Status(204, None)
+
+
+DeviceId = Annotated[str, Path(min_length=1, max_length=64, pattern=DEVICE_ID_PATTERN)]
+
+
+@router.delete(
+    "/devices/{device_id}", tags=["devices"], **responses({204: None}, errors=(401, 404, 422))
+)
+def device_logout_api(request, device_id: DeviceId):
+    """Log one of my devices out (a lost phone): its token stops working at once, its open
+    WebSocket closes (4401), its pushkey and presence are forgotten and it leaves
+    ``GET /devices``. Another user's device is not found (404)."""
+    device = selectors.device_get(user=request.auth.user, device_id=device_id)
+    services.device_logout(device=device)
+    return Status(204, None)
+
+
+class PasswordChangeIn(Body):
+    old_password: str = Field(min_length=1, max_length=128)
+    new_password: str = Field(
+        min_length=1,
+        max_length=128,
+        description=f"The server's password rules (else 400 bad_request): {PASSWORD_RULES}",
+        json_schema_extra={"minLength": PASSWORD_MIN_CHARS},
+    )
+
+
+@router.post(
+    "/users/me/password",
+    tags=["users"],
+    **responses(
+        {204: None},
+        errors=(401, 403, 422, 429),  # the old password is wrong (403); rate limit (429)
+        body=True,
+        refusals="the new password breaks one of the server's password rules (see "
+        "``new_password``; ``details`` lists which).",
+    ),
+)
+def password_change_api(request, payload: PasswordChangeIn):
+    """Change my password: every other device of mine is logged out, this one stays. A wrong
+    old password is 403 (this device's token is valid; 401 would tell the client its token
+    died); a new password the validators refuse is 400 with their reasons. Counts as a login
+    attempt of my username and address for the rate limits (429)."""
+    user = request.auth.user
+    ratelimit.auth_attempt(request=request, action="login", username=user.username)
+    services.password_change(
+        device=request.device,
+        old_password=payload.old_password,
+        new_password=payload.new_password,
+    )
     return Status(204, None)
 
 
@@ -176,8 +377,15 @@ def conversation_out(conversation: Conversation) -> dict:
 
 @router.post(
     "/conversations",
-    response={200: ConversationOut, 201: ConversationOut, **ERRORS},
     tags=["conversations"],
+    **responses(
+        {200: ConversationOut, 201: ConversationOut},
+        errors=(401, 422),
+        body=True,
+        refusals="a member id is not an active user (``details.unknown_user_ids``); a direct "
+        "conversation names other than exactly one other member; a group would have more "
+        "than ``GROUP_MAX_MEMBERS`` members.",
+    ),
 )
 def conversation_create_api(request, payload: ConversationCreateIn):
     """Create a direct or group conversation; an existing direct pair comes back with 200."""
@@ -204,7 +412,9 @@ class ConversationListItem(Schema):
 
 
 @router.get(
-    "/conversations", response={200: list[ConversationListItem], **ERRORS}, tags=["conversations"]
+    "/conversations",
+    tags=["conversations"],
+    **responses({200: list[ConversationListItem]}, errors=(401,)),
 )
 def conversation_list_api(request):
     """My conversations, newest activity first, with unread counts."""
@@ -234,8 +444,15 @@ class MembersAddOut(Schema):
 
 @router.post(
     "/conversations/{conversation_id}/members",
-    response={200: MembersAddOut, **ERRORS},
     tags=["conversations"],
+    **responses(
+        {200: MembersAddOut},
+        errors=(401, 404, 422),
+        body=True,
+        refusals="the conversation is direct; a user id is not an active user "
+        "(``details.unknown_user_ids``); the group would have more than "
+        "``GROUP_MAX_MEMBERS`` members.",
+    ),
 )
 def members_add_api(request, conversation_id: ConversationId, payload: MembersAddIn):
     """Add users to a group; they start with nothing unread."""
@@ -251,8 +468,12 @@ def members_add_api(request, conversation_id: ConversationId, payload: MembersAd
 
 @router.delete(
     "/conversations/{conversation_id}/members/{user_id}",
-    response={204: None, **ERRORS},
     tags=["conversations"],
+    **responses(
+        {204: None},
+        errors=(401, 403, 404, 422),  # 403: only the group's creator removes someone else
+        refusals="the conversation is direct: nobody leaves it.",
+    ),
 )
 def member_remove_api(
     request, conversation_id: ConversationId, user_id: Annotated[int, Path(ge=1, le=BIGINT_MAX)]
@@ -308,8 +529,16 @@ message_out = selectors.message_fields
 
 @router.post(
     "/conversations/{conversation_id}/messages",
-    response={200: MessageOut, 201: MessageOut, **ERRORS},
     tags=["messages"],
+    **responses(
+        {200: MessageOut, 201: MessageOut},
+        # 403: mention_all by someone other than the group's creator; 409: a client_msg_id
+        # repeated with another body, conversation or mentions
+        errors=(401, 403, 404, 409, 422),
+        body=True,
+        refusals="``mentions`` names a user who is not an active member of the conversation; "
+        "``mention_all`` in a direct conversation.",
+    ),
 )
 def message_send_api(request, conversation_id: ConversationId, payload: MessageSendIn):
     """Send a message, optionally mentioning members (``mentions``) or everyone
@@ -335,8 +564,8 @@ class MessageListOut(Schema):
 
 @router.get(
     "/conversations/{conversation_id}/messages",
-    response={200: MessageListOut, **ERRORS},
     tags=["messages"],
+    **responses({200: MessageListOut}, errors=(401, 404, 422)),
 )
 def message_list_api(
     request,
@@ -367,8 +596,13 @@ class CountsOut(Schema):
 
 @router.post(
     "/conversations/{conversation_id}/read",
-    response={200: CountsOut, **ERRORS},
     tags=["counters"],
+    **responses(
+        {200: CountsOut},
+        errors=(401, 404, 422),
+        body=True,
+        refusals="``seq`` is past the conversation's last seq.",
+    ),
 )
 def conversation_read_api(request, conversation_id: ConversationId, payload: ReadIn):
     """Mark read up to ``seq`` (never moves back); the new counts are in the answer."""
@@ -392,8 +626,8 @@ class MuteOut(Schema):
 
 @router.post(
     "/conversations/{conversation_id}/mute",
-    response={200: MuteOut, **ERRORS},
     tags=["counters"],
+    **responses({200: MuteOut}, errors=(401, 404, 422), body=True),
 )
 def conversation_mute_api(request, conversation_id: ConversationId, payload: MuteIn):
     """Mute or unmute: a muted conversation's unread count stays out of the badge."""
@@ -418,7 +652,7 @@ class UnreadOut(Schema):
     )
 
 
-@router.get("/unread", response={200: UnreadOut, **ERRORS}, tags=["counters"])
+@router.get("/unread", tags=["counters"], **responses({200: UnreadOut}, errors=(401,)))
 def unread_get_api(request):
     """My badge and the unread count of each of my conversations."""
     counts = counters_get(user_id=request.auth.user.pk)

@@ -34,3 +34,13 @@ class Conflict(ApplicationError):
 
 class Unavailable(ApplicationError):
     status, code = 503, "unavailable"
+
+
+class RateLimited(ApplicationError):
+    """Too many attempts; ``retry_after_s`` becomes the ``Retry-After`` header."""
+
+    status, code = 429, "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int, details=None):
+        super().__init__(message, details=details)
+        self.retry_after_s = retry_after_s

@@ -8,7 +8,16 @@ from django.db.models.functions import Coalesce
 from counters.selectors import counters_get
 
 from .errors import NotFound
-from .models import Conversation, Membership, Message, User
+from .models import Conversation, Device, Membership, Message, User
+
+
+def device_get(*, user: User, device_id: str) -> Device:
+    """One of the user's devices by its ``device_id``, or 404: another user's device is
+    reported exactly like one that does not exist."""
+    device = Device.objects.select_related("user").filter(user=user, device_id=device_id).first()
+    if device is None:
+        raise NotFound(f"device {device_id!r} not found")
+    return device
 
 
 def membership_get_active(*, user: User, conversation_id: int) -> Membership:

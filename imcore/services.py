@@ -25,7 +25,7 @@ from delivery.services import (
     delivery_read_moved,
     delivery_sender_read,
 )
-from offline.services import offline_device_seen
+from offline.services import offline_device_seen, offline_devices_logged_out
 
 from .errors import BadRequest, Conflict, NotAuthenticated, NotFound, PermissionDenied
 from .models import Conversation, Device, Membership, Message, User
@@ -70,37 +70,98 @@ def device_login(
     if user is None:
         raise NotAuthenticated("wrong username or password")
     token = secrets.token_urlsafe(32)
-    device, _ = Device.objects.update_or_create(
-        user=user,
-        device_id=device_id,
-        defaults={
-            "platform": platform,
-            "token_hash": token_hash(token),
-            **(
-                {
-                    "pushkey": pushkey,
-                    "push_app_id": push_app_id or "",
-                    "pushkey_updated_at": timezone.now(),
-                }
-                if pushkey
-                else {}
-            ),
-        },
-    )
+    with transaction.atomic():
+        # The user's row lock orders this login with a password change: a login checked
+        # against the old password cannot add a device after the change logged the others out.
+        current = User.objects.select_for_update().values_list("password", flat=True)
+        if current.get(pk=user.pk) != user.password:
+            raise NotAuthenticated("wrong username or password")
+        device, _ = Device.objects.update_or_create(
+            user=user,
+            device_id=device_id,
+            defaults={
+                "platform": platform,
+                "token_hash": token_hash(token),
+                **(
+                    {
+                        "pushkey": pushkey,
+                        "push_app_id": push_app_id or "",
+                        "pushkey_updated_at": timezone.now(),
+                    }
+                    if pushkey
+                    else {}
+                ),
+            },
+        )
     # A device logging in is coming back: its offline package is prepared meanwhile.
     offline_device_seen(device=device)
     return device, token
 
 
 def device_pushkey_set(*, device: Device, pushkey: str, app_id: str | None) -> None:
-    """Register a device's pushkey (empty: no more pushes)."""
-    device.pushkey, device.push_app_id = pushkey, app_id or ""
-    device.pushkey_updated_at = timezone.now()
-    device.save(update_fields=["pushkey", "push_app_id", "pushkey_updated_at"])
+    """Register a device's pushkey (empty: no more pushes). A device logged out while the
+    request ran (its row is gone) gets 401, as its next request would."""
+    fields = {"pushkey": pushkey, "push_app_id": app_id or "", "pushkey_updated_at": timezone.now()}
+    if not Device.objects.filter(pk=device.pk).update(**fields):
+        raise NotAuthenticated("this device was logged out")
+    for name, value in fields.items():
+        setattr(device, name, value)
 
 
 def device_authenticate(*, token: str) -> Device | None:
     return Device.objects.select_related("user").filter(token_hash=token_hash(token)).first()
+
+
+def device_logout(*, device: Device) -> None:
+    """Log a device out (a lost phone): its token stops working at once, its open WebSocket
+    closes with 4401, its pushkey and presence are forgotten. The row is deleted, so the
+    device leaves ``GET /devices``, gets no pushes and no longer holds back the trim of the
+    offline store; logging the same ``device_id`` in again starts a new device."""
+    _devices_logout(user_id=device.user_id, devices=[device])
+
+
+def password_change(*, device: Device, old_password: str, new_password: str) -> None:
+    """Change the password of the device's user; every other device of the user is logged
+    out (as :func:`device_logout`), this one stays logged in."""
+    user = device.user
+    if not user.check_password(old_password):
+        raise PermissionDenied("the old password is wrong")
+    try:
+        validate_password(new_password, user=user)
+    except ValidationError as exc:
+        raise BadRequest("the new password is not accepted", details=exc.messages) from exc
+    with transaction.atomic():
+        locked = User.objects.select_for_update().get(pk=user.pk)
+        if locked.password != user.password:  # changed meanwhile by another request
+            raise PermissionDenied("the old password is wrong")
+        user.set_password(new_password)
+        user.save(update_fields=["password"])
+        others = list(Device.objects.filter(user=user).exclude(pk=device.pk))
+        _devices_logout(user_id=user.pk, devices=others)
+
+
+def _devices_logout(*, user_id: int, devices: list[Device]) -> None:
+    """Delete the devices' rows; after commit, forget them wherever they are cached or
+    connected."""
+    if not devices:
+        return
+    pks = [d.pk for d in devices]
+    hashes = [d.token_hash for d in devices]
+    with transaction.atomic():
+        Device.objects.filter(pk__in=pks, user_id=user_id).delete()
+        transaction.on_commit(partial(_devices_logged_out, user_id=user_id, pks=pks, hashes=hashes))
+
+
+def _devices_logged_out(*, user_id: int, pks: list[int], hashes: list[str]) -> None:
+    device_tokens_revoked(token_hashes=hashes)
+    offline_devices_logged_out(user_id=user_id, device_pks=pks)
+
+
+def device_tokens_revoked(*, token_hashes: list[str]) -> None:
+    """The hook for a cache of tokens: these tokens were revoked (their devices logged out) and
+    the deletion is committed. Tokens are looked up in PostgreSQL on every request today, so
+    there is nothing to drop; a token cache must drop these entries here, before the logout
+    answers (a cache filled before the commit would otherwise keep a dead token alive)."""
 
 
 # ---- conversations and members -------------------------------------------------------------

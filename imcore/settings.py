@@ -5,6 +5,7 @@ work on a developer machine where PostgreSQL and Redis listen on 127.0.0.1:
 
 - ``DATABASE_URL``      PostgreSQL, default ``postgres://postgres@127.0.0.1:5432/imcore``
 - ``DATABASE_POOL_MAX`` connections in each process's pool (default 8; 0: no pool)
+- ``DATABASE_POOL_TIMEOUT_S`` how long a request waits for a pooled connection (default 5)
 - ``REDIS_URL``         Redis for counters, default ``redis://127.0.0.1:6379/0``
 - ``CELERY_BROKER_URL`` Celery's broker, default ``redis://127.0.0.1:6379/1``
 - ``COUNTERS_STRATEGY`` ``lua`` (default), ``watch``, ``lock`` or ``naive``
@@ -52,6 +53,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "ninja",
     "django_celery_beat",
+    "django_ratelimit",
     "imcore",
     "counters",
     "offline",
@@ -97,6 +99,10 @@ TEMPLATES = [
 # request and takes it back at the end. DATABASE_POOL_MAX=0 turns the pool off (then
 # DATABASE_CONN_MAX_AGE applies, as under a WSGI server).
 DATABASE_POOL_MAX = env_int("DATABASE_POOL_MAX", 8)
+# How long a request waits for a pooled connection before the API answers 503, in seconds.
+# While PostgreSQL is down the pool cannot connect and every request waits this long: keep it
+# well below a client's patience (the fault tests require an answer within 10 s).
+DATABASE_POOL_TIMEOUT_S = float(os.environ.get("DATABASE_POOL_TIMEOUT_S", "5"))
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/imcore"),
@@ -109,7 +115,7 @@ if DATABASE_POOL_MAX:
         "min_size": 0,  # a process that never queries (or idles) holds no session
         "max_size": DATABASE_POOL_MAX,
         "max_idle": 300,
-        "timeout": 10,  # seconds a request waits for a connection before a 503
+        "timeout": DATABASE_POOL_TIMEOUT_S,
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_USER_MODEL = "imcore.User"
@@ -142,9 +148,6 @@ LOGGING = {
 }
 
 # --- HTTP API -------------------------------------------------------------------------------
-# Largest request body the API accepts, in bytes; larger ones get 413 before any parsing.
-API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 64 * 1024)
-DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 # Whether POST /api/v1/users (self sign-up) is open.
 API_SIGNUP_ENABLED = env_bool("API_SIGNUP_ENABLED", True)
 # Longest message body, in characters.
@@ -153,8 +156,26 @@ MESSAGE_BODY_MAX_CHARS = env_int("MESSAGE_BODY_MAX_CHARS", 8000)
 MESSAGE_MENTIONS_MAX = env_int("MESSAGE_MENTIONS_MAX", 1000)
 # Most members a group may have.
 GROUP_MAX_MEMBERS = env_int("GROUP_MAX_MEMBERS", 10_000)
+# Largest request body the API accepts, in bytes; larger ones get 413 before any parsing. The
+# default holds every body the OpenAPI schema allows, so a 413 always means a body the schema
+# forbids: a message of MESSAGE_BODY_MAX_CHARS characters outside the BMP written as \u escapes
+# (12 bytes each) with MESSAGE_MENTIONS_MAX ids of 19 digits, or a group of GROUP_MAX_MEMBERS
+# such ids; 16 KiB cover the rest.
+API_SCHEMA_BODY_BYTES = (
+    max(12 * MESSAGE_BODY_MAX_CHARS + 21 * MESSAGE_MENTIONS_MAX, 21 * GROUP_MAX_MEMBERS) + 16 * 1024
+)
+API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", API_SCHEMA_BODY_BYTES)
+DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 # Largest page of GET .../messages.
 MESSAGES_PAGE_MAX = env_int("MESSAGES_PAGE_MAX", 200)
+
+# --- sign-up and login rate limits (imcore.ratelimit) -----------------------------------------
+# Attempts per username and per client address, in django-ratelimit's "<count>/<period>"
+# (period s, m, h or d: "10/m" is ten a minute); empty: no limit. Counted in Redis.
+AUTH_RATE_LOGIN_PER_USERNAME = os.environ.get("AUTH_RATE_LOGIN_PER_USERNAME", "10/m")
+AUTH_RATE_LOGIN_PER_ADDRESS = os.environ.get("AUTH_RATE_LOGIN_PER_ADDRESS", "60/m")
+AUTH_RATE_SIGNUP_PER_USERNAME = os.environ.get("AUTH_RATE_SIGNUP_PER_USERNAME", "5/m")
+AUTH_RATE_SIGNUP_PER_ADDRESS = os.environ.get("AUTH_RATE_SIGNUP_PER_ADDRESS", "20/h")
 
 # --- Redis and counters ---------------------------------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -182,6 +203,10 @@ if DELIVERY_WRITE_PATH not in {"pipeline", "batches", "fanout"}:
 # "batches": a worker applies its buffer every this many task messages (or every
 # COUNTERS_FLUSH_INTERVAL seconds, whichever comes first).
 COUNTERS_BATCHES_FLUSH_EVERY = env_int("COUNTERS_BATCHES_FLUSH_EVERY", 1000)
+# "batches": a batch that failed on Redis or PostgreSQL sends its events again, each event at
+# most this many times (1 s, 2 s, 4 s ... apart, at most 60 s); then it is dropped and logged,
+# and the next message of its conversation or the reconcile repairs the counts.
+COUNTERS_BATCHES_MAX_RESENDS = env_int("COUNTERS_BATCHES_MAX_RESENDS", 8)
 # Number of queue shards (Redis Streams); a conversation always goes to shard id % N.
 # Drain the queues (no traffic, Timer running) before lowering it: higher shards are not read.
 COUNTERS_SHARDS = env_int("COUNTERS_SHARDS", 8)
@@ -196,9 +221,11 @@ COUNTERS_BATCH_SIZE = env_int("COUNTERS_BATCH_SIZE", 2000)
 COUNTERS_SHARD_LOCK_TTL_MS = env_int("COUNTERS_SHARD_LOCK_TTL_MS", 10_000)
 # Aggregator: one task works a shard at most this long, in seconds, then hands over.
 COUNTERS_AGGREGATE_BUDGET_S = float(os.environ.get("COUNTERS_AGGREGATE_BUDGET_S", "5"))
+# Aggregator: users whose counters a batch applies between two renewals of the shard lock.
+COUNTERS_APPLY_CHUNK_USERS = env_int("COUNTERS_APPLY_CHUNK_USERS", 20_000)
 # Flushes kept for the admin page.
 COUNTERS_RECENT_FLUSHES = env_int("COUNTERS_RECENT_FLUSHES", 100)
-# Test-only failpoints (the kill tests arm them in Redis); off in production.
+# Test-only failpoints (the kill and pause tests arm them in Redis); off in production.
 COUNTERS_FAILPOINTS = env_bool("COUNTERS_FAILPOINTS", False)
 
 # --- multi-device sync (offline store) ------------------------------------------------------
@@ -225,6 +252,23 @@ SYNC_ACK_FLUSH_THRESHOLD = env_int("SYNC_ACK_FLUSH_THRESHOLD", 5000)
 SYNC_AWAY_AFTER_S = env_int("SYNC_AWAY_AFTER_S", 300)
 # How long a prepared package or snapshot is kept (s).
 SYNC_PACKAGE_TTL_S = env_int("SYNC_PACKAGE_TTL_S", 600)
+
+# The rate limits' counters live in Redis (never per-process memory: every server process
+# must see the same counts), under their own key prefix.
+RATELIMIT_REDIS_URL = os.environ.get("RATELIMIT_REDIS_URL", REDIS_URL)
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "ratelimit": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": RATELIMIT_REDIS_URL,
+        "KEY_PREFIX": "imc:rl",
+    },
+}
+RATELIMIT_USE_CACHE = "ratelimit"
+RATELIMIT_CACHE_PREFIX = ""  # the cache's KEY_PREFIX is enough
+# django-ratelimit lists only django-redis among Redis caches; Django's own RedisCache does an
+# atomic INCR as well.
+SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"]
 
 # --- live sync over WebSocket and presence -----------------------------------------------------
 # The channel layer (Django Channels) that carries "new entries" pokes to connected devices.

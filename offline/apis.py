@@ -4,14 +4,15 @@ from typing import Annotated, Literal
 
 from django.conf import settings
 from ninja import Field, Query, Router, Schema
+from pydantic import BeforeValidator
 
-from imcore.apis import BIGINT_MAX, ERRORS, Body
+from imcore.apis import BIGINT_MAX, Body, integral, responses
 
 from . import services
 
 router = Router(tags=["sync"])
 
-Version = Annotated[int, Field(ge=0, le=BIGINT_MAX)]
+Version = Annotated[int, Field(ge=0, le=BIGINT_MAX), BeforeValidator(integral)]
 
 
 class SyncMessageOut(Schema):
@@ -72,7 +73,15 @@ class SyncOut(Schema):
     snapshot: SnapshotOut | None = None
 
 
-@router.get("/sync", response={200: SyncOut, **ERRORS}, exclude_none=True)
+@router.get(
+    "/sync",
+    exclude_none=True,
+    **responses(
+        {200: SyncOut},
+        errors=(401, 422),
+        refusals="``since`` is ahead of the user's latest version (``details.latest_version``).",
+    ),
+)
 def sync_pull_api(
     request,
     since: Annotated[int, Query(ge=0, le=BIGINT_MAX)] = 0,
@@ -94,7 +103,15 @@ class AckOut(Schema):
     acked_version: int
 
 
-@router.post("/sync/ack", response={200: AckOut, **ERRORS})
+@router.post(
+    "/sync/ack",
+    **responses(
+        {200: AckOut},
+        errors=(401, 422),
+        body=True,
+        refusals="``version`` is ahead of the user's latest version (``details.latest_version``).",
+    ),
+)
 def sync_ack_api(request, payload: AckIn):
     """Cumulative ack for this device: it holds every entry up to ``version``. An older ack
     changes nothing; the answer is the device's ack now."""

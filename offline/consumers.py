@@ -15,8 +15,14 @@ answered ``{"type": "acked", "acked_version": N}``) and ``{"type": "ping"}`` (an
 ``pong``; also catches up on anything a lost poke missed). Presence needs no frames from the
 client: see ``_keep_online``. Frames to
 the client: ``{"type": "sync", "entries": [...], "latest_version", "has_more", "gap",
-"snapshot"?}``. Close codes: 4401 missing or bad token, 4400 a bad frame (not JSON, an
+"snapshot"?}``. Close codes: 4401 missing or bad token, or the device was logged out (or
+logged in again, which replaces its token) while connected; 4400 a bad frame (not JSON, an
 unknown type, an invalid or future version); nothing changes on either.
+
+A logout closes the device's socket at once: the logout service sends ``device.logout`` to the
+user's group after its commit. The socket checks again that its token is still valid after it
+joined the group (a logout committed between the token check and the join sent its event
+before the socket could hear it) and on every periodic refresh (in case the event was lost).
 """
 
 import asyncio
@@ -29,6 +35,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from imcore.errors import BadRequest
+from imcore.models import Device
 from imcore.services import device_authenticate
 
 from . import keys, services
@@ -62,8 +69,17 @@ def _authenticate(token: str):
     return device if device is not None and device.user.is_active else None
 
 
+def _still_logged_in(device) -> bool:
+    """The device's row still exists with the token the socket authenticated with."""
+    return Device.objects.filter(
+        pk=device.pk, token_hash=device.token_hash, user__is_active=True
+    ).exists()
+
+
 class SyncConsumer(AsyncWebsocketConsumer):
     device = None
+    heartbeat: asyncio.Task | None = None
+    closing = False  # closed by the server: nothing more is sent
 
     async def connect(self):
         token = _token(self.scope)
@@ -77,6 +93,9 @@ class SyncConsumer(AsyncWebsocketConsumer):
         self.lock = asyncio.Lock()
         self.group = keys.live_group(device.user_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
+        if not await in_thread(_still_logged_in)(device):  # logged out before the join
+            await self._logged_out()
+            return
         await in_thread(services.presence_connected)(device=device)
         self.heartbeat = asyncio.create_task(self._keep_online())
         await self._catch_up()
@@ -90,13 +109,17 @@ class SyncConsumer(AsyncWebsocketConsumer):
         device drops out within the TTL."""
         while True:
             await asyncio.sleep(settings.PRESENCE_TTL_S / 3)
+            if not await in_thread(_still_logged_in)(self.device):  # a logout event was lost
+                await self._logged_out()
+                return
             await in_thread(services.presence_connected)(device=self.device)
             await self._catch_up()  # in case a poke was lost
 
     async def disconnect(self, code):
         if self.device is None:
             return
-        self.heartbeat.cancel()
+        if self.heartbeat is not None:
+            self.heartbeat.cancel()
         await in_thread(services.presence_disconnected)(device=self.device)
         try:
             await self.channel_layer.group_discard(self.group, self.channel_name)
@@ -104,7 +127,7 @@ class SyncConsumer(AsyncWebsocketConsumer):
             logger.warning("group_discard failed for device %s", self.device.pk, exc_info=True)
 
     async def receive(self, text_data=None, bytes_data=None):
-        if self.device is None:
+        if self.device is None or self.closing:
             return
         try:
             frame = json.loads(text_data if text_data is not None else bytes_data)
@@ -134,15 +157,27 @@ class SyncConsumer(AsyncWebsocketConsumer):
     async def sync_poke(self, event):
         await self._catch_up()
 
+    async def device_logout(self, event):
+        if not self.closing and self.device.pk in event["device_pks"]:
+            await self._logged_out()
+
+    async def _logged_out(self) -> None:
+        await self._refuse(CLOSE_BAD_TOKEN, "this device was logged out")
+
     async def _catch_up(self) -> None:
         async with self.lock:
+            if self.closing:
+                return
             frames, self.sent = await in_thread(services.sync_catch_up)(
                 device=self.device, since=self.sent
             )
             for frame in frames:
+                if self.closing:  # closed while the store was read
+                    return
                 await self.send(text_data=json.dumps(frame, separators=(",", ":")))
 
     async def _refuse(self, code: int, message: str) -> None:
+        self.closing = True
         await self.send(text_data=json.dumps({"type": "error", "code": code, "message": message}))
         await self.close(code=code)
 

@@ -35,17 +35,36 @@ def _background_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-def live_poke(user_ids: list[int]) -> None:
+def _group_send(messages: list[tuple[str, dict]]) -> None:
+    """Send ``(group, event)`` pairs from the process's poke loop; raises what the layer
+    raised (or TimeoutError after 30 s)."""
     layer = get_channel_layer()
-    if layer is None or not user_ids:
+    if layer is None or not messages:
         return
 
     async def send_all() -> None:
-        await asyncio.gather(
-            *(layer.group_send(keys.live_group(uid), {"type": "sync.poke"}) for uid in user_ids)
-        )
+        await asyncio.gather(*(layer.group_send(group, event) for group, event in messages))
 
+    asyncio.run_coroutine_threadsafe(send_all(), _background_loop()).result(timeout=30)
+
+
+def live_poke(user_ids: list[int]) -> None:
     try:
-        asyncio.run_coroutine_threadsafe(send_all(), _background_loop()).result(timeout=30)
+        _group_send([(keys.live_group(uid), {"type": "sync.poke"}) for uid in user_ids])
     except Exception:  # a poke is an optimization: see the module's docstring
         logger.warning("could not poke %s connected users", len(user_ids), exc_info=True)
+
+
+def live_logout(*, user_id: int, device_pks: list[int]) -> None:
+    """These devices of the user were logged out: their open sockets close with 4401. The
+    event goes to the user's group; each socket checks whether it is one of them. A lost event
+    (layer down or full) delays the close until the socket's next periodic check
+    (``SyncConsumer._keep_online``), at most a third of ``PRESENCE_TTL_S``."""
+    try:
+        _group_send(
+            [(keys.live_group(user_id), {"type": "device.logout", "device_pks": device_pks})]
+        )
+    except Exception:
+        logger.warning(
+            "could not tell the sockets of user %s about a logout", user_id, exc_info=True
+        )

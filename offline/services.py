@@ -27,6 +27,7 @@ from imcore.errors import BadRequest
 from imcore.models import Conversation, Device, Membership
 
 from . import selectors, store
+from .live import live_logout
 from .store import Op, SinceAhead
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,21 @@ def offline_device_seen(*, device: Device, prepare: bool = True) -> bool:
     if came_back and prepare:
         offline_request_prepare(device_pk=device.pk)
     return came_back
+
+
+def offline_devices_logged_out(*, user_id: int, device_pks: list[int]) -> None:
+    """These devices of the user were logged out (their rows are deleted and committed): Redis
+    forgets them (presence, scheduled push, pending acks, prepared packages) and their open
+    WebSockets close with 4401."""
+    if not device_pks:
+        return
+    try:
+        store.devices_forget(user_id=user_id, device_pks=device_pks)
+    except redis.RedisError:
+        # The logout stands (the rows are gone): presence expires within PRESENCE_TTL_S and a
+        # scheduled push finds no device; what is left in Redis does no harm.
+        logger.warning("could not forget logged-out devices %s in Redis", device_pks, exc_info=True)
+    live_logout(user_id=user_id, device_pks=device_pks)
 
 
 def _from_ms(ms: int | None) -> datetime | None:

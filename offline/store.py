@@ -382,6 +382,25 @@ def presence_online(user_ids: Iterable[int]) -> dict[int, set[int]]:
     return out
 
 
+def devices_forget(*, user_id: int, device_pks: list[int]) -> None:
+    """Forget everything Redis holds for these (logged-out) devices in one round trip:
+    presence, a scheduled push, acks and last-seen times not flushed yet, prepared package and
+    snapshot. A batch already in flight to PostgreSQL updates no row (the rows are gone)."""
+    if not device_pks:
+        return
+    members = [str(int(pk)) for pk in device_pks]
+    pipe = client().pipeline(transaction=False)
+    pipe.zrem(keys.online(user_id), *members)
+    pipe.zrem(keys.PUSH_DUE, *members)
+    pipe.hdel(keys.PUSH_KIND, *members)
+    pipe.hdel(keys.PUSH_LAST, *members)
+    pipe.hdel(keys.ACKS_PENDING, *members)
+    pipe.hdel(keys.SEEN_PENDING, *members)
+    for pk in device_pks:
+        pipe.delete(keys.package(user_id, pk), keys.snapshot(user_id, pk))
+    pipe.execute()
+
+
 # ---- push ---------------------------------------------------------------------------------
 
 PUSH_KEYS = [keys.PUSH_DUE, keys.PUSH_KIND, keys.PUSH_LAST]

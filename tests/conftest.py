@@ -113,13 +113,33 @@ def make_member(db):
     return make
 
 
+QUEUES = ("default", "counters")
+
+
 def broker_idle() -> bool:
-    """True when the broker holds no waiting or unacknowledged task (acks_late tasks stay in
-    kombu's ``unacked`` hash until they finish)."""
+    """True when no task is anywhere between its publish and its end, read at one instant (a
+    MULTI: Redis runs nothing between its commands):
+
+    - none waits in a queue;
+    - none is unacknowledged: every task is ``acks_late``, so a task a worker reserved or runs
+      stays in kombu's ``unacked`` hash until it has finished (after what it published);
+    - none is in flight between the two. kombu's BRPOP takes a message out of its list, and
+      the worker adds it to ``unacked`` only once it has read the reply; meanwhile (the reply
+      is in the socket, or the worker paused reading at its prefetch limit) its consuming
+      connection is no longer blocked. So every connection whose last command was BRPOP
+      must be blocked in it: one that is not may hold a popped message.
+    """
     with celery_app.connection_for_write() as conn:
         client = conn.default_channel.client
-        waiting = sum(client.llen(q) for q in ("default", "counters"))
-        return waiting == 0 and client.hlen("unacked") == 0
+        db = client.connection_pool.connection_kwargs.get("db", 0)
+        pipe = client.pipeline(transaction=True)
+        for queue in QUEUES:
+            pipe.llen(queue)
+        pipe.hlen("unacked")
+        pipe.client_list()
+        *waiting, unacked, clients = pipe.execute()
+    consumers = [c for c in clients if c["cmd"] == "brpop" and int(c["db"]) == int(db)]
+    return sum(waiting) == 0 and unacked == 0 and all("b" in c["flags"] for c in consumers)
 
 
 def worker_ping() -> list:
@@ -193,7 +213,7 @@ def broker_reset() -> None:
     (kombu would redeliver those only after its visibility timeout, an hour)."""
     with celery_app.connection_for_write() as conn:
         channel = conn.default_channel
-        for queue in ("default", "counters"):
+        for queue in QUEUES:
             channel.queue_purge(queue)
         channel.client.delete("unacked", "unacked_index", "unacked_mutex")
 

@@ -9,6 +9,11 @@ os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("COUNTERS_FLUSH_INTERVAL", "0.3")
 os.environ.setdefault("SYNC_ACK_FLUSH_INTERVAL_S", "0.3")
 os.environ.setdefault("PUSH_TICK_S", "0.3")
+# Tests log many devices in from one address; the rate-limit tests set low rates themselves.
+os.environ.setdefault("AUTH_RATE_LOGIN_PER_USERNAME", "100000/m")
+os.environ.setdefault("AUTH_RATE_LOGIN_PER_ADDRESS", "100000/m")
+os.environ.setdefault("AUTH_RATE_SIGNUP_PER_USERNAME", "100000/m")
+os.environ.setdefault("AUTH_RATE_SIGNUP_PER_ADDRESS", "100000/m")
 
 from imcore.settings import *  # noqa: F403
 

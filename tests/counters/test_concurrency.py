@@ -6,13 +6,17 @@ import multiprocessing
 import random
 
 import pytest
+import redis
+from django.conf import settings as django_settings
 from django.db import connections
 
 from counters.strategies import get_strategy
 from counters.transitions import MembershipRow
+from delivery.pipeline import shard_lengths
 from imcore import services
+from imcore.celery import app as celery_app
 from imcore.models import Conversation, Membership, User
-from tests.conftest import broker_idle, running_worker, wait_until
+from tests.conftest import broker_idle, broker_reset, running_worker, wait_until, worker_ping
 from tests.helpers import counter_mismatches
 
 SAFE = ["lua", "watch", "lock"]
@@ -123,7 +127,8 @@ def test_naive_store_drifts_under_concurrent_writers(redis_clean):
 
 
 def chat(seed: int, user_ids: list[int], conversation_ids: list[int], n_ops: int) -> None:
-    """One client process: send or mark read at random through the services."""
+    """One client process: send, mark read, or mute or unmute, at random, through the
+    services."""
     rnd = random.Random(seed)
     users = {u.pk: u for u in User.objects.filter(pk__in=user_ids)}
     try:
@@ -131,23 +136,32 @@ def chat(seed: int, user_ids: list[int], conversation_ids: list[int], n_ops: int
             membership = Membership.objects.select_related("conversation").get(
                 user_id=rnd.choice(user_ids), conversation_id=rnd.choice(conversation_ids)
             )
-            if rnd.random() < 0.5:
+            action = rnd.random()
+            if action < 0.5:
                 services.message_send(
                     sender=users[membership.user_id],
                     conversation=membership.conversation,
                     body="x",
                     client_msg_id=f"p{seed}-{i}-{rnd.random()}",
                 )
-            else:
+            elif action < 0.85:
                 last = Conversation.objects.get(pk=membership.conversation_id).last_seq
                 services.conversation_mark_read(membership=membership, seq=rnd.randint(0, last))
+            else:
+                services.conversation_mute(membership=membership, muted=not membership.muted)
     finally:
         connections.close_all()
 
 
+def drained() -> bool:
+    """Every increment applied: none held in the pipeline's shards (an event leaves its shard
+    after it was applied) and no task anywhere in the broker."""
+    return sum(shard_lengths()) == 0 and broker_idle()
+
+
 def service_drift(user_ids, conversation_ids, n_procs=3, n_ops=80) -> list[str]:
     run_processes(chat, n_procs, user_ids, conversation_ids, n_ops)
-    wait_until(broker_idle, timeout=60, message="the worker did not drain the queue")
+    wait_until(drained, timeout=60, message="the worker did not drain the queue")
     return counter_mismatches(user_ids)
 
 
@@ -167,27 +181,68 @@ def setup_chat(make_member):
 
 
 @pytest.mark.worker
+@pytest.mark.parametrize("write_path", ["fanout", "pipeline"])
 @pytest.mark.parametrize("strategy_name", SAFE)
 def test_service_counts_exact_with_concurrent_clients_and_worker(
-    strategy_name, transactional_db, make_member, settings
+    strategy_name, write_path, transactional_db, make_member, settings
 ):
-    """Three client processes send and mark read on two shared groups while a real worker
-    fans out: every count ends equal to PostgreSQL's and the badge to the unmuted sum."""
+    """Three client processes send, mark read and mute on two shared groups while real
+    workers count the messages (a task per message, or the aggregation pipeline with its
+    Timer): every count ends equal to PostgreSQL's and the badge to the unmuted sum."""
     settings.COUNTERS_STRATEGY = strategy_name
-    settings.DELIVERY_WRITE_PATH = "fanout"  # a task per message: the most concurrent writers
+    settings.DELIVERY_WRITE_PATH = write_path
     ids, convs = setup_chat(make_member)
-    with running_worker(COUNTERS_STRATEGY=strategy_name):
+    env = {"COUNTERS_STRATEGY": strategy_name, "DELIVERY_WRITE_PATH": write_path}
+    with running_worker(beat=write_path == "pipeline", workers=2, **env):
         assert service_drift(ids, convs) == []
 
 
 @pytest.mark.worker
-def test_service_naive_drift_is_detected(transactional_db, make_member, settings):
+@pytest.mark.parametrize("write_path", ["fanout", "pipeline"])
+def test_service_naive_drift_is_detected(write_path, transactional_db, make_member, settings):
     """With ``naive`` the same scenario leaves counts that differ from PostgreSQL."""
     settings.COUNTERS_STRATEGY = "naive"
-    settings.DELIVERY_WRITE_PATH = "fanout"
+    settings.DELIVERY_WRITE_PATH = write_path
     ids, convs = setup_chat(make_member)
-    with running_worker(COUNTERS_STRATEGY="naive"):
+    env = {"COUNTERS_STRATEGY": "naive", "DELIVERY_WRITE_PATH": write_path}
+    with running_worker(beat=write_path == "pipeline", workers=2, **env):
         for _ in range(4):
             if service_drift(ids, convs, n_ops=150):
                 return
     pytest.fail("naive never drifted through the services")
+
+
+# ---- the idle signal the service tests wait for ----------------------------------------------
+
+
+def test_every_task_is_acknowledged_late():
+    """``broker_idle`` relies on it: a task acknowledged when it starts would run unseen."""
+    celery_app.loader.import_default_modules()
+    tasks = {n: t for n, t in celery_app.tasks.items() if not n.startswith("celery.")}
+    assert tasks and [n for n, t in tasks.items() if not t.acks_late] == []
+
+
+def test_broker_idle_counts_a_message_popped_but_not_yet_unacknowledged():
+    """A message a consumer's BRPOP took out of its queue, before the consumer recorded it as
+    unacknowledged, keeps the broker busy (the queue and ``unacked`` are both empty then)."""
+    assert not worker_ping(), "a worker consumes the test broker"
+    broker_reset()
+    broker = redis.Redis.from_url(django_settings.CELERY_BROKER_URL, decode_responses=True)
+    consumer = redis.ConnectionPool.from_url(django_settings.CELERY_BROKER_URL).get_connection()
+    try:
+        consumer.send_command("BRPOP", "counters", 0)  # as kombu does: send, read when readable
+        wait_until(broker_idle, message="a consumer blocked on an empty queue is not idle")
+        broker.lpush("counters", "task")
+        # the window: Redis handed the message to the consumer, which has not read it yet
+        assert broker.llen("counters") == 0 and broker.hlen("unacked") == 0
+        assert not broker_idle()
+        assert consumer.read_response() == [b"counters", b"task"]
+        broker.hset("unacked", "tag-1", "task")  # kombu's QoS.append
+        consumer.send_command("BRPOP", "counters", 0)
+        assert not broker_idle()  # reserved or running
+        broker.hdel("unacked", "tag-1")  # acknowledged once the task has finished
+        wait_until(broker_idle, message="the acknowledged task still counts")
+    finally:
+        consumer.disconnect()
+        broker.close()
+        broker_reset()

@@ -79,10 +79,13 @@ def row_counts() -> dict:
 
 
 def redis_state() -> dict:
-    """Every key of the counters database with its value."""
+    """Every key of the counters database with its value, except the rate limiter's counters
+    (``imc:rl:``): counting an attempt is what a refused login or sign-up is meant to do."""
     client = get_redis()
     dump = {}
     for key in client.scan_iter(count=1000):
+        if key.startswith("imc:rl:"):
+            continue
         kind = client.type(key)
         kind = kind.decode() if isinstance(kind, bytes) else kind
         if kind == "hash":

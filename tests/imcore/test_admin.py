@@ -64,3 +64,37 @@ def test_admin_shows_each_devices_ack_against_the_users_latest(admin_client, mak
     device.refresh_from_db()
     assert device.acked_version == latest and device_admin.behind(device) == 0
     assert gid
+
+
+def test_deleting_devices_in_the_admin_logs_them_out(
+    admin_client, make_member, django_capture_on_commit_callbacks
+):
+    """The admin's delete (one device, or a selection) goes through the logout service: the
+    rows go and Redis forgets the devices' presence."""
+    from imcore import services
+    from imcore.models import Device
+    from offline import store
+
+    alice = make_member("alice")
+    for name in ("laptop", "tablet", "watch"):
+        services.device_login(
+            username="alice", password="pw-for-tests-1", device_id=name, platform="ios"
+        )
+    pks = dict(Device.objects.filter(user=alice.user).values_list("device_id", "pk"))
+    for pk in pks.values():
+        store.presence_touch(user_id=alice.id, device_pk=pk, ttl_s=60)
+    with django_capture_on_commit_callbacks(execute=True):
+        one = admin_client.post(f"/admin/imcore/device/{pks['watch']}/delete/", {"post": "yes"})
+        selected = admin_client.post(
+            "/admin/imcore/device/",
+            {
+                "action": "delete_selected",
+                "_selected_action": [pks["laptop"], pks["tablet"]],
+                "post": "yes",
+            },
+        )
+    assert one.status_code == 302 and selected.status_code == 302
+    assert list(Device.objects.filter(user=alice.user).values_list("device_id", flat=True)) == [
+        "phone"
+    ]
+    assert store.presence_online([alice.id])[alice.id] == {pks["phone"]}

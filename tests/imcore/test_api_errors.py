@@ -115,7 +115,9 @@ CASES = [
     Case("devices-string", "anon", "POST", "/devices", 422, raw='"alice"'),
     # ---- wrong types (strict: "5" is not a number, 1 is not a bool) ----
     Case("read-seq-string", "bob", "POST", R, 422, "invalid_request", body={"seq": "3"}),
-    Case("read-seq-float", "bob", "POST", R, 422, body={"seq": 3.0}),
+    Case("read-seq-float", "bob", "POST", R, 422, body={"seq": 3.5}),
+    # an integral float is the integer it writes (JSON Schema agrees), then checked as one
+    Case("read-seq-integral-float", "bob", "POST", R, 400, "bad_request", body={"seq": 4.0}),
     Case("read-seq-bool", "bob", "POST", R, 422, body={"seq": True}),
     Case("read-seq-null", "bob", "POST", R, 422, body={"seq": None}),
     Case("read-seq-list", "bob", "POST", R, 422, body={"seq": [3]}),

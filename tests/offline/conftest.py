@@ -10,6 +10,7 @@ from imcore import services
 from tests.conftest import ROOT, Member, celery_env, wait_until
 
 TTL = 3.0  # the presence TTL of the test server
+LIVE_TTL = 600.0  # the presence TTL of ``poke_server``: no periodic catch-up in a test
 
 
 @pytest.fixture
@@ -62,13 +63,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(django_db_setup, django_db_blocker):
-    """uvicorn serving imcore.asgi on the test database and Redis, with a short presence TTL
-    and small frames (so a package takes many frames)."""
+@contextlib.contextmanager
+def run_server(*, env: dict[str, str]):
+    """uvicorn serving imcore.asgi in the environment ``env`` (``celery_env(...)``: the test
+    database and Redis), pinging every third of its ``PRESENCE_TTL_S``; yields the WebSocket
+    URL of ``/ws/v1/sync``."""
     port = free_port()
-    with django_db_blocker.unblock():
-        env = celery_env(PRESENCE_TTL_S=TTL, SYNC_WS_FRAME_ENTRIES=50)
+    ttl = float(env["PRESENCE_TTL_S"])
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -78,9 +79,9 @@ def server(django_db_setup, django_db_blocker):
             "--port",
             str(port),
             "--ws-ping-interval",
-            str(TTL / 3),
+            str(ttl / 3),
             "--ws-ping-timeout",
-            str(TTL / 3),
+            str(ttl / 3),
             "--log-level",
             "warning",
         ],
@@ -93,11 +94,34 @@ def server(django_db_setup, django_db_blocker):
             return True
         return False
 
-    wait_until(up, timeout=30, message="uvicorn did not start")
-    yield f"ws://127.0.0.1:{port}/ws/v1/sync"
-    proc.terminate()
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        wait_until(up, timeout=30, message="uvicorn did not start")
+        yield f"ws://127.0.0.1:{port}/ws/v1/sync"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(django_db_setup, django_db_blocker):
+    """uvicorn serving imcore.asgi on the test database and Redis, with a short presence TTL
+    and small frames (so a package takes many frames)."""
+    with django_db_blocker.unblock():
+        env = celery_env(PRESENCE_TTL_S=TTL, SYNC_WS_FRAME_ENTRIES=50)
+    with run_server(env=env) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def poke_server(django_db_setup, django_db_blocker):
+    """The server for delivery tests: its presence TTL is so long that a connection's periodic
+    catch-up (every third of the TTL) never runs during a test, so what reaches a socket was
+    brought by a live poke."""
+    with django_db_blocker.unblock():
+        env = celery_env(PRESENCE_TTL_S=LIVE_TTL, SYNC_WS_FRAME_ENTRIES=50)
+    with run_server(env=env) as url:
+        yield url

@@ -105,7 +105,7 @@ ACK_CASES = {  # a str is sent as is, anything else JSON-encoded
     "negative": ({"version": -1}, 422),
     "string": ({"version": "5"}, 422),
     "float": ({"version": 1.5}, 422),
-    "integral-float": ({"version": 2.0}, 422),
+    "integral-float-2**100": ({"version": 2.0**100}, 422),  # an integer, past bigint
     "bool": ({"version": True}, 422),
     "null": ({"version": None}, 422),
     "2**63": ({"version": BIG}, 422),

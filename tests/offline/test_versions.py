@@ -129,58 +129,103 @@ def test_versions_never_repeat_after_redis_restarts_from_an_older_snapshot(
 # ---- concurrent writers on one user ---------------------------------------------------------
 
 
-def _sender(seed: int, conversation_ids: list[int], sender_ids: list[int], n: int) -> int:
-    conversation = Conversation.objects.get(pk=conversation_ids[seed])
-    sender = User.objects.get(pk=sender_ids[seed])
+SENDERS, READERS, PER_SENDER = 4, 2, 40
+
+
+def _send(sender_id: int, conversation_id: int, n: int) -> int:
+    conversation = Conversation.objects.get(pk=conversation_id)
+    sender = User.objects.get(pk=sender_id)
     for i in range(n):
         im.message_send(
-            sender=sender,
-            conversation=conversation,
-            body=f"{seed}-{i}",
-            client_msg_id=f"{seed}-{i}",
+            sender=sender, conversation=conversation, body=f"{i}", client_msg_id=f"{sender_id}-{i}"
         )
     return n
 
 
-def _reader(seed: int, conversation_ids: list[int], user_id: int, rounds: int) -> int:
+def _read_while_sending(user_id: int, conversation_ids: list[int], total: int) -> int:
+    """Mark every conversation read up to its last message, over and over, until every
+    message is sent; returns how many reads were made while messages were still coming."""
     from imcore.models import Membership
 
-    reads = 0
-    for r in range(rounds):
+    during = 0
+    while True:
+        tops = dict(
+            Conversation.objects.filter(pk__in=conversation_ids).values_list("pk", "last_seq")
+        )
+        sending = sum(tops.values()) < total
         for cid in conversation_ids:
             m = Membership.objects.get(user_id=user_id, conversation_id=cid)
-            last = Conversation.objects.get(pk=cid).last_seq
-            if last > m.last_read_seq:
-                im.conversation_mark_read(membership=m, seq=last)
-                reads += 1
-        time.sleep(0.01 * (r % 3))
-    return reads
+            if tops[cid] > m.last_read_seq:
+                im.conversation_mark_read(membership=m, seq=tops[cid])
+                during += sending
+        if not sending:
+            return during
+        time.sleep(0.005)
+
+
+def _observe(token: str, since: int, messages: int, timeout: float = 90) -> list[int]:
+    """A device pulling as the entries are written: each page must continue exactly where the
+    last one stopped. A version handed out below one already seen would be a hole this device
+    skips for good. Returns the versions seen, in order."""
+    from django.test import Client
+
+    client, seen, got_messages = Client(), [], 0
+    deadline = time.monotonic() + timeout
+    while got_messages < messages and time.monotonic() < deadline:
+        page = client.get(
+            "/api/v1/sync",
+            {"since": since, "limit": 50},
+            headers={"Authorization": f"Bearer {token}"},
+        ).json()
+        assert not page["gap"], page
+        versions = [e["version"] for e in page["entries"]]
+        assert versions == list(range(since + 1, since + 1 + len(versions))), (since, versions)
+        seen += versions
+        got_messages += sum(e["type"] == "message" for e in page["entries"])
+        since = versions[-1] if versions else since
+        if not page["has_more"]:
+            time.sleep(0.01)
+    return seen
+
+
+def _client(seed: int, conversation_ids, sender_ids, user_id: int, token: str, since: int):
+    """Process ``seed``: a sender (one per group), a reader of all groups, or the observer."""
+    total = SENDERS * PER_SENDER
+    if seed < SENDERS:
+        return _send(sender_ids[seed], conversation_ids[seed], PER_SENDER)
+    if seed < SENDERS + READERS:
+        return _read_while_sending(user_id, conversation_ids, total)
+    return _observe(token, since, total)
 
 
 def test_versions_strictly_increase_under_concurrent_writers(make_member):
     """Four senders in four groups (four queue shards, so aggregators on two workers write the
-    same user's log at once) while the user marks reads from two more processes."""
+    same user's log at once) while the user marks reads from two more processes at the same
+    time, and a device pulls along: the versions it sees never leave a hole behind it."""
     alice = make_member("alice")
     since = first_sync(alice)
-    senders = [make_member(f"s{i}") for i in range(4)]
+    senders = [make_member(f"s{i}") for i in range(SENDERS)]
     groups = [group(s, alice, title=f"g{i}") for i, s in enumerate(senders)]
+    total = SENDERS * PER_SENDER
     with running_worker(beat=True, workers=2):
-        run_processes(_sender, 4, groups, [s.id for s in senders], 40)
-        run_processes(_reader, 2, groups, alice.id, 1)
+        *_, reads_during, seen = run_processes(
+            _client, SENDERS + READERS + 1, groups, [s.id for s in senders], alice.id,
+            alice.token, since,
+        )  # fmt: skip
         wait_until(
-            lambda: (
-                sum(1 for v in [pull_all(alice, since)[0]] for e in v if e["type"] == "message")
-                == 160
-            ),
+            lambda: sum(e["type"] == "message" for e in pull_all(alice, since)[0]) == total,
             timeout=60,
             message="not every message reached alice's store",
         )
     entries, latest = pull_all(alice, since)
     versions = [e["version"] for e in entries]
-    assert versions == sorted(versions) and len(set(versions)) == len(versions)
-    assert versions[-1] == latest
+    assert versions == list(range(since + 1, latest + 1))  # every version once, none skipped
+    assert seen == versions[: len(seen)]  # what the device saw on the way is what stayed
+    assert reads_during > 0, "no read was made while messages were being sent"
     messages = [(e["conversation_id"], e["seq"]) for e in entries if e["type"] == "message"]
-    assert sorted(messages) == sorted((cid, s) for cid in groups for s in range(1, 41))
-    # per conversation, messages arrive in seq order
+    assert sorted(messages) == sorted((cid, s) for cid in groups for s in range(1, PER_SENDER + 1))
     for cid in groups:
-        assert [s for c, s in messages if c == cid] == list(range(1, 41))
+        # per conversation, messages arrive in seq order and read markers only move forward
+        assert [s for c, s in messages if c == cid] == list(range(1, PER_SENDER + 1))
+        reads = [e["seq"] for e in entries if e["type"] == "read" and e["conversation_id"] == cid]
+        assert reads == sorted(set(reads)), (cid, reads)

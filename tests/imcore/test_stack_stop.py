@@ -1,0 +1,169 @@
+"""The stack `make run` starts (`make serve`: bin/stack.py, honcho with the Procfile) stops as
+one: after a SIGTERM to its process group, a SIGTERM and a SIGKILL 3 s later, or a SIGTERM to
+`make` alone, every process it started is gone within 30 s, its ports are free, and it starts
+again at once on them.
+
+It runs on ports, a Redis and a broker of its own (a private redis-server) and the test
+database, so a `make run` someone has up on 8000 and 5555 is never in the way."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+
+import pytest
+import requests
+
+from tests.conftest import ROOT, celery_env, wait_until
+from tests.processes import (
+    RedisServer,
+    describe,
+    free_port,
+    kill_tagged,
+    port_bindable,
+    port_open,
+    tagged_pids,
+)
+
+pytestmark = pytest.mark.timeout(420)
+
+STOP_LIMIT_S = 30
+
+
+class Stack:
+    """``make serve`` in a session of its own, tagged so that every process it starts (and
+    every orphan it might leave) can be found in /proc."""
+
+    def __init__(self, redis_server: RedisServer):
+        self.web, self.flower = free_port(), free_port()
+        self.tag = uuid.uuid4().hex
+        self.redis = redis_server
+        self.log = tempfile.NamedTemporaryFile(prefix="imcore-stack-", suffix=".log")  # noqa: SIM115
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        """Start the stack; returns the seconds until the API and Flower answered."""
+        env = celery_env(
+            IMCORE_PORT=self.web,
+            FLOWER_PORT=self.flower,
+            REDIS_URL=self.redis.url(0),
+            CELERY_BROKER_URL=self.redis.url(1),
+            IMCORE_TEST_TAG=self.tag,
+            WEB_CONCURRENCY=2,  # uvicorn's supervisor and its workers, as in `make run`
+            CELERY_CONCURRENCY=1,
+        )
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            ["make", "--silent", "--no-print-directory", "serve"],
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,  # its own process group, as a supervisor gives it
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(
+            lambda: self.proc.poll() is not None or (self.api_answers() and port_open(self.flower)),
+            timeout=120,
+            message="the stack did not come up",
+        )
+        assert self.proc.poll() is None, self.output()
+        return time.monotonic() - started
+
+    def api_answers(self) -> bool:
+        with contextlib.suppress(requests.RequestException):
+            url = f"http://127.0.0.1:{self.web}/api/v1/schema"
+            return requests.get(url, timeout=2).status_code == 200
+        return False
+
+    def signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def wait_stopped(self, since: float, mode: str) -> float:
+        """Wait until no process of the stack lives and both ports are free; returns the
+        seconds since ``since``. Fails after ``STOP_LIMIT_S``."""
+
+        def stopped():
+            return not tagged_pids(self.tag) and all(
+                port_bindable(p) for p in (self.web, self.flower)
+            )
+
+        deadline = since + STOP_LIMIT_S
+        while not stopped():
+            if time.monotonic() > deadline:
+                left = describe(tagged_pids(self.tag))
+                pytest.fail(
+                    f"{STOP_LIMIT_S}s after the {mode} these still live: {left}; ports free: "
+                    f"{self.web}={port_bindable(self.web)} "
+                    f"{self.flower}={port_bindable(self.flower)}\n{self.output()}"
+                )
+            time.sleep(0.1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(1)
+        return time.monotonic() - since
+
+    def output(self) -> str:
+        with open(self.log.name, errors="replace") as f:
+            return f.read()[-4000:]
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal_group(signal.SIGKILL)
+            self.proc.wait()
+        kill_tagged(self.tag)
+        self.log.close()
+
+
+@pytest.fixture
+def stack(transactional_db):
+    redis_server = RedisServer()
+    redis_server.start()
+    stack = Stack(redis_server)
+    try:
+        yield stack
+    finally:
+        stack.cleanup()
+        redis_server.close()
+
+
+def start_slow_upload(stack: Stack) -> socket.socket:
+    """A request whose body is still on its way (a client on a slow link): without a graceful
+    shutdown timeout uvicorn's worker waits for it for good, and its master with it."""
+    sock = socket.create_connection(("127.0.0.1", stack.web), 5)
+    sock.sendall(
+        b"POST /api/v1/users HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"username": '
+    )
+    return sock
+
+
+def test_sigterm_and_sigkill_to_the_group_stop_everything_and_it_starts_again_at_once(stack):
+    """SIGTERM to the stack's group, then SIGTERM and SIGKILL 3 s later, then SIGTERM to
+    `make` alone, each while a request is in flight: each time no process the stack started
+    is left within 30 s and its ports are free, and it binds them again at once."""
+    timings = {"start": stack.start()}
+    modes = ("sigterm to the group", "sigterm, sigkill 3 s later", "sigterm to make alone")
+    for n, mode in enumerate(modes):
+        if n:
+            timings[f"restart before {mode}"] = stack.start()  # at once, on the same ports
+        running = tagged_pids(stack.tag)
+        assert len(running) >= 6, describe(running)  # make, honcho, web x3, worker, beat...
+        upload = start_slow_upload(stack)
+        try:
+            time.sleep(0.5)  # the worker has the request
+            since = time.monotonic()
+            if mode == "sigterm to make alone":
+                os.kill(stack.proc.pid, signal.SIGTERM)
+            else:
+                stack.signal_group(signal.SIGTERM)
+            if mode == "sigterm, sigkill 3 s later":
+                time.sleep(3)
+                stack.signal_group(signal.SIGKILL)
+            timings[mode] = stack.wait_stopped(since, mode)
+        finally:
+            upload.close()
+    print({k: round(v, 1) for k, v in timings.items()})
