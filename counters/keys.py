@@ -15,9 +15,16 @@ them live in one slot and each Lua script touches a single slot.
     m:<cid>    "1" when the conversation is muted (its unread stays out of the badge)
     v:<cid>    rev of the last membership change applied (join, leave, mute); kept after
                leaving so that an older change arriving late is ignored
+    n:<cid>    the user's unread mentions in the conversation: the seqs of the messages that
+               mention them (or everyone), ascending, comma separated, only those above
+               ``r:<cid>``; absent when there is none. Mentions are rare, so the list is
+               short. A seq is added once (present already, or at or below the read pointer:
+               nothing), a read drops the seqs it passes, a leave deletes the field. Not part
+               of the badge (still counted for muted conversations)
 
-``u = t - r`` always; ``t`` and ``r`` only move up, so applying a counter event twice, late
-or out of order changes nothing (the message ``seq`` is the idempotency key). Keeping all of
+``u = t - r`` always, and the seqs of ``n`` are above ``r``; ``t`` and ``r`` only move up, so
+applying a counter event twice, late or out of order changes nothing (the message ``seq`` is
+the idempotency key). Keeping all of
 a user's fields in one hash means a wipe or an eviction takes all of them or none.
 
 ``imc:{u:<user_id>}:lock`` STRING, the lock of the ``lock`` strategy (SET NX PX).
@@ -60,3 +67,7 @@ def muted_field(conversation_id: int | str) -> str:
 
 def rev_field(conversation_id: int | str) -> str:
     return f"v:{conversation_id}"
+
+
+def mentions_field(conversation_id: int | str) -> str:
+    return f"n:{conversation_id}"

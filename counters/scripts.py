@@ -20,7 +20,16 @@ LUA_DIR = Path(__file__).with_name("lua")
 
 @cache
 def source(name: str) -> str:
-    return (LUA_DIR / f"{name}.lua").read_text()
+    """A script's text, after the helpers every counter script shares (``_mentions.lua``)."""
+    return (LUA_DIR / "_mentions.lua").read_text() + (LUA_DIR / f"{name}.lua").read_text()
+
+
+def seq_arg(pair: Sequence) -> int | str:
+    """The ``inc`` argument of ``(conversation id, seq)`` or ``(conversation id, seq, mention
+    seqs)``: the seq, followed by ``:`` and the mention seqs when there are any."""
+    if len(pair) > 2 and pair[2]:
+        return f"{int(pair[1])}:{','.join(str(int(s)) for s in pair[2])}"
+    return pair[1]
 
 
 class CounterScripts:
@@ -33,10 +42,11 @@ class CounterScripts:
         self._member: Script = client.register_script(source("member"))
         self._load: Script = client.register_script(source("load"))
 
-    def inc(self, user_id: int, pairs: Sequence[tuple[int, int]], *, pipe=None):
-        """KEYS[1] = counter hash; ARGV = cid, seq, cid, seq, ...; returns the badge change
-        (or queues the call on ``pipe``)."""
-        args = [v for pair in pairs for v in pair]
+    def inc(self, user_id: int, pairs: Sequence[Sequence], *, pipe=None):
+        """KEYS[1] = counter hash; ARGV = cid, seq, cid, seq, ... (``pairs`` items are
+        ``(cid, seq)`` or ``(cid, seq, mention seqs)``); returns the badge change (or queues
+        the call on ``pipe``)."""
+        args = [v for pair in pairs for v in (pair[0], seq_arg(pair))]
         return self._inc(keys=[keys.counters(user_id)], args=args, client=pipe or self.client)
 
     def read(self, user_id: int, conversation_id: int, read_seq: int, top: int) -> tuple[int, int]:
@@ -52,7 +62,7 @@ class CounterScripts:
     def member(self, user_id: int, row: MembershipRow, *, pipe=None):
         """Returns the badge change (or queues the call on ``pipe``)."""
         result = self._member(
-            keys=[keys.counters(user_id)], args=_row_args(row), client=pipe or self.client
+            keys=[keys.counters(user_id)], args=_row_args(row)[:6], client=pipe or self.client
         )
         return result if pipe is not None else int(result)
 
@@ -61,7 +71,7 @@ class CounterScripts:
         return int(self._load(keys=[keys.counters(user_id)], args=args))
 
 
-def _row_args(row: MembershipRow) -> list[int]:
+def _row_args(row: MembershipRow) -> list[int | str]:
     return [
         row.conversation_id,
         row.rev,
@@ -69,4 +79,5 @@ def _row_args(row: MembershipRow) -> list[int]:
         int(row.muted),
         row.read_seq,
         row.top,
+        ",".join(str(s) for s in row.mentions),
     ]

@@ -4,23 +4,28 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from imcore.models import Membership
+from django.db import connection
+
+from imcore.models import Membership, Message
 
 from . import keys
 from .strategies import get_strategy
-from .transitions import MembershipRow
+from .transitions import MembershipRow, mention_seqs
 
 
 @dataclass(frozen=True)
 class UnreadCounts:
     badge: int
     conversations: dict[int, int] = field(default_factory=dict)
+    # unread mentions per conversation, only those with at least one (not in the badge)
+    mentions: dict[int, int] = field(default_factory=dict)
 
 
 def counters_truth_rows(*, user_ids: Iterable[int]) -> dict[int, list[MembershipRow]]:
     """Every membership row (active or left) of the given users, as PostgreSQL has it now."""
+    user_ids = list(user_ids)
     rows: dict[int, list[MembershipRow]] = defaultdict(list)
-    memberships = Membership.objects.filter(user_id__in=list(user_ids)).values_list(
+    memberships = Membership.objects.filter(user_id__in=user_ids).values_list(
         "user_id",
         "conversation_id",
         "rev",
@@ -29,6 +34,10 @@ def counters_truth_rows(*, user_ids: Iterable[int]) -> dict[int, list[Membership
         "last_read_seq",
         "conversation__last_seq",
     )
+    # The mentions are read after the rows: every mention up to a row's top is then in them,
+    # so the load can drop a seq Redis holds below that top that the truth does not have.
+    memberships = list(memberships)
+    mentions = counters_truth_mentions(user_ids=user_ids)
     for user_id, cid, rev, left_at, muted, read_seq, top in memberships:
         rows[user_id].append(
             MembershipRow(
@@ -38,9 +47,44 @@ def counters_truth_rows(*, user_ids: Iterable[int]) -> dict[int, list[Membership
                 muted=muted,
                 read_seq=read_seq,
                 top=top,
+                mentions=tuple(mentions.get((user_id, cid), ())),
             )
         )
     return rows
+
+
+def counters_truth_mentions(*, user_ids: list[int]) -> dict[tuple[int, int], list[int]]:
+    """The unread mention seqs of the given users, by ``(user id, conversation id)``: messages
+    above the user's read pointer in an active membership, sent by someone else, that mention
+    the user or everyone. One query: the GIN index on ``mentions`` finds the personal ones,
+    the partial index on ``mention_all`` the others (mentions are rare, so neither scans the
+    unread messages themselves)."""
+    if not user_ids:
+        return {}
+    message, membership = Message._meta.db_table, Membership._meta.db_table
+    sql = f"""
+        SELECT mb.user_id, msg.conversation_id, msg.seq
+          FROM {message} msg
+          JOIN {membership} mb
+            ON mb.conversation_id = msg.conversation_id AND mb.user_id = ANY(msg.mentions)
+         WHERE msg.mentions && %(users)s::bigint[] AND mb.user_id = ANY(%(users)s::bigint[])
+           AND mb.left_at IS NULL AND msg.seq > mb.last_read_seq AND msg.sender_id <> mb.user_id
+        UNION
+        SELECT mb.user_id, msg.conversation_id, msg.seq
+          FROM {membership} mb
+          JOIN {message} msg
+            ON msg.conversation_id = mb.conversation_id AND msg.mention_all
+           AND msg.seq > mb.last_read_seq
+         WHERE mb.user_id = ANY(%(users)s::bigint[]) AND mb.left_at IS NULL
+           AND msg.sender_id <> mb.user_id
+         ORDER BY 1, 2, 3
+    """
+    found: dict[tuple[int, int], list[int]] = defaultdict(list)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, {"users": list(user_ids)})
+        for user_id, cid, seq in cursor.fetchall():
+            found[user_id, cid].append(seq)
+    return found
 
 
 def counters_truth_from_rows(rows: Iterable[MembershipRow]) -> UnreadCounts:
@@ -48,7 +92,8 @@ def counters_truth_from_rows(rows: Iterable[MembershipRow]) -> UnreadCounts:
     conversations = {r.conversation_id: max(r.top - r.read_seq, 0) for r in rows if r.active}
     muted = {r.conversation_id for r in rows if r.active and r.muted}
     badge = sum(n for cid, n in conversations.items() if cid not in muted)
-    return UnreadCounts(badge=badge, conversations=conversations)
+    mentions = {r.conversation_id: len(r.mentions) for r in rows if r.active and r.mentions}
+    return UnreadCounts(badge=badge, conversations=conversations, mentions=mentions)
 
 
 def counters_truth(*, user_id: int) -> UnreadCounts:
@@ -56,9 +101,10 @@ def counters_truth(*, user_id: int) -> UnreadCounts:
 
 
 def counts_from_fields(fields: dict[str, str]) -> UnreadCounts:
+    conversations = {int(f[2:]): int(v) for f, v in fields.items() if f.startswith("u:")}
+    mentions = {cid: len(seqs) for cid in conversations if (seqs := mention_seqs(fields, cid))}
     return UnreadCounts(
-        badge=int(fields.get(keys.BADGE) or 0),
-        conversations={int(f[2:]): int(v) for f, v in fields.items() if f.startswith("u:")},
+        badge=int(fields.get(keys.BADGE) or 0), conversations=conversations, mentions=mentions
     )
 
 

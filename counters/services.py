@@ -34,10 +34,11 @@ class CounterDiff:
     was_loaded: bool
     badge: tuple[int, int] | None = None  # (redis, truth) when they differed
     conversations: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)
+    mentions: dict[int, tuple[int, int]] = field(default_factory=dict)  # unread mentions
 
     @property
     def differed(self) -> bool:
-        return self.badge is not None or bool(self.conversations)
+        return self.badge is not None or bool(self.conversations) or bool(self.mentions)
 
 
 @dataclass
@@ -53,10 +54,12 @@ class ReconcileReport:
         )
 
 
-def counters_count_messages(items: Sequence[tuple[int, Sequence[tuple[int, int]]]]) -> list:
+def counters_count_messages(items: Sequence[tuple[int, Sequence[tuple]]]) -> list:
     """Count messages: ``items`` = ``[(user_id, [(conversation_id, top seq)])]``, one counter
     call per user (pipelined for ``lua``); a user's top of a conversation only moves up, so
-    counting a seq again changes nothing. Returns each user's badge change, in order."""
+    counting a seq again changes nothing. An item may be ``(conversation_id, top seq, mention
+    seqs)``: the seqs of the messages that mention the user, kept until read (a seq is counted
+    once). Returns each user's badge change, in order."""
     return get_strategy().inc_many(items)
 
 
@@ -157,4 +160,8 @@ def _diff(user_id: int, before_fields: dict[str, str], truth: UnreadCounts) -> C
         was, should = before.conversations.get(cid), truth.conversations.get(cid)
         if was != should:
             diff.conversations[cid] = (was, should)
+    for cid in sorted(set(before.mentions) | set(truth.mentions)):
+        was, should = before.mentions.get(cid, 0), truth.mentions.get(cid, 0)
+        if was != should:
+            diff.mentions[cid] = (was, should)
     return diff

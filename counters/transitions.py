@@ -29,6 +29,9 @@ class MembershipRow:
     muted: bool
     read_seq: int
     top: int
+    # seqs above read_seq of the messages that mention the user (``load`` only; read after
+    # the row, so it holds every one up to ``top``)
+    mentions: tuple[int, ...] = ()
 
 
 class Working:
@@ -71,10 +74,14 @@ class Working:
         return self.get(keys.muted_field(cid)) == "1"
 
 
-def inc(w: Working, pairs: Iterable[tuple[int, int]]) -> int:
-    """Count messages up to ``seq`` in each conversation; returns the badge change."""
+def inc(w: Working, pairs: Iterable[Sequence]) -> int:
+    """Count messages up to ``seq`` in each conversation (items ``(cid, seq)`` or ``(cid,
+    seq, mention seqs)``); returns the badge change."""
     delta = 0
-    for cid, seq in pairs:
+    for pair in pairs:
+        cid, seq = pair[0], pair[1]
+        if len(pair) > 2 and pair[2]:
+            _store_mentions(w, cid, pair[2], w.num(keys.read_field(cid)))
         if w.ready and w.get(keys.rev_field(cid)) is None:
             w.delete(keys.READY)  # a join Redis never heard of: rebuild on the next read
         if seq <= w.num(keys.top_field(cid)):
@@ -106,6 +113,7 @@ def read(w: Working, cid: int, read_seq: int, top: int) -> tuple[int, int]:
     w.set(keys.read_field(cid), r)
     w.set(keys.top_field(cid), t)
     w.set(keys.unread_field(cid), n)
+    _store_mentions(w, cid, (), r)
     if not w.muted(cid):
         w.add_badge(n - int(unread))
     return n, w.num(keys.BADGE)
@@ -122,7 +130,7 @@ def member(w: Working, row: MembershipRow) -> int:
     old = int(unread) if unread is not None and not w.muted(cid) else 0
     new = 0
     if row.active:
-        n = _set_active(w, row)
+        n = _set_active(w, row)[0]
         if not row.muted:
             new = n
     else:
@@ -140,7 +148,8 @@ def load(w: Working, rows: Sequence[MembershipRow]) -> int:
             continue
         w.set(keys.rev_field(cid), row.rev)
         if row.active:
-            _set_active(w, row)
+            r = _set_active(w, row)[1]
+            _store_mentions(w, cid, row.mentions, r, held_above=row.top)
         else:
             w.delete(*_membership_fields(cid))
     badge = 0
@@ -156,7 +165,9 @@ def load(w: Working, rows: Sequence[MembershipRow]) -> int:
     return badge
 
 
-def _set_active(w: Working, row: MembershipRow) -> int:
+def _set_active(w: Working, row: MembershipRow) -> tuple[int, int]:
+    """Set an active membership's fields; returns ``(unread, read pointer)``. Mentions at or
+    below the read pointer go."""
     cid = row.conversation_id
     r = max(w.num(keys.read_field(cid)), row.read_seq)
     t = max(w.num(keys.top_field(cid)), row.top, r)
@@ -164,7 +175,31 @@ def _set_active(w: Working, row: MembershipRow) -> int:
     w.set(keys.top_field(cid), t)
     w.set(keys.unread_field(cid), t - r)
     w.set(keys.muted_field(cid), "1" if row.muted else "0")
-    return t - r
+    _store_mentions(w, cid, (), r)
+    return t - r, r
+
+
+def _store_mentions(
+    w: Working, cid: int | str, new: Iterable[int | str], r: int, held_above: int = 0
+) -> None:
+    """Keep in ``n:<cid>`` the seqs it holds and ``new`` above ``r``, ascending, once each
+    (delete the field when none is left); a seq it holds stays only if above ``held_above``
+    too (``load``: the truth's rows cover every seq up to their top)."""
+    field = keys.mentions_field(cid)
+    current = w.get(field)
+    held = [int(s) for s in current.split(",")] if current else []
+    held = [s for s in held if s > held_above]
+    kept = sorted({int(s) for s in (*held, *new) if int(s) > r})
+    if not kept:
+        w.delete(field)
+    elif (value := ",".join(map(str, kept))) != current:
+        w.set(field, value)
+
+
+def mention_seqs(fields: dict[str, str], cid: int | str) -> list[int]:
+    """The unread mention seqs a counter hash holds for one conversation."""
+    value = fields.get(keys.mentions_field(cid))
+    return [int(s) for s in value.split(",")] if value else []
 
 
 def _membership_fields(cid: int | str) -> tuple[str, ...]:
@@ -173,4 +208,5 @@ def _membership_fields(cid: int | str) -> tuple[str, ...]:
         keys.read_field(cid),
         keys.top_field(cid),
         keys.muted_field(cid),
+        keys.mentions_field(cid),
     )

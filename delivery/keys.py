@@ -2,7 +2,8 @@
 and the test failpoints. The strings are the ones the counters app used before the move, so
 events queued by an older process are still read.
 
-``imc:{cq:<shard>}:stream``  STREAM of message events ``c=<conversation id> s=<seq>``; read
+``imc:{cq:<shard>}:stream``  STREAM of message events ``c=<conversation id> s=<seq>`` (and
+                             ``u=<sender> m=<ids> a=1`` for mentions, see delivery.mentions); read
                              by the consumer group ``agg`` (one consumer, ``agg``: the shard
                              lock lets one aggregator work a shard at a time, and it owns the
                              pending entries a dead predecessor left unacknowledged)

@@ -55,6 +55,7 @@ from offline.services import offline_record_messages
 
 from . import keys
 from .failpoints import failpoint
+from .mentions import Event, MentionIndex, event_from_fields, mention_event, stream_fields
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +96,17 @@ def _enqueue_script(client: redis.Redis):
     return client.register_script((LUA_DIR / "enqueue.lua").read_text())
 
 
-def delivery_enqueue(*, conversation_id: int, seq: int) -> int:
-    """Append the event of a committed message to its shard; when the shard passes the
-    threshold, send the Flusher. Returns the shard."""
+def delivery_enqueue(
+    *,
+    conversation_id: int,
+    seq: int,
+    sender_id: int | None = None,
+    mentions: Sequence[int] = (),
+    mention_all: bool = False,
+) -> int:
+    """Append the event of a committed message to its shard (with its mentions, if any; see
+    :mod:`delivery.mentions`); when the shard passes the threshold, send the Flusher. Returns
+    the shard."""
     client = _client()
     shard = shard_of(conversation_id)
     flush = _enqueue_script(client)(
@@ -107,6 +116,15 @@ def delivery_enqueue(*, conversation_id: int, seq: int) -> int:
             seq,
             settings.COUNTERS_FLUSH_THRESHOLD,
             settings.COUNTERS_SHARD_LOCK_TTL_MS,
+            *stream_fields(
+                mention_event(
+                    conversation_id,
+                    seq,
+                    sender_id=sender_id,
+                    mentions=mentions,
+                    mention_all=mention_all,
+                )
+            ),
         ],
     )
     if flush:
@@ -239,7 +257,7 @@ def _apply_batch(client, lock, shard: int, trigger: str, stream: str, entries) -
         pipe.execute()
 
     return delivery_apply_events(
-        [(int(fields["c"]), int(fields["s"])) for _, fields in entries],
+        [event_from_fields(fields) for _, fields in entries],
         shard=shard,
         trigger=trigger,
         oldest_ms=min(int(eid.split("-")[0]) for eid in ids),
@@ -248,16 +266,17 @@ def _apply_batch(client, lock, shard: int, trigger: str, stream: str, entries) -
     )
 
 
-def fold_events(events: Iterable[tuple[int, int]]) -> dict[int, int]:
-    """The highest seq per conversation among increment events ``(conversation id, seq)``."""
+def fold_events(events: Iterable[Event]) -> dict[int, int]:
+    """The highest seq per conversation among increment events ``(conversation id, seq,
+    ...)``."""
     top: dict[int, int] = {}
-    for cid, seq in events:
+    for cid, seq, *_ in events:
         top[cid] = max(top.get(cid, 0), seq)
     return top
 
 
 def delivery_apply_events(
-    events: Sequence[tuple[int, int]],
+    events: Sequence[Event],
     *,
     shard: int = -1,
     trigger: str = "batches",
@@ -275,13 +294,16 @@ def delivery_apply_events(
     pipeline's metrics and returns it.
 
     The write of both the Aggregator (``shard`` >= 0) and the celery-batches task
-    ``counters.batch_message`` (``shard`` -1): applying an event again changes nothing."""
+    ``counters.batch_message`` (``shard`` -1): applying an event again changes nothing.
+    Events of messages with mentions add, in the same counter call, the seqs that mention
+    each user to that user's pairs (:class:`delivery.mentions.MentionIndex`)."""
     started = time.perf_counter()
     stats = FlushStats(shard=shard, trigger=trigger, events_in=len(events))
     top = fold_events(events)
     events_per_conversation: dict[int, int] = defaultdict(int)
-    for cid, _ in events:
+    for cid, *_ in events:
         events_per_conversation[cid] += 1
+    mentioned = MentionIndex(events)
     per_user: dict[int, list[tuple[int, int]]] = defaultdict(list)
     read_seqs: dict[tuple[int, int], int] = {}
     for cid, uid, read_seq in Membership.objects.filter(
@@ -296,7 +318,11 @@ def delivery_apply_events(
     def apply(part) -> None:
         # Counters, then the same users' offline-store entries (both idempotent), then a push
         # for the offline devices of users whose badge went up.
-        deltas = counters_count_messages(part)
+        deltas = counters_count_messages(
+            [(uid, mentioned.counter_pairs(uid, pairs)) for uid, pairs in part]
+            if mentioned
+            else part
+        )
         offline_record_messages(
             [(uid, [(cid, s, read_seqs[uid, cid]) for cid, s in pairs]) for uid, pairs in part]
         )

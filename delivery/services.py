@@ -22,6 +22,7 @@ The sinks have small service APIs and never import delivery. Every call here is 
 """
 
 import time
+from collections.abc import Sequence
 
 from django.conf import settings
 
@@ -38,26 +39,45 @@ from offline.services import (
     offline_record_read,
 )
 
+from .mentions import MentionIndex, mention_event
 
-def delivery_message_committed(*, conversation_id: int, seq: int, sender_id: int) -> None:
+
+def delivery_message_committed(
+    *,
+    conversation_id: int,
+    seq: int,
+    sender_id: int,
+    mentions: Sequence[int] = (),
+    mention_all: bool = False,
+) -> None:
     """A message was committed (or a client repeated its send; the event is idempotent).
     ``DELIVERY_WRITE_PATH`` picks the aggregation pipeline (default: one queue event per
     message), one celery-batches task message per message (``batches``: buffered and folded in
-    the worker), or the per-message fan-out task (``fanout``, kept for comparison)."""
+    the worker), or the per-message fan-out task (``fanout``, kept for comparison). The
+    message's ``mentions`` (user ids) and ``mention_all`` travel with it on each path, only
+    when it has them."""
+    extra = (
+        {"mentions": list(mentions), "mention_all": bool(mention_all)}
+        if mentions or mention_all
+        else {}
+    )
     if settings.DELIVERY_WRITE_PATH == "fanout":
         from .tasks import fanout_message
 
-        fanout_message.delay(conversation_id=conversation_id, seq=seq, sender_id=sender_id)
+        fanout_message.delay(conversation_id=conversation_id, seq=seq, sender_id=sender_id, **extra)
     elif settings.DELIVERY_WRITE_PATH == "batches":
         from .tasks import batch_message
 
         batch_message.delay(
-            conversation_id=conversation_id, seq=seq, sent_ms=int(time.time() * 1000)
+            conversation_id=conversation_id,
+            seq=seq,
+            sent_ms=int(time.time() * 1000),
+            **({"sender_id": sender_id, **extra} if extra else {}),
         )
     else:
         from .pipeline import delivery_enqueue
 
-        delivery_enqueue(conversation_id=conversation_id, seq=seq)
+        delivery_enqueue(conversation_id=conversation_id, seq=seq, sender_id=sender_id, **extra)
 
 
 def delivery_sender_read(*, user_id: int, conversation_id: int, seq: int) -> None:
@@ -66,17 +86,38 @@ def delivery_sender_read(*, user_id: int, conversation_id: int, seq: int) -> Non
     counters_mark_read(user_id=user_id, conversation_id=conversation_id, read_seq=seq, last_seq=seq)
 
 
-def delivery_fanout(*, conversation_id: int, seq: int, sender_id: int | None = None) -> int:
+def delivery_fanout(
+    *,
+    conversation_id: int,
+    seq: int,
+    sender_id: int | None = None,
+    mentions: Sequence[int] = (),
+    mention_all: bool = False,
+) -> int:
     """Deliver message ``seq`` to every active member at once: count it for everyone but the
-    sender, record it in every member's offline store (the sender's too), push to those whose
-    badge went up. Returns how many users were counted."""
+    sender (with the mention for the users it mentions), record it in every member's offline
+    store (the sender's too), push to those whose badge went up. Returns how many users were
+    counted."""
     members = list(
         Membership.objects.filter(
             conversation_id=conversation_id, left_at__isnull=True
         ).values_list("user_id", "last_read_seq")
     )
     counted = [uid for uid, _ in members if uid != sender_id]
-    deltas = counters_count_messages([(uid, [(conversation_id, seq)]) for uid in counted])
+    mentioned = MentionIndex(
+        [
+            mention_event(
+                conversation_id,
+                seq,
+                sender_id=sender_id,
+                mentions=mentions,
+                mention_all=mention_all,
+            )
+        ]
+    )
+    deltas = counters_count_messages(
+        [(uid, mentioned.counter_pairs(uid, [(conversation_id, seq)])) for uid in counted]
+    )
     offline_record_messages([(uid, [(conversation_id, seq, rs)]) for uid, rs in members])
     push_badge_changed(
         user_ids=[uid for uid, d in zip(counted, deltas, strict=True) if d and d > 0], alert=True

@@ -44,6 +44,7 @@ from celery_batches import Batches
 from django.conf import settings
 
 from . import pipeline, services
+from .mentions import mention_event
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,20 @@ BATCH_RESEND_MAX_DELAY_S = 60
     retry_backoff=True,
     max_retries=8,
 )
-def fanout_message(conversation_id: int, seq: int, sender_id: int | None = None) -> int:
-    return services.delivery_fanout(conversation_id=conversation_id, seq=seq, sender_id=sender_id)
+def fanout_message(
+    conversation_id: int,
+    seq: int,
+    sender_id: int | None = None,
+    mentions: list[int] | None = None,
+    mention_all: bool = False,
+) -> int:
+    return services.delivery_fanout(
+        conversation_id=conversation_id,
+        seq=seq,
+        sender_id=sender_id,
+        mentions=mentions or (),
+        mention_all=mention_all,
+    )
 
 
 @shared_task(
@@ -72,10 +85,11 @@ def fanout_message(conversation_id: int, seq: int, sender_id: int | None = None)
     flush_interval=settings.COUNTERS_FLUSH_INTERVAL,
 )
 def batch_message(requests) -> int:
-    """Called as ``batch_message.delay(conversation_id=, seq=, sent_ms=)``; runs with the
-    buffered requests. An event sent again after a failed batch carries ``resends``, how many
-    times it was sent again so far."""
-    events = [(r.kwargs["conversation_id"], r.kwargs["seq"]) for r in requests]
+    """Called as ``batch_message.delay(conversation_id=, seq=, sent_ms=)`` (plus ``sender_id=,
+    mentions=, mention_all=`` for a message with mentions); runs with the buffered requests.
+    An event sent again after a failed batch carries ``resends``, how many times it was sent
+    again so far."""
+    events = [_event(r.kwargs) for r in requests]
     sent = [r.kwargs["sent_ms"] for r in requests if r.kwargs.get("sent_ms")]
     try:
         pipeline.delivery_apply_events(events, oldest_ms=min(sent, default=None))
@@ -84,6 +98,16 @@ def batch_message(requests) -> int:
         _send_again(requests, exc)
         raise
     return len(events)
+
+
+def _event(kwargs: dict) -> tuple:
+    return mention_event(
+        kwargs["conversation_id"],
+        kwargs["seq"],
+        sender_id=kwargs.get("sender_id"),
+        mentions=kwargs.get("mentions") or (),
+        mention_all=kwargs.get("mention_all", False),
+    )
 
 
 def _send_again(requests, exc: Exception) -> None:
@@ -112,6 +136,19 @@ def _send_again(requests, exc: Exception) -> None:
         )
         batch_message.apply_async(
             kwargs={"conversation_id": cid, "seq": seq, "resends": done + 1}, countdown=delay
+        )
+    for r in requests:
+        # A message with mentions goes again as it was: its seq may be below the folded top.
+        if "sender_id" not in r.kwargs:
+            continue
+        done = r.kwargs.get("resends", 0)
+        if done >= settings.COUNTERS_BATCHES_MAX_RESENDS:
+            dropped.append((r.kwargs["conversation_id"], r.kwargs["seq"]))
+            continue
+        kwargs = {k: v for k, v in r.kwargs.items() if k != "sent_ms"}
+        batch_message.apply_async(
+            kwargs={**kwargs, "resends": done + 1},
+            countdown=min(2**done, BATCH_RESEND_MAX_DELAY_S),
         )
     if dropped:
         logger.error(

@@ -25,6 +25,10 @@ def report_reconcile(modeladmin, request, user_ids) -> None:
             f"conversation {cid}: {was} → {should}"
             for cid, (was, should) in list(diff.conversations.items())[:10]
         ]
+        parts += [
+            f"conversation {cid} mentions: {was} → {should}"
+            for cid, (was, should) in list(diff.mentions.items())[:10]
+        ]
         modeladmin.message_user(
             request, f"user {diff.user_id} differed: {', '.join(parts)}", level=messages.WARNING
         )

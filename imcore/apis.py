@@ -405,6 +405,9 @@ class ConversationListItem(Schema):
     last_seq: int
     last_read_seq: int
     unread: int
+    unread_mentions: int = Field(
+        description="Unread messages that mention me (or everyone); counted when muted too"
+    )
     muted: bool
 
 
@@ -423,6 +426,7 @@ def conversation_list_api(request):
             "last_seq": s.conversation.last_seq,
             "last_read_seq": s.membership.last_read_seq,
             "unread": s.unread,
+            "unread_mentions": s.unread_mentions,
             "muted": s.membership.muted,
         }
         for s in selectors.conversation_list(user=request.auth.user)
@@ -494,6 +498,18 @@ def member_remove_api(
 class MessageSendIn(Body):
     body: str = Field(min_length=1, max_length=settings.MESSAGE_BODY_MAX_CHARS)
     client_msg_id: str = Field(min_length=1, max_length=64)
+    mentions: list[Id] = Field(
+        default_factory=list,
+        max_length=settings.MESSAGE_MENTIONS_MAX,
+        description="User ids the message mentions: active members of the conversation "
+        "(anyone else: 400); duplicates are folded. Each mentioned member, other than the "
+        "sender, has the message among their unread mentions until they read past it.",
+    )
+    mention_all: bool = Field(
+        default=False,
+        description="Mention every member but the sender: groups only (400 in a direct "
+        "conversation), by the group's creator only (403).",
+    )
 
 
 class MessageOut(Schema):
@@ -504,6 +520,8 @@ class MessageOut(Schema):
     body: str
     client_msg_id: str
     created_at: datetime
+    mentions: list[int]
+    mention_all: bool
 
 
 message_out = selectors.message_fields
@@ -514,12 +532,17 @@ message_out = selectors.message_fields
     tags=["messages"],
     **responses(
         {200: MessageOut, 201: MessageOut},
-        errors=(401, 404, 409, 422),  # 409: a client_msg_id repeated with another body
+        # 403: mention_all by someone other than the group's creator; 409: a client_msg_id
+        # repeated with another body, conversation or mentions
+        errors=(401, 403, 404, 409, 422),
         body=True,
+        refusals="``mentions`` names a user who is not an active member of the conversation; "
+        "``mention_all`` in a direct conversation.",
     ),
 )
 def message_send_api(request, conversation_id: ConversationId, payload: MessageSendIn):
-    """Send a message; repeating a ``client_msg_id`` returns the stored message with 200."""
+    """Send a message, optionally mentioning members (``mentions``) or everyone
+    (``mention_all``); repeating a ``client_msg_id`` returns the stored message with 200."""
     membership = selectors.membership_get_active(
         user=request.auth.user, conversation_id=conversation_id
     )
@@ -528,6 +551,8 @@ def message_send_api(request, conversation_id: ConversationId, payload: MessageS
         conversation=membership.conversation,
         body=payload.body,
         client_msg_id=payload.client_msg_id,
+        mentions=payload.mentions,
+        mention_all=payload.mention_all,
     )
     return Status(201 if created else 200, message_out(message))
 
@@ -621,6 +646,10 @@ def conversation_mute_api(request, conversation_id: ConversationId, payload: Mut
 class UnreadOut(Schema):
     badge: int
     conversations: dict[str, int]
+    mentions: dict[str, int] = Field(
+        description="Unread mentions per conversation id, only conversations with at least "
+        "one; not part of the badge, and counted in muted conversations too"
+    )
 
 
 @router.get("/unread", tags=["counters"], **responses({200: UnreadOut}, errors=(401,)))
@@ -630,4 +659,5 @@ def unread_get_api(request):
     return {
         "badge": counts.badge,
         "conversations": {str(cid): n for cid, n in sorted(counts.conversations.items())},
+        "mentions": {str(cid): n for cid, n in sorted(counts.mentions.items())},
     }

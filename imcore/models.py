@@ -12,6 +12,8 @@ So ``unread(u, c) = c.last_seq - m.last_read_seq`` for an active membership ``m`
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
+from django.contrib.postgres.fields import ArrayField
+from django.contrib.postgres.indexes import GinIndex
 from django.db import models
 from django.db.models import Q
 
@@ -103,8 +105,23 @@ class Message(models.Model):
     client_msg_id = models.CharField(max_length=64)
     body = models.TextField()
     created_at = models.DateTimeField(auto_now_add=True)
+    # Users the message mentions (active members when sent; sorted, no duplicates), and
+    # whether it mentions every member (group creators only). A mention counts for a member
+    # while unread: seq > their last_read_seq, and not their own message.
+    mentions = ArrayField(models.BigIntegerField(), default=list, blank=True)
+    mention_all = models.BooleanField(default=False)
 
     class Meta:
+        indexes = [
+            # Mentions are rare: the rebuild finds a user's with these, not by scanning every
+            # unread message.
+            GinIndex(fields=["mentions"], name="message_mentions_gin"),
+            models.Index(
+                fields=["conversation", "seq"],
+                condition=Q(mention_all=True),
+                name="message_mention_all_idx",
+            ),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["conversation", "seq"], name="message_conversation_seq"

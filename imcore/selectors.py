@@ -59,11 +59,12 @@ class ConversationSummary:
     conversation: Conversation
     membership: Membership
     unread: int
+    unread_mentions: int = 0
 
 
 def conversation_list(*, user: User) -> list[ConversationSummary]:
     """The user's conversations, newest activity first (latest message, or creation for a
-    conversation without messages), with unread counts from Redis."""
+    conversation without messages), with unread counts and unread mentions from Redis."""
     memberships = (
         Membership.objects.select_related("conversation")
         .filter(user=user, left_at__isnull=True)
@@ -76,6 +77,7 @@ def conversation_list(*, user: User) -> list[ConversationSummary]:
             conversation=m.conversation,
             membership=m,
             unread=counts.conversations.get(m.conversation_id, 0),
+            unread_mentions=counts.mentions.get(m.conversation_id, 0),
         )
         for m in memberships
     ]
@@ -97,4 +99,6 @@ def message_fields(message: Message) -> dict:
         "body": message.body,
         "client_msg_id": message.client_msg_id,
         "created_at": message.created_at,
+        "mentions": list(message.mentions),
+        "mention_all": message.mention_all,
     }

@@ -6,7 +6,7 @@ Redis without changing PostgreSQL twice."""
 
 import hashlib
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import partial
 
 from django.conf import settings
@@ -335,19 +335,34 @@ def _next_seq(conversation_id: int) -> int:
 
 
 def message_send(
-    *, sender: User, conversation: Conversation, body: str, client_msg_id: str
+    *,
+    sender: User,
+    conversation: Conversation,
+    body: str,
+    client_msg_id: str,
+    mentions: Sequence[int] = (),
+    mention_all: bool = False,
 ) -> tuple[Message, bool]:
     """Store a message with the next seq; returns ``(message, created)``. The same
     ``client_msg_id`` from the same sender returns the stored message (``created=False``) and
-    re-sends its counter updates, which are idempotent. Sending marks the conversation read
-    for the sender up to the new message.
+    re-sends its counter updates, which are idempotent; with another body, conversation or
+    mentions it is a 409. Sending marks the conversation read for the sender up to the new
+    message.
+
+    ``mentions`` names active members of the conversation (anyone else: 400; duplicates are
+    folded, the list is stored sorted). Mentioning yourself is allowed and counts for nobody:
+    the send marks the message read for its sender. ``mention_all`` mentions every member but
+    the sender: only in a group (400 in a direct conversation) and only by the group's
+    creator (403).
 
     The counter event is handed over on commit. If Redis or the broker refuses it, the
     exception reaches the caller after the commit (the API answers 503); the client's retry
     with the same ``client_msg_id`` finds the stored message and hands the event over again."""
-    message = _message_replay(sender, conversation, body, client_msg_id)
+    mentioned = sorted(set(mentions))
+    message = _message_replay(sender, conversation, body, client_msg_id, mentioned, mention_all)
     created = message is None
     if created:
+        _mentions_check(sender, conversation, mentioned, mention_all)
         try:
             with transaction.atomic():
                 seq = _next_seq(conversation.pk)
@@ -357,6 +372,8 @@ def message_send(
                     sender=sender,
                     body=body,
                     client_msg_id=client_msg_id,
+                    mentions=mentioned,
+                    mention_all=mention_all,
                 )
                 Membership.objects.filter(conversation=conversation, user=sender).update(
                     last_read_seq=Greatest(F("last_read_seq"), seq)
@@ -367,27 +384,67 @@ def message_send(
                         conversation_id=conversation.pk,
                         seq=seq,
                         sender_id=sender.pk,
+                        mentions=mentioned,
+                        mention_all=mention_all,
                     )
                 )
         except IntegrityError:
             # The same client_msg_id raced with itself; the first one is stored.
-            message = _message_replay(sender, conversation, body, client_msg_id)
+            message = _message_replay(
+                sender, conversation, body, client_msg_id, mentioned, mention_all
+            )
             if message is None:
                 raise
             created = False
     if not created:
         delivery_message_committed(
-            conversation_id=conversation.pk, seq=message.seq, sender_id=sender.pk
+            conversation_id=conversation.pk,
+            seq=message.seq,
+            sender_id=sender.pk,
+            mentions=message.mentions,
+            mention_all=message.mention_all,
         )
     delivery_sender_read(user_id=sender.pk, conversation_id=conversation.pk, seq=message.seq)
     return message, created
 
 
+def _mentions_check(
+    sender: User, conversation: Conversation, mentioned: list[int], mention_all: bool
+) -> None:
+    """Who a new message may mention (see :func:`message_send`)."""
+    if mention_all:
+        if conversation.kind != Conversation.Kind.GROUP:
+            raise BadRequest("mention_all is only for groups")
+        if sender.pk != conversation.created_by_id:
+            raise PermissionDenied("only the group's creator can mention everyone")
+    if mentioned:
+        members = set(
+            Membership.objects.filter(
+                conversation=conversation, user_id__in=mentioned, left_at__isnull=True
+            ).values_list("user_id", flat=True)
+        )
+        if outsiders := [uid for uid in mentioned if uid not in members]:
+            raise BadRequest(
+                f"mentions must name members of the conversation, not {outsiders}",
+                details={"not_members": outsiders},
+            )
+
+
 def _message_replay(
-    sender: User, conversation: Conversation, body: str, client_msg_id: str
+    sender: User,
+    conversation: Conversation,
+    body: str,
+    client_msg_id: str,
+    mentioned: list[int],
+    mention_all: bool,
 ) -> Message | None:
     message = Message.objects.filter(sender=sender, client_msg_id=client_msg_id).first()
-    if message is not None and (message.conversation_id != conversation.pk or message.body != body):
+    if message is not None and (
+        message.conversation_id != conversation.pk
+        or message.body != body
+        or list(message.mentions) != mentioned
+        or message.mention_all != mention_all
+    ):
         raise Conflict(
             f"client_msg_id {client_msg_id!r} was already used for another message",
             details={"conversation_id": message.conversation_id, "seq": message.seq},

@@ -152,13 +152,18 @@ LOGGING = {
 API_SIGNUP_ENABLED = env_bool("API_SIGNUP_ENABLED", True)
 # Longest message body, in characters.
 MESSAGE_BODY_MAX_CHARS = env_int("MESSAGE_BODY_MAX_CHARS", 8000)
+# Most user ids one message may mention (``mentions``); larger lists get 422.
+MESSAGE_MENTIONS_MAX = env_int("MESSAGE_MENTIONS_MAX", 1000)
 # Most members a group may have.
 GROUP_MAX_MEMBERS = env_int("GROUP_MAX_MEMBERS", 10_000)
 # Largest request body the API accepts, in bytes; larger ones get 413 before any parsing. The
 # default holds every body the OpenAPI schema allows, so a 413 always means a body the schema
 # forbids: a message of MESSAGE_BODY_MAX_CHARS characters outside the BMP written as \u escapes
-# (12 bytes each), or a group of GROUP_MAX_MEMBERS ids of 19 digits; 16 KiB cover the rest.
-API_SCHEMA_BODY_BYTES = max(12 * MESSAGE_BODY_MAX_CHARS, 21 * GROUP_MAX_MEMBERS) + 16 * 1024
+# (12 bytes each) with MESSAGE_MENTIONS_MAX ids of 19 digits, or a group of GROUP_MAX_MEMBERS
+# such ids; 16 KiB cover the rest.
+API_SCHEMA_BODY_BYTES = (
+    max(12 * MESSAGE_BODY_MAX_CHARS + 21 * MESSAGE_MENTIONS_MAX, 21 * GROUP_MAX_MEMBERS) + 16 * 1024
+)
 API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", API_SCHEMA_BODY_BYTES)
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 # Largest page of GET .../messages.

@@ -23,6 +23,9 @@ class SyncMessageOut(Schema):
     body: str
     client_msg_id: str
     created_at: str
+    # (a package prepared before mentions existed has neither: the defaults)
+    mentions: list[int] = Field(default_factory=list)
+    mention_all: bool = False
 
 
 class SyncEntryOut(Schema):

@@ -17,6 +17,8 @@ def counter_mismatches(user_ids=None) -> list[str]:
             continue
         if held.conversations != truth.conversations:
             problems.append(f"user {user_id}: unread {held.conversations} != {truth.conversations}")
+        if held.mentions != truth.mentions:
+            problems.append(f"user {user_id}: mentions {held.mentions} != {truth.mentions}")
         if held.badge != truth.badge:
             problems.append(f"user {user_id}: badge {held.badge} != {truth.badge}")
         if any(n < 0 for n in held.conversations.values()) or held.badge < 0:

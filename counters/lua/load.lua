@@ -1,16 +1,20 @@
 --[[ load: rebuild one user's counters from PostgreSQL rows (first read after a wipe,
 reconcile, admin action).
 KEYS[1]  the user's counter hash, imc:{u:<id>}:ctr
-ARGV     groups of 6, one per membership row of the user (active or left):
-         conversation id, rev, active "1"/"0", muted "1"/"0", last_read_seq, conversation last_seq
+ARGV     groups of 7, one per membership row of the user (active or left):
+         conversation id, rev, active "1"/"0", muted "1"/"0", last_read_seq, conversation last_seq,
+         the seqs of the messages above last_read_seq that mention the user (comma separated)
 Returns  the badge after the load.
 
 A row applies unless Redis already holds a newer rev for that conversation (a change
 committed after the rows were read); read and top pointers only move up, so events applied
 between the read of the rows and this script are kept. Every unread is recomputed as
-top - read and the badge as their sum over unmuted conversations; then the hash is ready. ]]
+top - read and the badge as their sum over unmuted conversations. The mentions are the row's
+and those Redis holds above the row's top (committed after the rows were read; the caller
+reads the mentions after the rows, so the row's cover every seq up to its top and a wrong
+one held below it goes), all above the read pointer. Then the hash is ready. ]]
 local h = KEYS[1]
-for i = 1, #ARGV, 6 do
+for i = 1, #ARGV, 7 do
   local c = ARGV[i]
   local rev = tonumber(ARGV[i + 1])
   if rev >= tonumber(redis.call('HGET', h, 'v:' .. c) or 0) then
@@ -19,8 +23,9 @@ for i = 1, #ARGV, 6 do
       local r = math.max(tonumber(redis.call('HGET', h, 'r:' .. c) or 0), tonumber(ARGV[i + 4]))
       local t = math.max(tonumber(redis.call('HGET', h, 't:' .. c) or 0), tonumber(ARGV[i + 5]), r)
       redis.call('HSET', h, 'r:' .. c, r, 't:' .. c, t, 'u:' .. c, t - r, 'm:' .. c, ARGV[i + 3])
+      store_mentions(h, c, ARGV[i + 6], r, tonumber(ARGV[i + 5]))
     else
-      redis.call('HDEL', h, 'u:' .. c, 'r:' .. c, 't:' .. c, 'm:' .. c)
+      redis.call('HDEL', h, 'u:' .. c, 'r:' .. c, 't:' .. c, 'm:' .. c, 'n:' .. c)
     end
   end
 end

@@ -3,6 +3,7 @@ KEYS[1]  the user's counter hash, imc:{u:<id>}:ctr
 ARGV[1]  conversation id
 ARGV[2]  read seq (the new last_read_seq; the pointer never moves back)
 ARGV[3]  the conversation's last seq when the read was committed (the top moves up to it)
+The mentions at or below the new read pointer are dropped.
 Returns  {unread, badge}
          {-1, 0} when the hash is not loaded (the caller rebuilds and calls again)
          {-2, 0} when Redis does not know the user as a member (the caller rebuilds) ]]
@@ -15,6 +16,7 @@ local r = math.max(tonumber(redis.call('HGET', h, 'r:' .. c) or 0), tonumber(ARG
 local t = math.max(tonumber(redis.call('HGET', h, 't:' .. c) or 0), tonumber(ARGV[3]), r)
 local n = t - r
 redis.call('HSET', h, 'r:' .. c, r, 't:' .. c, t, 'u:' .. c, n)
+store_mentions(h, c, nil, r)
 local d = n - tonumber(unread)
 local badge
 if d ~= 0 and redis.call('HGET', h, 'm:' .. c) ~= '1' then

@@ -6,9 +6,12 @@ ARGV[1]  conversation id
 ARGV[2]  message seq (the idempotency key of the event)
 ARGV[3]  threshold, in events
 ARGV[4]  how long a flush request stays set, in milliseconds
+ARGV[5..] more field, value pairs of the event (a message with mentions: u, m, a)
 Returns  1 when the shard holds at least the threshold and no flush was requested yet (the
          caller sends the Flusher), else 0. ]]
-redis.call('XADD', KEYS[1], '*', 'c', ARGV[1], 's', ARGV[2])
+local fields = {'c', ARGV[1], 's', ARGV[2]}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[1], '*', unpack(fields))
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[3]) then
   if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[4]) then return 1 end
 end

@@ -33,8 +33,8 @@ def test_reads_after_a_wipe_return_exact_counts(make_member, redis_clean):
     bob.post(f"/conversations/{gid}/read", {"seq": 1})
     carol.post(f"/conversations/{gid}/mute", {"muted": True})
     redis_clean.flushdb()
-    assert bob.unread() == {"badge": 2, "conversations": {str(gid): 2}}
-    assert carol.unread() == {"badge": 0, "conversations": {str(gid): 3}}
+    assert bob.unread() == {"badge": 2, "conversations": {str(gid): 2}, "mentions": {}}
+    assert carol.unread() == {"badge": 0, "conversations": {str(gid): 3}, "mentions": {}}
     redis_clean.flushdb()
     listing = carol.get("/conversations").json()
     assert [(c["id"], c["unread"], c["muted"]) for c in listing] == [(gid, 3, True)]
@@ -75,7 +75,7 @@ def test_reconcile_command_reports_and_repairs(make_member, redis_clean):
     assert f"user {bob.id}: badge 99 -> 3" in text
     assert f"user {bob.id}: conversation {gid} unread 42 -> 3" in text
     assert "1 users checked, 1 differed" in text
-    assert bob.unread() == {"badge": 3, "conversations": {str(gid): 3}}
+    assert bob.unread() == {"badge": 3, "conversations": {str(gid): 3}, "mentions": {}}
     out = io.StringIO()
     call_command("reconcile_counters", "--all", stdout=out)
     assert "0 differed" in out.getvalue()

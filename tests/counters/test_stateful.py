@@ -1,6 +1,6 @@
-"""A Hypothesis state machine drives random sends, deliveries of queued increments (in any
-order), reads, mutes, joins, leaves and Redis wipes through the services, against a plain
-model of the truth; after every step the counter invariants hold."""
+"""A Hypothesis state machine drives random sends (some with mentions), deliveries of queued
+increments (in any order), reads, mutes, joins, leaves and Redis wipes through the services,
+against a plain model of the truth; after every step the counter invariants hold."""
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -50,7 +50,10 @@ class CounterMachine(RuleBasedStateMachine):
             {0: [0, False], 1: [0, False], 3: [0, False]},
             {2: [0, False], 3: [0, False]},
         ]
-        self.pending: list[tuple[int, int, int]] = []  # queued increments (conv, seq, sender)
+        # queued increments (conv, seq, sender, mentioned user indexes, mention_all)
+        self.pending: list[tuple[int, int, int, frozenset, bool]] = []
+        # per conversation, its messages with mentions: (seq, sender, mentioned, mention_all)
+        self.mentioning: list[list[tuple[int, int, frozenset, bool]]] = [[], [], []]
 
     def membership(self, ui, ci):
         return Membership.objects.select_related("conversation").get(
@@ -64,6 +67,21 @@ class CounterMachine(RuleBasedStateMachine):
             if ui in m
         }
 
+    def model_mentions(self, ui):
+        """Unread mentions: messages above the read pointer, from someone else, that mention
+        the user or everyone; only conversations with some."""
+        out = {}
+        for ci, m in enumerate(self.members):
+            if ui in m:
+                n = sum(
+                    1
+                    for seq, sender, mentioned, everyone in self.mentioning[ci]
+                    if seq > m[ui][0] and sender != ui and (everyone or ui in mentioned)
+                )
+                if n:
+                    out[self.convs[ci].pk] = n
+        return out
+
     def model_badge(self, ui):
         return sum(
             self.last_seq[ci] - m[ui][0]
@@ -71,37 +89,64 @@ class CounterMachine(RuleBasedStateMachine):
             if ui in m and not m[ui][1]
         )
 
-    @rule(ui=st.integers(0, N_USERS - 1), ci=st.integers(0, 2))
-    def send(self, ui, ci):
+    @rule(
+        ui=st.integers(0, N_USERS - 1),
+        ci=st.integers(0, 2),
+        mention=st.sets(st.integers(0, N_USERS - 1), max_size=2),
+        everyone=st.booleans(),
+    )
+    def send(self, ui, ci, mention, everyone):
         if ui not in self.members[ci]:
             return
+        mentioned = frozenset(i for i in mention if i in self.members[ci])
+        everyone = everyone and ci < 2 and ui == 0  # u0 created both groups
         message, created = services.message_send(
             sender=self.users[ui],
             conversation=self.convs[ci],
             body="x",
             client_msg_id=f"c{self.convs[ci].pk}-{self.last_seq[ci] + 1}",
+            mentions=[self.users[i].pk for i in mentioned],
+            mention_all=everyone,
         )
         assert created
         self.last_seq[ci] += 1
         assert message.seq == self.last_seq[ci]
         self.members[ci][ui][0] = message.seq
-        self.pending.append((ci, message.seq, ui))
+        self.pending.append((ci, message.seq, ui, mentioned, everyone))
+        if mentioned or everyone:
+            self.mentioning[ci].append((message.seq, ui, mentioned, everyone))
+
+    def fanout(self, ci, seq, ui, mentioned, everyone):
+        delivery_fanout(
+            conversation_id=self.convs[ci].pk,
+            seq=seq,
+            sender_id=self.users[ui].pk,
+            mentions=[self.users[i].pk for i in mentioned],
+            mention_all=everyone,
+        )
 
     @precondition(lambda self: self.pending)
     @rule(data=st.data())
     def deliver_one(self, data):
         """The worker applies one queued increment, not necessarily the oldest."""
-        ci, seq, ui = self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1)))
-        delivery_fanout(conversation_id=self.convs[ci].pk, seq=seq, sender_id=self.users[ui].pk)
+        self.fanout(*self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1))))
 
     @rule()
     def deliver_all(self):
-        for ci, seq, ui in reversed(self.pending):
-            delivery_fanout(conversation_id=self.convs[ci].pk, seq=seq, sender_id=self.users[ui].pk)
+        for event in reversed(self.pending):
+            self.fanout(*event)
         self.pending.clear()
 
     @rule(ui=st.integers(0, N_USERS - 1), ci=st.integers(0, 2), frac=st.floats(0, 1))
     def read(self, ui, ci, frac):
+        self.read_up_to(ui, ci, frac)
+
+    @rule(ui=st.integers(0, N_USERS - 1), ci=st.integers(0, 2))
+    def read_all(self, ui, ci):
+        """A client opens the conversation: read up to its last message (past any mention)."""
+        self.read_up_to(ui, ci, 1.0)
+
+    def read_up_to(self, ui, ci, frac):
         if ui not in self.members[ci]:
             return
         seq = round(self.last_seq[ci] * frac)
@@ -148,19 +193,22 @@ class CounterMachine(RuleBasedStateMachine):
             truth = counters_truth(user_id=user.pk)
             assert truth.conversations == self.model_unread(ui), "PostgreSQL differs from model"
             assert truth.badge == self.model_badge(ui)
+            assert truth.mentions == self.model_mentions(ui)
             held = counters_get(user_id=user.pk)
             muted = {self.convs[ci].pk for ci, m in enumerate(self.members) if m.get(ui, [0, 0])[1]}
             assert set(held.conversations) == set(truth.conversations)
             for cid, n in held.conversations.items():
                 assert 0 <= n <= truth.conversations[cid], (cid, n, truth)
             assert held.badge == sum(n for c, n in held.conversations.items() if c not in muted)
+            for cid, n in held.mentions.items():
+                assert 0 < n <= truth.mentions.get(cid, 0), (cid, n, truth)
             if not self.pending:
                 assert held == truth
 
 
 @pytest.mark.parametrize("strategy_name", ["lua", "watch", "lock"])
 def test_counters_match_model_of_truth(strategy_name, db, settings):
-    """Random interleavings of every operation keep the counters within the truth, the badge
-    equal to the unmuted sum, and exact once the queue is drained."""
+    """Random interleavings of every operation keep the counters and mentions within the
+    truth, the badge equal to the unmuted sum, and both exact once the queue is drained."""
     settings.COUNTERS_STRATEGY = strategy_name
     run_state_machine_as_test(CounterMachine, settings=MACHINE_SETTINGS)

@@ -13,9 +13,15 @@ ALL = sorted(STRATEGIES)
 U = 7  # a user id; these tests need no database rows
 
 
-def row(cid, rev=1, active=True, muted=False, read=0, top=0):
+def row(cid, rev=1, active=True, muted=False, read=0, top=0, mentions=()):
     return MembershipRow(
-        conversation_id=cid, rev=rev, active=active, muted=muted, read_seq=read, top=top
+        conversation_id=cid,
+        rev=rev,
+        active=active,
+        muted=muted,
+        read_seq=read,
+        top=top,
+        mentions=tuple(mentions),
     )
 
 
@@ -23,6 +29,12 @@ def counts(strategy, user_id=U):
     fields = strategy.fetch(user_id)
     unread = {int(f[2:]): int(v) for f, v in fields.items() if f.startswith("u:")}
     return int(fields.get("badge", 0)), unread
+
+
+def mentions(strategy, user_id=U):
+    """The unread mention seqs the hash holds, by conversation."""
+    fields = strategy.fetch(user_id)
+    return {int(f[2:]): v for f, v in fields.items() if f.startswith("n:")}
 
 
 @pytest.fixture(params=ALL)
@@ -112,9 +124,52 @@ def test_increments_before_a_load_are_kept_by_it(strategy):
     assert counts(strategy) == (4, {1: 4})
 
 
+def test_mentions_count_once_and_go_with_a_read(strategy):
+    """A mention seq is held once however often it arrives, stays out of the badge, and a
+    read past it drops it while one before it keeps it."""
+    strategy.load(U, [row(1), row(2)])
+    strategy.inc_many([(U, [(1, 3, (2,))]), (U, [(1, 3, (2,))]), (U, [(1, 5, (5, 2))])])
+    assert mentions(strategy) == {1: "2,5"}
+    assert counts(strategy) == (5, {1: 5, 2: 0})
+    strategy.read(U, 1, 1, 5)
+    assert mentions(strategy) == {1: "2,5"}
+    strategy.read(U, 1, 2, 5)
+    assert mentions(strategy) == {1: "5"}
+    strategy.inc_many([(U, [(1, 5, (2,))])])  # redelivered after the read: nothing
+    assert mentions(strategy) == {1: "5"}
+    strategy.read(U, 1, 5, 5)
+    assert mentions(strategy) == {}
+
+
+def test_mentions_go_with_a_leave_and_a_rejoin_starts_without(strategy):
+    """Leaving deletes the mentions; a rejoin keeps only mentions above its read pointer."""
+    strategy.load(U, [row(1)])
+    strategy.inc_many([(U, [(1, 2, (2,))])])
+    strategy.member(U, row(1, rev=2, active=False))
+    assert mentions(strategy) == {}
+    strategy.inc_many([(U, [(1, 2, (2,))]), (U, [(1, 4, (4,))])])  # late, after the leave
+    strategy.member(U, row(1, rev=3, read=3, top=3))  # rejoin at 3: seq 4 came after it
+    assert mentions(strategy) == {1: "4"}
+
+
+def test_load_merges_the_truths_mentions_with_newer_ones(strategy):
+    """A load keeps the mentions Redis got after the rows were read (above the row's top),
+    drops those the truth does not have below it, and adds the rows' own, above the read
+    pointer."""
+    strategy.inc_many([(U, [(1, 6, (6,))]), (U, [(1, 4, (4,))])])
+    strategy.load(U, [row(1, read=2, top=5, mentions=(1, 3, 5))])
+    assert mentions(strategy) == {1: "3,5,6"}
+    assert counts(strategy) == (4, {1: 4})
+
+
 OPS = st.lists(
     st.one_of(
-        st.tuples(st.just("inc"), st.integers(1, 3), st.integers(1, 12)),
+        st.tuples(
+            st.just("inc"),
+            st.integers(1, 3),
+            st.integers(1, 12),
+            st.lists(st.integers(1, 12), max_size=3),
+        ),
         st.tuples(st.just("read"), st.integers(1, 3), st.integers(0, 12)),
         st.tuples(
             st.just("member"),
@@ -124,7 +179,12 @@ OPS = st.lists(
             st.booleans(),
             st.integers(0, 12),
         ),
-        st.tuples(st.just("load"), st.integers(1, 3), st.integers(0, 12)),
+        st.tuples(
+            st.just("load"),
+            st.integers(1, 3),
+            st.integers(0, 12),
+            st.lists(st.integers(1, 12), max_size=3),
+        ),
     ),
     max_size=25,
 )
@@ -134,14 +194,16 @@ def apply(strategy, user_id, op):
     kind, cid = op[0], op[1]
     try:
         if kind == "inc":
-            strategy.inc_many([(user_id, [(cid, op[2])])])
+            mentioned = tuple(s for s in op[3] if s <= op[2])  # a batch's mentions are <= top
+            strategy.inc_many([(user_id, [(cid, op[2], mentioned)])])
         elif kind == "read":
             strategy.read(user_id, cid, op[2], op[2])
         elif kind == "member":
             _, _, rev, active, muted, seq = op
             strategy.member(user_id, row(cid, rev, active, muted, read=seq, top=seq))
         else:
-            strategy.load(user_id, [row(cid, 1, True, False, read=0, top=op[2])])
+            truth = [s for s in op[3] if s <= op[2]]
+            strategy.load(user_id, [row(cid, 1, True, False, read=0, top=op[2], mentions=truth)])
     except (CountersNotLoaded, CountersNotMember) as exc:
         return type(exc).__name__
     return None

@@ -32,7 +32,7 @@ def test_send_reaches_every_member_through_the_worker(transactional_db, make_mem
     ids = [u.pk for u in others]
     for uid in ids:
         assert counters_get(user_id=uid).conversations == {gid: 2}
-    assert alice.unread() == {"badge": 0, "conversations": {str(gid): 0}}
+    assert alice.unread() == {"badge": 0, "conversations": {str(gid): 0}, "mentions": {}}
     assert counter_mismatches([alice.id, *ids]) == []
 
 
@@ -45,7 +45,7 @@ def test_task_delivered_twice_counts_once(transactional_db, make_member, celery_
     for _ in range(3):
         fanout_message.delay(conversation_id=conv.pk, seq=message["seq"], sender_id=alice.id)
     wait_until(broker_idle)
-    assert bob.unread() == {"badge": 1, "conversations": {str(conv.pk): 1}}
+    assert bob.unread() == {"badge": 1, "conversations": {str(conv.pk): 1}, "mentions": {}}
 
 
 def test_read_is_immediate_and_survives_late_fanout(transactional_db, make_member, celery_worker):

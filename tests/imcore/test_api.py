@@ -130,7 +130,7 @@ def test_signup_login_and_call(db):
     token = login.json()["token"]
     response = shared_client().get("/api/v1/unread", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200, response.content
-    assert response.json() == {"badge": 0, "conversations": {}}
+    assert response.json() == {"badge": 0, "conversations": {}, "mentions": {}}
 
 
 # ---- POST /devices -----------------------------------------------------------------------
@@ -347,11 +347,11 @@ def test_new_member_starts_at_zero_unread(make_member):
     gid = create_group(alice)
     send_and_fanout(alice, gid, 3)
     assert alice.post(f"/conversations/{gid}/members", {"user_ids": [bob.id]}).status_code == 200
-    assert bob.unread() == {"badge": 0, "conversations": {str(gid): 0}}
+    assert bob.unread() == {"badge": 0, "conversations": {str(gid): 0}, "mentions": {}}
     assert listing_of(bob, gid)["last_read_seq"] == 3
     # Messages after the join count (increments applied directly with delivery_fanout).
     send_and_fanout(alice, gid, 1, prefix="late")
-    assert bob.unread() == {"badge": 1, "conversations": {str(gid): 1}}
+    assert bob.unread() == {"badge": 1, "conversations": {str(gid): 1}, "mentions": {}}
     assert counter_mismatches() == []
 
 
@@ -367,13 +367,13 @@ def test_rejoin_after_leave_starts_at_zero_unread(make_member):
     response = alice.post(f"/conversations/{gid}/members", {"user_ids": [bob.id]})
     assert response.status_code == 200, response.content
     assert response.json()["added"] == [bob.id]
-    assert bob.unread() == {"badge": 0, "conversations": {str(gid): 0}}
+    assert bob.unread() == {"badge": 0, "conversations": {str(gid): 0}, "mentions": {}}
     item = listing_of(bob, gid)
     assert item["unread"] == 0
     assert item["muted"] is False
     assert Membership.objects.filter(conversation_id=gid, user=bob.user).count() == 1
     send_and_fanout(alice, gid, 1, prefix="after")
-    assert bob.unread() == {"badge": 1, "conversations": {str(gid): 1}}
+    assert bob.unread() == {"badge": 1, "conversations": {str(gid): 1}, "mentions": {}}
     assert counter_mismatches() == []
 
 
@@ -387,11 +387,11 @@ def test_member_leaves(make_member):
     did = create_direct(alice, bob)
     send_and_fanout(alice, gid, 2)
     send_and_fanout(alice, did, 1, prefix="dm")
-    assert bob.unread() == {"badge": 3, "conversations": {str(gid): 2, str(did): 1}}
+    assert bob.unread() == {"badge": 3, "conversations": {str(gid): 2, str(did): 1}, "mentions": {}}
     response = bob.delete(f"/conversations/{gid}/members/{bob.id}")
     assert response.status_code == 204, response.content
     assert response.content == b""
-    assert bob.unread() == {"badge": 1, "conversations": {str(did): 1}}
+    assert bob.unread() == {"badge": 1, "conversations": {str(did): 1}, "mentions": {}}
     assert listing_of(bob, gid) is None
     assert Membership.objects.get(conversation_id=gid, user=bob.user).left_at is not None
     members = alice.post(f"/conversations/{gid}/members", {"user_ids": [alice.id]}).json()
@@ -407,7 +407,7 @@ def test_creator_removes_member(make_member):
     response = alice.delete(f"/conversations/{gid}/members/{bob.id}")
     assert response.status_code == 204, response.content
     assert listing_of(bob, gid) is None
-    assert bob.unread() == {"badge": 0, "conversations": {}}
+    assert bob.unread() == {"badge": 0, "conversations": {}, "mentions": {}}
     assert listing_of(carol, gid) is not None
 
 
@@ -494,6 +494,7 @@ def test_conversation_list(make_member):
         "last_seq": 3,
         "last_read_seq": 1,
         "unread": 2,
+        "unread_mentions": 0,
         "muted": False,
     }
     assert by_id[did]["kind"] == "direct"
@@ -543,7 +544,7 @@ def test_send_message(make_member):
     second = alice.send(gid, "again")
     assert second["seq"] == 2
     assert Conversation.objects.get(pk=gid).last_seq == 2
-    assert alice.unread() == {"badge": 0, "conversations": {str(gid): 0}}
+    assert alice.unread() == {"badge": 0, "conversations": {str(gid): 0}, "mentions": {}}
     assert listing_of(alice, gid)["last_read_seq"] == 2
 
 
@@ -678,11 +679,11 @@ def test_read_returns_counts(make_member):
     did = create_direct(alice, bob)
     send_and_fanout(alice, gid, 3)
     send_and_fanout(alice, did, 1, prefix="dm")
-    assert bob.unread() == {"badge": 4, "conversations": {str(gid): 3, str(did): 1}}
+    assert bob.unread() == {"badge": 4, "conversations": {str(gid): 3, str(did): 1}, "mentions": {}}
     response = bob.post(f"/conversations/{gid}/read", {"seq": 2})
     assert response.status_code == 200, response.content
     assert response.json() == {"unread": 1, "badge": 2}
-    assert bob.unread() == {"badge": 2, "conversations": {str(gid): 1, str(did): 1}}
+    assert bob.unread() == {"badge": 2, "conversations": {str(gid): 1, str(did): 1}, "mentions": {}}
     assert listing_of(bob, gid)["last_read_seq"] == 2
     assert bob.post(f"/conversations/{did}/read", {"seq": 1}).json() == {"unread": 0, "badge": 1}
     assert counter_mismatches() == []
@@ -739,14 +740,14 @@ def test_mute_and_unmute(make_member):
     muted = bob.post(f"/conversations/{gid}/mute", {"muted": True})
     assert muted.status_code == 200, muted.content
     assert muted.json() == {"conversation_id": gid, "muted": True, "unread": 3, "badge": 2}
-    assert bob.unread() == {"badge": 2, "conversations": {str(gid): 3, str(did): 2}}
+    assert bob.unread() == {"badge": 2, "conversations": {str(gid): 3, str(did): 2}, "mentions": {}}
     assert listing_of(bob, gid)["muted"] is True
     # Muting again changes nothing.
     again = bob.post(f"/conversations/{gid}/mute", {"muted": True})
     assert again.json() == muted.json()
     # A message while muted counts in the conversation but not in the badge.
     send_and_fanout(alice, gid, 1, prefix="muted")
-    assert bob.unread() == {"badge": 2, "conversations": {str(gid): 4, str(did): 2}}
+    assert bob.unread() == {"badge": 2, "conversations": {str(gid): 4, str(did): 2}, "mentions": {}}
     unmuted = bob.post(f"/conversations/{gid}/mute", {"muted": False})
     assert unmuted.json() == {"conversation_id": gid, "muted": False, "unread": 4, "badge": 6}
     assert listing_of(bob, gid)["muted"] is False
@@ -791,9 +792,14 @@ def test_unread_lists_every_conversation(make_member):
     assert bob.unread() == {
         "badge": 3,
         "conversations": {str(g1): 2, str(g2): 1, str(did): 0},
+        "mentions": {},
     }
-    assert alice.unread() == {"badge": 0, "conversations": {str(g1): 0, str(did): 0}}
-    assert carol.unread() == {"badge": 2, "conversations": {str(g1): 2, str(g2): 0}}
+    assert alice.unread() == {
+        "badge": 0,
+        "conversations": {str(g1): 0, str(did): 0},
+        "mentions": {},
+    }
+    assert carol.unread() == {"badge": 2, "conversations": {str(g1): 2, str(g2): 0}, "mentions": {}}
     assert counter_mismatches() == []
 
 
@@ -804,8 +810,8 @@ def test_unread_after_redis_loss(make_member, redis_clean):
     send_and_fanout(alice, gid, 3)
     bob.post(f"/conversations/{gid}/read", {"seq": 1})
     redis_clean.flushdb()
-    assert bob.unread() == {"badge": 2, "conversations": {str(gid): 2}}
-    assert alice.unread() == {"badge": 0, "conversations": {str(gid): 0}}
+    assert bob.unread() == {"badge": 2, "conversations": {str(gid): 2}, "mentions": {}}
+    assert alice.unread() == {"badge": 0, "conversations": {str(gid): 0}, "mentions": {}}
 
 
 # ---- GET /schema -------------------------------------------------------------------------
@@ -845,14 +851,14 @@ def test_group_round_trip_with_worker(transactional_db, celery_worker, make_memb
     gid = create_group(alice, bob, carol)
     # Load the counters of everyone so the increments go through the Lua scripts.
     for m in (alice, bob, carol):
-        assert m.unread() == {"badge": 0, "conversations": {str(gid): 0}}
+        assert m.unread() == {"badge": 0, "conversations": {str(gid): 0}, "mentions": {}}
     for i in range(3):
         alice.send(gid, f"hello {i}", client_msg_id=f"w-{i}")
     wait_until(
         lambda: unread_of(bob, gid) == 3 and unread_of(carol, gid) == 3,
         message="the worker did not count the messages",
     )
-    assert alice.unread() == {"badge": 0, "conversations": {str(gid): 0}}
+    assert alice.unread() == {"badge": 0, "conversations": {str(gid): 0}, "mentions": {}}
     assert bob.post(f"/conversations/{gid}/read", {"seq": 2}).json() == {"unread": 1, "badge": 1}
     muted = carol.post(f"/conversations/{gid}/mute", {"muted": True}).json()
     assert (muted["unread"], muted["badge"]) == (3, 0)
@@ -861,7 +867,7 @@ def test_group_round_trip_with_worker(transactional_db, celery_worker, make_memb
         lambda: unread_of(alice, gid) == 1 and unread_of(carol, gid) == 4,
         message="the worker did not count the reply",
     )
-    assert bob.unread() == {"badge": 0, "conversations": {str(gid): 0}}
+    assert bob.unread() == {"badge": 0, "conversations": {str(gid): 0}, "mentions": {}}
     assert carol.unread()["badge"] == 0
     assert alice.unread()["badge"] == 1
     assert counter_mismatches() == []
@@ -884,5 +890,5 @@ def test_direct_replay_and_leave_with_worker(transactional_db, celery_worker, ma
     wait_until(lambda: unread_of(bob, gid) == 1, message="the worker did not count the group")
     # The replay's second fan-out and the group message are processed; counts stay exact.
     wait_until(lambda: counter_mismatches() == [], timeout=5, message=str(counter_mismatches()))
-    assert bob.unread() == {"badge": 2, "conversations": {str(did): 1, str(gid): 1}}
-    assert carol.unread() == {"badge": 0, "conversations": {}}
+    assert bob.unread() == {"badge": 2, "conversations": {str(did): 1, str(gid): 1}, "mentions": {}}
+    assert carol.unread() == {"badge": 0, "conversations": {}, "mentions": {}}

@@ -24,10 +24,14 @@ BIG = 2**63
 def test_world_is_as_described(world):
     """The world the cases run against has the counts its description says."""
     ids = world.ids
-    assert world.bob.unread() == {"badge": 2, "conversations": {str(ids["g"]): 2, str(ids["d"]): 0}}
-    assert world.carol.unread() == {"badge": 0, "conversations": {str(ids["g"]): 3}}
+    assert world.bob.unread() == {
+        "badge": 2,
+        "conversations": {str(ids["g"]): 2, str(ids["d"]): 0},
+        "mentions": {},
+    }
+    assert world.carol.unread() == {"badge": 0, "conversations": {str(ids["g"]): 3}, "mentions": {}}
     assert world.alice.unread()["badge"] == 1
-    assert world.dave.unread() == {"badge": 0, "conversations": {}}
+    assert world.dave.unread() == {"badge": 0, "conversations": {}, "mentions": {}}
 
 
 @dataclass

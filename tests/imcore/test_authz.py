@@ -169,7 +169,7 @@ def test_outsider_never_sees_the_conversation(world):
     """A user sees only their own conversations and counts in GET /conversations and /unread."""
     ids = world.ids
     assert world.dave.get("/conversations").json() == []
-    assert world.dave.unread() == {"badge": 0, "conversations": {}}
+    assert world.dave.unread() == {"badge": 0, "conversations": {}, "mentions": {}}
     carol_ids = {c["id"] for c in world.carol.get("/conversations").json()}
     assert carol_ids == {ids["g"]}
     assert set(world.carol.unread()["conversations"]) == {str(ids["g"])}
@@ -232,7 +232,7 @@ def test_member_who_left_gets_404(world):
         assert response.status_code == 404, (name, response.status_code, response.content)
         assert_error(response, 404, "not_found")
     assert carol.get("/conversations").json() == []
-    assert carol.unread() == {"badge": 0, "conversations": {}}
+    assert carol.unread() == {"badge": 0, "conversations": {}, "mentions": {}}
 
 
 def test_removed_member_gets_404_until_added_back(world):

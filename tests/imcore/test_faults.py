@@ -25,7 +25,7 @@ def test_send_with_redis_down_keeps_the_message_and_the_retry_counts_it(
     retried = alice.post(f"/conversations/{gid}/messages", body)
     assert retried.status_code == 200 and retried.json()["seq"] == 1
     delivery_drain()
-    assert bob.unread() == {"badge": 1, "conversations": {str(gid): 1}}
+    assert bob.unread() == {"badge": 1, "conversations": {str(gid): 1}, "mentions": {}}
     assert Message.objects.filter(client_msg_id="retry-me").count() == 1
 
 

@@ -4,4 +4,4 @@
 def test_unread_round_trip(make_member):
     """A new member sees a zero badge."""
     alice = make_member("alice")
-    assert alice.unread() == {"badge": 0, "conversations": {}}
+    assert alice.unread() == {"badge": 0, "conversations": {}, "mentions": {}}

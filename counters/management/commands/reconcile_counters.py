@@ -32,4 +32,8 @@ class Command(BaseCommand):
                 self.stdout.write(
                     f"user {diff.user_id}: conversation {cid} unread {was} -> {should}"
                 )
+            for cid, (was, should) in diff.mentions.items():
+                self.stdout.write(
+                    f"user {diff.user_id}: conversation {cid} mentions {was} -> {should}"
+                )
         self.stdout.write(self.style.SUCCESS(report.summary()))

@@ -1,0 +1,33 @@
+-- Shared by every counter script (counters/scripts.py prepends it): the unread mention seqs
+-- of a conversation, field n:<cid>, ascending and comma separated.
+
+-- The seqs of two comma-separated lists (nil or '' for none) that are above r, without
+-- duplicates, ascending, comma separated ('' when none).
+local function seqs_above(a, b, r)
+  local seen, out = {}, {}
+  for _, csv in ipairs({a or '', b or ''}) do
+    for s in string.gmatch(csv, '%d+') do
+      if not seen[s] and tonumber(s) > r then
+        seen[s] = true
+        out[#out + 1] = s
+      end
+    end
+  end
+  table.sort(out, function(x, y) return tonumber(x) < tonumber(y) end)
+  return table.concat(out, ',')
+end
+
+-- Keep in n:<cid> the seqs it holds and those of `new` above r (deletes the field when none is
+-- left). With `held_above`, a seq it holds stays only if above that too.
+local function store_mentions(h, c, new, r, held_above)
+  local cur = redis.call('HGET', h, 'n:' .. c)
+  local held = cur
+  if held_above and held_above > r then held = seqs_above(cur, nil, held_above) end
+  local kept = seqs_above(held, new, r)
+  if kept == '' then
+    if cur then redis.call('HDEL', h, 'n:' .. c) end
+  elseif kept ~= cur then
+    redis.call('HSET', h, 'n:' .. c, kept)
+  end
+end
+
