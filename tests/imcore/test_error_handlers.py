@@ -59,7 +59,7 @@ def team(make_member):
     for i in range(3):
         alice.send(gid, f"m{i}")
     delivery_drain()
-    assert bob.unread() == {"badge": 3, "conversations": {str(gid): 3}}
+    assert bob.unread() == {"badge": 3, "conversations": {str(gid): 3}, "mentions": {}}
     return alice, bob, gid
 
 
@@ -207,7 +207,7 @@ def test_leave_with_redis_down_is_kept_and_the_retry_applies_it(team, settings):
     settings.REDIS_URL = good
     assert Membership.objects.get(user=bob.user, conversation_id=gid).left_at is not None
     assert bob.delete(f"/conversations/{gid}/members/{bob.id}").status_code == 204
-    assert bob.unread() == {"badge": 0, "conversations": {}}
+    assert bob.unread() == {"badge": 0, "conversations": {}, "mentions": {}}
     assert len(entries(bob.id, gid, "l")) == 1
     assert counter_mismatches([alice.id, bob.id]) == []
 
