@@ -136,7 +136,12 @@ class Stack(common.ServedApp):
 
         self.wait_ready()
         deadline = time.monotonic() + 60
-        while self.log_tail().count("startup complete") < 2 or not app.control.ping(timeout=1):
+        # The whole log: on a quiet machine the worker's and beat's lines push both web
+        # workers' "startup complete" out of the tail before this looks.
+        log = Path(self.log.name)
+        while log.read_text(errors="replace").count("startup complete") < 2 or not app.control.ping(
+            timeout=1
+        ):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the stack did not start:\n{self.log_tail()}")
             time.sleep(0.5)
