@@ -7,13 +7,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import redis
 
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until
 
 
 def free_port() -> int:
@@ -27,6 +28,41 @@ def port_open(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
         return True
     return False
+
+
+def uvicorn_command(port: int, *options: str) -> list[str]:
+    """The command of a uvicorn process serving ``imcore.asgi`` on 127.0.0.1:``port``."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "imcore.asgi:application",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *options,
+    ]
+
+
+@contextlib.contextmanager
+def uvicorn_served(*, env: dict[str, str], options: tuple[str, ...] = ()):
+    """A uvicorn process (:func:`uvicorn_command`) in the environment ``env`` on a free port,
+    stopped on exit; yields the port once it accepts connections."""
+    port = free_port()
+    proc = subprocess.Popen(
+        uvicorn_command(port, *options), cwd=ROOT, env=env, start_new_session=True
+    )
+    try:
+        wait_until(lambda: port_open(port), timeout=30, message="uvicorn did not start")
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def port_bindable(port: int) -> bool:

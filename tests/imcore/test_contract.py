@@ -6,11 +6,9 @@ fuzzing and stateful phases, as a device logged in through the API. The run must
 server error and no contract failure beyond the kept ones in ``schemathesis-baseline.txt``.
 """
 
-import contextlib
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ROOT, broker_reset, celery_env, wait_until
-from tests.offline.conftest import free_port
+from tests.conftest import ROOT, broker_reset, celery_env
+from tests.processes import uvicorn_served
 
 HERE = Path(__file__).resolve().parent
 BASELINE = HERE / "schemathesis-baseline.txt"
@@ -51,38 +49,10 @@ def baseline() -> tuple[list[str], set[tuple[str, str]]]:
 @pytest.fixture
 def api_server(transactional_db):
     """uvicorn serving imcore.asgi on the test database and Redis; yields the API's URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "imcore.asgi:application",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=celery_env(**SERVER_ENV),
-        start_new_session=True,
-    )
-
-    def up():
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return True
-        return False
-
     try:
-        wait_until(up, timeout=30, message="uvicorn did not start")
-        yield f"http://127.0.0.1:{port}/api/v1"
+        with uvicorn_served(env=celery_env(**SERVER_ENV)) as port:
+            yield f"http://127.0.0.1:{port}/api/v1"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         broker_reset()  # the tasks the fuzzer's requests queued; no worker ran them
 
 

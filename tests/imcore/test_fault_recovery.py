@@ -36,7 +36,7 @@ from counters.selectors import counters_truth
 from imcore import services
 from imcore.models import Conversation, Message, User
 from tests.conftest import ROOT, celery_env, start_celery, stop, wait_until
-from tests.processes import RedisServer, free_port, port_open
+from tests.processes import RedisServer, free_port, port_open, uvicorn_command
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.worker]
 
@@ -180,18 +180,7 @@ def start_worker(log, env: dict) -> subprocess.Popen:
 
 def start_server(port: int, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "imcore.asgi:application",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--timeout-graceful-shutdown",
-            "5",
-        ],
+        uvicorn_command(port, "--timeout-graceful-shutdown", "5"),
         cwd=ROOT,
         env=celery_env(**env),
         start_new_session=True,

@@ -15,18 +15,11 @@ from imcore.models import Message
 from tests.conftest import broker_idle, running_worker, wait_until
 from tests.helpers import counter_mismatches
 from tests.offline.conftest import first_sync, pull_all
+from tests.offline.test_sync import group
 
 from .state import api_counts, assert_error, snapshot
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def group(owner, *others, title="team") -> int:
-    response = owner.post(
-        "/conversations", {"kind": "group", "members": [m.id for m in others], "title": title}
-    )
-    assert response.status_code == 201, response.content
-    return response.json()["id"]
 
 
 def send(member, cid, *, body="hi", cmid=None, status=201, **fields):

@@ -1,13 +1,11 @@
 import contextlib
-import socket
-import subprocess
-import sys
 
 import pytest
 from django.test import Client
 
 from imcore import services
-from tests.conftest import ROOT, Member, celery_env, wait_until
+from tests.conftest import Member, celery_env
+from tests.processes import uvicorn_served
 
 TTL = 3.0  # the presence TTL of the test server
 LIVE_TTL = 600.0  # the presence TTL of ``poke_server``: no periodic catch-up in a test
@@ -57,53 +55,15 @@ def first_sync(member: Member) -> int:
     return page["latest_version"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def run_server(*, env: dict[str, str]):
     """uvicorn serving imcore.asgi in the environment ``env`` (``celery_env(...)``: the test
     database and Redis), pinging every third of its ``PRESENCE_TTL_S``; yields the WebSocket
     URL of ``/ws/v1/sync``."""
-    port = free_port()
-    ttl = float(env["PRESENCE_TTL_S"])
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "imcore.asgi:application",
-            "--port",
-            str(port),
-            "--ws-ping-interval",
-            str(ttl / 3),
-            "--ws-ping-timeout",
-            str(ttl / 3),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
-
-    def up():
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return True
-        return False
-
-    try:
-        wait_until(up, timeout=30, message="uvicorn did not start")
+    ping = str(float(env["PRESENCE_TTL_S"]) / 3)
+    options = ("--ws-ping-interval", ping, "--ws-ping-timeout", ping)
+    with uvicorn_served(env=env, options=options) as port:
         yield f"ws://127.0.0.1:{port}/ws/v1/sync"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
