@@ -331,6 +331,16 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A request that publishes a task (the Flusher, a package to prepare) answers within 10 s when
+# the broker is gone or hangs: bounded socket waits (the workers' BRPOP polls every second, so
+# 5 s never cuts it) and one retry of a publish.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 2}
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": 1,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.2,
+}
 # Beat's schedule starts from these entries; with the DatabaseScheduler (`make run`) they are
 # stored by django-celery-beat and can be edited in the admin.
 CELERY_BEAT_SCHEDULE = {
