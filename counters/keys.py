@@ -22,10 +22,26 @@ them live in one slot and each Lua script touches a single slot.
                nothing), a read drops the seqs it passes, a leave deletes the field. Not part
                of the badge (still counted for muted conversations)
 
+    c:<cid>    "1" when the user's counters of the conversation are in **channel form** (a
+               large group, ``Conversation.mode``): no ``u:<cid>``, the unread is computed
+               when read as ``max(top(c), t) - r`` from the conversation's channel hash
+               below, and the stored ``badge`` leaves it out (readers add the unmuted ones)
+    g:<cid>    the conversation's mode generation the form was set by (``mode_gen``): a
+               membership call carrying an older generation leaves the form as it is
+
 ``u = t - r`` always, and the seqs of ``n`` are above ``r``; ``t`` and ``r`` only move up, so
 applying a counter event twice, late or out of order changes nothing (the message ``seq`` is
 the idempotency key). Keeping all of
 a user's fields in one hash means a wipe or an eviction takes all of them or none.
+
+Per conversation in channel form, with the hash tag ``{c:<cid>}`` (one slot per conversation):
+
+``imc:{c:<cid>}:ch`` HASH ``top`` (the highest seq committed and counted; only grows) and ``ms``
+(unix ms of its last change, for ``/sync``'s ``channels``). The only key a plain message in a
+channel-mode group writes.
+
+``imc:{c:<cid>}:all`` ZSET of the seqs of its ``mention_all`` messages (score = member = seq),
+counted against each reader's pointer; a user's personal mentions stay in ``n:<cid>``.
 
 ``imc:{u:<user_id>}:lock`` STRING, the lock of the ``lock`` strategy (SET NX PX).
 """
@@ -39,6 +55,22 @@ def user_tag(user_id: int) -> str:
 
 def counters(user_id: int) -> str:
     return f"{PREFIX}:{user_tag(user_id)}:ctr"
+
+
+def conversation_tag(conversation_id: int) -> str:
+    return f"{{c:{int(conversation_id)}}}"
+
+
+def channel(conversation_id: int) -> str:
+    return f"{PREFIX}:{conversation_tag(conversation_id)}:ch"
+
+
+def channel_mentions_all(conversation_id: int) -> str:
+    return f"{PREFIX}:{conversation_tag(conversation_id)}:all"
+
+
+CHANNEL_TOP = "top"
+CHANNEL_MS = "ms"
 
 
 def counters_lock(user_id: int) -> str:
@@ -71,3 +103,11 @@ def rev_field(conversation_id: int | str) -> str:
 
 def mentions_field(conversation_id: int | str) -> str:
     return f"n:{conversation_id}"
+
+
+def channel_field(conversation_id: int | str) -> str:
+    return f"c:{conversation_id}"
+
+
+def gen_field(conversation_id: int | str) -> str:
+    return f"g:{conversation_id}"

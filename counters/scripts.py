@@ -33,7 +33,7 @@ def seq_arg(pair: Sequence) -> int | str:
 
 
 class CounterScripts:
-    """The four counter scripts bound to one Redis client."""
+    """The counter scripts bound to one Redis client."""
 
     def __init__(self, client: redis.Redis):
         self.client = client
@@ -41,6 +41,7 @@ class CounterScripts:
         self._read: Script = client.register_script(source("read"))
         self._member: Script = client.register_script(source("member"))
         self._load: Script = client.register_script(source("load"))
+        self._channel: Script = client.register_script((LUA_DIR / "channel.lua").read_text())
 
     def inc(self, user_id: int, pairs: Sequence[Sequence], *, pipe=None):
         """KEYS[1] = counter hash; ARGV = cid, seq, cid, seq, ... (``pairs`` items are
@@ -48,6 +49,15 @@ class CounterScripts:
         the call on ``pipe``)."""
         args = [v for pair in pairs for v in (pair[0], seq_arg(pair))]
         return self._inc(keys=[keys.counters(user_id)], args=args, client=pipe or self.client)
+
+    def channel(self, conversation_id: int, seq: int, *, mention_all=False, known_top=0, pipe=None):
+        """Raise a channel-form conversation's top to ``seq`` (and record a ``mention_all``
+        seq); returns the top (or queues the call on ``pipe``)."""
+        return self._channel(
+            keys=[keys.channel(conversation_id), keys.channel_mentions_all(conversation_id)],
+            args=[seq, int(bool(mention_all)), known_top],
+            client=pipe or self.client,
+        )
 
     def read(self, user_id: int, conversation_id: int, read_seq: int, top: int) -> tuple[int, int]:
         unread, badge = self._read(
@@ -61,9 +71,8 @@ class CounterScripts:
 
     def member(self, user_id: int, row: MembershipRow, *, pipe=None):
         """Returns the badge change (or queues the call on ``pipe``)."""
-        result = self._member(
-            keys=[keys.counters(user_id)], args=_row_args(row)[:6], client=pipe or self.client
-        )
+        args = [*_row_args(row)[:6], row.gen, _form(row), ",".join(map(str, row.mentions))]
+        result = self._member(keys=[keys.counters(user_id)], args=args, client=pipe or self.client)
         return result if pipe is not None else int(result)
 
     def load(self, user_id: int, rows: Sequence[MembershipRow]) -> int:
@@ -80,4 +89,10 @@ def _row_args(row: MembershipRow) -> list[int | str]:
         row.read_seq,
         row.top,
         ",".join(str(s) for s in row.mentions),
+        row.gen,
+        _form(row),
     ]
+
+
+def _form(row: MembershipRow) -> str:
+    return "c" if row.channel else "a"

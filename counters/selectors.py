@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from django.db import connection
 
-from imcore.models import Membership, Message
+from imcore.models import Conversation, Membership, Message
 
 from . import keys
 from .strategies import get_strategy
@@ -33,12 +33,14 @@ def counters_truth_rows(*, user_ids: Iterable[int]) -> dict[int, list[Membership
         "muted",
         "last_read_seq",
         "conversation__last_seq",
+        "conversation__mode",
+        "conversation__mode_gen",
     )
     # The mentions are read after the rows: every mention up to a row's top is then in them,
     # so the load can drop a seq Redis holds below that top that the truth does not have.
     memberships = list(memberships)
     mentions = counters_truth_mentions(user_ids=user_ids)
-    for user_id, cid, rev, left_at, muted, read_seq, top in memberships:
+    for user_id, cid, rev, left_at, muted, read_seq, top, mode, gen in memberships:
         rows[user_id].append(
             MembershipRow(
                 conversation_id=cid,
@@ -48,6 +50,8 @@ def counters_truth_rows(*, user_ids: Iterable[int]) -> dict[int, list[Membership
                 read_seq=read_seq,
                 top=top,
                 mentions=tuple(mentions.get((user_id, cid), ())),
+                gen=gen,
+                channel=mode in Conversation.CHANNEL_FORM_MODES,
             )
         )
     return rows
@@ -100,18 +104,83 @@ def counters_truth(*, user_id: int) -> UnreadCounts:
     return counters_truth_from_rows(counters_truth_rows(user_ids=[user_id])[user_id])
 
 
-def counts_from_fields(fields: dict[str, str]) -> UnreadCounts:
+@dataclass(frozen=True)
+class ChannelState:
+    """What the counters of a channel-form conversation need from its channel keys."""
+
+    top: int
+    changed_ms: int
+    mentions_all: tuple[int, ...]  # its mention_all seqs above the reader's pointer
+
+
+def channel_conversations(fields: dict[str, str]) -> list[int]:
+    """The conversations a counter hash holds in channel form."""
+    return [int(f[2:]) for f in fields if f.startswith("c:")]
+
+
+def counters_channel_states(reads: dict[int, int]) -> dict[int, ChannelState]:
+    """The channel keys of ``{conversation id: read pointer}``, in one pipeline (one round trip
+    per node). A top Redis lost (a wipe) is set again from PostgreSQL's ``last_seq``."""
+    if not reads:
+        return {}
+    client = get_strategy().client
+    pipe = client.pipeline(transaction=False)
+    for cid, r in reads.items():
+        pipe.hmget(keys.channel(cid), keys.CHANNEL_TOP, keys.CHANNEL_MS)
+        pipe.zrangebyscore(keys.channel_mentions_all(cid), f"({r}", "+inf")
+    replies = pipe.execute()
+    states = {}
+    missing = []
+    for i, cid in enumerate(reads):
+        (top, ms), alls = replies[2 * i], replies[2 * i + 1]
+        if top is None:
+            missing.append(cid)
+        states[cid] = ChannelState(
+            top=int(top or 0), changed_ms=int(ms or 0), mentions_all=tuple(int(s) for s in alls)
+        )
+    if missing:
+        from .services import counters_channel_repair
+
+        for cid, top in counters_channel_repair(conversation_ids=missing).items():
+            states[cid] = ChannelState(top, states[cid].changed_ms, states[cid].mentions_all)
+    return states
+
+
+def counts_from_fields(
+    fields: dict[str, str], channels: dict[int, ChannelState] | None = None
+) -> UnreadCounts:
+    """The counts a counter hash holds; the conversations in channel form count against their
+    ``channels`` state: ``max(top, t) - r``, and the mentions are the user's own (``n:``) and
+    the channel's mention_all seqs above the pointer, once each."""
     conversations = {int(f[2:]): int(v) for f, v in fields.items() if f.startswith("u:")}
     mentions = {cid: len(seqs) for cid in conversations if (seqs := mention_seqs(fields, cid))}
-    return UnreadCounts(
-        badge=int(fields.get(keys.BADGE) or 0), conversations=conversations, mentions=mentions
-    )
+    badge = int(fields.get(keys.BADGE) or 0)
+    for cid, state in (channels or {}).items():
+        r = int(fields.get(keys.read_field(cid)) or 0)
+        t = int(fields.get(keys.top_field(cid)) or 0)
+        n = max(max(state.top, t) - r, 0)
+        conversations[cid] = n
+        if fields.get(keys.muted_field(cid)) != "1":
+            badge += n
+        if seqs := set(mention_seqs(fields, cid)) | {s for s in state.mentions_all if s > r}:
+            mentions[cid] = len(seqs)
+    return UnreadCounts(badge=badge, conversations=conversations, mentions=mentions)
+
+
+def counts_with_channels(fields: dict[str, str]) -> UnreadCounts:
+    """:func:`counts_from_fields` with the channel states read: one more round trip, only when
+    the user has channel-form conversations."""
+    reads = {
+        cid: int(fields.get(keys.read_field(cid)) or 0) for cid in channel_conversations(fields)
+    }
+    return counts_from_fields(fields, counters_channel_states(reads))
 
 
 def counters_get(*, user_id: int) -> UnreadCounts:
-    """The user's badge and unread counts from Redis. When the user's hash is missing (Redis
-    restarted empty, or evicted) it is rebuilt from PostgreSQL first, so a read never returns
-    a wrong zero."""
+    """The user's badge and unread counts from Redis: the user's hash (one round trip) and, for
+    the conversations in channel form, their channel keys (one more). When the user's hash is
+    missing (Redis restarted empty, or evicted) it is rebuilt from PostgreSQL first, so a read
+    never returns a wrong zero."""
     strategy = get_strategy()
     fields = strategy.fetch(user_id)
     if keys.READY not in fields:
@@ -119,11 +188,11 @@ def counters_get(*, user_id: int) -> UnreadCounts:
 
         counters_rebuild(user_id=user_id)
         fields = strategy.fetch(user_id)
-    return counts_from_fields(fields)
+    return counts_with_channels(fields)
 
 
 def counters_peek(*, user_id: int) -> UnreadCounts | None:
     """What Redis holds now, without rebuilding (None if the hash is not loaded). For the
     admin and for tests that compare Redis with the truth."""
     fields = get_strategy().fetch(user_id)
-    return counts_from_fields(fields) if keys.READY in fields else None
+    return counts_with_channels(fields) if keys.READY in fields else None

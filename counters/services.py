@@ -5,17 +5,22 @@ imports delivery/."""
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 
-from imcore.models import Membership
+from imcore.models import Conversation, Membership
 
 from . import keys
+from .redis import get_redis
+from .scripts import CounterScripts
 from .selectors import (
     UnreadCounts,
+    channel_conversations,
     counters_truth_from_rows,
     counters_truth_rows,
-    counts_from_fields,
+    counts_with_channels,
 )
 from .strategies import get_strategy
 from .transitions import CountersNotLoaded, CountersNotMember, MembershipRow
@@ -70,24 +75,46 @@ def counters_mark_read(
     counters first when Redis does not hold them."""
     strategy = get_strategy()
     try:
-        return strategy.read(user_id, conversation_id, read_seq, last_seq)
+        counts = strategy.read(user_id, conversation_id, read_seq, last_seq)
     except (CountersNotLoaded, CountersNotMember):
         counters_rebuild(user_id=user_id)
-    try:
-        return strategy.read(user_id, conversation_id, read_seq, last_seq)
-    except CountersNotMember:
-        # The user left between the read's commit and now: nothing of it is unread any more.
-        return 0, counts_from_fields(strategy.fetch(user_id)).badge
+        try:
+            counts = strategy.read(user_id, conversation_id, read_seq, last_seq)
+        except CountersNotMember:
+            # The user left between the read's commit and now: nothing of it is unread any
+            # more.
+            counts = (0, None)
+    fields = strategy.fetch(user_id)
+    if counts[1] is not None and not channel_conversations(fields):
+        return counts
+    # The badge counts the user's channel-form conversations too (and the unread of one in
+    # channel form is against its channel's top).
+    now = counts_with_channels(fields)
+    return now.conversations.get(conversation_id, 0), now.badge
 
 
-def counters_membership_changed(*, membership: Membership, last_seq: int) -> None:
+def counters_membership_changed(
+    *, membership: Membership, last_seq: int, mode_gen: int = 0, channel: bool = False
+) -> None:
     """Apply a committed join, leave, mute or unmute (carries the membership's ``rev``)."""
-    counters_memberships_changed(memberships=[membership], last_seq=last_seq)
+    counters_memberships_changed(
+        memberships=[membership], last_seq=last_seq, mode_gen=mode_gen, channel=channel
+    )
 
 
-def counters_memberships_changed(*, memberships: list[Membership], last_seq: int) -> None:
+def counters_memberships_changed(
+    *,
+    memberships: Sequence[Membership],
+    last_seq: int,
+    mode_gen: int = 0,
+    channel: bool = False,
+    mentions_all: Sequence[int] = (),
+) -> None:
     """The same for many memberships of one conversation, pipelined (a 5,000-member group is
-    created in a few round trips, not 5,000)."""
+    created in a few round trips, not 5,000). ``mode_gen`` and ``channel`` are the
+    conversation's mode generation and form when the change committed (a conversion sends
+    every member's row with its new generation); ``mentions_all``, the channel's mention_all
+    seqs that a conversion to the aggregate form folds into each member's own mentions."""
     get_strategy().member_many(
         [
             (
@@ -99,11 +126,72 @@ def counters_memberships_changed(*, memberships: list[Membership], last_seq: int
                     muted=m.muted,
                     read_seq=m.last_read_seq,
                     top=last_seq,
+                    mentions=tuple(s for s in mentions_all if s > m.last_read_seq),
+                    gen=mode_gen,
+                    channel=channel,
                 ),
             )
             for m in memberships
         ]
     )
+
+
+def counters_channel_committed(
+    *,
+    conversation_id: int,
+    seq: int,
+    sender_id: int | None = None,
+    mentions: Sequence[int] = (),
+    mention_all: bool = False,
+) -> None:
+    """A message committed in a conversation in channel form (or converting): raise its top
+    (one script call, whatever the group's size); a ``mention_all`` joins the channel's
+    record, counted against each reader's pointer. Personal mentions are written to the
+    mentioned users only (one call each, pipelined). Idempotent."""
+    channel_scripts().channel(conversation_id, seq, mention_all=mention_all)
+    if mentions and not mention_all:
+        counters_count_messages(
+            [
+                (uid, [(conversation_id, seq, (seq,))])
+                for uid in dict.fromkeys(mentions)
+                if uid != sender_id
+            ]
+        )
+
+
+def counters_channel_raise(*, conversation_id: int, top: int) -> int:
+    """Make sure a channel's top is at least ``top`` (PostgreSQL's ``last_seq``: a conversion,
+    a repair); returns the top."""
+    return int(channel_scripts().channel(conversation_id, 0, known_top=top))
+
+
+def counters_channel_repair(*, conversation_ids: Sequence[int]) -> dict[int, int]:
+    """Set the top of channels whose key Redis lost from PostgreSQL; returns the tops."""
+    last = dict(
+        Conversation.objects.filter(pk__in=list(conversation_ids)).values_list("pk", "last_seq")
+    )
+    return {
+        cid: counters_channel_raise(conversation_id=cid, top=last.get(cid, 0))
+        for cid in conversation_ids
+    }
+
+
+def counters_channel_mentions_all(*, conversation_id: int) -> list[int]:
+    """Every mention_all seq the channel recorded (a conversion to the aggregate form folds
+    them into each member's own mentions)."""
+    client = channel_scripts().client
+    return [int(s) for s in client.zrange(keys.channel_mentions_all(conversation_id), 0, -1)]
+
+
+@cache
+def _channel_scripts(url: str) -> CounterScripts:
+    return CounterScripts(get_redis())
+
+
+def channel_scripts() -> CounterScripts:
+    """The channel script runs the same under every strategy: one conversation's keys, one
+    call."""
+    return _channel_scripts(settings.REDIS_URL)
 
 
 def counters_rebuild(*, user_id: int, rows: list[MembershipRow] | None = None) -> CounterDiff:
@@ -153,7 +241,7 @@ def _diff(user_id: int, before_fields: dict[str, str], truth: UnreadCounts) -> C
     diff = CounterDiff(user_id=user_id, was_loaded=keys.READY in before_fields)
     if not diff.was_loaded:
         return diff
-    before = counts_from_fields(before_fields)
+    before = counts_with_channels(before_fields)
     if before.badge != truth.badge:
         diff.badge = (before.badge, truth.badge)
     for cid in sorted(set(before.conversations) | set(truth.conversations)):

@@ -29,9 +29,13 @@ class MembershipRow:
     muted: bool
     read_seq: int
     top: int
-    # seqs above read_seq of the messages that mention the user (``load`` only; read after
-    # the row, so it holds every one up to ``top``)
+    # seqs above read_seq of the messages that mention the user (``load``: read after the
+    # row, so it holds every one up to ``top``; ``member``: the channel's mention_all seqs,
+    # folded in when the form turns aggregate)
     mentions: tuple[int, ...] = ()
+    # the conversation's mode generation and whether its form is channel (see keys.py)
+    gen: int = 0
+    channel: bool = False
 
 
 class Working:
@@ -105,33 +109,48 @@ def read(w: Working, cid: int, read_seq: int, top: int) -> tuple[int, int]:
     if not w.ready:
         raise CountersNotLoaded
     unread = w.get(keys.unread_field(cid))
-    if unread is None:
+    channel = w.get(keys.channel_field(cid)) is not None
+    if unread is None and not channel:
         raise CountersNotMember
     r = max(w.num(keys.read_field(cid)), read_seq)
     t = max(w.num(keys.top_field(cid)), top, r)
     n = t - r
     w.set(keys.read_field(cid), r)
     w.set(keys.top_field(cid), t)
-    w.set(keys.unread_field(cid), n)
     _store_mentions(w, cid, (), r)
+    if channel:
+        return n, w.num(keys.BADGE)
+    w.set(keys.unread_field(cid), n)
     if not w.muted(cid):
         w.add_badge(n - int(unread))
     return n, w.num(keys.BADGE)
 
 
 def member(w: Working, row: MembershipRow) -> int:
-    """Apply a join, leave or mute change unless a newer one was applied; returns the badge
-    change."""
+    """Apply a join, leave or mute change unless a newer one was applied, and the row's form
+    unless a newer generation was applied; returns the stored badge's change."""
     cid = row.conversation_id
-    if row.rev <= w.num(keys.rev_field(cid)):
+    rev_new = row.rev > w.num(keys.rev_field(cid))
+    gen_new = row.gen > w.num(keys.gen_field(cid))
+    if not rev_new and not gen_new:
         return 0
-    w.set(keys.rev_field(cid), row.rev)
     unread = w.get(keys.unread_field(cid))
     old = int(unread) if unread is not None and not w.muted(cid) else 0
+    channel = w.get(keys.channel_field(cid)) is not None
+    active = unread is not None or channel
+    if gen_new:
+        w.set(keys.gen_field(cid), row.gen)
+        channel = row.channel
+    if rev_new:
+        w.set(keys.rev_field(cid), row.rev)
+        active = row.active
+        if active:
+            w.set(keys.muted_field(cid), "1" if row.muted else "0")
     new = 0
-    if row.active:
-        n = _set_active(w, row)[0]
-        if not row.muted:
+    if active:
+        n, r = _set_active(w, row, channel)
+        _store_mentions(w, cid, row.mentions, r)
+        if not channel and not w.muted(cid):
             new = n
     else:
         w.delete(*_membership_fields(cid))
@@ -140,16 +159,25 @@ def member(w: Working, row: MembershipRow) -> int:
 
 
 def load(w: Working, rows: Sequence[MembershipRow]) -> int:
-    """Merge PostgreSQL's rows into the hash, recompute every unread and the badge, mark the
-    hash ready; returns the badge."""
+    """Merge PostgreSQL's rows into the hash, recompute every unread and the stored badge, mark
+    the hash ready; returns the stored badge."""
     for row in rows:
         cid = row.conversation_id
-        if row.rev < w.num(keys.rev_field(cid)):
-            continue
-        w.set(keys.rev_field(cid), row.rev)
-        if row.active:
-            r = _set_active(w, row)[1]
-            _store_mentions(w, cid, row.mentions, r, held_above=row.top)
+        rev_ok = row.rev >= w.num(keys.rev_field(cid))
+        channel = w.get(keys.channel_field(cid)) is not None
+        if row.gen >= w.num(keys.gen_field(cid)):
+            w.set(keys.gen_field(cid), row.gen)
+            channel = row.channel
+        active = w.get(keys.read_field(cid)) is not None
+        if rev_ok:
+            w.set(keys.rev_field(cid), row.rev)
+            active = row.active
+            if active:
+                w.set(keys.muted_field(cid), "1" if row.muted else "0")
+        if active:
+            r = _set_active(w, row, channel)[1]
+            if rev_ok:
+                _store_mentions(w, cid, row.mentions, r, held_above=row.top)
         else:
             w.delete(*_membership_fields(cid))
     badge = 0
@@ -165,16 +193,20 @@ def load(w: Working, rows: Sequence[MembershipRow]) -> int:
     return badge
 
 
-def _set_active(w: Working, row: MembershipRow) -> tuple[int, int]:
-    """Set an active membership's fields; returns ``(unread, read pointer)``. Mentions at or
-    below the read pointer go."""
+def _set_active(w: Working, row: MembershipRow, channel: bool) -> tuple[int, int]:
+    """Set an active membership's pointers and form (mute is set by the caller); returns
+    ``(unread as of the row, read pointer)``. Mentions at or below the read pointer go."""
     cid = row.conversation_id
     r = max(w.num(keys.read_field(cid)), row.read_seq)
     t = max(w.num(keys.top_field(cid)), row.top, r)
     w.set(keys.read_field(cid), r)
     w.set(keys.top_field(cid), t)
-    w.set(keys.unread_field(cid), t - r)
-    w.set(keys.muted_field(cid), "1" if row.muted else "0")
+    if channel:
+        w.set(keys.channel_field(cid), 1)
+        w.delete(keys.unread_field(cid))
+    else:
+        w.set(keys.unread_field(cid), t - r)
+        w.delete(keys.channel_field(cid))
     _store_mentions(w, cid, (), r)
     return t - r, r
 
@@ -209,4 +241,5 @@ def _membership_fields(cid: int | str) -> tuple[str, ...]:
         keys.top_field(cid),
         keys.muted_field(cid),
         keys.mentions_field(cid),
+        keys.channel_field(cid),
     )

@@ -25,8 +25,12 @@ import time
 from collections.abc import Sequence
 
 from django.conf import settings
+from django.db import transaction
 
 from counters.services import (
+    counters_channel_committed,
+    counters_channel_mentions_all,
+    counters_channel_raise,
     counters_count_messages,
     counters_mark_read,
     counters_memberships_changed,
@@ -34,11 +38,13 @@ from counters.services import (
 from imcore.models import Conversation, Membership
 from offline.push import push_badge_changed
 from offline.services import (
+    offline_channel_message,
     offline_record_memberships,
     offline_record_messages,
     offline_record_read,
 )
 
+from .failpoints import failpoint
 from .mentions import MentionIndex, mention_event
 
 
@@ -49,13 +55,27 @@ def delivery_message_committed(
     sender_id: int,
     mentions: Sequence[int] = (),
     mention_all: bool = False,
+    mode: str = Conversation.Mode.AGGREGATE,
 ) -> None:
-    """A message was committed (or a client repeated its send; the event is idempotent).
-    ``DELIVERY_WRITE_PATH`` picks the aggregation pipeline (default: one queue event per
-    message), one celery-batches task message per message (``batches``: buffered and folded in
-    the worker), or the per-message fan-out task (``fanout``, kept for comparison). The
-    message's ``mentions`` (user ids) and ``mention_all`` travel with it on each path, only
-    when it has them."""
+    """A message was committed (or a client repeated its send; the event is idempotent), in a
+    conversation of ``mode`` (as the send's row lock saw it). In channel mode it costs O(1):
+    :func:`delivery_channel_message`. In aggregate mode ``DELIVERY_WRITE_PATH`` picks the
+    aggregation pipeline (default: one queue event per message), one celery-batches task
+    message per message (``batches``: buffered and folded in the worker), or the per-message
+    fan-out task (``fanout``, kept for comparison). The message's ``mentions`` (user ids) and
+    ``mention_all`` travel with it on each path, only when it has them."""
+    if mode in Conversation.CHANNEL_SEND_MODES:
+        delivery_channel_message(
+            conversation_id=conversation_id,
+            seq=seq,
+            sender_id=sender_id,
+            mentions=mentions,
+            mention_all=mention_all,
+        )
+    if mode not in Conversation.PIPELINE_SEND_MODES:
+        return
+    # (A conversion under way does both: every member is right whichever form its counters
+    # are in.)
     extra = (
         {"mentions": list(mentions), "mention_all": bool(mention_all)}
         if mentions or mention_all
@@ -78,6 +98,31 @@ def delivery_message_committed(
         from .pipeline import delivery_enqueue
 
         delivery_enqueue(conversation_id=conversation_id, seq=seq, sender_id=sender_id, **extra)
+
+
+def delivery_channel_message(
+    *,
+    conversation_id: int,
+    seq: int,
+    sender_id: int | None = None,
+    mentions: Sequence[int] = (),
+    mention_all: bool = False,
+) -> None:
+    """A message in a channel-mode group: raise the conversation's top (one script call; every
+    member's unread is top - read pointer), relay it to the members' connected sockets (one
+    publish), and count and alert the personally mentioned users only. No write per member:
+    the offline devices' badges follow from :func:`delivery_channel_badges` once per
+    ``PUSH_INTERVAL_S``."""
+    counters_channel_committed(
+        conversation_id=conversation_id,
+        seq=seq,
+        sender_id=sender_id,
+        mentions=mentions,
+        mention_all=mention_all,
+    )
+    offline_channel_message(conversation_id=conversation_id, seq=seq)
+    if mentions and not mention_all:
+        push_badge_changed(user_ids=[u for u in mentions if u != sender_id], alert=True)
 
 
 def delivery_sender_read(*, user_id: int, conversation_id: int, seq: int) -> None:
@@ -149,8 +194,15 @@ def delivery_memberships_changed(
     """Committed joins (``change="join"``), leaves (``"leave"``) or mutes (``"mute"``) of one
     conversation's members: their counters, an entry in each member's offline store, and for a
     mute a silent badge push (the badge may have changed). ``joined`` names the users who
-    joined in this call (see :func:`offline.services.offline_record_memberships`)."""
-    counters_memberships_changed(memberships=memberships, last_seq=last_seq)
+    joined in this call (see :func:`offline.services.offline_record_memberships`).
+    ``conversation`` is its row as committed with the change (its mode decides the form of
+    the members' counters)."""
+    counters_memberships_changed(
+        memberships=memberships,
+        last_seq=last_seq,
+        mode_gen=conversation.mode_gen,
+        channel=conversation.mode in Conversation.CHANNEL_FORM_MODES,
+    )
     offline_record_memberships(
         memberships=memberships,
         conversation=conversation,
@@ -160,3 +212,107 @@ def delivery_memberships_changed(
     )
     if change == "mute":
         push_badge_changed(user_ids=[m.user_id for m in memberships], alert=False)
+
+
+# ---- channel mode: conversions -------------------------------------------------------------
+
+
+def delivery_group_size_changed(*, conversation: Conversation, members: int) -> bool:
+    """After a committed join or leave: a group that crossed the line (up to
+    ``LARGE_GROUP_MIN_MEMBERS``, or down to ``LARGE_GROUP_EXIT_MEMBERS``) converts in a
+    task, as does one whose conversion was cut short. Returns whether one was sent."""
+    mode = conversation.mode
+    if not (
+        (mode == Conversation.Mode.AGGREGATE and members >= settings.LARGE_GROUP_MIN_MEMBERS)
+        or (mode == Conversation.Mode.CHANNEL and members <= settings.LARGE_GROUP_EXIT_MEMBERS)
+        or mode in (Conversation.Mode.TO_CHANNEL, Conversation.Mode.TO_AGGREGATE)
+    ):
+        return False
+    from .tasks import convert_conversation
+
+    convert_conversation.delay(conversation_id=conversation.pk)
+    return True
+
+
+def _conversion_target(conversation: Conversation, members: int) -> str | None:
+    Mode = Conversation.Mode
+    if conversation.mode in (Mode.TO_CHANNEL, Mode.TO_AGGREGATE):
+        return conversation.mode  # resume a conversion cut short
+    if conversation.kind != Conversation.Kind.GROUP:
+        return None
+    if conversation.mode == Mode.AGGREGATE and members >= settings.LARGE_GROUP_MIN_MEMBERS:
+        return Mode.TO_CHANNEL
+    if conversation.mode == Mode.CHANNEL and members <= settings.LARGE_GROUP_EXIT_MEMBERS:
+        return Mode.TO_AGGREGATE
+    return None
+
+
+def delivery_convert(*, conversation_id: int, force: str | None = None) -> str | None:
+    """Convert a group between aggregate and channel mode, if its size says so (or to
+    ``force``: ``channel`` or ``aggregate``, for the admin and tests). O(members) once:
+
+    1. Under the conversation's row lock, the mode becomes ``to_channel`` (or
+       ``to_aggregate``) with a new generation. From then on every send both enqueues its
+       pipeline event and raises the channel's top, so each member is right whichever form its
+       counters are in.
+    2. The channel's top is raised to ``last_seq`` as committed after step 1 (every send
+       before it is at or below that).
+    3. Every active member's row is sent again with the new generation and form, in pipelined
+       chunks (the ``member`` script: a row of an older rev only changes the form, and a
+       membership call of an older generation never changes it back). Into the aggregate
+       form, the channel's mention_all seqs join each member's own mentions.
+    4. The mode becomes ``channel`` (or ``aggregate``) if nobody started another conversion.
+
+    A crash between 1 and 4 leaves the mode ``to_*``: sends stay right, and the next join or
+    leave (or ``delivery_convert`` again) resumes it. Returns the mode reached, or None."""
+    Mode = Conversation.Mode
+    with transaction.atomic():
+        conversation = Conversation.objects.select_for_update().get(pk=conversation_id)
+        members = Membership.objects.filter(
+            conversation_id=conversation_id, left_at__isnull=True
+        ).count()
+        if force is None:
+            target = _conversion_target(conversation, members)
+        elif force == conversation.mode or conversation.kind != Conversation.Kind.GROUP:
+            target = None
+        else:
+            target = Mode.TO_CHANNEL if force == Mode.CHANNEL else Mode.TO_AGGREGATE
+        if target is None:
+            return None
+        if target != conversation.mode:
+            conversation.mode = target
+            conversation.mode_gen += 1
+            conversation.save(update_fields=["mode", "mode_gen"])
+    gen = conversation.mode_gen
+    channel = target == Mode.TO_CHANNEL
+    failpoint("convert.after_mode")
+    last_seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation_id)
+    counters_channel_raise(conversation_id=conversation_id, top=last_seq)
+    mentions_all = () if channel else counters_channel_mentions_all(conversation_id=conversation_id)
+    chunk: list[Membership] = []
+    for membership in Membership.objects.filter(
+        conversation_id=conversation_id, left_at__isnull=True
+    ).iterator(chunk_size=settings.LARGE_GROUP_CONVERT_CHUNK):
+        chunk.append(membership)
+        if len(chunk) >= settings.LARGE_GROUP_CONVERT_CHUNK:
+            _convert_members(chunk, last_seq, gen, channel, mentions_all)
+            chunk = []
+            failpoint("convert.after_chunk")
+    _convert_members(chunk, last_seq, gen, channel, mentions_all)
+    failpoint("convert.before_done")
+    final = Mode.CHANNEL if channel else Mode.AGGREGATE
+    done = Conversation.objects.filter(pk=conversation_id, mode=target, mode_gen=gen).update(
+        mode=final
+    )
+    return final if done else None
+
+
+def _convert_members(chunk, last_seq: int, gen: int, channel: bool, mentions_all) -> None:
+    if chunk:
+        counters_memberships_changed(
+            memberships=chunk,
+            last_seq=last_seq,
+            mode_gen=gen,
+            channel=channel,
+            mentions_all=mentions_all,
+        )

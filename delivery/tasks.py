@@ -186,3 +186,18 @@ def aggregate(shard: int, trigger: str = "timer") -> dict:
         "events_in": sum(b.events_in for b in batches),
         "writes_out": sum(b.writes_out for b in batches),
     }
+
+
+@shared_task(
+    name="delivery.convert_conversation",
+    queue="counters",
+    acks_late=True,
+    autoretry_for=(redis.ConnectionError, redis.TimeoutError, django.db.OperationalError),
+    retry_backoff=True,
+    max_retries=8,
+)
+def convert_conversation(conversation_id: int, force: str | None = None) -> str | None:
+    """Convert a group between aggregate and channel mode (see
+    :func:`delivery.services.delivery_convert`); idempotent, so a redelivery after a crash
+    resumes it."""
+    return services.delivery_convert(conversation_id=conversation_id, force=force)

@@ -40,6 +40,29 @@ class Conversation(models.Model):
     # when the newest message was stored (orders "my conversations" by activity)
     last_message_at = models.DateTimeField(null=True, blank=True, editable=False)
 
+    class Mode(models.TextChoices):
+        """How a message reaches the members (see ``docs/channel-mode.md``). ``aggregate``: the
+        delivery pipeline counts it for every member. ``channel`` (large groups): the send only
+        raises the conversation's top, and each member's unread is top - read pointer. The two
+        ``to_*`` modes are a conversion under way: sends do both, so every member is right in
+        whichever form its counters are."""
+
+        AGGREGATE = "aggregate", "Aggregate"
+        TO_CHANNEL = "to_channel", "Converting to channel"
+        CHANNEL = "channel", "Channel"
+        TO_AGGREGATE = "to_aggregate", "Converting to aggregate"
+
+    mode = models.CharField(
+        max_length=16, choices=Mode.choices, default=Mode.AGGREGATE, editable=False
+    )
+    # Raised by every conversion: a member's counters take the form (channel or aggregate) of
+    # the highest generation they were told about, whatever order the calls arrive in.
+    mode_gen = models.BigIntegerField(default=0, editable=False)
+
+    CHANNEL_FORM_MODES = frozenset({Mode.TO_CHANNEL, Mode.CHANNEL})  # members' counters form
+    CHANNEL_SEND_MODES = frozenset({Mode.TO_CHANNEL, Mode.CHANNEL, Mode.TO_AGGREGATE})
+    PIPELINE_SEND_MODES = frozenset({Mode.AGGREGATE, Mode.TO_CHANNEL, Mode.TO_AGGREGATE})
+
     class Meta:
         constraints = [
             models.CheckConstraint(

@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from counters.selectors import counters_get
 from delivery.services import (
+    delivery_group_size_changed,
     delivery_memberships_changed,
     delivery_message_committed,
     delivery_read_moved,
@@ -194,10 +195,17 @@ def conversation_create(
         if len(others) + 1 > settings.GROUP_MAX_MEMBERS:
             raise BadRequest(f"a group has at most {settings.GROUP_MAX_MEMBERS} members")
     now = timezone.now()
+    # A group created at the large-group size starts in channel mode (no conversion needed).
+    large = key is None and len(others) + 1 >= settings.LARGE_GROUP_MIN_MEMBERS
     try:
         with transaction.atomic():
             conversation = Conversation.objects.create(
-                kind=kind, title=title, direct_key=key, created_by=creator
+                kind=kind,
+                title=title,
+                direct_key=key,
+                created_by=creator,
+                mode=Conversation.Mode.CHANNEL if large else Conversation.Mode.AGGREGATE,
+                mode_gen=1 if large else 0,
             )
             memberships = Membership.objects.bulk_create(
                 Membership(user_id=uid, conversation=conversation, joined_at=now)
@@ -268,6 +276,7 @@ def members_add(*, actor: User, conversation: Conversation, user_ids: list[int])
         change="join",
         joined=set(joining),
     )
+    delivery_group_size_changed(conversation=conv, members=active + len(joining))
     return joining
 
 
@@ -293,10 +302,21 @@ def member_remove(*, actor: User, conversation: Conversation, user_id: int) -> N
             membership.left_at = timezone.now()
             membership.rev += 1
             membership.save(update_fields=["left_at", "rev"])
-        last_seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation.pk)
+        conversation = _conversation_now(conversation.pk)
     delivery_memberships_changed(
-        memberships=[membership], conversation=conversation, last_seq=last_seq, change="leave"
+        memberships=[membership],
+        conversation=conversation,
+        last_seq=conversation.last_seq,
+        change="leave",
     )
+    members = Membership.objects.filter(conversation=conversation, left_at__isnull=True).count()
+    delivery_group_size_changed(conversation=conversation, members=members)
+
+
+def _conversation_now(conversation_id: int) -> Conversation:
+    """The conversation's row as committed now: its last seq and its mode, read together (a
+    membership change carries both, so its counters take the form of that mode)."""
+    return Conversation.objects.get(pk=conversation_id)
 
 
 def conversation_mute(*, membership: Membership, muted: bool) -> tuple[int, int]:
@@ -310,9 +330,9 @@ def conversation_mute(*, membership: Membership, muted: bool) -> tuple[int, int]
             m.muted = muted
             m.rev += 1
             m.save(update_fields=["muted", "rev"])
-        last_seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=m.conversation_id)
+        conversation = _conversation_now(m.conversation_id)
     delivery_memberships_changed(
-        memberships=[m], conversation=membership.conversation, last_seq=last_seq, change="mute"
+        memberships=[m], conversation=conversation, last_seq=conversation.last_seq, change="mute"
     )
     counts = counters_get(user_id=m.user_id)
     return counts.conversations.get(m.conversation_id, 0), counts.badge
@@ -321,17 +341,19 @@ def conversation_mute(*, membership: Membership, muted: bool) -> tuple[int, int]
 # ---- messages and reads --------------------------------------------------------------------
 
 
-def _next_seq(conversation_id: int) -> int:
-    """Bump the conversation's last_seq and return it. The row stays locked until commit, so
-    concurrent sends to one conversation get consecutive seqs; a rollback gives the seq back."""
+def _next_seq(conversation_id: int) -> tuple[int, str]:
+    """Bump the conversation's last_seq and return it with the conversation's mode. The row
+    stays locked until commit, so concurrent sends to one conversation get consecutive seqs, a
+    rollback gives the seq back, and a conversion (which takes the same lock) is either before
+    the send or after it."""
     with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {Conversation._meta.db_table} "
             "SET last_seq = last_seq + 1, last_message_at = clock_timestamp() "
-            "WHERE id = %s RETURNING last_seq",
+            "WHERE id = %s RETURNING last_seq, mode",
             [conversation_id],
         )
-        return cursor.fetchone()[0]
+        return cursor.fetchone()
 
 
 def message_send(
@@ -365,7 +387,7 @@ def message_send(
         _mentions_check(sender, conversation, mentioned, mention_all)
         try:
             with transaction.atomic():
-                seq = _next_seq(conversation.pk)
+                seq, mode = _next_seq(conversation.pk)
                 message = Message.objects.create(
                     conversation=conversation,
                     seq=seq,
@@ -386,6 +408,7 @@ def message_send(
                         sender_id=sender.pk,
                         mentions=mentioned,
                         mention_all=mention_all,
+                        mode=mode,
                     )
                 )
         except IntegrityError:
@@ -403,6 +426,7 @@ def message_send(
             sender_id=sender.pk,
             mentions=message.mentions,
             mention_all=message.mention_all,
+            mode=Conversation.objects.values_list("mode", flat=True).get(pk=conversation.pk),
         )
     delivery_sender_read(user_id=sender.pk, conversation_id=conversation.pk, seq=message.seq)
     return message, created

@@ -155,7 +155,20 @@ MESSAGE_BODY_MAX_CHARS = env_int("MESSAGE_BODY_MAX_CHARS", 8000)
 # Most user ids one message may mention (``mentions``); larger lists get 422.
 MESSAGE_MENTIONS_MAX = env_int("MESSAGE_MENTIONS_MAX", 1000)
 # Most members a group may have.
-GROUP_MAX_MEMBERS = env_int("GROUP_MAX_MEMBERS", 10_000)
+GROUP_MAX_MEMBERS = env_int("GROUP_MAX_MEMBERS", 50_000)
+# Large groups run in channel mode (docs/channel-mode.md): a message costs O(1) whatever the
+# group's size, and each member's unread is the conversation's top minus the member's read
+# pointer. A group converts when its active members reach LARGE_GROUP_MIN_MEMBERS and back
+# only when they fall to LARGE_GROUP_EXIT_MEMBERS (hysteresis: a group near the line converts
+# at most once per MIN - EXIT joins or leaves). 1,000: below it the aggregate path costs at
+# most ~1,000 counter calls per flush and every member keeps per-message sync entries; above
+# it the per-member work dominates a storm (make bench-storm).
+LARGE_GROUP_MIN_MEMBERS = env_int("LARGE_GROUP_MIN_MEMBERS", 1000)
+LARGE_GROUP_EXIT_MEMBERS = env_int("LARGE_GROUP_EXIT_MEMBERS", LARGE_GROUP_MIN_MEMBERS * 4 // 5)
+if not 0 <= LARGE_GROUP_EXIT_MEMBERS < LARGE_GROUP_MIN_MEMBERS:
+    raise ValueError("LARGE_GROUP_EXIT_MEMBERS must be below LARGE_GROUP_MIN_MEMBERS")
+# Conversion: memberships re-sent per pipelined chunk.
+LARGE_GROUP_CONVERT_CHUNK = env_int("LARGE_GROUP_CONVERT_CHUNK", 1000)
 # Largest request body the API accepts, in bytes; larger ones get 413 before any parsing. The
 # default holds every body the OpenAPI schema allows, so a 413 always means a body the schema
 # forbids: a message of MESSAGE_BODY_MAX_CHARS characters outside the BMP written as \u escapes

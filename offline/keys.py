@@ -69,6 +69,11 @@ def live_group(user_id: int) -> str:
     return f"sync.u.{int(user_id)}"
 
 
+def live_conversation_group(conversation_id: int) -> str:
+    """The channel-layer group of the connected devices of a channel-mode group's members."""
+    return f"sync.c.{int(conversation_id)}"
+
+
 LOG_PATTERN = f"{PREFIX}:{{u:*}}:log"
 
 

@@ -55,6 +55,24 @@ def live_poke(user_ids: list[int]) -> None:
         logger.warning("could not poke %s connected users", len(user_ids), exc_info=True)
 
 
+def live_channel_message(*, conversation_id: int, seq: int) -> None:
+    """A message in a channel-mode group: one send to the conversation's group, whose sockets
+    (its members' connected devices) each pass it on; the cost grows with the connected
+    members, never with all of them. Best effort like a poke: a device that misses it learns
+    the message from ``/sync``'s ``channels``."""
+    try:
+        _group_send(
+            [
+                (
+                    keys.live_conversation_group(conversation_id),
+                    {"type": "channel.message", "conversation_id": conversation_id, "seq": seq},
+                )
+            ]
+        )
+    except Exception:
+        logger.warning("could not relay message %s/%s", conversation_id, seq, exc_info=True)
+
+
 def live_logout(*, user_id: int, device_pks: list[int]) -> None:
     """These devices of the user were logged out: their open sockets close with 4401. The
     event goes to the user's group; each socket checks whether it is one of them. A lost event

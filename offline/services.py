@@ -27,7 +27,7 @@ from imcore.errors import BadRequest
 from imcore.models import Conversation, Device, Membership
 
 from . import selectors, store
-from .live import live_logout
+from .live import live_channel_message, live_logout
 from .store import Op, SinceAhead
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,13 @@ def offline_record_messages(items) -> dict[int, tuple[int, int]]:
     """``items`` = ``[(user_id, [(conversation_id, top seq, read seq)])]``: every message up
     to ``top`` the user's log has not recorded yet gets an entry (idempotent)."""
     return store.append_messages(items)
+
+
+def offline_channel_message(*, conversation_id: int, seq: int) -> None:
+    """A message in a channel-mode group: no entry in any member's store (their devices learn
+    it from ``/sync``'s ``channels`` and the history call); the members' connected devices
+    get it live (:func:`offline.live.live_channel_message`)."""
+    live_channel_message(conversation_id=conversation_id, seq=seq)
 
 
 def offline_record_read(*, user_id: int, conversation_id: int, seq: int) -> None:

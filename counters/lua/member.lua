@@ -1,4 +1,5 @@
---[[ member: apply a membership change (join, leave, mute, unmute) in commit order.
+--[[ member: apply a membership change (join, leave, mute, unmute) in commit order, and the
+form of the user's counters for the conversation (channel or aggregate, see keys.py).
 KEYS[1]  the user's counter hash, imc:{u:<id>}:ctr
 ARGV[1]  conversation id
 ARGV[2]  rev of the membership row after the change (grows with every change)
@@ -6,26 +7,52 @@ ARGV[3]  "1" active, "0" left
 ARGV[4]  "1" muted, "0" not
 ARGV[5]  the membership's last_read_seq
 ARGV[6]  the conversation's last seq at the change
-A join keeps only the mentions above its read pointer; a leave deletes them.
-Returns  the change of the badge. A change whose rev is not newer than the one applied
-         already is ignored, so changes reaching Redis out of order still end as committed. ]]
+ARGV[7]  the conversation's mode generation at the change (0 when absent)
+ARGV[8]  the form of that generation: "c" channel, "a" aggregate (default)
+ARGV[9]  seqs above the read pointer that mention everyone (comma separated; a conversion to
+         the aggregate form folds the channel's record into n:<cid>)
+The membership part applies when the rev is newer than the one applied; the form part when the
+generation is newer. Each is ignored otherwise, so calls reaching Redis in any order end as
+committed. A join keeps only the mentions above its read pointer; a leave deletes them.
+Returns  the change of the stored badge (channel-form conversations are not in it). ]]
 local h = KEYS[1]
 local c = ARGV[1]
 local rev = tonumber(ARGV[2])
-if rev <= tonumber(redis.call('HGET', h, 'v:' .. c) or 0) then return 0 end
-redis.call('HSET', h, 'v:' .. c, rev)
+local gen = tonumber(ARGV[7] or 0)
+local rev_new = rev > tonumber(redis.call('HGET', h, 'v:' .. c) or 0)
+local gen_new = gen > tonumber(redis.call('HGET', h, 'g:' .. c) or 0)
+if not rev_new and not gen_new then return 0 end
 local old = 0
 local unread = redis.call('HGET', h, 'u:' .. c)
 if unread and redis.call('HGET', h, 'm:' .. c) ~= '1' then old = tonumber(unread) end
+local form = 'a'
+if redis.call('HEXISTS', h, 'c:' .. c) == 1 then form = 'c' end
+if gen_new then
+  redis.call('HSET', h, 'g:' .. c, gen)
+  form = ARGV[8] or 'a'
+end
+local active = unread ~= false or redis.call('HEXISTS', h, 'c:' .. c) == 1
+if rev_new then
+  redis.call('HSET', h, 'v:' .. c, rev)
+  active = ARGV[3] == '1'
+  if active then redis.call('HSET', h, 'm:' .. c, ARGV[4]) end
+end
 local new = 0
-if ARGV[3] == '1' then
+if active then
   local r = math.max(tonumber(redis.call('HGET', h, 'r:' .. c) or 0), tonumber(ARGV[5]))
   local t = math.max(tonumber(redis.call('HGET', h, 't:' .. c) or 0), tonumber(ARGV[6]), r)
-  redis.call('HSET', h, 'r:' .. c, r, 't:' .. c, t, 'u:' .. c, t - r, 'm:' .. c, ARGV[4])
-  store_mentions(h, c, nil, r)
-  if ARGV[4] ~= '1' then new = t - r end
+  redis.call('HSET', h, 'r:' .. c, r, 't:' .. c, t)
+  if form == 'c' then
+    redis.call('HSET', h, 'c:' .. c, 1)
+    redis.call('HDEL', h, 'u:' .. c)
+  else
+    redis.call('HSET', h, 'u:' .. c, t - r)
+    redis.call('HDEL', h, 'c:' .. c)
+    if redis.call('HGET', h, 'm:' .. c) ~= '1' then new = t - r end
+  end
+  store_mentions(h, c, ARGV[9], r)
 else
-  redis.call('HDEL', h, 'u:' .. c, 'r:' .. c, 't:' .. c, 'm:' .. c, 'n:' .. c)
+  redis.call('HDEL', h, 'u:' .. c, 'r:' .. c, 't:' .. c, 'm:' .. c, 'n:' .. c, 'c:' .. c)
 end
 local d = new - old
 if d ~= 0 then redis.call('HINCRBY', h, 'badge', d) end
