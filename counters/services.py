@@ -69,10 +69,12 @@ def counters_count_messages(items: Sequence[tuple[int, Sequence[tuple]]]) -> lis
 
 
 def counters_mark_read(
-    *, user_id: int, conversation_id: int, read_seq: int, last_seq: int
-) -> tuple[int, int]:
-    """Apply a committed mark-read at once; returns ``(unread, badge)``. Rebuilds the user's
-    counters first when Redis does not hold them."""
+    *, user_id: int, conversation_id: int, read_seq: int, last_seq: int, answer: bool = True
+) -> tuple[int, int] | None:
+    """Apply a committed mark-read at once; returns ``(unread, badge)`` (None when not
+    ``answer``: a sender's own read needs no answer, and skips reading the channel-form
+    conversations the badge counts). Rebuilds the user's counters first when Redis does not
+    hold them."""
     strategy = get_strategy()
     try:
         counts = strategy.read(user_id, conversation_id, read_seq, last_seq)
@@ -84,6 +86,8 @@ def counters_mark_read(
             # The user left between the read's commit and now: nothing of it is unread any
             # more.
             counts = (0, None)
+    if not answer:
+        return None
     fields = strategy.fetch(user_id)
     if counts[1] is not None and not channel_conversations(fields):
         return counts

@@ -128,7 +128,9 @@ def delivery_channel_message(
 def delivery_sender_read(*, user_id: int, conversation_id: int, seq: int) -> None:
     """Sending marks the conversation read for the sender up to its message, at once (the
     message entry tells the sender's other devices; no entry or push of its own)."""
-    counters_mark_read(user_id=user_id, conversation_id=conversation_id, read_seq=seq, last_seq=seq)
+    counters_mark_read(
+        user_id=user_id, conversation_id=conversation_id, read_seq=seq, last_seq=seq, answer=False
+    )
 
 
 def delivery_fanout(

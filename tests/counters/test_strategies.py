@@ -13,7 +13,7 @@ ALL = sorted(STRATEGIES)
 U = 7  # a user id; these tests need no database rows
 
 
-def row(cid, rev=1, active=True, muted=False, read=0, top=0, mentions=()):
+def row(cid, rev=1, active=True, muted=False, read=0, top=0, mentions=(), gen=0, channel=False):
     return MembershipRow(
         conversation_id=cid,
         rev=rev,
@@ -22,6 +22,8 @@ def row(cid, rev=1, active=True, muted=False, read=0, top=0, mentions=()):
         read_seq=read,
         top=top,
         mentions=tuple(mentions),
+        gen=gen,
+        channel=channel,
     )
 
 
@@ -178,12 +180,17 @@ OPS = st.lists(
             st.booleans(),
             st.booleans(),
             st.integers(0, 12),
+            st.integers(0, 3),  # mode generation
+            st.booleans(),  # channel form
+            st.lists(st.integers(1, 12), max_size=2),  # mention_all seqs of a conversion
         ),
         st.tuples(
             st.just("load"),
             st.integers(1, 3),
             st.integers(0, 12),
             st.lists(st.integers(1, 12), max_size=3),
+            st.integers(0, 3),
+            st.booleans(),
         ),
     ),
     max_size=25,
@@ -199,11 +206,27 @@ def apply(strategy, user_id, op):
         elif kind == "read":
             strategy.read(user_id, cid, op[2], op[2])
         elif kind == "member":
-            _, _, rev, active, muted, seq = op
-            strategy.member(user_id, row(cid, rev, active, muted, read=seq, top=seq))
+            _, _, rev, active, muted, seq, gen, channel, alls = op
+            strategy.member(
+                user_id,
+                row(
+                    cid,
+                    rev,
+                    active,
+                    muted,
+                    read=seq,
+                    top=seq,
+                    mentions=alls,
+                    gen=gen,
+                    channel=channel,
+                ),
+            )
         else:
             truth = [s for s in op[3] if s <= op[2]]
-            strategy.load(user_id, [row(cid, 1, True, False, read=0, top=op[2], mentions=truth)])
+            strategy.load(
+                user_id,
+                [row(cid, 1, True, False, 0, op[2], mentions=truth, gen=op[4], channel=op[5])],
+            )
     except (CountersNotLoaded, CountersNotMember) as exc:
         return type(exc).__name__
     return None
@@ -219,3 +242,19 @@ def test_lua_scripts_match_their_python_mirror(ops):
     for op in ops:
         assert apply(lua, 1, op) == apply(python, 2, op), op
         assert lua.fetch(1) == python.fetch(2), op
+
+
+def test_a_late_call_of_an_older_generation_keeps_the_conversion(strategy):
+    """A conversion re-sends a member's row with a new generation; the join that came before
+    it, applied late, updates the membership but never turns the form back."""
+    strategy.load(U, [])
+    strategy.member(U, row(1, rev=2, read=3, top=5, gen=1, channel=True))  # the conversion
+    strategy.member(U, row(1, rev=1, read=0, top=4, gen=0))  # the join, late
+    strategy.member(U, row(1, rev=3, muted=True, read=3, top=5, gen=0))  # a mute, late too
+    fields = strategy.fetch(U)
+    assert fields["c:1"] == "1" and "u:1" not in fields and fields["m:1"] == "1"
+    assert counts(strategy) == (0, {})  # the stored badge leaves the channel form out
+    # back to the aggregate form: the unread is counted in the stored badge again
+    strategy.member(U, row(1, rev=3, muted=False, read=3, top=9, gen=2, mentions=(2, 8)))
+    assert counts(strategy) == (0, {1: 6})  # still muted: rev 3 says so, not this row
+    assert mentions(strategy) == {1: "8"}
