@@ -40,6 +40,9 @@ def shard_flush_flag(shard: int) -> str:
     return f"{PREFIX}:{shard_tag(shard)}:flush"
 
 
+# unix ms up to which the channel-mode groups' badge pushes were scheduled
+CHANNEL_BADGES_SINCE = f"{PREFIX}:channels:badges-since"
+
 METRICS_FLUSHES = f"{PREFIX}:metrics:flushes"
 METRICS_TOTALS = f"{PREFIX}:metrics:totals"
 

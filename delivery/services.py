@@ -23,10 +23,12 @@ The sinks have small service APIs and never import delivery. Every call here is 
 
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.db import transaction
 
+from counters.redis import get_redis
 from counters.services import (
     counters_channel_committed,
     counters_channel_mentions_all,
@@ -35,7 +37,7 @@ from counters.services import (
     counters_mark_read,
     counters_memberships_changed,
 )
-from imcore.models import Conversation, Membership
+from imcore.models import Conversation, Membership, Message
 from offline.push import push_badge_changed
 from offline.services import (
     offline_channel_message,
@@ -44,6 +46,7 @@ from offline.services import (
     offline_record_read,
 )
 
+from . import keys
 from .failpoints import failpoint
 from .mentions import MentionIndex, mention_event
 
@@ -318,3 +321,47 @@ def _convert_members(chunk, last_seq: int, gen: int, channel: bool, mentions_all
             channel=channel,
             mentions_all=mentions_all,
         )
+
+
+# ---- channel mode: badges of offline devices -----------------------------------------------
+
+
+def delivery_channel_badges(*, now_ms: int | None = None) -> int:
+    """Celery beat, every ``PUSH_INTERVAL_S``: the channel-mode groups that had messages since
+    the last run schedule a push for their unmuted members' offline devices with a pushkey
+    (the push throttle coalesces, and a silent one goes only if the badge changed). A group
+    that had a ``mention_all`` makes them alerts. Per member per interval, never per message.
+    Returns how many devices were scheduled."""
+    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    client = get_redis()
+    since_ms = client.getset(keys.CHANNEL_BADGES_SINCE, now_ms)
+    since = datetime.fromtimestamp(
+        (int(since_ms) if since_ms else now_ms - settings.PUSH_INTERVAL_S * 1000) / 1000, UTC
+    )
+    cids = list(
+        Conversation.objects.filter(
+            mode__in=Conversation.CHANNEL_SEND_MODES, last_message_at__gte=since
+        ).values_list("pk", flat=True)
+    )
+    if not cids:
+        return 0
+    alerting = set(
+        Message.objects.filter(
+            conversation_id__in=cids, mention_all=True, created_at__gte=since
+        ).values_list("conversation_id", flat=True)
+    )
+    scheduled = 0
+    for alert, group in ((True, alerting), (False, set(cids) - alerting)):
+        if group:
+            users = (
+                Membership.objects.filter(
+                    conversation_id__in=group,
+                    left_at__isnull=True,
+                    muted=False,
+                    user__device__pushkey__gt="",
+                )
+                .values_list("user_id", flat=True)
+                .distinct()
+            )
+            scheduled += push_badge_changed(user_ids=list(users), alert=alert)
+    return scheduled

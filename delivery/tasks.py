@@ -201,3 +201,10 @@ def convert_conversation(conversation_id: int, force: str | None = None) -> str 
     :func:`delivery.services.delivery_convert`); idempotent, so a redelivery after a crash
     resumes it."""
     return services.delivery_convert(conversation_id=conversation_id, force=force)
+
+
+@shared_task(name="delivery.channel_badges", max_retries=0, expires=10)
+def channel_badges() -> int:
+    """Badge pushes for the members of channel-mode groups that had messages (Celery beat,
+    every ``PUSH_INTERVAL_S``)."""
+    return services.delivery_channel_badges()

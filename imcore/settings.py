@@ -364,6 +364,11 @@ CELERY_BEAT_SCHEDULE["offline-flush-acks"] = {
     "schedule": SYNC_ACK_FLUSH_INTERVAL_S,
 }
 CELERY_BEAT_SCHEDULE["offline-push-due"] = {"task": "offline.push_due", "schedule": PUSH_TICK_S}
+# The badges of channel-mode groups' members, once per push interval (not per message).
+CELERY_BEAT_SCHEDULE["delivery-channel-badges"] = {
+    "task": "delivery.channel_badges",
+    "schedule": PUSH_INTERVAL_S,
+}
 CELERY_BEAT_SCHEDULE["offline-trim"] = {
     "task": "offline.trim",
     "schedule": float(OFFLINE_TRIM_INTERVAL_S),

@@ -90,3 +90,5 @@ SEEN_INFLIGHT = f"{PREFIX}:{{acks}}:seen-inflight"
 PUSH_DUE = f"{PREFIX}:{{push}}:due"
 PUSH_KIND = f"{PREFIX}:{{push}}:kind"
 PUSH_LAST = f"{PREFIX}:{{push}}:last"
+# HASH device pk -> the badge its last push carried (a silent update with the same is skipped)
+PUSH_BADGE = f"{PREFIX}:{{push}}:badge"

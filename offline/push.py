@@ -8,6 +8,11 @@
   (Redis, :mod:`offline.keys`), and ``offline.push_due`` (Celery beat, every ``PUSH_TICK_S``)
   sends what is due with the badge of that moment, so a storm becomes one push per interval
   carrying the newest badge, and an alert wins over a silent update in the same interval.
+- **Unchanged badges**: a silent update is not sent when the device's last push carried the
+  same badge.
+- **Channel-mode groups** (large groups): a message alerts only the users it mentions; the
+  badges of the other members follow from a beat task once per ``PUSH_INTERVAL_S``
+  (``delivery.channel_badges``), never from a per-member write per message.
 - **Backends** (``PUSH_BACKEND``): ``matrix`` speaks the Matrix push gateway API
   (``POST <PUSH_GATEWAY_URL>/_matrix/push/v1/notify``, ``counts.unread`` = the badge), so an
   existing gateway such as Sygnal delivers to APNs/FCM; a pushkey the gateway rejects is
@@ -113,11 +118,15 @@ def push_send_due() -> int:
     sender = backend()
     sent = 0
     badges: dict[int, int] = {}
+    last_sent = store.push_badges_sent(d.pk for d in devices)
+    carried: dict[int, int] = {}
     for device in devices:
         if device.pk in online.get(device.user_id, set()):
             continue  # it came online meanwhile: the socket brings everything
         if device.user_id not in badges:
             badges[device.user_id] = counters_get(user_id=device.user_id).badge
+        if kinds[device.pk] != "alert" and last_sent.get(device.pk) == badges[device.user_id]:
+            continue  # a silent update that would change nothing on the device
         try:
             accepted = sender.send(
                 device, badge=badges[device.user_id], alert=kinds[device.pk] == "alert"
@@ -126,9 +135,11 @@ def push_send_due() -> int:
             logger.warning("push to device %s failed", device.pk, exc_info=True)
             continue
         sent += 1
+        carried[device.pk] = badges[device.user_id]
         if not accepted:
             Device.objects.filter(pk=device.pk, pushkey=device.pushkey).update(
                 pushkey="", pushkey_updated_at=timezone.now()
             )
             logger.info("the gateway rejected the pushkey of device %s: forgotten", device.pk)
+    store.push_badges_note(carried)
     return sent

@@ -421,6 +421,20 @@ def push_take(limit: int = 1000) -> list[tuple[int, str]]:
     return [(int(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
+def push_badges_sent(device_pks: Iterable[int]) -> dict[int, int]:
+    """The badge each device's last push carried (absent: none sent yet)."""
+    pks = list(device_pks)
+    if not pks:
+        return {}
+    values = client().hmget(keys.PUSH_BADGE, pks)
+    return {pk: int(v) for pk, v in zip(pks, values, strict=True) if v is not None}
+
+
+def push_badges_note(badges: dict[int, int]) -> None:
+    if badges:
+        client().hset(keys.PUSH_BADGE, mapping=badges)
+
+
 # ---- acks ----------------------------------------------------------------------------------
 
 

@@ -10,9 +10,10 @@ import pytest
 from counters.redis import get_redis
 from delivery import failpoints
 from delivery.pipeline import delivery_drain, shard_lengths
-from delivery.services import delivery_convert
-from imcore.models import Conversation
-from offline import store
+from delivery.services import delivery_channel_badges, delivery_convert
+from imcore.models import Conversation, Device
+from offline import push, store
+from offline import store as push_store
 from tests.conftest import running_worker, wait_until
 from tests.helpers import counter_mismatches
 from tests.offline.test_sync import group
@@ -228,3 +229,43 @@ def test_crossing_the_line_converts_in_a_worker_with_hysteresis(large, make_memb
         send(erin, cid, "aggregate again")
         delivery_drain()
         exact(members)
+
+
+def test_pushes_in_a_large_group_alert_only_mentions_and_badges_follow_per_interval(
+    large, make_member
+):
+    """A plain message schedules no push for anyone; a mention alerts the mentioned user only;
+    the beat task then schedules silent badge updates for the unmuted members with a pushkey,
+    and a silent update that would carry an unchanged badge is not sent."""
+    large.PUSH_INTERVAL_S = 0
+    alice, bob, carol, dave, erin = members = [make_member() for _ in range(5)]
+    for m in (bob, carol, dave):
+        response = m.put("/devices/current/pushkey", {"pushkey": f"key-{m.id}"})
+        assert response.status_code in (200, 204), response.content
+    cid = group(*members)
+    mute(dave, cid)
+    delivery_channel_badges()  # the group's creation is not news
+    push.push_send_due()
+
+    def scheduled():
+        due = dict(push_store.push_take())
+        return {Device.objects.get(pk=pk).user_id: kind for pk, kind in due.items()}
+
+    send(alice, cid, "plain")
+    assert scheduled() == {}
+    send(alice, cid, "to-bob", mentions=[bob.id])
+    assert scheduled() == {bob.id: "alert"}
+    assert delivery_channel_badges() == 2  # bob and carol (dave muted, erin has no pushkey)
+    assert scheduled() == {bob.id: "silent", carol.id: "silent"}
+    assert delivery_channel_badges() == 0  # nothing new in the group since
+    send(alice, cid, "to-all", mention_all=True)
+    delivery_channel_badges()
+    assert scheduled() == {bob.id: "alert", carol.id: "alert"}
+    # a silent update carrying the badge the last push carried is skipped
+    push.push_badge_changed(user_ids=[bob.id, carol.id], alert=False)
+    assert push.push_send_due() == 2
+    push.push_badge_changed(user_ids=[bob.id, carol.id], alert=False)
+    assert push.push_send_due() == 0
+    send(alice, cid, "more")
+    delivery_channel_badges()
+    assert push.push_send_due() == 2
