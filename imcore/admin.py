@@ -68,11 +68,45 @@ class MembershipInline(admin.TabularInline):
 
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
-    list_display = ("id", "kind", "title", "member_count", "last_seq", "created_by", "created_at")
-    list_filter = ("kind",)
+    list_display = (
+        "id",
+        "kind",
+        "title",
+        "member_count",
+        "mode",
+        "last_seq",
+        "created_by",
+        "created_at",
+    )
+    list_filter = ("kind", "mode")
     search_fields = ("title",)
-    readonly_fields = ("kind", "direct_key", "created_by", "created_at", "last_seq")
+    readonly_fields = (
+        "kind",
+        "direct_key",
+        "created_by",
+        "created_at",
+        "last_seq",
+        "mode",
+        "mode_gen",
+    )
     inlines = [MembershipInline]
+    actions = ["convert_to_channel", "convert_to_aggregate"]
+
+    @admin.action(description="Convert to channel mode (large-group counting, in a task)")
+    def convert_to_channel(self, request, queryset):
+        self._convert(request, queryset, Conversation.Mode.CHANNEL)
+
+    @admin.action(description="Convert to aggregate mode (per-member counting, in a task)")
+    def convert_to_aggregate(self, request, queryset):
+        self._convert(request, queryset, Conversation.Mode.AGGREGATE)
+
+    def _convert(self, request, queryset, mode):
+        groups = list(queryset.filter(kind=Conversation.Kind.GROUP).values_list("pk", flat=True))
+        for pk in groups:
+            services.conversation_convert(conversation_id=pk, mode=mode)
+        self.message_user(
+            request, f"{len(groups)} group(s) will convert to {mode} mode", messages.SUCCESS
+        )
 
     def get_queryset(self, request):
         return (

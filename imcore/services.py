@@ -313,6 +313,15 @@ def member_remove(*, actor: User, conversation: Conversation, user_id: int) -> N
     delivery_group_size_changed(conversation=conversation, members=members)
 
 
+def conversation_convert(*, conversation_id: int, mode: str) -> None:
+    """Convert a group to ``mode`` (``channel`` or ``aggregate``) whatever its size, in a
+    Celery task (the admin's action; a later join or leave converts it again if its size says
+    so)."""
+    from delivery.tasks import convert_conversation
+
+    convert_conversation.delay(conversation_id=conversation_id, force=mode)
+
+
 def _conversation_now(conversation_id: int) -> Conversation:
     """The conversation's row as committed now: its last seq and its mode, read together (a
     membership change carries both, so its counters take the form of that mode)."""
