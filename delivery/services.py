@@ -40,6 +40,7 @@ from counters.services import (
 from imcore.models import Conversation, Membership, Message
 from offline.push import push_badge_changed
 from offline.services import (
+    offline_channel_members_changed,
     offline_channel_message,
     offline_record_memberships,
     offline_record_messages,
@@ -320,6 +321,11 @@ def _convert_members(chunk, last_seq: int, gen: int, channel: bool, mentions_all
             mode_gen=gen,
             channel=channel,
             mentions_all=mentions_all,
+        )
+        offline_channel_members_changed(
+            user_ids=[m.user_id for m in chunk],
+            conversation_id=chunk[0].conversation_id,
+            channel=channel,
         )
 
 

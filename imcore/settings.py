@@ -257,6 +257,9 @@ SYNC_PAGE_DEFAULT = env_int("SYNC_PAGE_DEFAULT", 200)
 SYNC_PAGE_MAX = env_int("SYNC_PAGE_MAX", 1000)
 # Messages per conversation in the gap snapshot.
 SYNC_SNAPSHOT_MESSAGES = env_int("SYNC_SNAPSHOT_MESSAGES", 3)
+# /sync's ``channels`` lists a large group whose top changed after the time of the device's
+# ``since`` entry minus this margin (ms): the clock skew between Redis nodes, with room.
+SYNC_CHANNELS_MARGIN_MS = env_int("SYNC_CHANNELS_MARGIN_MS", 2000)
 # Delayed acks (and last-seen times): written to PostgreSQL this often (s), or at once when
 # this many devices have acks waiting.
 SYNC_ACK_FLUSH_INTERVAL_S = float(os.environ.get("SYNC_ACK_FLUSH_INTERVAL_S", "2.0"))
@@ -286,6 +289,7 @@ SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"]
 # --- live sync over WebSocket and presence -----------------------------------------------------
 # The channel layer (Django Channels) that carries "new entries" pokes to connected devices.
 CHANNELS_REDIS_URL = os.environ.get("CHANNELS_REDIS_URL", REDIS_URL)
+RELAY_LAYER = "relay"
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -301,7 +305,16 @@ CHANNEL_LAYERS = {
             # Pokes are tiny; a process's inbox holds this many before the layer drops them.
             "capacity": 100_000,
         },
-    }
+    },
+    # The relay of channel-mode groups' messages (``sync.c.<cid>`` groups only): Redis pub/sub,
+    # so one PUBLISH per message whatever the number of connected members (the default layer
+    # runs per-channel commands for every socket of the group); each server process subscribes
+    # once per group. Nothing is queued for a process that is not listening: a device that
+    # misses a relayed message learns it from ``/sync``'s ``channels``.
+    RELAY_LAYER: {
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {"hosts": [CHANNELS_REDIS_URL], "prefix": "imc:ws:relay:"},
+    },
 }
 # A connected device is online for this long (s) after the server last refreshed it (every
 # third of it while the socket lives); the ASGI server pings every third of it and closes a

@@ -65,12 +65,24 @@ class SnapshotOut(Schema):
     conversations: list[SnapshotConversationOut]
 
 
+class SyncChannelOut(Schema):
+    """A channel-mode (large) group of the user: its counters now. Its messages write no
+    entries; read them with the history call."""
+
+    conversation_id: int
+    last_seq: int
+    read_seq: int
+    unread: int
+    unread_mentions: int
+
+
 class SyncOut(Schema):
     entries: list[SyncEntryOut]
     latest_version: int
     has_more: bool
     gap: bool
     snapshot: SnapshotOut | None = None
+    channels: list[SyncChannelOut] = Field(default_factory=list)
 
 
 @router.get(
@@ -91,7 +103,18 @@ def sync_pull_api(
     (``SYNC_PAGE_MAX``). A ``since`` behind what the offline store still holds (offline too
     long, or a new device) gets ``gap: true`` and a ``snapshot`` of every conversation
     instead: replace local state with it and continue from its ``latest_version``. A
-    ``since`` ahead of ``latest_version`` is a 400."""
+    ``since`` ahead of ``latest_version`` is a 400.
+
+    Large groups (channel mode, ``LARGE_GROUP_MIN_MEMBERS`` members or more) write no entry
+    per message. Every answer (the gap one too, after its snapshot) has ``channels``: the
+    user's large groups that changed since ``since`` (at least those; all of them after a
+    gap), each with ``last_seq``, ``read_seq``, ``unread`` and ``unread_mentions`` as they are
+    now. Keep the highest ``last_seq`` and ``read_seq`` seen (entries of the same answer may be
+    older), and fetch the messages after your last one with ``GET
+    /conversations/{id}/messages?after_seq=``. A device more than ``SYNC_SNAPSHOT_MESSAGES``
+    behind a group fetches only the latest ones (``after_seq = last_seq -
+    SYNC_SNAPSHOT_MESSAGES``) and takes the counts from ``channels``, like Telegram's
+    ``channelDifferenceTooLong``; older ones are there to page through when wanted."""
     return services.sync_pull(device=request.device, since=since, limit=limit)
 
 

@@ -14,7 +14,9 @@ import logging
 import os
 import threading
 
+from channels import DEFAULT_CHANNEL_LAYER
 from channels.layers import get_channel_layer
+from django.conf import settings
 
 from . import keys
 
@@ -35,10 +37,10 @@ def _background_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-def _group_send(messages: list[tuple[str, dict]]) -> None:
-    """Send ``(group, event)`` pairs from the process's poke loop; raises what the layer
-    raised (or TimeoutError after 30 s)."""
-    layer = get_channel_layer()
+def _group_send(messages: list[tuple[str, dict]], alias: str = DEFAULT_CHANNEL_LAYER) -> None:
+    """Send ``(group, event)`` pairs from the process's poke loop on the layer ``alias``;
+    raises what the layer raised (or TimeoutError after 30 s)."""
+    layer = get_channel_layer(alias)
     if layer is None or not messages:
         return
 
@@ -56,10 +58,11 @@ def live_poke(user_ids: list[int]) -> None:
 
 
 def live_channel_message(*, conversation_id: int, seq: int) -> None:
-    """A message in a channel-mode group: one send to the conversation's group, whose sockets
-    (its members' connected devices) each pass it on; the cost grows with the connected
-    members, never with all of them. Best effort like a poke: a device that misses it learns
-    the message from ``/sync``'s ``channels``."""
+    """A message in a channel-mode group: one send to the conversation's group on the relay
+    layer (``settings.RELAY_LAYER``, Redis pub/sub: one PUBLISH, whatever the number of
+    connected members); each server process passes it to its sockets in the group (its
+    members' connected devices). Best effort like a poke: a device that misses it learns the
+    message from ``/sync``'s ``channels``."""
     try:
         _group_send(
             [
@@ -67,10 +70,23 @@ def live_channel_message(*, conversation_id: int, seq: int) -> None:
                     keys.live_conversation_group(conversation_id),
                     {"type": "channel.message", "conversation_id": conversation_id, "seq": seq},
                 )
-            ]
+            ],
+            settings.RELAY_LAYER,
         )
     except Exception:
         logger.warning("could not relay message %s/%s", conversation_id, seq, exc_info=True)
+
+
+def live_channels_changed(user_ids: list[int]) -> None:
+    """These users joined or left a channel-mode group, or one of their groups changed mode:
+    their connected sockets read again which conversation groups to relay
+    (``SyncConsumer.sync_channels``). A lost event is mended by the sockets' periodic refresh."""
+    try:
+        _group_send([(keys.live_group(uid), {"type": "sync.channels"}) for uid in user_ids])
+    except Exception:
+        logger.warning(
+            "could not tell %s users to refresh their relays", len(user_ids), exc_info=True
+        )
 
 
 def live_logout(*, user_id: int, device_pks: list[int]) -> None:

@@ -7,6 +7,14 @@ from datetime import UTC, datetime
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 
+from counters import keys as counter_keys
+from counters.selectors import (
+    channel_conversations,
+    counters_channel_states,
+    counters_get,
+    counts_from_fields,
+)
+from counters.strategies import get_strategy
 from imcore.models import Device, Membership, Message
 from imcore.selectors import message_fields
 
@@ -24,6 +32,12 @@ def message_out(message: Message) -> dict:
     out = message_fields(message)
     out["created_at"] = _json.default(message.created_at)
     return out
+
+
+def channel_message_out(conversation_id: int, seq: int) -> dict | None:
+    """One message as the API renders it (None if there is no such row)."""
+    message = Message.objects.filter(conversation_id=conversation_id, seq=seq).first()
+    return message_out(message) if message is not None else None
 
 
 def messages_by_seq(pairs: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Message]:
@@ -71,12 +85,69 @@ def entries_out(entries: list[Entry], package: dict[int, dict] | None = None) ->
     return out
 
 
+def counter_fields(user_id: int, fields: dict[str, str] | None = None) -> dict[str, str]:
+    """The user's counter hash (``fields`` if already read), loaded from PostgreSQL first when
+    Redis does not hold it."""
+    if fields is None:
+        fields = get_strategy().fetch(user_id)
+    if counter_keys.READY not in fields:
+        counters_get(user_id=user_id)  # rebuilds the hash
+        fields = get_strategy().fetch(user_id)
+    return fields
+
+
+def channel_conversation_ids(user_id: int) -> set[int]:
+    """The user's conversations whose counters are in channel form (large groups)."""
+    return set(channel_conversations(counter_fields(user_id)))
+
+
+def sync_channels(
+    *, user_id: int, after_ms: int | None, fields: dict[str, str] | None = None
+) -> list[dict]:
+    """``/sync``'s ``channels``: the state of the user's channel-form conversations whose top
+    changed at or after ``after_ms`` minus ``SYNC_CHANNELS_MARGIN_MS`` (all of them when
+    ``after_ms`` is None, or when a top's time is unknown). ``fields`` is the user's counter
+    hash if the caller read it already; then this costs one round trip (the channel keys, in one
+    pipeline), and none when the user is in no such conversation: O(the user's large groups).
+
+    Why the time says enough: a device whose ``since`` is version V got V in a page (or frame)
+    whose ``channels`` were read after V was written, so it knows every top as of V's time; a
+    top that changed after that has a later ``ms`` (both clocks are Redis ``TIME``; the
+    margin covers the skew between Redis nodes). Listing an unchanged one does no harm."""
+    fields = counter_fields(user_id, fields)
+    reads = {
+        cid: int(fields.get(counter_keys.read_field(cid)) or 0)
+        for cid in channel_conversations(fields)
+    }
+    if not reads:
+        return []
+    states = counters_channel_states(reads)
+    if after_ms is not None:
+        cutoff = after_ms - settings.SYNC_CHANNELS_MARGIN_MS
+        states = {
+            cid: s for cid, s in states.items() if s.changed_ms <= 0 or s.changed_ms >= cutoff
+        }
+    counts = counts_from_fields(fields, states)
+    return [
+        {
+            "conversation_id": cid,
+            "last_seq": max(s.top, int(fields.get(counter_keys.top_field(cid)) or 0)),
+            "read_seq": reads[cid],
+            "unread": counts.conversations.get(cid, 0),
+            "unread_mentions": counts.mentions.get(cid, 0),
+        }
+        for cid, s in sorted(states.items())
+    ]
+
+
 def sync_snapshot(*, user_id: int, latest_version: int) -> dict:
     """The state of every conversation of the user, from PostgreSQL (the truth): last seq,
     read pointer, unread, muted and the last ``SYNC_SNAPSHOT_MESSAGES`` messages; two queries
-    whatever the number of conversations. ``latest_version`` must have been read before this
-    is called: the snapshot holds everything up to it (maybe more, which entries after it
-    repeat harmlessly: every entry applies idempotently)."""
+    whatever the number of conversations. Channel-mode groups are in it like the others
+    (``last_seq`` in PostgreSQL is committed by every send, whatever the mode).
+    ``latest_version`` must have been read before this is called: the snapshot holds
+    everything up to it (maybe more, which entries after it repeat harmlessly: every entry
+    applies idempotently)."""
     memberships = list(
         Membership.objects.filter(user_id=user_id, left_at__isnull=True)
         .select_related("conversation")

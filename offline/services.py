@@ -14,6 +14,7 @@ Who gets what:
 import contextlib
 import json
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 
 import kombu.exceptions
@@ -27,7 +28,7 @@ from imcore.errors import BadRequest
 from imcore.models import Conversation, Device, Membership
 
 from . import selectors, store
-from .live import live_channel_message, live_logout
+from .live import live_channel_message, live_channels_changed, live_logout
 from .store import Op, SinceAhead
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,28 @@ def offline_record_memberships(
             ops.append((m.user_id, [Op("u", m.conversation_id, m.rev, 0, "1" if m.muted else "0")]))
     if ops:
         store.append_ops(ops)
+    if change in ("join", "leave") and conversation.mode in Conversation.CHANNEL_FORM_MODES:
+        _channels_changed([m.user_id for m in memberships])
+
+
+def offline_channel_members_changed(
+    *, user_ids: list[int], conversation_id: int, channel: bool
+) -> None:
+    """A group's members' counters moved to channel form (``channel``) or back (the conversion,
+    per chunk, after their counters): their connected sockets start or stop relaying the
+    group's messages. Costs one event per member with a device online."""
+    _channels_changed(user_ids)
+
+
+def _channels_changed(user_ids: list[int]) -> None:
+    try:
+        online = store.presence_online(user_ids)
+    except redis.RedisError:
+        logger.warning("could not read presence; telling every member", exc_info=True)
+        online = {uid: {0} for uid in user_ids}
+    users = [uid for uid, devices in online.items() if devices]
+    if users:
+        live_channels_changed(users)
 
 
 # ---- devices -------------------------------------------------------------------------------
@@ -197,10 +220,23 @@ def sync_pull(*, device: Device, since: int, limit: int) -> dict:
 def sync_page(*, device: Device, since: int, limit: int) -> dict:
     """Entries after ``since`` in version order (at most ``limit``), or, when ``since`` is
     behind what the store holds, ``gap: true`` and a snapshot of every conversation from
-    PostgreSQL with the version to continue from."""
+    PostgreSQL with the version to continue from. Every answer carries ``channels``: the
+    user's channel-mode groups that changed since the device's ``since`` (all of them with a
+    gap, or when the store no longer holds the entry at ``since``; see
+    :func:`offline.selectors.sync_channels`)."""
+    page, since_ms = _page(device=device, since=since, limit=limit)
+    page["channels"] = selectors.sync_channels(
+        user_id=device.user_id, after_ms=since_ms, fields=page.pop("_counters")
+    )
+    return page
+
+
+def _page(*, device: Device, since: int, limit: int) -> tuple[dict, int | None]:
+    """One page without ``channels`` (the user's counter hash is under ``_counters``, read in
+    the same round trip), and the time of the entry at ``since`` (None: a gap, or not held)."""
     try:
         page = store.read_page(
-            user_id=device.user_id, device_pk=device.pk, since=since, limit=limit
+            user_id=device.user_id, device_pk=device.pk, since=since, limit=limit, counters=True
         )
     except SinceAhead as exc:
         raise BadRequest(
@@ -211,6 +247,7 @@ def sync_page(*, device: Device, since: int, limit: int) -> dict:
         # A prepared snapshot is used only while it is current: one built before the latest
         # version would answer an older ``latest_version`` with ``has_more: false``, and a
         # client that follows the protocol would stop there, missing what came after it.
+        # (Its channel-mode groups may be older than that: ``channels`` lists them all.)
         snapshot = page.snapshot
         if snapshot is None or snapshot["latest_version"] != page.latest:
             snapshot = selectors.sync_snapshot(user_id=device.user_id, latest_version=page.latest)
@@ -220,24 +257,43 @@ def sync_page(*, device: Device, since: int, limit: int) -> dict:
             "has_more": False,
             "gap": True,
             "snapshot": snapshot,
-        }
+            "_counters": page.counters,
+        }, None
     return {
         "entries": selectors.entries_out(page.entries[:limit], page.package),
         "latest_version": page.latest,
         "has_more": len(page.entries) > limit,
         "gap": False,
-    }
+        "_counters": page.counters,
+    }, page.since_ms
 
 
-def sync_catch_up(*, device: Device, since: int | None) -> tuple[list[dict], int]:
+def sync_catch_up(
+    *, device: Device, since: int | None, channels_ms: int | None = None, channels: bool = False
+) -> tuple[list[dict], int, int | None]:
     """What a connected device has not been sent yet: pages (or a snapshot) from ``since``
     (its acked version when None) up to the latest version, in frames of
-    ``SYNC_WS_FRAME_ENTRIES``. Returns the frames and the version the last one reached."""
+    ``SYNC_WS_FRAME_ENTRIES``. The last frame carries ``channels``, the channel-mode groups
+    that changed since ``channels_ms`` (the socket's previous listing; None: since the time of
+    the entry at ``since``, as ``/sync`` does). They are listed whenever frames go out (so a
+    device that acks what it got knows every group as of then, as after ``/sync``) or when
+    ``channels`` asks (on connect and on the periodic refresh, which mend a lost relay); a
+    frame with no entries carries them alone. Returns the frames, the version the last one
+    reached and the time of this listing (for the next call; ``channels_ms`` unchanged when
+    none was made)."""
     if since is None:
         since = selectors.device_acked_version(device)
     frames = []
+    after_ms = channels_ms
+    first = True
     while True:
-        page = sync_page(device=device, since=since, limit=settings.SYNC_WS_FRAME_ENTRIES)
+        page, since_ms = _page(device=device, since=since, limit=settings.SYNC_WS_FRAME_ENTRIES)
+        fields = page.pop("_counters")
+        if first and channels_ms is None:
+            after_ms = since_ms
+        if page["gap"]:
+            after_ms = None
+        first = False
         if page["gap"] or page["entries"]:
             frames.append({"type": "sync", **page})
         since = (
@@ -246,7 +302,25 @@ def sync_catch_up(*, device: Device, since: int | None) -> tuple[list[dict], int
             else (page["entries"][-1]["version"] if page["entries"] else since)
         )
         if not page["has_more"]:
-            return frames, since
+            break
+    if not frames and not channels:
+        return frames, since, channels_ms
+    now_ms = int(time.time() * 1000)  # before the read: a later change is listed next time
+    listed = selectors.sync_channels(user_id=device.user_id, after_ms=after_ms, fields=fields)
+    if frames:
+        frames[-1]["channels"] = listed
+    elif listed:
+        frames.append(
+            {
+                "type": "sync",
+                "entries": [],
+                "latest_version": page["latest_version"],
+                "has_more": False,
+                "gap": False,
+                "channels": listed,
+            }
+        )
+    return frames, since, now_ms
 
 
 def sync_ack(*, device: Device, version: int) -> int:

@@ -28,6 +28,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from redis.commands.core import Script
 
+from counters import keys as counter_keys
 from counters.redis import get_redis
 from imcore.models import Membership
 
@@ -92,6 +93,8 @@ class Page:
     entries: list[Entry]
     package: dict[int, dict]  # version -> prepared entry JSON (message entries)
     snapshot: dict | None = None
+    since_ms: int | None = None  # when the entry at ``since`` was written (None: not held)
+    counters: dict[str, str] | None = None  # the user's counter hash, when asked for
 
 
 @cache
@@ -283,13 +286,17 @@ def load_users(user_ids: Iterable[int], *, rid: str) -> None:
 # ---- reads ---------------------------------------------------------------------------------
 
 
-def read_page(*, user_id: int, device_pk: int, since: int, limit: int) -> Page:
+def read_page(
+    *, user_id: int, device_pk: int, since: int, limit: int, counters: bool = False
+) -> Page:
     """Entries with version > ``since``, at most ``limit`` + 1 (the caller tells ``has_more``
     from the extra one), or the gap verdict when ``since`` is below what the store holds.
-    Raises :class:`SinceAhead` when ``since`` is beyond the latest version."""
+    Raises :class:`SinceAhead` when ``since`` is beyond the latest version. With
+    ``counters``, the user's counter hash comes in the same round trip (same slot)."""
     for _ in range(MAX_ROUNDS):
         rid = redis_run_id()
-        result = scripts().read(
+        pipe = client().pipeline(transaction=False)
+        scripts().read(
             keys=[
                 keys.state(user_id),
                 keys.log(user_id),
@@ -297,7 +304,13 @@ def read_page(*, user_id: int, device_pk: int, since: int, limit: int) -> Page:
                 keys.snapshot(user_id, device_pk),
             ],
             args=[rid, since, limit],
+            client=pipe,
         )
+        if counters:
+            pipe.hgetall(counter_keys.counters(user_id))
+        replies = pipe.execute()
+        result = replies[0]
+        fields = replies[1] if counters else None
         status = int(result[0])
         if status == -1:
             load_users([user_id], rid=rid)
@@ -307,12 +320,21 @@ def read_page(*, user_id: int, device_pk: int, since: int, limit: int) -> Page:
         latest, floor = int(result[1]), int(result[2])
         if status == 0:
             snapshot = json.loads(result[3]) if result[3] else None
-            return Page("gap", latest, floor, [], {}, snapshot)
+            return Page("gap", latest, floor, [], {}, snapshot, counters=fields)
         package = {}
         for raw in result[4]:
             entry = json.loads(raw)
             package[entry["version"]] = entry
-        return Page("entries", latest, floor, [Entry.parse(m) for m in result[3]], package)
+        at = Entry.parse(result[5]).at_ms if result[5] else None
+        return Page(
+            "entries",
+            latest,
+            floor,
+            [Entry.parse(m) for m in result[3]],
+            package,
+            since_ms=at,
+            counters=fields,
+        )
     raise SyncUnavailable(f"the sync state of user {user_id} could not be loaded")
 
 
