@@ -11,10 +11,13 @@ import time
 import pytest
 
 from counters.redis import get_redis
+from delivery.services import delivery_convert
+from imcore.models import Conversation
 from offline import live
 from tests.conftest import celery_env
 from tests.offline.conftest import LIVE_TTL, run_server
 from tests.offline.test_live import ws
+from tests.offline.test_sync import group
 from tests.offline.test_sync_channels import MIN, large_group
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -126,3 +129,24 @@ def test_one_relayed_message_is_one_publish_for_many_sockets(large, channel_serv
     delta.pop("cmdstat_info", None)
     print(f"Redis commands for one relayed message to {n - 1} sockets: {delta}")
     assert delta == {"cmdstat_publish": 1}, delta
+
+
+def test_a_socket_relays_a_group_that_converts_while_connected(large, channel_server, make_member):
+    """The conversion tells the members' sockets (``offline_channel_members_changed``, per
+    chunk after their counters): they relay the group from then on, and stop when it converts
+    back."""
+    owner, bob, carol = make_member(), make_member(), make_member()
+    cid = group(owner, bob, carol)
+    assert Conversation.objects.get(pk=cid).mode == Conversation.Mode.AGGREGATE
+    with ws(channel_server, bob) as b:
+        settle(b)
+        assert delivery_convert(conversation_id=cid, force="channel") == "channel"
+        settle(b)
+        owner.send(cid, "now a channel")
+        frame = next_frame(b, "channel")
+        assert frame is not None, "the socket did not start relaying the converted group"
+        assert frame["message"]["body"] == "now a channel"
+        assert delivery_convert(conversation_id=cid, force="aggregate") == "aggregate"
+        settle(b)
+        owner.send(cid, "back to normal")
+        assert next_frame(b, "channel", timeout=1.0) is None
