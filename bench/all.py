@@ -5,8 +5,8 @@ workers it needs and stops them, so no section measures another's leftovers):
 
 1. ``strategies``: the counter consistency strategies under contention, beside
    ``redis-benchmark`` INCR and EVALSHA of the same script (the machine's limit);
-2. ``storm``: scenario S1 through the per-message fan-out, the pipeline and celery-batches,
-   and the pipeline's ceiling in groups;
+2. ``storm``: one large group in channel mode, through the pipeline and the fan-out (commands
+   per message, commit to unread), and the ceiling in groups of channel mode and the pipeline;
 3. ``send``: ``POST …/messages`` over HTTP against the stack as ``make run`` starts it,
    beside ``pgbench`` single-row INSERTs on the same PostgreSQL;
 4. ``sync``: catch-up, gap snapshot, version service and acks (``make bench-sync``);
@@ -53,9 +53,9 @@ SECTIONS = [
     ),
     Section(
         "storm",
-        "Storm: S1 through the fan-out, the pipeline and celery-batches; the ceiling",
-        ["--runs", "3"],
-        ["--runs", "1", "--members", "500", "--seconds", "4", "--no-ceiling"],
+        "Storm: one large group in channel mode, the pipeline and the fan-out; the ceiling",
+        [],
+        ["--sizes", "500,5000", "--seconds", "2", "--latency-seconds", "3", "--no-ceiling"],
     ),
     Section(
         "send",
