@@ -96,6 +96,10 @@ class Sock:
                         self.duplicates += 1
                     else:
                         self.receipts[key] = now
+        elif frame.get("type") == "channel":  # a channel-mode group's message, relayed
+            key = (frame["conversation_id"], frame["last_seq"])
+            self.duplicates += key in self.receipts
+            self.receipts.setdefault(key, now)
         elif frame.get("type") == "error":
             self.errors.append(str(frame))
 

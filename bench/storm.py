@@ -8,17 +8,21 @@ and the per-message fan-out (issue 13).
    along; p50 / p99 of every run of 1 (the 5,000-member runs last longer, for the latency).
 3. Ceiling: more and more groups of 5,000 members at 10 messages/s each until the stack falls
    behind (p99 > 1 s, the write path's queue still full after the sends, or the senders missing
-   their rate), for channel mode and for the pipeline.
+   their rate), for channel mode (through ``message_send``, then through what its commit hands
+   over alone, ``delivery_message_committed``: the stack behind the send) and the pipeline.
+4. Commit -> live delivery: 1,000 devices of one channel-mode group online over the WebSocket
+   (``bench/push.py``'s server and clients), the relayed ``channel`` frames' arrival.
 
 Each path runs on the same real processes: one Celery worker (prefork, 2 processes) and Celery
 beat, started with the path's ``DELIVERY_WRITE_PATH``. Messages go through ``message_send`` (the
-service behind the API) in sender processes (fork) pacing themselves. A group's mode is its own
+service behind the API) in sender processes (spawned) pacing themselves. A group's mode is its own
 ``Conversation.mode``, chosen at creation from ``LARGE_GROUP_MIN_MEMBERS``, which this sets
 in-process before each group is created (2 for channel mode, above any size for the others).
 
     python bench/storm.py [--sizes 500,5000,50000] [--rate 10] [--seconds 3]
         [--latency-seconds 10] [--paths channel,pipeline,fanout] [--fanout-budget 150000]
         [--senders 4] [--step-seconds 5] [--max-groups 128] [--no-ceiling]
+        [--live 1000] [--live-messages 20]
 """
 
 import argparse
@@ -123,7 +127,11 @@ def calls(port: int) -> Counter:
     name; the observer's INFO and RESETSTAT left out."""
     stats = redis.Redis(port=port).info("commandstats")
     return Counter(
-        {k: v["calls"] for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_config")}
+        {
+            k: v["calls"]
+            for k, v in stats.items()
+            if not k.startswith(("cmdstat_info", "cmdstat_config"))
+        }
     )
 
 
@@ -400,6 +408,54 @@ def ceiling_row(r: dict) -> str:
     )
 
 
+def live_phase(args, data: dict) -> list[str]:
+    """Commit -> live delivery: ``--live`` members of one channel-mode group online (one device
+    and socket each, through ``bench/push.py``'s uvicorn server and client processes); a member
+    sends ``--live-messages`` messages 0.2 s apart with ``message_send``; every device stamps
+    the arrival of the relayed ``channel`` frame. No Celery: the relay is the send's own."""
+    import logging
+    from argparse import Namespace
+
+    from django.conf import settings
+    from django.db import connection
+
+    from bench import push
+
+    settings.LARGE_GROUP_MIN_MEMBERS = 2  # push.setup's group starts in channel mode
+    opts = Namespace(
+        members=args.live, interval=0.2, settle=20, quiet=3, concurrency=100, retry_concurrency=10
+    )
+    live = push.setup(args.live, args.live)
+    live["poke_log"] = push.LogCount("offline.live", logging.WARNING)
+    live["capacity_log"] = push.LogCount("channels_redis.core", logging.INFO)
+    connection.close()
+    live["server"] = server = push.Server()
+    clients = []
+    try:
+        server.wait_ready()
+        url = f"ws://127.0.0.1:{server.port}/ws/v1/sync"
+        clients = [push.Client(url) for _ in range(2)]
+        opened = push.open_sockets(clients, live["tokens"], list(range(args.live)), opts)
+        r = push.send_messages(live, clients, opts, "channel", 0, args.live_messages)
+    finally:
+        for c in clients:
+            c.stop()
+        server.stop()
+    r.pop("latencies_ms")
+    data["live"] = r | {"opened": opened}
+    print(f"  live: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms", flush=True)
+    return [
+        f"## Commit → live delivery, channel mode, {opened['opened']:,} devices online",
+        "",
+        f"{r['messages']} messages 0.2 s apart; one uvicorn process, 2 client processes "
+        f"(`bench/push.py`'s). Delivered {r['delivered']:,} of {r['expected']:,} (message, "
+        f"device) pairs: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, max "
+        f"{r['max_ms']:.0f} ms; {r['duplicates']} duplicates; uvicorn CPU "
+        f"{r['server_cpu_s']:.1f} s.",
+        "",
+    ]
+
+
 def plot(runs: list[dict], stem: Path) -> Path:
     import matplotlib
 
@@ -434,6 +490,8 @@ def main() -> None:
     add("--step-seconds", type=float, default=5)
     add("--max-groups", type=int, default=128)
     add("--no-ceiling", action="store_true")
+    add("--live", type=int, default=1000, help="devices online in the live phase (0: none)")
+    add("--live-messages", type=int, default=20)
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
@@ -536,13 +594,8 @@ def main() -> None:
                     ),
                     "",
                 ]
-    # TODO(h/sync): commit -> live delivery to 1,000 online devices of a channel-mode group (the
-    # WebSocket relay joining "sync.c.<cid>"); not measured until that relay is on main.
-    lines += [
-        "Not measured: commit → live delivery to online devices in channel mode (the WebSocket "
-        "relay of channel-mode groups is not on main yet).",
-        "",
-    ]
+    if args.live:
+        lines += live_phase(args, data)
     elapsed = time.perf_counter() - began
     lines.append(f"Total run time: {elapsed / 60:.1f} min ({elapsed:.0f} s).")
     data["elapsed_s"] = elapsed
