@@ -22,7 +22,7 @@ in-process before each group is created (2 for channel mode, above any size for 
     python bench/storm.py [--sizes 500,5000,50000] [--rate 10] [--seconds 3]
         [--latency-seconds 10] [--paths channel,pipeline,fanout] [--fanout-budget 150000]
         [--senders 4] [--step-seconds 5] [--max-groups 128] [--no-ceiling]
-        [--live 1000] [--live-messages 20]
+        [--live 1000] [--live-messages 20] [--live-interval 0.5]
 """
 
 import argparse
@@ -411,8 +411,9 @@ def ceiling_row(r: dict) -> str:
 def live_phase(args, data: dict) -> list[str]:
     """Commit -> live delivery: ``--live`` members of one channel-mode group online (one device
     and socket each, through ``bench/push.py``'s uvicorn server and client processes); a member
-    sends ``--live-messages`` messages 0.2 s apart with ``message_send``; every device stamps
-    the arrival of the relayed ``channel`` frame. No Celery: the relay is the send's own."""
+    sends ``--live-messages`` messages ``--live-interval`` s apart with ``message_send``; every
+    device stamps the arrival of the relayed ``channel`` frame. No Celery: the relay is the
+    send's own."""
     import logging
     from argparse import Namespace
 
@@ -423,7 +424,12 @@ def live_phase(args, data: dict) -> list[str]:
 
     settings.LARGE_GROUP_MIN_MEMBERS = 2  # push.setup's group starts in channel mode
     opts = Namespace(
-        members=args.live, interval=0.2, settle=20, quiet=3, concurrency=100, retry_concurrency=10
+        members=args.live,
+        interval=args.live_interval,
+        settle=20,
+        quiet=3,
+        concurrency=100,
+        retry_concurrency=10,
     )
     live = push.setup(args.live, args.live)
     live["poke_log"] = push.LogCount("offline.live", logging.WARNING)
@@ -447,9 +453,9 @@ def live_phase(args, data: dict) -> list[str]:
     return [
         f"## Commit → live delivery, channel mode, {opened['opened']:,} devices online",
         "",
-        f"{r['messages']} messages 0.2 s apart; one uvicorn process, 2 client processes "
-        f"(`bench/push.py`'s). Delivered {r['delivered']:,} of {r['expected']:,} (message, "
-        f"device) pairs: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, max "
+        f"{r['messages']} messages {args.live_interval:g} s apart; one uvicorn process, 2 client "
+        f"processes (`bench/push.py`'s). Delivered {r['delivered']:,} of {r['expected']:,} "
+        f"(message, device) pairs: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, max "
         f"{r['max_ms']:.0f} ms; {r['duplicates']} duplicates; uvicorn CPU "
         f"{r['server_cpu_s']:.1f} s.",
         "",
@@ -492,6 +498,7 @@ def main() -> None:
     add("--no-ceiling", action="store_true")
     add("--live", type=int, default=1000, help="devices online in the live phase (0: none)")
     add("--live-messages", type=int, default=20)
+    add("--live-interval", type=float, default=0.5, help="seconds between live messages")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
@@ -594,6 +601,12 @@ def main() -> None:
                     ),
                     "",
                 ]
+        lines += [
+            "The pipeline's p99 sits near 1 s by design (its Timer flushes every "
+            f"{interval:g} s), so its p99 ≤ 1 s verdict at 1 or 2 groups is a coin toss; the "
+            "queue-growth figure is the firmer one.",
+            "",
+        ]
     if args.live:
         lines += live_phase(args, data)
     elapsed = time.perf_counter() - began
