@@ -14,6 +14,7 @@ from imcore.models import Conversation, Membership
 from offline import keys, store
 from tests.offline.conftest import first_sync, pull
 from tests.offline.test_sync import group
+from tests.offline.test_sync_protocol import apply_entry
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -160,19 +161,7 @@ def follow(device, since: int, limit: int, state: dict) -> int:
                 state[c["conversation_id"]] = {k: c[k] for k in ("last_seq", "read_seq")}
             since = page["latest_version"]
         for e in page["entries"]:
-            cid = e["conversation_id"]
-            if e["type"] == "join":
-                old = state.get(cid, {"last_seq": 0, "read_seq": 0})
-                state[cid] = {k: max(e[k], old[k]) for k in ("last_seq", "read_seq")}
-            elif e["type"] == "leave":
-                state.pop(cid, None)
-            elif e["type"] == "read":
-                state[cid]["read_seq"] = max(state[cid]["read_seq"], e["seq"])
-            elif e["type"] == "message":
-                c = state[cid]
-                c["last_seq"] = max(c["last_seq"], e["seq"])
-                if e["message"]["sender_id"] == device.id:
-                    c["read_seq"] = max(c["read_seq"], e["seq"])
+            apply_entry(state, e, device.id)
             since = e["version"]
         for ch in page["channels"]:
             c = state.setdefault(ch["conversation_id"], {"last_seq": 0, "read_seq": 0})

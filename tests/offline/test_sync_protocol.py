@@ -44,6 +44,30 @@ def login(member: Member, device_id: str) -> Member:
     return Member(user=member.user, token=response.json()["token"], client=client)
 
 
+def apply_entry(state: dict[int, dict], e: dict, user_id: int) -> None:
+    """Apply one sync entry to a client's ``{conversation id: {last_seq, read_seq, muted}}``
+    as the protocol says (seqs only move up; a message the user sent is read by them)."""
+    cid = e["conversation_id"]
+    if e["type"] == "join":
+        old = state.get(cid, {"last_seq": 0, "read_seq": 0})
+        state[cid] = {
+            "last_seq": max(e["last_seq"], old["last_seq"]),
+            "read_seq": max(e["read_seq"], old["read_seq"]),
+            "muted": e["muted"],
+        }
+    elif e["type"] == "leave":
+        state.pop(cid, None)
+    elif e["type"] == "mute":
+        state[cid]["muted"] = e["muted"]
+    elif e["type"] == "read":
+        state[cid]["read_seq"] = max(state[cid]["read_seq"], e["seq"])
+    elif e["type"] == "message":
+        c = state[cid]
+        c["last_seq"] = max(c["last_seq"], e["seq"])
+        if e["message"]["sender_id"] == user_id:
+            c["read_seq"] = max(c["read_seq"], e["seq"])
+
+
 def follow_protocol(device: Member, since: int, limit: int) -> tuple[dict, int]:
     """Pull as the protocol says, applying what comes; returns ``({conversation id: (last
     seq, read seq, unread, muted)}, version reached)``. Checks on the way that no answer
@@ -66,20 +90,7 @@ def follow_protocol(device: Member, since: int, limit: int) -> tuple[dict, int]:
             }
             since = snapshot["latest_version"]
         for e in page["entries"]:
-            cid = e["conversation_id"]
-            if e["type"] == "join":
-                state[cid] = {k: e[k] for k in ("last_seq", "read_seq", "muted")}
-            elif e["type"] == "leave":
-                state.pop(cid, None)
-            elif e["type"] == "mute":
-                state[cid]["muted"] = e["muted"]
-            elif e["type"] == "read":
-                state[cid]["read_seq"] = max(state[cid]["read_seq"], e["seq"])
-            elif e["type"] == "message":
-                c = state[cid]
-                c["last_seq"] = max(c["last_seq"], e["seq"])
-                if e["message"]["sender_id"] == device.id:
-                    c["read_seq"] = max(c["read_seq"], e["seq"])
+            apply_entry(state, e, device.id)
             since = e["version"]
         if not page["has_more"]:
             known = {
