@@ -20,8 +20,8 @@ LUA_DIR = Path(__file__).with_name("lua")
 
 @cache
 def source(name: str) -> str:
-    """A script's text, after the helpers every counter script shares (``_mentions.lua``)."""
-    return (LUA_DIR / "_mentions.lua").read_text() + (LUA_DIR / f"{name}.lua").read_text()
+    """A script's text, after the helpers every counter script shares (``_shared.lua``)."""
+    return (LUA_DIR / "_shared.lua").read_text() + (LUA_DIR / f"{name}.lua").read_text()
 
 
 def seq_arg(pair: Sequence) -> int | str:

@@ -33,16 +33,7 @@ for i = 1, #ARGV, 9 do
     if active then redis.call('HSET', h, 'm:' .. c, ARGV[i + 3]) end
   end
   if active then
-    local r = math.max(tonumber(redis.call('HGET', h, 'r:' .. c) or 0), tonumber(ARGV[i + 4]))
-    local t = math.max(tonumber(redis.call('HGET', h, 't:' .. c) or 0), tonumber(ARGV[i + 5]), r)
-    redis.call('HSET', h, 'r:' .. c, r, 't:' .. c, t)
-    if form == 'c' then
-      redis.call('HSET', h, 'c:' .. c, 1)
-      redis.call('HDEL', h, 'u:' .. c)
-    else
-      redis.call('HSET', h, 'u:' .. c, t - r)
-      redis.call('HDEL', h, 'c:' .. c)
-    end
+    local _, r = set_active(h, c, ARGV[i + 4], ARGV[i + 5], form)
     if rev_ok then store_mentions(h, c, ARGV[i + 6], r, tonumber(ARGV[i + 5])) end
   else
     redis.call('HDEL', h, 'u:' .. c, 'r:' .. c, 't:' .. c, 'm:' .. c, 'n:' .. c, 'c:' .. c)

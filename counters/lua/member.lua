@@ -39,17 +39,8 @@ if rev_new then
 end
 local new = 0
 if active then
-  local r = math.max(tonumber(redis.call('HGET', h, 'r:' .. c) or 0), tonumber(ARGV[5]))
-  local t = math.max(tonumber(redis.call('HGET', h, 't:' .. c) or 0), tonumber(ARGV[6]), r)
-  redis.call('HSET', h, 'r:' .. c, r, 't:' .. c, t)
-  if form == 'c' then
-    redis.call('HSET', h, 'c:' .. c, 1)
-    redis.call('HDEL', h, 'u:' .. c)
-  else
-    redis.call('HSET', h, 'u:' .. c, t - r)
-    redis.call('HDEL', h, 'c:' .. c)
-    if redis.call('HGET', h, 'm:' .. c) ~= '1' then new = t - r end
-  end
+  local n, r = set_active(h, c, ARGV[5], ARGV[6], form)
+  if form ~= 'c' and redis.call('HGET', h, 'm:' .. c) ~= '1' then new = n end
   store_mentions(h, c, ARGV[9], r)
 else
   redis.call('HDEL', h, 'u:' .. c, 'r:' .. c, 't:' .. c, 'm:' .. c, 'n:' .. c, 'c:' .. c)

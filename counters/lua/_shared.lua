@@ -1,5 +1,6 @@
 -- Shared by every counter script (counters/scripts.py prepends it): the unread mention seqs
--- of a conversation, field n:<cid>, ascending and comma separated.
+-- of a conversation (field n:<cid>, ascending and comma separated), and the pointers and form
+-- of an active membership.
 
 -- The seqs of two comma-separated lists (nil or '' for none) that are above r, without
 -- duplicates, ascending, comma separated ('' when none).
@@ -31,3 +32,20 @@ local function store_mentions(h, c, new, r, held_above)
   end
 end
 
+
+-- An active membership: move the read pointer r:<cid> and the top t:<cid> up to a row's
+-- (read_seq, top), and give it the form: 'c' channel (c:<cid> set, no stored unread) or 'a'
+-- aggregate (u:<cid> = t - r). Returns t - r and r.
+local function set_active(h, c, read_seq, top, form)
+  local r = math.max(tonumber(redis.call('HGET', h, 'r:' .. c) or 0), tonumber(read_seq))
+  local t = math.max(tonumber(redis.call('HGET', h, 't:' .. c) or 0), tonumber(top), r)
+  redis.call('HSET', h, 'r:' .. c, r, 't:' .. c, t)
+  if form == 'c' then
+    redis.call('HSET', h, 'c:' .. c, 1)
+    redis.call('HDEL', h, 'u:' .. c)
+  else
+    redis.call('HSET', h, 'u:' .. c, t - r)
+    redis.call('HDEL', h, 'c:' .. c)
+  end
+  return t - r, r
+end
