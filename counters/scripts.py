@@ -59,10 +59,19 @@ class CounterScripts:
             client=pipe or self.client,
         )
 
-    def read(self, user_id: int, conversation_id: int, read_seq: int, top: int) -> tuple[int, int]:
-        unread, badge = self._read(
-            keys=[keys.counters(user_id)], args=[conversation_id, read_seq, top]
+    def read(self, user_id: int, conversation_id: int, read_seq: int, top: int, *, pipe=None):
+        """Returns ``(unread, badge)`` (or queues the call on ``pipe``; :meth:`read_result`
+        reads its reply)."""
+        reply = self._read(
+            keys=[keys.counters(user_id)],
+            args=[conversation_id, read_seq, top],
+            client=pipe or self.client,
         )
+        return reply if pipe is not None else self.read_result(reply)
+
+    @staticmethod
+    def read_result(reply) -> tuple[int, int]:
+        unread, badge = reply
         if unread == -1:
             raise CountersNotLoaded
         if unread == -2:

@@ -76,19 +76,20 @@ def counters_mark_read(
     conversations the badge counts). Rebuilds the user's counters first when Redis does not
     hold them."""
     strategy = get_strategy()
+    read = strategy.read_fetch if answer else strategy.read
     try:
-        counts = strategy.read(user_id, conversation_id, read_seq, last_seq)
+        result = read(user_id, conversation_id, read_seq, last_seq)
     except (CountersNotLoaded, CountersNotMember):
         counters_rebuild(user_id=user_id)
         try:
-            counts = strategy.read(user_id, conversation_id, read_seq, last_seq)
+            result = read(user_id, conversation_id, read_seq, last_seq)
         except CountersNotMember:
             # The user left between the read's commit and now: nothing of it is unread any
             # more.
-            counts = (0, None)
+            result = ((0, None), strategy.fetch(user_id))
     if not answer:
         return None
-    fields = strategy.fetch(user_id)
+    counts, fields = result
     if counts[1] is not None and not channel_conversations(fields):
         return counts
     # The badge counts the user's channel-form conversations too (and the unread of one in
@@ -174,10 +175,11 @@ def counters_channel_repair(*, conversation_ids: Sequence[int]) -> dict[int, int
     last = dict(
         Conversation.objects.filter(pk__in=list(conversation_ids)).values_list("pk", "last_seq")
     )
-    return {
-        cid: counters_channel_raise(conversation_id=cid, top=last.get(cid, 0))
-        for cid in conversation_ids
-    }
+    scripts = channel_scripts()
+    pipe = scripts.client.pipeline(transaction=False)
+    for cid in conversation_ids:
+        scripts.channel(cid, 0, known_top=last.get(cid, 0), pipe=pipe)
+    return {cid: int(top) for cid, top in zip(conversation_ids, pipe.execute(), strict=True)}
 
 
 def counters_channel_mentions_all(*, conversation_id: int) -> list[int]:

@@ -63,6 +63,13 @@ class Strategy(ABC):
     def read(self, user_id: int, conversation_id: int, read_seq: int, top: int) -> tuple[int, int]:
         """Mark read; returns ``(unread, badge)``."""
 
+    def read_fetch(
+        self, user_id: int, conversation_id: int, read_seq: int, top: int
+    ) -> tuple[tuple[int, int], dict[str, str]]:
+        """Mark read, then the user's whole hash (the answer's badge needs the channel-form
+        conversations it holds)."""
+        return self.read(user_id, conversation_id, read_seq, top), self.fetch(user_id)
+
     @abstractmethod
     def member(self, user_id: int, row: MembershipRow) -> int:
         """Apply a membership change; returns the badge change."""
@@ -136,6 +143,14 @@ class LuaStrategy(Strategy):
 
     def read(self, user_id, conversation_id, read_seq, top):
         return self.scripts.read(user_id, conversation_id, read_seq, top)
+
+    def read_fetch(self, user_id, conversation_id, read_seq, top):
+        """One round trip: the read script and ``HGETALL`` in one pipeline."""
+        pipe = self.client.pipeline(transaction=False)
+        self.scripts.read(user_id, conversation_id, read_seq, top, pipe=pipe)
+        pipe.hgetall(keys.counters(user_id))
+        reply, fields = pipe.execute()
+        return self.scripts.read_result(reply), fields
 
     def member(self, user_id, row):
         return self.scripts.member(user_id, row)

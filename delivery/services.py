@@ -227,12 +227,7 @@ def delivery_group_size_changed(*, conversation: Conversation, members: int) -> 
     """After a committed join or leave: a group that crossed the line (up to
     ``LARGE_GROUP_MIN_MEMBERS``, or down to ``LARGE_GROUP_EXIT_MEMBERS``) converts in a
     task, as does one whose conversion was cut short. Returns whether one was sent."""
-    mode = conversation.mode
-    if not (
-        (mode == Conversation.Mode.AGGREGATE and members >= settings.LARGE_GROUP_MIN_MEMBERS)
-        or (mode == Conversation.Mode.CHANNEL and members <= settings.LARGE_GROUP_EXIT_MEMBERS)
-        or mode in (Conversation.Mode.TO_CHANNEL, Conversation.Mode.TO_AGGREGATE)
-    ):
+    if _conversion_target(conversation, members) is None:
         return False
     from .tasks import convert_conversation
 
