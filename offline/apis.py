@@ -55,6 +55,7 @@ class SnapshotConversationOut(Schema):
     last_seq: int
     read_seq: int
     unread: int
+    unread_mentions: int
     muted: bool
     messages: list[SyncMessageOut]
 

@@ -12,6 +12,7 @@ from counters.selectors import (
     channel_conversations,
     counters_channel_states,
     counters_get,
+    counters_truth_mentions,
     counts_from_fields,
 )
 from counters.strategies import get_strategy
@@ -142,9 +143,9 @@ def sync_channels(
 
 def sync_snapshot(*, user_id: int, latest_version: int) -> dict:
     """The state of every conversation of the user, from PostgreSQL (the truth): last seq,
-    read pointer, unread, muted and the last ``SYNC_SNAPSHOT_MESSAGES`` messages; two queries
-    whatever the number of conversations. Channel-mode groups are in it like the others
-    (``last_seq`` in PostgreSQL is committed by every send, whatever the mode).
+    read pointer, unread, unread mentions, muted and the last ``SYNC_SNAPSHOT_MESSAGES``
+    messages; three queries whatever the number of conversations. Channel-mode groups are in
+    it like the others (``last_seq`` in PostgreSQL is committed by every send, whatever the mode).
     ``latest_version`` must have been read before this is called: the snapshot holds
     everything up to it (maybe more, which entries after it repeat harmlessly: every entry
     applies idempotently)."""
@@ -154,6 +155,7 @@ def sync_snapshot(*, user_id: int, latest_version: int) -> dict:
         .order_by("conversation_id")
     )
     last = _last_messages([m.conversation_id for m in memberships])
+    mentions = counters_truth_mentions(user_ids=[user_id])
     conversations = []
     badge = 0
     for m in memberships:
@@ -169,6 +171,7 @@ def sync_snapshot(*, user_id: int, latest_version: int) -> dict:
                 "last_seq": c.last_seq,
                 "read_seq": m.last_read_seq,
                 "unread": unread,
+                "unread_mentions": len(mentions.get((user_id, c.pk), ())),
                 "muted": m.muted,
                 "messages": [message_out(x) for x in last.get(c.pk, [])],
             }

@@ -14,7 +14,7 @@ from delivery.services import delivery_message_committed
 from imcore.models import Message
 from tests.conftest import broker_idle, running_worker, wait_until
 from tests.helpers import counter_mismatches
-from tests.offline.conftest import first_sync, pull_all
+from tests.offline.conftest import first_sync, pull, pull_all
 from tests.offline.test_sync import group
 
 from .state import api_counts, assert_error, snapshot
@@ -316,3 +316,18 @@ def test_mentions_through_a_real_worker(make_member, settings, path):
     assert mentions(bob) == {str(gid): 2}
     assert mentions(carol) == {str(gid): 1}
     assert mentions(alice) == {}
+
+
+def test_the_gap_snapshot_carries_each_conversations_unread_mentions(team):
+    """A device that starts from the gap snapshot learns the unread mentions with the counts."""
+    alice, bob, carol, dave, _, gid = team
+    send(alice, gid, body="to-bob", mentions=[bob.id])
+    send(alice, gid, body="to-all", mention_all=True)
+    page = pull(bob, 0)
+    assert page["gap"]
+    held = {c["conversation_id"]: c["unread_mentions"] for c in page["snapshot"]["conversations"]}
+    assert held == {gid: 2}
+    assert {
+        c["conversation_id"]: c["unread_mentions"]
+        for c in pull(alice, 0)["snapshot"]["conversations"]
+    } == {gid: 0}
