@@ -7,8 +7,9 @@ workers it needs and stops them, so no section measures another's leftovers):
    ``redis-benchmark`` INCR and EVALSHA of the same script (the machine's limit);
 2. ``storm``: one large group in channel mode, through the pipeline and the fan-out (commands
    per message, commit to unread), and the ceiling in groups of channel mode and the pipeline;
-3. ``send``: ``POST …/messages`` over HTTP against the stack as ``make run`` starts it,
-   beside ``pgbench`` single-row INSERTs on the same PostgreSQL;
+3. ``send``: the hot API calls (send, unread, read, conversations, sync) over HTTP, the
+   server before issue 14 beside the Procfile's, and ``pgbench`` single-row INSERTs on the
+   same PostgreSQL;
 4. ``sync``: catch-up, gap snapshot, version service and acks (``make bench-sync``);
 5. ``push``: idle sockets per process and commit-to-delivery on online devices
    (``make bench-push``).
@@ -59,9 +60,9 @@ SECTIONS = [
     ),
     Section(
         "send",
-        "Send path over HTTP, against pgbench",
-        ["--runs", "3"],
-        ["--runs", "1", "--seconds", "3"],
+        "Hot API calls over HTTP, against pgbench",
+        [],
+        ["--clients", "1,16", "--seconds", "3", "--warmup", "1"],
     ),
     Section(
         "sync",
