@@ -43,6 +43,9 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import psutil
+from honcho.environ import parse_procfile
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
@@ -63,12 +66,21 @@ CELERY_ENTRIES = ("worker", "beat", "flower")
 
 
 def procfile() -> dict[str, str]:
-    entries = {}
-    for line in (common.ROOT / "Procfile").read_text().splitlines():
-        if ":" in line and not line.lstrip().startswith("#"):
-            name, command = line.split(":", 1)
-            entries[name.strip()] = command.strip().removeprefix("exec ")
-    return entries
+    """The Procfile's ``name: command`` entries, read by honcho."""
+    entries = parse_procfile((common.ROOT / "Procfile").read_text()).processes
+    return {name: command.removeprefix("exec ") for name, command in entries.items()}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU of a process, of the children it reaped and of its live descendants."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        process = psutil.Process(pid)
+        total = sum(process.cpu_times()[:4])
+        for child in process.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += sum(child.cpu_times()[:2])
+        return total
+    return 0.0
 
 
 def env(port: int = 0) -> dict[str, str]:
@@ -100,7 +112,7 @@ class Processes:
         ]
 
     def cpu(self) -> float:
-        return sum(common.group_cpu_seconds(p) for p in self.procs)
+        return sum(cpu_seconds(p.pid) for p in self.procs)
 
     def wait_http(self, timeout: float = 60) -> None:
         import http.client
@@ -299,24 +311,7 @@ def postmaster_pid() -> int:
 
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
-        backend = cursor.fetchone()[0]
-    return int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def postgres_cpu(postmaster: int) -> float:
-    """CPU of the whole PostgreSQL server: the postmaster with the children it reaped (short
-    sessions included), and its live children."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            f = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(stat.parent.name) == postmaster:
-            total += sum(int(x) for x in f[11:15])
-        elif int(f[1]) == postmaster:
-            total += int(f[11]) + int(f[12])
-    return total / os.sysconf("SC_CLK_TCK")
+        return psutil.Process(cursor.fetchone()[0]).ppid()
 
 
 def measure(port, clients, call, args, web: Processes, celery: Processes, tag: str, pm: int):
@@ -326,9 +321,9 @@ def measure(port, clients, call, args, web: Processes, celery: Processes, tag: s
     deadline = time.monotonic() + 60
     while sum(shard_lengths()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    before = (web.cpu(), postgres_cpu(pm), celery.cpu())
+    before = (web.cpu(), cpu_seconds(pm), celery.cpu())
     result = wrk(port, clients, call, args.seconds, tag)
-    after = (web.cpu(), postgres_cpu(pm), celery.cpu())
+    after = (web.cpu(), cpu_seconds(pm), celery.cpu())
     done = max(result["ok"], 1)
     sides = ("web", "postgres", "celery")
     cpu = {k: (b - a) * 1000 / done for k, a, b in zip(sides, before, after, strict=True)}
