@@ -31,7 +31,8 @@ run: venv services migrate demo
 
 # The stack alone, without the setup steps above (the stop/restart test starts it this way).
 # bin/stack.py is `honcho start` with every process in its process group: a SIGTERM to the
-# group stops them all, a SIGKILL leaves no orphan (see its docstring).
+# group stops them all, a SIGKILL leaves no orphan (see its docstring). One port for HTTP and
+# WebSocket: nginx in front, gunicorn (WSGI) for HTTP, uvicorn (ASGI) for /ws/ (Procfile).
 serve:
 	$(STACK)
 
@@ -60,13 +61,20 @@ $(VENV)/.installed: requirements/base.txt requirements/dev.txt requirements/benc
 	touch $@
 
 # PostgreSQL and Redis on 127.0.0.1: start them if installed and stopped, install if missing.
+# nginx (the stack's front, bin/nginx.conf) is installed if missing; the stack runs its own
+# nginx, so the system service a fresh install starts (port 80) is stopped and disabled.
 services:
 	@missing=""; \
 	command -v pg_ctlcluster >/dev/null || missing="$$missing postgresql"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	PATH="$$PATH:/usr/sbin:/sbin" command -v nginx >/dev/null || missing="$$missing nginx"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
 	  $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $$missing; \
+	  case "$$missing" in *nginx*) \
+	    $(SUDO) systemctl disable --now nginx >/dev/null 2>&1 || \
+	      $(SUDO) service nginx stop >/dev/null 2>&1 || true;; \
+	  esac; \
 	fi; \
 	if ! pg_isready -q -h $(PG_HOST) -p $(PG_PORT); then \
 	  for v in $$(ls /etc/postgresql); do \

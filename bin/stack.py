@@ -1,6 +1,13 @@
 """`make run`'s process manager: ``honcho start`` (the Procfile, output prefixed by process)
 with every process kept in honcho's own process group, so the stack stops as one.
 
+The web front is three Procfile processes on one port (``IMCORE_HOST``:``IMCORE_PORT``):
+nginx routes ``/ws/`` to uvicorn (``ws``, the WebSocket), serves ``/static/`` from disk and
+passes the rest to gunicorn (``app``, Django over WSGI). Before honcho starts, this writes
+nginx's configuration (bin/nginx.conf, filled in) into a run directory of its own, where the
+two servers' unix sockets, nginx's pid and temporary files live too; its path is
+``IMCORE_RUN_DIR`` in the processes' environment, and it is removed when the stack stops.
+
 Plain honcho starts each Procfile process in a session of its own and stops it with SIGTERM,
 then SIGKILL after 5 s, to that session's group. A supervisor that sends SIGTERM to the
 stack's group and SIGKILL 3 s later (as ``kill``, systemd, Docker or a CI runner do) killed
@@ -18,15 +25,71 @@ its own session, an orphan holding the port, and the next ``make run`` could not
 
 import contextlib
 import os
+import pwd
+import shutil
 import signal
 import sys
+import tempfile
 import threading
+import time
+from collections.abc import MutableMapping
 from pathlib import Path
 
 from honcho import command, manager, process
 from honcho.compat import ProcessManager
 
 STOP_TIMEOUT_S = float(os.environ.get("STACK_STOP_TIMEOUT_S", "20"))
+ROOT = Path(__file__).resolve().parent.parent
+STATIC_ROOT = ROOT / "staticfiles"  # settings.STATIC_ROOT, where `make migrate` collects
+NGINX_DIRS = ("/usr/sbin", "/sbin")
+RUN_DIR_PREFIX = "imcore-run-"  # not on a user's PATH on Debian
+
+
+def nginx_config(run_dir: Path, host: str, port: str) -> str:
+    """bin/nginx.conf for this stack. As root nginx's workers would run as ``nobody``, who
+    may not read the run directory or the static files: they run as the stack's user."""
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    text = (ROOT / "bin" / "nginx.conf").read_text()
+    for name, value in {
+        "USER": user,
+        "RUN_DIR": str(run_dir),
+        "LISTEN": listen,
+        "STATIC_ROOT": str(STATIC_ROOT),
+    }.items():
+        text = text.replace(f"@{name}@", value)
+    return text
+
+
+def remove_stale_run_dirs() -> None:
+    """Run directories a killed stack left (a SIGKILL gives it no time to remove its own):
+    a minute old, with no live nginx (its pid file's process)."""
+    for old in Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*"):
+        with contextlib.suppress(OSError, ValueError):
+            if old.owner() != pwd.getpwuid(os.geteuid()).pw_name:
+                continue
+            if time.time() - old.stat().st_mtime < 60:
+                continue  # a stack still starting
+            with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+                os.kill(int((old / "nginx.pid").read_text()), 0)
+                continue  # its nginx lives
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_run_dir(env: MutableMapping[str, str]) -> Path:
+    """A fresh run directory with nginx's configuration for ``IMCORE_HOST``:``IMCORE_PORT``
+    of ``env``, where it sets ``IMCORE_RUN_DIR`` and a ``PATH`` that finds nginx for the
+    Procfile. The caller removes the directory when the stack has stopped."""
+    host = env.get("IMCORE_HOST", "127.0.0.1")
+    port = env.get("IMCORE_PORT", "8000")
+    remove_stale_run_dirs()
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{port}-"))
+    (run_dir / "nginx.conf").write_text(nginx_config(run_dir, host, port))
+    env["IMCORE_RUN_DIR"] = str(run_dir)
+    path = env.get("PATH", "")
+    if not shutil.which("nginx", path=path):
+        env["PATH"] = os.pathsep.join([path, *NGINX_DIRS])
+    return run_dir
 
 
 def _children(pid: int) -> list[int]:
@@ -97,7 +160,11 @@ class GroupManager(manager.Manager):
 def main() -> None:
     command.Manager = GroupManager  # what `honcho start` builds
     manager.KILL_WAIT = STOP_TIMEOUT_S
-    sys.exit(command.main(["start", *sys.argv[1:]]))
+    run_dir = prepare_run_dir(os.environ)
+    try:
+        command.main(["start", *sys.argv[1:]])
+    finally:  # honcho exits with SystemExit, its status kept
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
