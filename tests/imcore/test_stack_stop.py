@@ -1,4 +1,5 @@
-"""The stack `make run` starts (`make serve`: bin/stack.py, honcho with the Procfile) stops as
+"""The stack `make run` starts (`make serve`: bin/stack.py, honcho with the Procfile) serves
+HTTP and the WebSocket on one port (nginx in front of gunicorn and uvicorn) and stops as
 one: after a SIGTERM to its process group, a SIGTERM and a SIGKILL 3 s later, or a SIGTERM to
 `make` alone, every process it started is gone within 30 s, its ports are free, and it starts
 again at once on them.
@@ -7,7 +8,9 @@ It runs on ports, a Redis and a broker of its own (a private redis-server) and t
 database, so a `make run` someone has up on 8000 and 5555 is never in the way."""
 
 import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +20,8 @@ import uuid
 
 import pytest
 import requests
+from django.core.management import call_command
+from websockets.sync.client import connect
 
 from tests.conftest import ROOT, celery_env, wait_until
 from tests.processes import (
@@ -53,7 +58,7 @@ class Stack:
             REDIS_URL=self.redis.url(0),
             CELERY_BROKER_URL=self.redis.url(1),
             IMCORE_TEST_TAG=self.tag,
-            WEB_CONCURRENCY=2,  # uvicorn's supervisor and its workers, as in `make run`
+            WEB_CONCURRENCY=2,  # gunicorn's arbiter and its workers, as in `make run`
             CELERY_CONCURRENCY=1,
         )
         started = time.monotonic()
@@ -151,7 +156,9 @@ def test_sigterm_and_sigkill_to_the_group_stop_everything_and_it_starts_again_at
         if n:
             timings[f"restart before {mode}"] = stack.start()  # at once, on the same ports
         running = tagged_pids(stack.tag)
-        assert len(running) >= 6, describe(running)  # make, honcho, web x3, worker, beat...
+        assert len(running) >= 6, describe(
+            running
+        )  # make, honcho, nginx, gunicorn x3, uvicorn, worker, beat...
         upload = start_slow_upload(stack)
         try:
             time.sleep(0.5)  # the worker has the request
@@ -167,3 +174,59 @@ def test_sigterm_and_sigkill_to_the_group_stop_everything_and_it_starts_again_at
         finally:
             upload.close()
     print({k: round(v, 1) for k, v in timings.items()})
+
+
+def test_one_port_serves_the_api_the_admin_static_files_and_the_websocket(stack):
+    """Through the stack's one port: a device logs in over the API and reads its counters,
+    the admin logs in with a form (CSRF: the proxy passes the Host with its port) and sees its
+    index, a static file comes from disk, and the device's WebSocket connects and answers."""
+    from imcore.models import User
+
+    call_command("collectstatic", "--no-input", verbosity=0)  # as `make run` does first
+    User.objects.create_superuser("root", "root@example.com", "root-pass-1")
+    User.objects.create_user("dev", password="dev-pass-1")
+    stack.start()
+    base = f"http://127.0.0.1:{stack.web}"
+
+    login = requests.post(
+        f"{base}/api/v1/devices",
+        json={"username": "dev", "password": "dev-pass-1", "device_id": "d1", "platform": "web"},
+        timeout=10,
+    )
+    assert login.status_code == 201, login.text  # the rate limit found the client's address
+    token = login.json()["token"]
+    unread = requests.get(
+        f"{base}/api/v1/unread", headers={"Authorization": f"Bearer {token}"}, timeout=10
+    )
+    assert unread.status_code == 200, unread.text
+    assert unread.json()["badge"] == 0
+
+    admin = requests.Session()
+    form = admin.get(f"{base}/admin/login/", timeout=10)
+    assert form.status_code == 200, form.text
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.text).group(1)
+    index = admin.post(
+        f"{base}/admin/login/?next=/admin/",
+        data={"username": "root", "password": "root-pass-1", "csrfmiddlewaretoken": csrf},
+        headers={"Origin": base, "Referer": f"{base}/admin/login/"},  # as a browser sends
+        timeout=10,
+    )
+    assert index.status_code == 200, index.text[-2000:]
+    assert index.url == f"{base}/admin/", index.url
+    assert "Site administration" in index.text
+
+    css = requests.get(f"{base}/static/admin/css/base.css", timeout=10)
+    assert css.status_code == 200
+    assert css.headers["Content-Type"].startswith("text/css")
+    assert "body" in css.text
+
+    url = f"ws://127.0.0.1:{stack.web}/ws/v1/sync"
+    with connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as sock:
+        first = json.loads(sock.recv(timeout=10))
+        assert first["type"] == "sync", first
+        sock.send(json.dumps({"type": "ping"}))
+        deadline = time.monotonic() + 10
+        while json.loads(sock.recv(timeout=max(deadline - time.monotonic(), 0.01)))["type"] != (
+            "pong"
+        ):
+            pass
