@@ -51,7 +51,17 @@ from bench import common
 
 MIB = 1024 * 1024
 LOCUSTFILE = Path(__file__).with_name("locustfile_soak.py")
-ROLES = ("web master", "web worker", "celery worker", "celery pool", "celery beat", "flower")
+ROLES = (
+    "nginx",
+    "web master",
+    "web worker",
+    "ws server",
+    "ws worker",
+    "celery worker",
+    "celery pool",
+    "celery beat",
+    "flower",
+)
 CELERY = {" worker": "celery worker", " beat": "celery beat", " flower": "flower"}
 SHELLS = ("sh", "dash", "bash")  # a Procfile command without `exec` runs under `sh -c`
 
@@ -61,8 +71,12 @@ def process_role(proc: psutil.Process) -> str | None:
     cmd = " ".join(proc.cmdline())
     if proc.name() in SHELLS:
         return None
-    if "uvicorn" in cmd or "spawn_main" in cmd:
-        return "web master" if "uvicorn" in cmd else "web worker"
+    if proc.name() == "nginx" or cmd.startswith("nginx"):
+        return "nginx"
+    if "gunicorn" in cmd:  # the app: gunicorn's arbiter and its sync workers
+        return "web worker" if "gunicorn" in " ".join(proc.parent().cmdline()) else "web master"
+    if "uvicorn" in cmd or "spawn_main" in cmd:  # the WebSocket: uvicorn
+        return "ws server" if "uvicorn" in cmd else "ws worker"
     role = next((r for arg, r in CELERY.items() if "celery" in cmd and arg in cmd), None)
     pool = role == "celery worker" and process_role(proc.parent()) == "celery worker"
     return "celery pool" if pool else role
@@ -110,7 +124,7 @@ class Stack(common.ServedApp):
     process group, as ``make run`` does); their output in a temporary log."""
 
     server_name = "honcho"
-    names = ("web", "worker", "beat", "flower")
+    names = ("web", "app", "ws", "worker", "beat", "flower")
 
     def __init__(self):
         self.port = common.free_port()
@@ -137,11 +151,14 @@ class Stack(common.ServedApp):
         self.wait_ready()
         deadline = time.monotonic() + 60
         # The whole log: on a quiet machine the worker's and beat's lines push both web
-        # workers' "startup complete" out of the tail before this looks.
+        # workers' "Booting worker" out of the tail before this looks.
         log = Path(self.log.name)
-        while log.read_text(errors="replace").count("startup complete") < 2 or not app.control.ping(
-            timeout=1
-        ):
+
+        def started() -> bool:
+            text = log.read_text(errors="replace")
+            return text.count("Booting worker") >= 2 and "startup complete" in text
+
+        while not started() or not app.control.ping(timeout=1):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the stack did not start:\n{self.log_tail()}")
             time.sleep(0.5)
