@@ -1,6 +1,6 @@
 """``make bench-push``: live sync over the WebSocket ``/ws/v1/sync``, measured through one real
-uvicorn process (``imcore.asgi``, as in the Procfile but a single process), in one run on one
-machine:
+uvicorn process (``imcore.asgi``, as the Procfile's ``ws``, without nginx in front), in one
+run on one machine:
 
 1. idle sockets: authenticated devices connect in steps (``--steps``) and stay idle; after
    each step, the server's RSS (``VmRSS`` of ``/proc/<pid>/status``), RSS per socket (growth

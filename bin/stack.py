@@ -26,6 +26,7 @@ its own session, an orphan holding the port, and the next ``make run`` could not
 import contextlib
 import os
 import pwd
+import resource
 import shutil
 import signal
 import sys
@@ -45,14 +46,27 @@ NGINX_DIRS = ("/usr/sbin", "/sbin")
 RUN_DIR_PREFIX = "imcore-run-"  # not on a user's PATH on Debian
 
 
+def raise_open_files_limit() -> None:
+    """The soft limit on open files up to the hard one (Debian gives a user 1,024 of often a
+    million), for every process of the stack: nginx, and uvicorn holding the WebSockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def nginx_config(run_dir: Path, host: str, port: str) -> str:
     """bin/nginx.conf for this stack. As root nginx's workers would run as ``nobody``, who
     may not read the run directory or the static files: they run as the stack's user."""
     user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+    # Two per proxied request or WebSocket, within the open-file limit nginx inherits.
+    connections = min(8192, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 32)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     text = (ROOT / "bin" / "nginx.conf").read_text()
     for name, value in {
         "USER": user,
+        "WORKER_CONNECTIONS": str(connections),
         "RUN_DIR": str(run_dir),
         "LISTEN": listen,
         "STATIC_ROOT": str(STATIC_ROOT),
@@ -160,6 +174,7 @@ class GroupManager(manager.Manager):
 def main() -> None:
     command.Manager = GroupManager  # what `honcho start` builds
     manager.KILL_WAIT = STOP_TIMEOUT_S
+    raise_open_files_limit()
     run_dir = prepare_run_dir(os.environ)
     try:
         command.main(["start", *sys.argv[1:]])
