@@ -31,6 +31,7 @@ Needs ``wrk`` and ``pgbench``.
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import os
 import re
 import shutil
@@ -99,11 +100,16 @@ class Processes:
     def __init__(self, commands: dict[str, str], port: int = 0):
         self.port = port
         self.log = tempfile.NamedTemporaryFile(prefix="imcore-bench-send-", suffix=".log")  # noqa: SIM115
+        environment, self.run_dir = env(port), None
+        if any("IMCORE_RUN_DIR" in command for command in commands.values()):
+            # The Procfile's web front (nginx, gunicorn, uvicorn on unix sockets): its run
+            # directory and nginx's configuration, written as bin/stack.py does for `make run`.
+            self.run_dir = bin_stack().prepare_run_dir(environment)
         self.procs = [
             subprocess.Popen(
                 ["/bin/sh", "-c", f"exec {command}"],
                 cwd=common.ROOT,
-                env=env(port),
+                env=environment,
                 start_new_session=True,
                 stdout=self.log,
                 stderr=subprocess.STDOUT,
@@ -135,6 +141,16 @@ class Processes:
             if p.poll() is None:
                 common.stop(p)
         self.log.close()
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def bin_stack():
+    """bin/stack.py as a module (it writes the web front's run directory)."""
+    spec = importlib.util.spec_from_file_location("imcore_bin_stack", common.ROOT / "bin/stack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---- data ----------------------------------------------------------------------------------
