@@ -7,6 +7,7 @@ Redis without changing PostgreSQL twice."""
 import hashlib
 import secrets
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from functools import partial
 
 from django.conf import settings
@@ -23,6 +24,7 @@ from delivery.services import (
     delivery_group_size_changed,
     delivery_memberships_changed,
     delivery_message_committed,
+    delivery_message_sent,
     delivery_read_moved,
     delivery_sender_read,
 )
@@ -30,6 +32,7 @@ from offline.services import offline_device_seen, offline_devices_logged_out
 
 from .errors import BadRequest, Conflict, NotAuthenticated, NotFound, PermissionDenied
 from .models import Conversation, Device, Membership, Message, User
+from .selectors import membership_get_active
 
 # ---- users and devices ---------------------------------------------------------------------
 
@@ -350,35 +353,116 @@ def conversation_mute(*, membership: Membership, muted: bool) -> tuple[int, int]
 # ---- messages and reads --------------------------------------------------------------------
 
 
-def _next_seq(conversation_id: int) -> tuple[int, str]:
-    """Bump the conversation's last_seq and return it with the conversation's mode. The row
-    stays locked until commit, so concurrent sends to one conversation get consecutive seqs, a
-    rollback gives the seq back, and a conversion (which takes the same lock) is either before
-    the send or after it."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {Conversation._meta.db_table} "
-            "SET last_seq = last_seq + 1, last_message_at = clock_timestamp() "
-            "WHERE id = %s RETURNING last_seq, mode",
-            [conversation_id],
-        )
-        return cursor.fetchone()
+# One statement stores a message in the common case (a member sends a new client_msg_id):
+# bump the conversation's last_seq (its row lock orders concurrent sends, so seqs are dense; a
+# conversion, which takes the same lock, is before the send or after it), insert the message
+# and move the sender's read pointer. It is one transaction: a failed insert (the same
+# client_msg_id racing with itself) rolls the bump back. It does nothing when the sender is
+# not an active member, when the client_msg_id is used already, or when the mentions are not
+# allowed; then the caller finds out which (see :func:`_send_refused`).
+_SEND_SQL = """
+WITH allowed AS (
+    SELECT 1 FROM imcore_membership m JOIN imcore_conversation c ON c.id = m.conversation_id
+    WHERE m.user_id = %(sender)s AND m.conversation_id = %(conversation)s
+      AND m.left_at IS NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM imcore_message
+          WHERE sender_id = %(sender)s AND client_msg_id = %(client_msg_id)s
+      ){checks}
+), bump AS (
+    UPDATE imcore_conversation
+    SET last_seq = last_seq + 1, last_message_at = clock_timestamp()
+    WHERE id = %(conversation)s AND EXISTS (SELECT 1 FROM allowed)
+    RETURNING last_seq, mode
+), stored AS (
+    INSERT INTO imcore_message
+        (conversation_id, seq, sender_id, client_msg_id, body, created_at, mentions, mention_all)
+    SELECT %(conversation)s, last_seq, %(sender)s, %(client_msg_id)s, %(body)s, %(now)s,
+           %(mentions)s::bigint[], %(mention_all)s
+    FROM bump
+    RETURNING id, seq
+), sender_read AS (
+    UPDATE imcore_membership SET last_read_seq = GREATEST(last_read_seq, stored.seq)
+    FROM stored
+    WHERE user_id = %(sender)s AND conversation_id = %(conversation)s
+)
+SELECT stored.id, stored.seq, bump.mode FROM stored, bump
+"""
+# mention_all: only the creator of a group.
+_SEND_CHECK_MENTION_ALL = "\n      AND c.kind = 'group' AND c.created_by_id = %(sender)s"
+# mentions: every one names an active member.
+_SEND_CHECK_MENTIONS = """
+      AND (SELECT count(*) FROM imcore_membership x
+           WHERE x.conversation_id = %(conversation)s AND x.user_id = ANY(%(mentions)s::bigint[])
+             AND x.left_at IS NULL) = %(mentioned)s"""
+
+
+def _send_statement(
+    *,
+    sender_id: int,
+    conversation_id: int,
+    body: str,
+    client_msg_id: str,
+    mentioned: list[int],
+    mention_all: bool,
+) -> tuple[Message, str] | None:
+    """Run :data:`_SEND_SQL`; returns the stored message and the conversation's mode, or None
+    when the statement refused (nothing changed). The unique violation of a client_msg_id
+    stored meanwhile is an IntegrityError (the statement rolled back, its seq with it)."""
+    checks = (_SEND_CHECK_MENTION_ALL if mention_all else "") + (
+        _SEND_CHECK_MENTIONS if mentioned else ""
+    )
+    now = timezone.now()
+    params = {
+        "sender": sender_id,
+        "conversation": conversation_id,
+        "client_msg_id": client_msg_id,
+        "body": body,
+        "now": now,
+        "mentions": mentioned,
+        "mention_all": mention_all,
+        "mentioned": len(mentioned),
+    }
+    # Outside a transaction (a request) the statement commits by itself: one round trip. Inside
+    # one (a caller's atomic block, a test), a savepoint keeps a unique violation from
+    # breaking the caller's transaction.
+    guard = transaction.atomic() if connection.in_atomic_block else nullcontext()
+    with guard, connection.cursor() as cursor:
+        cursor.execute(_SEND_SQL.format(checks=checks), params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    message_id, seq, mode = row
+    message = Message(
+        id=message_id,
+        conversation_id=conversation_id,
+        seq=seq,
+        sender_id=sender_id,
+        client_msg_id=client_msg_id,
+        body=body,
+        created_at=now,
+        mentions=mentioned,
+        mention_all=mention_all,
+    )
+    message._state.adding, message._state.db = False, connection.alias
+    return message, mode
 
 
 def message_send(
     *,
     sender: User,
-    conversation: Conversation,
+    conversation: Conversation | int,
     body: str,
     client_msg_id: str,
     mentions: Sequence[int] = (),
     mention_all: bool = False,
 ) -> tuple[Message, bool]:
-    """Store a message with the next seq; returns ``(message, created)``. The same
-    ``client_msg_id`` from the same sender returns the stored message (``created=False``) and
-    re-sends its counter updates, which are idempotent; with another body, conversation or
-    mentions it is a 409. Sending marks the conversation read for the sender up to the new
-    message.
+    """Store a message with the next seq; returns ``(message, created)``. ``conversation`` is
+    the conversation or its id: a sender who is not an active member gets 404, as for a
+    conversation that does not exist. The same ``client_msg_id`` from the same sender returns
+    the stored message (``created=False``) and re-sends its counter updates, which are
+    idempotent; with another body, conversation or mentions it is a 409. Sending marks the
+    conversation read for the sender up to the new message.
 
     ``mentions`` names active members of the conversation (anyone else: 400; duplicates are
     folded, the list is stored sorted). Mentioning yourself is allowed and counts for nobody:
@@ -386,59 +470,86 @@ def message_send(
     the sender: only in a group (400 in a direct conversation) and only by the group's
     creator (403).
 
-    The counter event is handed over on commit. If Redis or the broker refuses it, the
+    A new message is one SQL statement (:data:`_SEND_SQL`); only a refused one runs the
+    queries that say why (:func:`_send_refused`). The message is handed over to delivery once
+    committed, in one Redis round trip with the sender's own read
+    (:func:`delivery.services.delivery_message_sent`). If Redis or the broker refuses it, the
     exception reaches the caller after the commit (the API answers 503); the client's retry
     with the same ``client_msg_id`` finds the stored message and hands the event over again."""
+    conversation_id = conversation if isinstance(conversation, int) else conversation.pk
     mentioned = sorted(set(mentions))
-    message = _message_replay(sender, conversation, body, client_msg_id, mentioned, mention_all)
-    created = message is None
-    if created:
-        _mentions_check(sender, conversation, mentioned, mention_all)
+    fields = {
+        "sender_id": sender.pk,
+        "conversation_id": conversation_id,
+        "body": body,
+        "client_msg_id": client_msg_id,
+        "mentioned": mentioned,
+        "mention_all": mention_all,
+    }
+    # A refusal that its queries do not explain (a member joined, a message was stored or
+    # deleted in between) is tried again; the third is served as a conflict.
+    for _ in range(3):
         try:
-            with transaction.atomic():
-                seq, mode = _next_seq(conversation.pk)
-                message = Message.objects.create(
-                    conversation=conversation,
-                    seq=seq,
-                    sender=sender,
-                    body=body,
-                    client_msg_id=client_msg_id,
-                    mentions=mentioned,
-                    mention_all=mention_all,
-                )
-                Membership.objects.filter(conversation=conversation, user=sender).update(
-                    last_read_seq=Greatest(F("last_read_seq"), seq)
-                )
-                transaction.on_commit(
-                    partial(
-                        delivery_message_committed,
-                        conversation_id=conversation.pk,
-                        seq=seq,
-                        sender_id=sender.pk,
-                        mentions=mentioned,
-                        mention_all=mention_all,
-                        mode=mode,
-                    )
-                )
+            sent = _send_statement(**fields)
         except IntegrityError:
-            # The same client_msg_id raced with itself; the first one is stored.
-            message = _message_replay(
-                sender, conversation, body, client_msg_id, mentioned, mention_all
-            )
-            if message is None:
-                raise
-            created = False
-    if not created:
-        delivery_message_committed(
-            conversation_id=conversation.pk,
-            seq=message.seq,
-            sender_id=sender.pk,
-            mentions=message.mentions,
-            mention_all=message.mention_all,
-            mode=Conversation.objects.values_list("mode", flat=True).get(pk=conversation.pk),
-        )
-    delivery_sender_read(user_id=sender.pk, conversation_id=conversation.pk, seq=message.seq)
-    return message, created
+            # The same client_msg_id raced with itself: the other one is stored (and its seq
+            # is the only one used; this statement's bump rolled back).
+            sent = None
+        if sent is not None:
+            message, mode = sent
+            if connection.in_atomic_block:
+                # The caller's transaction commits the message later: the hand-over waits for
+                # it; the sender's own read is applied now, as it always was.
+                transaction.on_commit(
+                    partial(delivery_message_committed, **_delivered(message), mode=mode)
+                )
+                delivery_sender_read(
+                    user_id=sender.pk, conversation_id=conversation_id, seq=message.seq
+                )
+            else:
+                _message_sent(message=message, mode=mode)  # committed: the statement was
+            return message, True
+        replay = _send_refused(sender, conversation_id, body, client_msg_id, mentioned, mention_all)
+        if replay is not None:
+            mode = Conversation.objects.values_list("mode", flat=True).get(pk=conversation_id)
+            _message_sent(message=replay, mode=mode)
+            return replay, False
+    raise Conflict(f"client_msg_id {client_msg_id!r} could not be stored; retry")
+
+
+def _delivered(message: Message) -> dict:
+    return {
+        "conversation_id": message.conversation_id,
+        "seq": message.seq,
+        "sender_id": message.sender_id,
+        "mentions": message.mentions,
+        "mention_all": message.mention_all,
+    }
+
+
+def _message_sent(*, message: Message, mode: str) -> None:
+    """Hand a committed message over and mark it read for its sender (one Redis round
+    trip)."""
+    delivery_message_sent(**_delivered(message), mode=mode)
+
+
+def _send_refused(
+    sender: User,
+    conversation_id: int,
+    body: str,
+    client_msg_id: str,
+    mentioned: list[int],
+    mention_all: bool,
+) -> Message | None:
+    """The send statement stored nothing: raise what the sender did wrong, in the order the
+    API has always checked (not a member: 404; a client_msg_id used for another message: 409;
+    mentions: 400 or 403), or return the stored message of a repeated send (None: nothing
+    wrong now, try the statement again)."""
+    conversation = membership_get_active(user=sender, conversation_id=conversation_id).conversation
+    replay = _message_replay(sender, conversation, body, client_msg_id, mentioned, mention_all)
+    if replay is None:
+        _mentions_check(sender, conversation, mentioned, mention_all)
+    return replay
 
 
 def _mentions_check(
