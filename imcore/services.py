@@ -5,11 +5,16 @@ changes. Those updates are idempotent, so a client that retries a request after 
 Redis without changing PostgreSQL twice."""
 
 import hashlib
+import json
+import logging
 import secrets
+import time
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
-from functools import partial
+from functools import cache, partial
+from pathlib import Path
 
+import redis
 from django.conf import settings
 from django.contrib.auth import authenticate
 from django.contrib.auth.password_validation import validate_password
@@ -19,6 +24,7 @@ from django.db.models import F
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
+from counters.redis import get_redis
 from counters.selectors import counters_get
 from delivery.services import (
     delivery_group_size_changed,
@@ -30,9 +36,14 @@ from delivery.services import (
 )
 from offline.services import offline_device_seen, offline_devices_logged_out
 
+from . import keys as token_keys
 from .errors import BadRequest, Conflict, NotAuthenticated, NotFound, PermissionDenied
 from .models import Conversation, Device, Membership, Message, User
 from .selectors import membership_get_active
+
+logger = logging.getLogger(__name__)
+
+LUA_DIR = Path(__file__).with_name("lua")
 
 # ---- users and devices ---------------------------------------------------------------------
 
@@ -80,6 +91,14 @@ def device_login(
         current = User.objects.select_for_update().values_list("password", flat=True)
         if current.get(pk=user.pk) != user.password:
             raise NotAuthenticated("wrong username or password")
+        # A new login of the same device replaces its token: the old one is revoked.
+        replaced = list(
+            Device.objects.filter(user=user, device_id=device_id).values_list(
+                "token_hash", flat=True
+            )
+        )
+        if replaced:
+            transaction.on_commit(partial(device_tokens_revoked, token_hashes=replaced))
         device, _ = Device.objects.update_or_create(
             user=user,
             device_id=device_id,
@@ -113,7 +132,93 @@ def device_pushkey_set(*, device: Device, pushkey: str, app_id: str | None) -> N
 
 
 def device_authenticate(*, token: str) -> Device | None:
-    return Device.objects.select_related("user").filter(token_hash=token_hash(token)).first()
+    """The device of a bearer token, with its user, read from PostgreSQL (None: no such
+    token)."""
+    return _device_by_hash(token_hash(token))
+
+
+def _device_by_hash(hashed: str) -> Device | None:
+    return Device.objects.select_related("user").filter(token_hash=hashed).first()
+
+
+# The fields of a device and its user that the token cache holds; any other field of the
+# device or user it returns is read from PostgreSQL when first used (deferred).
+_CACHED_DEVICE_FIELDS = ("id", "user_id", "device_id", "platform", "token_hash")
+_CACHED_USER_FIELDS = ("id", "username", "is_active")
+
+
+def device_authenticate_cached(*, token: str) -> Device | None:
+    """:func:`device_authenticate` through a cache in Redis (as Zulip caches its API-key
+    look-up): a hit costs one GET and no SQL. The device comes with the fields the API's
+    calls use (:data:`_CACHED_DEVICE_FIELDS`, its user's :data:`_CACHED_USER_FIELDS`); the
+    others are deferred (read when used).
+
+    Why a revoked token is never served from the cache:
+
+    - Every revocation (logout, password change, a re-login that replaces the token, a user
+      deactivated or deleted) calls :func:`device_tokens_revoked` after its commit and before
+      it answers: it deletes the entry and sets the token's tombstone
+      (``AUTH_TOKEN_REVOKED_TTL_S``) in one round trip.
+    - A miss reads PostgreSQL, then caches with a script that refuses when the tombstone is
+      set. A look-up that read the row before the revocation committed therefore cannot
+      cache it after the revocation's delete; and one that read it after the commit found
+      no row (or the new token hash). A look-up whose read took longer than
+      ``AUTH_TOKEN_FILL_MAX_S`` does not cache at all (the tombstone outlives that by far).
+    - Only active users are cached; an entry lives ``AUTH_TOKEN_CACHE_TTL_S`` at most, which
+      bounds what a revocation made behind the services' back (SQL, a bulk ``update()``)
+      leaves.
+    - Redis unavailable: the look-up reads PostgreSQL and caches nothing. Redis wiped: every
+      look-up misses and refills from PostgreSQL (the tombstones go too, so a fill that read
+      a row before a revocation and writes after the wipe could cache it: the window is one
+      look-up's duration, bounded by ``AUTH_TOKEN_FILL_MAX_S``). A revocation whose delete
+      fails raises after the commit: the call answers 503 and its retry revokes again.
+
+    ``AUTH_TOKEN_CACHE_TTL_S=0`` turns the cache off."""
+    ttl = settings.AUTH_TOKEN_CACHE_TTL_S
+    if ttl <= 0:
+        return device_authenticate(token=token)
+    hashed = token_hash(token)
+    client = get_redis()
+    try:
+        cached = client.get(token_keys.token_device(hashed))
+    except redis.RedisError:
+        logger.warning("token cache unavailable; reading PostgreSQL", exc_info=True)
+        return device_authenticate(token=token)
+    if cached is not None:
+        return _device_from_cache(cached)
+    started = time.monotonic()
+    device = _device_by_hash(hashed)
+    if (
+        device is not None
+        and device.user.is_active
+        and time.monotonic() - started < settings.AUTH_TOKEN_FILL_MAX_S
+    ):
+        entry = json.dumps(
+            [
+                [getattr(device, f) for f in _CACHED_DEVICE_FIELDS],
+                [getattr(device.user, f) for f in _CACHED_USER_FIELDS],
+            ]
+        )
+        try:
+            _token_fill_script(client)(
+                keys=[token_keys.token_device(hashed), token_keys.token_revoked(hashed)],
+                args=[entry, ttl],
+            )
+        except redis.RedisError:
+            logger.warning("could not cache a token", exc_info=True)
+    return device
+
+
+def _device_from_cache(cached: str) -> Device:
+    device_values, user_values = json.loads(cached)
+    device = Device.from_db(connection.alias, _CACHED_DEVICE_FIELDS, device_values)
+    device.user = User.from_db(connection.alias, _CACHED_USER_FIELDS, user_values)
+    return device
+
+
+@cache
+def _token_fill_script(client: redis.Redis):
+    return client.register_script((LUA_DIR / "token_fill.lua").read_text())
 
 
 def device_logout(*, device: Device) -> None:
@@ -162,10 +267,28 @@ def _devices_logged_out(*, user_id: int, pks: list[int], hashes: list[str]) -> N
 
 
 def device_tokens_revoked(*, token_hashes: list[str]) -> None:
-    """The hook for a cache of tokens: these tokens were revoked (their devices logged out) and
-    the deletion is committed. Tokens are looked up in PostgreSQL on every request today, so
-    there is nothing to drop; a token cache must drop these entries here, before the logout
-    answers (a cache filled before the commit would otherwise keep a dead token alive)."""
+    """These tokens were revoked (their devices logged out, a re-login replaced them, their
+    user was deactivated) and that is committed: drop them from the token cache and set their
+    tombstones, in one round trip, before the call that revoked them answers (see
+    :func:`device_authenticate_cached`). A tombstone only stops the caching: a token that is
+    valid again (its user reactivated) is read from PostgreSQL until it expires."""
+    if not token_hashes:
+        return
+    pipe = get_redis().pipeline(transaction=False)
+    for hashed in token_hashes:
+        pipe.set(token_keys.token_revoked(hashed), 1, ex=settings.AUTH_TOKEN_REVOKED_TTL_S)
+        pipe.delete(token_keys.token_device(hashed))
+    pipe.execute()
+
+
+def user_tokens_revoke(*, user_id: int) -> None:
+    """After the commit of the current transaction, revoke every token of the user's devices
+    (the user was deactivated or is being deleted). The Django signals of :class:`User` call
+    it (:mod:`imcore.apps`), so the admin's change form and any ``save()`` are covered; a
+    bulk ``update()`` is not, and is bounded by ``AUTH_TOKEN_CACHE_TTL_S``."""
+    hashes = list(Device.objects.filter(user_id=user_id).values_list("token_hash", flat=True))
+    if hashes:
+        transaction.on_commit(partial(device_tokens_revoked, token_hashes=hashes))
 
 
 # ---- conversations and members -------------------------------------------------------------
