@@ -37,7 +37,14 @@ from delivery.services import (
 from offline.services import offline_device_seen, offline_devices_logged_out
 
 from . import keys as token_keys
-from .errors import BadRequest, Conflict, NotAuthenticated, NotFound, PermissionDenied
+from .errors import (
+    BadRequest,
+    Conflict,
+    NotAuthenticated,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from .models import Conversation, Device, Membership, Message, User
 from .selectors import membership_get_active
 
@@ -609,35 +616,39 @@ def message_send(
         "mentioned": mentioned,
         "mention_all": mention_all,
     }
-    # A refusal that its queries do not explain (a member joined, a message was stored or
-    # deleted in between) is tried again; the third is served as a conflict.
+    refusal = (body, client_msg_id, mentioned, mention_all)
+    # A refusal that its queries do not explain (the sender rejoined in between) is tried
+    # again.
     for _ in range(3):
         try:
             sent = _send_statement(**fields)
         except IntegrityError:
-            # The same client_msg_id raced with itself: the other one is stored (and its seq
-            # is the only one used; this statement's bump rolled back).
-            sent = None
-        if sent is not None:
-            message, mode = sent
-            if connection.in_atomic_block:
-                # The caller's transaction commits the message later: the hand-over waits for
-                # it; the sender's own read is applied now, as it always was.
-                transaction.on_commit(
-                    partial(delivery_message_committed, **_delivered(message), mode=mode)
-                )
-                delivery_sender_read(
-                    user_id=sender.pk, conversation_id=conversation_id, seq=message.seq
-                )
-            else:
-                _message_sent(message=message, mode=mode)  # committed: the statement was
-            return message, True
-        replay = _send_refused(sender, conversation_id, body, client_msg_id, mentioned, mention_all)
+            # The same client_msg_id raced with itself and the other one is stored: this
+            # statement rolled back, its seq bump with it, and the replay answers.
+            replay = _send_refused(sender, conversation_id, *refusal)
+            if replay is None:
+                raise
+        else:
+            if sent is not None:
+                message, mode = sent
+                if connection.in_atomic_block:
+                    # The caller's transaction commits the message later: the hand-over waits
+                    # for it; the sender's own read is applied now, as it always was.
+                    transaction.on_commit(
+                        partial(delivery_message_committed, **_delivered(message), mode=mode)
+                    )
+                    delivery_sender_read(
+                        user_id=sender.pk, conversation_id=conversation_id, seq=message.seq
+                    )
+                else:
+                    _message_sent(message=message, mode=mode)  # the statement committed
+                return message, True
+            replay = _send_refused(sender, conversation_id, *refusal)
         if replay is not None:
             mode = Conversation.objects.values_list("mode", flat=True).get(pk=conversation_id)
             _message_sent(message=replay, mode=mode)
             return replay, False
-    raise Conflict(f"client_msg_id {client_msg_id!r} could not be stored; retry")
+    raise Unavailable("the message could not be stored; retry the same request")
 
 
 def _delivered(message: Message) -> dict:
