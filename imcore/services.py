@@ -104,8 +104,6 @@ def device_login(
                 "token_hash", flat=True
             )
         )
-        if replaced:
-            transaction.on_commit(partial(device_tokens_revoked, token_hashes=replaced))
         device, _ = Device.objects.update_or_create(
             user=user,
             device_id=device_id,
@@ -123,6 +121,10 @@ def device_login(
                 ),
             },
         )
+    # Committed (the block above is the transaction): the replaced token is revoked before
+    # the new one is answered. (Inside a caller's transaction this runs before that commits,
+    # which is safe too: the tombstone keeps the old row from being cached until it does.)
+    device_tokens_revoked(token_hashes=replaced)
     # A device logging in is coming back: its offline package is prepared meanwhile.
     offline_device_seen(device=device)
     return device, token
@@ -625,7 +627,7 @@ def message_send(
         except IntegrityError:
             # The same client_msg_id raced with itself and the other one is stored: this
             # statement rolled back, its seq bump with it, and the replay answers.
-            replay = _send_refused(sender, conversation_id, *refusal)
+            replay, mode = _send_refused(sender, conversation_id, *refusal)
             if replay is None:
                 raise
         else:
@@ -643,9 +645,8 @@ def message_send(
                 else:
                     _message_sent(message=message, mode=mode)  # the statement committed
                 return message, True
-            replay = _send_refused(sender, conversation_id, *refusal)
+            replay, mode = _send_refused(sender, conversation_id, *refusal)
         if replay is not None:
-            mode = Conversation.objects.values_list("mode", flat=True).get(pk=conversation_id)
             _message_sent(message=replay, mode=mode)
             return replay, False
     raise Unavailable("the message could not be stored; retry the same request")
@@ -674,16 +675,16 @@ def _send_refused(
     client_msg_id: str,
     mentioned: list[int],
     mention_all: bool,
-) -> Message | None:
+) -> tuple[Message | None, str]:
     """The send statement stored nothing: raise what the sender did wrong, in the order the
     API has always checked (not a member: 404; a client_msg_id used for another message: 409;
     mentions: 400 or 403), or return the stored message of a repeated send (None: nothing
-    wrong now, try the statement again)."""
+    wrong now, try the statement again), with the conversation's mode now."""
     conversation = membership_get_active(user=sender, conversation_id=conversation_id).conversation
     replay = _message_replay(sender, conversation, body, client_msg_id, mentioned, mention_all)
     if replay is None:
         _mentions_check(sender, conversation, mentioned, mention_all)
-    return replay
+    return replay, conversation.mode
 
 
 def _mentions_check(

@@ -95,14 +95,15 @@ def test_a_send_is_one_statement_and_one_redis_round_trip(make_member, monkeypat
 
 
 def test_identical_client_msg_ids_racing_leave_no_seq_gap(make_member):
-    """Five requests with one client_msg_id and two with others, all blocked on the
+    """Four requests with one client_msg_id and one with another, all blocked on the
     conversation's row until released together: one stores the message (201), the other
-    four get it back (200, same seq), and the seqs stay 1..last_seq (each loser's bump was
+    three get it back (200, same seq), and the seqs stay 1..last_seq (each loser's bump was
     rolled back with its failed insert)."""
     alice, bob = make_member("alice"), make_member("bob")
     gid = group(alice, bob)
     assert send(alice, gid, "first").status_code == 201
-    cmids = ["same"] * 5 + ["other-1", "other-2"]
+    # (Five threads and this one: within the connection pool of a test process.)
+    cmids = ["same"] * 4 + ["other"]
     answers: dict[int, tuple[int, dict]] = {}
     start = threading.Barrier(len(cmids) + 1)
 
@@ -123,7 +124,7 @@ def test_identical_client_msg_ids_racing_leave_no_seq_gap(make_member):
             t.start()
         start.wait()
         waiting = 0
-        for _ in range(200):
+        for _ in range(1200):  # up to a minute on a loaded machine
             with connection.cursor() as cursor:
                 # pg_stat_activity is read once per transaction unless its snapshot is cleared.
                 cursor.execute("SELECT pg_stat_clear_snapshot()")
@@ -137,15 +138,15 @@ def test_identical_client_msg_ids_racing_leave_no_seq_gap(make_member):
             threading.Event().wait(0.05)
         assert waiting == len(cmids)
     for t in threads:
-        t.join(30)
+        t.join(60)
     same = [answers[i] for i, c in enumerate(cmids) if c == "same"]
-    assert sorted(status for status, _ in same) == [200, 200, 200, 200, 201]
+    assert sorted(status for status, _ in same) == [200, 200, 200, 201]
     assert len({body["seq"] for _, body in same}) == 1
     assert all(answers[i][0] == 201 for i, c in enumerate(cmids) if c != "same")
     assert_dense(gid)
-    assert Conversation.objects.get(pk=gid).last_seq == 4
+    assert Conversation.objects.get(pk=gid).last_seq == 3
     assert Message.objects.filter(sender=alice.user, client_msg_id="same").count() == 1
-    assert Membership.objects.get(conversation_id=gid, user=alice.user).last_read_seq == 4
+    assert Membership.objects.get(conversation_id=gid, user=alice.user).last_read_seq == 3
 
 
 def test_replay_after_the_statement_answers_the_stored_message_and_hands_it_over(make_member):
