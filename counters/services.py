@@ -108,15 +108,15 @@ def counters_send_calls(
     channel: bool = False,
 ) -> list[ScriptCall] | None:
     """The counter writes of a message its sender has just sent, as script calls the caller
-    sends in one round trip with its own (:func:`counters.redis.scripts_call`): first the
-    sender's read up to the message (as :func:`counters_mark_read` without an answer), then,
-    in ``channel`` form, what :func:`counters_channel_committed` writes. Give the replies to
-    :func:`counters_send_done`. None under a strategy other than ``lua`` (its writes are not
+    sends in one round trip with its own (:func:`counters.redis.scripts_call`): in
+    ``channel`` form what :func:`counters_channel_committed` writes, then the sender's read
+    up to the message (as :func:`counters_mark_read` without an answer). Give their replies
+    to :func:`counters_send_done`. None under a strategy other than ``lua`` (its writes are not
     script calls): then call those functions."""
     strategy = get_strategy()
     if not isinstance(strategy, LuaStrategy):
         return None
-    calls = [strategy.scripts.read_call(sender_id, conversation_id, seq, seq)]
+    calls = []
     if channel:
         calls.append(channel_scripts().channel_call(conversation_id, seq, mention_all=mention_all))
         if mentions and not mention_all:
@@ -125,16 +125,19 @@ def counters_send_calls(
                 for uid in dict.fromkeys(mentions)
                 if uid != sender_id
             )
+    # The read last, as before: the top is raised before the sender's pointer passes it.
+    calls.append(strategy.scripts.read_call(sender_id, conversation_id, seq, seq))
     return calls
 
 
 def counters_send_done(
     replies: Sequence, *, conversation_id: int, seq: int, sender_id: int
 ) -> None:
-    """After :func:`counters_send_calls` ran: a sender whose counters Redis did not hold (or
-    not as a member) is rebuilt from PostgreSQL and its read applied again."""
+    """After :func:`counters_send_calls` ran (``replies``: its calls' replies): a sender whose
+    counters Redis did not hold (or not as a member) is rebuilt from PostgreSQL and its read
+    applied again."""
     try:
-        CounterScripts.read_result(replies[0])
+        CounterScripts.read_result(replies[-1])
     except (CountersNotLoaded, CountersNotMember):
         counters_mark_read(
             user_id=sender_id,

@@ -173,6 +173,7 @@ def delivery_message_sent(
         return
     from .pipeline import enqueue_call, enqueued
 
+    counted = len(calls)
     if pipeline:
         calls.append(
             enqueue_call(
@@ -184,7 +185,9 @@ def delivery_message_sent(
             )
         )
     replies = scripts_call(calls)
-    counters_send_done(replies, conversation_id=conversation_id, seq=seq, sender_id=sender_id)
+    counters_send_done(
+        replies[:counted], conversation_id=conversation_id, seq=seq, sender_id=sender_id
+    )
     if pipeline:
         enqueued(conversation_id=conversation_id, flush=replies[-1])
     if channel:
