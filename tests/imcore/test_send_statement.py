@@ -3,7 +3,7 @@ its writes, through the HTTP API: seqs stay dense when identical ``client_msg_id
 repeated send is answered from the stored message and hands it over again, and every refusal
 changes nothing."""
 
-import threading
+import time
 
 import pytest
 import redis.connection
@@ -15,6 +15,7 @@ from delivery import keys as delivery_keys
 from delivery.pipeline import shard_of
 from imcore.models import Conversation, Membership, Message
 from tests.conftest import Member
+from tests.counters.test_concurrency import FORK, close_for_fork
 
 # The send commits by itself (autocommit), as in a request: the tests commit.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -94,55 +95,70 @@ def test_a_send_is_one_statement_and_one_redis_round_trip(make_member, monkeypat
     assert_dense(gid)
 
 
+def _racing_send(token: str, path: str, cmid: str, go, results) -> None:
+    """A client process: wait for ``go``, send once, report ``(cmid, status, body)``."""
+    from django.db import connections
+
+    try:
+        go.wait(60)
+        response = Client().post(
+            path,
+            {"body": f"body of {cmid}", "client_msg_id": cmid},
+            content_type="application/json",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        results.put((cmid, response.status_code, response.json()))
+    except BaseException as exc:  # report it to the parent instead of dying silently
+        results.put((cmid, 0, repr(exc)))
+    finally:
+        connections.close_all()
+
+
 def test_identical_client_msg_ids_racing_leave_no_seq_gap(make_member):
-    """Four requests with one client_msg_id and one with another, all blocked on the
-    conversation's row until released together: one stores the message (201), the other
+    """Five client processes, four with one client_msg_id and one with another, all blocked
+    on the conversation's row until it is released: one stores the message (201), the other
     three get it back (200, same seq), and the seqs stay 1..last_seq (each loser's bump was
     rolled back with its failed insert)."""
     alice, bob = make_member("alice"), make_member("bob")
     gid = group(alice, bob)
     assert send(alice, gid, "first").status_code == 201
-    # (Five threads and this one: within the connection pool of a test process.)
     cmids = ["same"] * 4 + ["other"]
-    answers: dict[int, tuple[int, dict]] = {}
-    start = threading.Barrier(len(cmids) + 1)
-
-    def one(i: int, cmid: str) -> None:
-        member = Member(user=alice.user, token=alice.token, client=Client())
-        try:
-            start.wait()
-            response = send(member, gid, cmid, body=f"body of {cmid}")
-            answers[i] = (response.status_code, response.json())
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=one, args=(i, c)) for i, c in enumerate(cmids)]
-    with transaction.atomic():
-        # Hold the conversation's row: every send passes its checks, then waits on the bump.
-        Conversation.objects.select_for_update().get(pk=gid)
-        for t in threads:
-            t.start()
-        start.wait()
-        waiting = 0
-        for _ in range(1200):  # up to a minute on a loaded machine
-            with connection.cursor() as cursor:
-                # pg_stat_activity is read once per transaction unless its snapshot is cleared.
-                cursor.execute("SELECT pg_stat_clear_snapshot()")
-                cursor.execute(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-                waiting = cursor.fetchone()[0]
-            if waiting == len(cmids):
-                break
-            threading.Event().wait(0.05)
-        assert waiting == len(cmids)
-    for t in threads:
-        t.join(60)
-    same = [answers[i] for i, c in enumerate(cmids) if c == "same"]
-    assert sorted(status for status, _ in same) == [200, 200, 200, 201]
+    close_for_fork()
+    go, results = FORK.Event(), FORK.Queue()
+    path = f"/api/v1/conversations/{gid}/messages"
+    procs = [
+        FORK.Process(target=_racing_send, args=(alice.token, path, c, go, results)) for c in cmids
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        with transaction.atomic():
+            # Hold the conversation's row: every send passes its checks, then waits on the bump.
+            Conversation.objects.select_for_update().get(pk=gid)
+            go.set()
+            waiting = 0
+            for _ in range(1200):  # up to a minute on a loaded machine
+                with connection.cursor() as cursor:
+                    # pg_stat_activity is read once per transaction unless its snapshot is
+                    # cleared.
+                    cursor.execute("SELECT pg_stat_clear_snapshot()")
+                    cursor.execute(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                    waiting = cursor.fetchone()[0]
+                if waiting == len(cmids):
+                    break
+                time.sleep(0.05)
+            assert waiting == len(cmids)
+        answers = [results.get(timeout=60) for _ in cmids]
+    finally:
+        for proc in procs:
+            proc.join(60)
+    same = [(status, body) for cmid, status, body in answers if cmid == "same"]
+    assert sorted(status for status, _ in same) == [200, 200, 200, 201], answers
     assert len({body["seq"] for _, body in same}) == 1
-    assert all(answers[i][0] == 201 for i, c in enumerate(cmids) if c != "same")
+    assert [status for cmid, status, _ in answers if cmid != "same"] == [201]
     assert_dense(gid)
     assert Conversation.objects.get(pk=gid).last_seq == 3
     assert Message.objects.filter(sender=alice.user, client_msg_id="same").count() == 1
