@@ -13,6 +13,7 @@ import redis
 from redis.commands.core import Script
 
 from . import keys
+from .redis import ScriptCall
 from .transitions import CountersNotLoaded, CountersNotMember, MembershipRow
 
 LUA_DIR = Path(__file__).with_name("lua")
@@ -58,6 +59,23 @@ class CounterScripts:
             args=[seq, int(bool(mention_all)), known_top],
             client=pipe or self.client,
         )
+
+    def inc_call(self, user_id: int, pairs: Sequence[Sequence]) -> ScriptCall:
+        """:meth:`inc`, to be sent with other calls (:func:`counters.redis.scripts_call`)."""
+        args = [v for pair in pairs for v in (pair[0], seq_arg(pair))]
+        return ScriptCall(self._inc, [keys.counters(user_id)], args)
+
+    def channel_call(self, conversation_id: int, seq: int, *, mention_all=False) -> ScriptCall:
+        """:meth:`channel`, to be sent with other calls."""
+        return ScriptCall(
+            self._channel,
+            [keys.channel(conversation_id), keys.channel_mentions_all(conversation_id)],
+            [seq, int(bool(mention_all)), 0],
+        )
+
+    def read_call(self, user_id: int, conversation_id: int, read_seq: int, top: int) -> ScriptCall:
+        """:meth:`read`, to be sent with other calls (:meth:`read_result` reads its reply)."""
+        return ScriptCall(self._read, [keys.counters(user_id)], [conversation_id, read_seq, top])
 
     def read(self, user_id: int, conversation_id: int, read_seq: int, top: int, *, pipe=None):
         """Returns ``(unread, badge)`` (or queues the call on ``pipe``; :meth:`read_result`

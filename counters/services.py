@@ -13,7 +13,7 @@ from django.contrib.auth import get_user_model
 from imcore.models import Conversation, Membership
 
 from . import keys
-from .redis import get_redis
+from .redis import ScriptCall, get_redis
 from .scripts import CounterScripts
 from .selectors import (
     UnreadCounts,
@@ -22,7 +22,7 @@ from .selectors import (
     counters_truth_rows,
     counts_with_channels,
 )
-from .strategies import get_strategy
+from .strategies import LuaStrategy, get_strategy
 from .transitions import CountersNotLoaded, CountersNotMember, MembershipRow
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,56 @@ def counters_mark_read(
     # channel form is against its channel's top).
     now = counts_with_channels(fields)
     return now.conversations.get(conversation_id, 0), now.badge
+
+
+def counters_send_calls(
+    *,
+    conversation_id: int,
+    seq: int,
+    sender_id: int,
+    mentions: Sequence[int] = (),
+    mention_all: bool = False,
+    channel: bool = False,
+) -> list[ScriptCall] | None:
+    """The counter writes of a message its sender has just sent, as script calls the caller
+    sends in one round trip with its own (:func:`counters.redis.scripts_call`): in
+    ``channel`` form what :func:`counters_channel_committed` writes, then the sender's read
+    up to the message (as :func:`counters_mark_read` without an answer). Give their replies
+    to :func:`counters_send_done`. None under a strategy other than ``lua`` (its writes are not
+    script calls): then call those functions."""
+    strategy = get_strategy()
+    if not isinstance(strategy, LuaStrategy):
+        return None
+    calls = []
+    if channel:
+        calls.append(channel_scripts().channel_call(conversation_id, seq, mention_all=mention_all))
+        if mentions and not mention_all:
+            calls.extend(
+                strategy.scripts.inc_call(uid, [(conversation_id, seq, (seq,))])
+                for uid in dict.fromkeys(mentions)
+                if uid != sender_id
+            )
+    # The read last, as before: the top is raised before the sender's pointer passes it.
+    calls.append(strategy.scripts.read_call(sender_id, conversation_id, seq, seq))
+    return calls
+
+
+def counters_send_done(
+    replies: Sequence, *, conversation_id: int, seq: int, sender_id: int
+) -> None:
+    """After :func:`counters_send_calls` ran (``replies``: its calls' replies): a sender whose
+    counters Redis did not hold (or not as a member) is rebuilt from PostgreSQL and its read
+    applied again."""
+    try:
+        CounterScripts.read_result(replies[-1])
+    except (CountersNotLoaded, CountersNotMember):
+        counters_mark_read(
+            user_id=sender_id,
+            conversation_id=conversation_id,
+            read_seq=seq,
+            last_seq=seq,
+            answer=False,
+        )
 
 
 def counters_membership_changed(

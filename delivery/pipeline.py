@@ -47,7 +47,7 @@ import kombu.exceptions
 import redis
 from django.conf import settings
 
-from counters.redis import get_redis
+from counters.redis import ScriptCall, get_redis, scripts_call
 from counters.services import counters_count_messages
 from imcore.models import Membership
 from offline.push import push_badge_changed
@@ -107,11 +107,31 @@ def delivery_enqueue(
     """Append the event of a committed message to its shard (with its mentions, if any; see
     :mod:`delivery.mentions`); when the shard passes the threshold, send the Flusher. Returns
     the shard."""
-    client = _client()
+    call = enqueue_call(
+        conversation_id=conversation_id,
+        seq=seq,
+        sender_id=sender_id,
+        mentions=mentions,
+        mention_all=mention_all,
+    )
+    return enqueued(conversation_id=conversation_id, flush=scripts_call([call])[0])
+
+
+def enqueue_call(
+    *,
+    conversation_id: int,
+    seq: int,
+    sender_id: int | None = None,
+    mentions: Sequence[int] = (),
+    mention_all: bool = False,
+) -> ScriptCall:
+    """The enqueue script call of :func:`delivery_enqueue`, to be sent with other calls in one
+    round trip (:func:`counters.redis.scripts_call`); give its reply to :func:`enqueued`."""
     shard = shard_of(conversation_id)
-    flush = _enqueue_script(client)(
-        keys=[keys.shard_stream(shard), keys.shard_flush_flag(shard)],
-        args=[
+    return ScriptCall(
+        _enqueue_script(_client()),
+        [keys.shard_stream(shard), keys.shard_flush_flag(shard)],
+        [
             conversation_id,
             seq,
             settings.COUNTERS_FLUSH_THRESHOLD,
@@ -127,6 +147,12 @@ def delivery_enqueue(
             ),
         ],
     )
+
+
+def enqueued(*, conversation_id: int, flush) -> int:
+    """After the enqueue script ran: send the Flusher if it asked for one. Returns the
+    shard."""
+    shard = shard_of(conversation_id)
     if flush:
         from .tasks import flusher
 

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from django.conf import settings
 from django.db import transaction
 
-from counters.redis import get_redis
+from counters.redis import get_redis, scripts_call
 from counters.services import (
     counters_channel_committed,
     counters_channel_mentions_all,
@@ -36,6 +36,8 @@ from counters.services import (
     counters_count_messages,
     counters_mark_read,
     counters_memberships_changed,
+    counters_send_calls,
+    counters_send_done,
 )
 from imcore.models import Conversation, Membership, Message
 from offline.push import push_badge_changed
@@ -127,6 +129,71 @@ def delivery_channel_message(
     offline_channel_message(conversation_id=conversation_id, seq=seq)
     if mentions and not mention_all:
         push_badge_changed(user_ids=[u for u in mentions if u != sender_id], alert=True)
+
+
+def delivery_message_sent(
+    *,
+    conversation_id: int,
+    seq: int,
+    sender_id: int,
+    mentions: Sequence[int] = (),
+    mention_all: bool = False,
+    mode: str = Conversation.Mode.AGGREGATE,
+) -> None:
+    """A sender's message was committed (or its send repeated): :func:`delivery_message_committed`
+    and :func:`delivery_sender_read`, with every Redis write they make in one round trip: the
+    sender's read, in channel form the channel's top (and the personal mentions' counts), on
+    the aggregation pipeline the shard's enqueue (a conversion under way does both). The
+    relay to connected sockets (a channel-layer publish) and the pushes follow it. The
+    ``batches`` and ``fanout`` write paths and the strategies other than ``lua`` make the same
+    calls one by one. On Redis Cluster the round trip is one per node the keys live on (the
+    sender's ``{u:}``, the shard's ``{cq:}`` and the channel's ``{c:}`` tags)."""
+    channel = mode in Conversation.CHANNEL_SEND_MODES
+    pipeline = mode in Conversation.PIPELINE_SEND_MODES
+    calls = None
+    if not pipeline or settings.DELIVERY_WRITE_PATH == "pipeline":
+        calls = counters_send_calls(
+            conversation_id=conversation_id,
+            seq=seq,
+            sender_id=sender_id,
+            mentions=mentions,
+            mention_all=mention_all,
+            channel=channel,
+        )
+    if calls is None:
+        delivery_message_committed(
+            conversation_id=conversation_id,
+            seq=seq,
+            sender_id=sender_id,
+            mentions=mentions,
+            mention_all=mention_all,
+            mode=mode,
+        )
+        delivery_sender_read(user_id=sender_id, conversation_id=conversation_id, seq=seq)
+        return
+    from .pipeline import enqueue_call, enqueued
+
+    counted = len(calls)
+    if pipeline:
+        calls.append(
+            enqueue_call(
+                conversation_id=conversation_id,
+                seq=seq,
+                sender_id=sender_id,
+                mentions=mentions,
+                mention_all=mention_all,
+            )
+        )
+    replies = scripts_call(calls)
+    counters_send_done(
+        replies[:counted], conversation_id=conversation_id, seq=seq, sender_id=sender_id
+    )
+    if pipeline:
+        enqueued(conversation_id=conversation_id, flush=replies[-1])
+    if channel:
+        offline_channel_message(conversation_id=conversation_id, seq=seq)
+        if mentions and not mention_all:
+            push_badge_changed(user_ids=[u for u in mentions if u != sender_id], alert=True)
 
 
 def delivery_sender_read(*, user_id: int, conversation_id: int, seq: int) -> None:

@@ -542,13 +542,11 @@ message_out = selectors.message_fields
 )
 def message_send_api(request, conversation_id: ConversationId, payload: MessageSendIn):
     """Send a message, optionally mentioning members (``mentions``) or everyone
-    (``mention_all``); repeating a ``client_msg_id`` returns the stored message with 200."""
-    membership = selectors.membership_get_active(
-        user=request.auth.user, conversation_id=conversation_id
-    )
+    (``mention_all``); repeating a ``client_msg_id`` returns the stored message with 200. A
+    conversation I am not an active member of is not found (404)."""
     message, created = services.message_send(
         sender=request.auth.user,
-        conversation=membership.conversation,
+        conversation=conversation_id,
         body=payload.body,
         client_msg_id=payload.client_msg_id,
         mentions=payload.mentions,

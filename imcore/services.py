@@ -5,10 +5,16 @@ changes. Those updates are idempotent, so a client that retries a request after 
 Redis without changing PostgreSQL twice."""
 
 import hashlib
+import json
+import logging
 import secrets
+import time
 from collections.abc import Iterable, Sequence
-from functools import partial
+from contextlib import nullcontext
+from functools import cache, partial
+from pathlib import Path
 
+import redis
 from django.conf import settings
 from django.contrib.auth import authenticate
 from django.contrib.auth.password_validation import validate_password
@@ -18,18 +24,33 @@ from django.db.models import F
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
+from counters.redis import get_redis
 from counters.selectors import counters_get
 from delivery.services import (
     delivery_group_size_changed,
     delivery_memberships_changed,
     delivery_message_committed,
+    delivery_message_sent,
     delivery_read_moved,
     delivery_sender_read,
 )
 from offline.services import offline_device_seen, offline_devices_logged_out
 
-from .errors import BadRequest, Conflict, NotAuthenticated, NotFound, PermissionDenied
+from . import keys as token_keys
+from .errors import (
+    BadRequest,
+    Conflict,
+    NotAuthenticated,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from .models import Conversation, Device, Membership, Message, User
+from .selectors import membership_get_active
+
+logger = logging.getLogger(__name__)
+
+LUA_DIR = Path(__file__).with_name("lua")
 
 # ---- users and devices ---------------------------------------------------------------------
 
@@ -77,6 +98,12 @@ def device_login(
         current = User.objects.select_for_update().values_list("password", flat=True)
         if current.get(pk=user.pk) != user.password:
             raise NotAuthenticated("wrong username or password")
+        # A new login of the same device replaces its token: the old one is revoked.
+        replaced = list(
+            Device.objects.filter(user=user, device_id=device_id).values_list(
+                "token_hash", flat=True
+            )
+        )
         device, _ = Device.objects.update_or_create(
             user=user,
             device_id=device_id,
@@ -94,6 +121,10 @@ def device_login(
                 ),
             },
         )
+    # Committed (the block above is the transaction): the replaced token is revoked before
+    # the new one is answered. (Inside a caller's transaction this runs before that commits,
+    # which is safe too: the tombstone keeps the old row from being cached until it does.)
+    device_tokens_revoked(token_hashes=replaced)
     # A device logging in is coming back: its offline package is prepared meanwhile.
     offline_device_seen(device=device)
     return device, token
@@ -110,7 +141,93 @@ def device_pushkey_set(*, device: Device, pushkey: str, app_id: str | None) -> N
 
 
 def device_authenticate(*, token: str) -> Device | None:
-    return Device.objects.select_related("user").filter(token_hash=token_hash(token)).first()
+    """The device of a bearer token, with its user, read from PostgreSQL (None: no such
+    token)."""
+    return _device_by_hash(token_hash(token))
+
+
+def _device_by_hash(hashed: str) -> Device | None:
+    return Device.objects.select_related("user").filter(token_hash=hashed).first()
+
+
+# The fields of a device and its user that the token cache holds; any other field of the
+# device or user it returns is read from PostgreSQL when first used (deferred).
+_CACHED_DEVICE_FIELDS = ("id", "user_id", "device_id", "platform", "token_hash")
+_CACHED_USER_FIELDS = ("id", "username", "is_active")
+
+
+def device_authenticate_cached(*, token: str) -> Device | None:
+    """:func:`device_authenticate` through a cache in Redis (as Zulip caches its API-key
+    look-up): a hit costs one GET and no SQL. The device comes with the fields the API's
+    calls use (:data:`_CACHED_DEVICE_FIELDS`, its user's :data:`_CACHED_USER_FIELDS`); the
+    others are deferred (read when used).
+
+    Why a revoked token is never served from the cache:
+
+    - Every revocation (logout, password change, a re-login that replaces the token, a user
+      deactivated or deleted) calls :func:`device_tokens_revoked` after its commit and before
+      it answers: it deletes the entry and sets the token's tombstone
+      (``AUTH_TOKEN_REVOKED_TTL_S``) in one round trip.
+    - A miss reads PostgreSQL, then caches with a script that refuses when the tombstone is
+      set. A look-up that read the row before the revocation committed therefore cannot
+      cache it after the revocation's delete; and one that read it after the commit found
+      no row (or the new token hash). A look-up whose read took longer than
+      ``AUTH_TOKEN_FILL_MAX_S`` does not cache at all (the tombstone outlives that by far).
+    - Only active users are cached; an entry lives ``AUTH_TOKEN_CACHE_TTL_S`` at most, which
+      bounds what a revocation made behind the services' back (SQL, a bulk ``update()``)
+      leaves.
+    - Redis unavailable: the look-up reads PostgreSQL and caches nothing. Redis wiped: every
+      look-up misses and refills from PostgreSQL (the tombstones go too, so a fill that read
+      a row before a revocation and writes after the wipe could cache it: the window is one
+      look-up's duration, bounded by ``AUTH_TOKEN_FILL_MAX_S``). A revocation whose delete
+      fails raises after the commit: the call answers 503 and its retry revokes again.
+
+    ``AUTH_TOKEN_CACHE_TTL_S=0`` turns the cache off."""
+    ttl = settings.AUTH_TOKEN_CACHE_TTL_S
+    if ttl <= 0:
+        return device_authenticate(token=token)
+    hashed = token_hash(token)
+    client = get_redis()
+    try:
+        cached = client.get(token_keys.token_device(hashed))
+    except redis.RedisError:
+        logger.warning("token cache unavailable; reading PostgreSQL", exc_info=True)
+        return device_authenticate(token=token)
+    if cached is not None:
+        return _device_from_cache(cached)
+    started = time.monotonic()
+    device = _device_by_hash(hashed)
+    if (
+        device is not None
+        and device.user.is_active
+        and time.monotonic() - started < settings.AUTH_TOKEN_FILL_MAX_S
+    ):
+        entry = json.dumps(
+            [
+                [getattr(device, f) for f in _CACHED_DEVICE_FIELDS],
+                [getattr(device.user, f) for f in _CACHED_USER_FIELDS],
+            ]
+        )
+        try:
+            _token_fill_script(client)(
+                keys=[token_keys.token_device(hashed), token_keys.token_revoked(hashed)],
+                args=[entry, ttl],
+            )
+        except redis.RedisError:
+            logger.warning("could not cache a token", exc_info=True)
+    return device
+
+
+def _device_from_cache(cached: str) -> Device:
+    device_values, user_values = json.loads(cached)
+    device = Device.from_db(connection.alias, _CACHED_DEVICE_FIELDS, device_values)
+    device.user = User.from_db(connection.alias, _CACHED_USER_FIELDS, user_values)
+    return device
+
+
+@cache
+def _token_fill_script(client: redis.Redis):
+    return client.register_script((LUA_DIR / "token_fill.lua").read_text())
 
 
 def device_logout(*, device: Device) -> None:
@@ -159,10 +276,28 @@ def _devices_logged_out(*, user_id: int, pks: list[int], hashes: list[str]) -> N
 
 
 def device_tokens_revoked(*, token_hashes: list[str]) -> None:
-    """The hook for a cache of tokens: these tokens were revoked (their devices logged out) and
-    the deletion is committed. Tokens are looked up in PostgreSQL on every request today, so
-    there is nothing to drop; a token cache must drop these entries here, before the logout
-    answers (a cache filled before the commit would otherwise keep a dead token alive)."""
+    """These tokens were revoked (their devices logged out, a re-login replaced them, their
+    user was deactivated) and that is committed: drop them from the token cache and set their
+    tombstones, in one round trip, before the call that revoked them answers (see
+    :func:`device_authenticate_cached`). A tombstone only stops the caching: a token that is
+    valid again (its user reactivated) is read from PostgreSQL until it expires."""
+    if not token_hashes:
+        return
+    pipe = get_redis().pipeline(transaction=False)
+    for hashed in token_hashes:
+        pipe.set(token_keys.token_revoked(hashed), 1, ex=settings.AUTH_TOKEN_REVOKED_TTL_S)
+        pipe.delete(token_keys.token_device(hashed))
+    pipe.execute()
+
+
+def user_tokens_revoke(*, user_id: int) -> None:
+    """After the commit of the current transaction, revoke every token of the user's devices
+    (the user was deactivated or is being deleted). The Django signals of :class:`User` call
+    it (:mod:`imcore.apps`), so the admin's change form and any ``save()`` are covered; a
+    bulk ``update()`` is not, and is bounded by ``AUTH_TOKEN_CACHE_TTL_S``."""
+    hashes = list(Device.objects.filter(user_id=user_id).values_list("token_hash", flat=True))
+    if hashes:
+        transaction.on_commit(partial(device_tokens_revoked, token_hashes=hashes))
 
 
 # ---- conversations and members -------------------------------------------------------------
@@ -350,35 +485,116 @@ def conversation_mute(*, membership: Membership, muted: bool) -> tuple[int, int]
 # ---- messages and reads --------------------------------------------------------------------
 
 
-def _next_seq(conversation_id: int) -> tuple[int, str]:
-    """Bump the conversation's last_seq and return it with the conversation's mode. The row
-    stays locked until commit, so concurrent sends to one conversation get consecutive seqs, a
-    rollback gives the seq back, and a conversion (which takes the same lock) is either before
-    the send or after it."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {Conversation._meta.db_table} "
-            "SET last_seq = last_seq + 1, last_message_at = clock_timestamp() "
-            "WHERE id = %s RETURNING last_seq, mode",
-            [conversation_id],
-        )
-        return cursor.fetchone()
+# One statement stores a message in the common case (a member sends a new client_msg_id):
+# bump the conversation's last_seq (its row lock orders concurrent sends, so seqs are dense; a
+# conversion, which takes the same lock, is before the send or after it), insert the message
+# and move the sender's read pointer. It is one transaction: a failed insert (the same
+# client_msg_id racing with itself) rolls the bump back. It does nothing when the sender is
+# not an active member, when the client_msg_id is used already, or when the mentions are not
+# allowed; then the caller finds out which (see :func:`_send_refused`).
+_SEND_SQL = """
+WITH allowed AS (
+    SELECT 1 FROM imcore_membership m JOIN imcore_conversation c ON c.id = m.conversation_id
+    WHERE m.user_id = %(sender)s AND m.conversation_id = %(conversation)s
+      AND m.left_at IS NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM imcore_message
+          WHERE sender_id = %(sender)s AND client_msg_id = %(client_msg_id)s
+      ){checks}
+), bump AS (
+    UPDATE imcore_conversation
+    SET last_seq = last_seq + 1, last_message_at = clock_timestamp()
+    WHERE id = %(conversation)s AND EXISTS (SELECT 1 FROM allowed)
+    RETURNING last_seq, mode
+), stored AS (
+    INSERT INTO imcore_message
+        (conversation_id, seq, sender_id, client_msg_id, body, created_at, mentions, mention_all)
+    SELECT %(conversation)s, last_seq, %(sender)s, %(client_msg_id)s, %(body)s, %(now)s,
+           %(mentions)s::bigint[], %(mention_all)s
+    FROM bump
+    RETURNING id, seq
+), sender_read AS (
+    UPDATE imcore_membership SET last_read_seq = GREATEST(last_read_seq, stored.seq)
+    FROM stored
+    WHERE user_id = %(sender)s AND conversation_id = %(conversation)s
+)
+SELECT stored.id, stored.seq, bump.mode FROM stored, bump
+"""
+# mention_all: only the creator of a group.
+_SEND_CHECK_MENTION_ALL = "\n      AND c.kind = 'group' AND c.created_by_id = %(sender)s"
+# mentions: every one names an active member.
+_SEND_CHECK_MENTIONS = """
+      AND (SELECT count(*) FROM imcore_membership x
+           WHERE x.conversation_id = %(conversation)s AND x.user_id = ANY(%(mentions)s::bigint[])
+             AND x.left_at IS NULL) = %(mentioned)s"""
+
+
+def _send_statement(
+    *,
+    sender_id: int,
+    conversation_id: int,
+    body: str,
+    client_msg_id: str,
+    mentioned: list[int],
+    mention_all: bool,
+) -> tuple[Message, str] | None:
+    """Run :data:`_SEND_SQL`; returns the stored message and the conversation's mode, or None
+    when the statement refused (nothing changed). The unique violation of a client_msg_id
+    stored meanwhile is an IntegrityError (the statement rolled back, its seq with it)."""
+    checks = (_SEND_CHECK_MENTION_ALL if mention_all else "") + (
+        _SEND_CHECK_MENTIONS if mentioned else ""
+    )
+    now = timezone.now()
+    params = {
+        "sender": sender_id,
+        "conversation": conversation_id,
+        "client_msg_id": client_msg_id,
+        "body": body,
+        "now": now,
+        "mentions": mentioned,
+        "mention_all": mention_all,
+        "mentioned": len(mentioned),
+    }
+    # Outside a transaction (a request) the statement commits by itself: one round trip. Inside
+    # one (a caller's atomic block, a test), a savepoint keeps a unique violation from
+    # breaking the caller's transaction.
+    guard = transaction.atomic() if connection.in_atomic_block else nullcontext()
+    with guard, connection.cursor() as cursor:
+        cursor.execute(_SEND_SQL.format(checks=checks), params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    message_id, seq, mode = row
+    message = Message(
+        id=message_id,
+        conversation_id=conversation_id,
+        seq=seq,
+        sender_id=sender_id,
+        client_msg_id=client_msg_id,
+        body=body,
+        created_at=now,
+        mentions=mentioned,
+        mention_all=mention_all,
+    )
+    message._state.adding, message._state.db = False, connection.alias
+    return message, mode
 
 
 def message_send(
     *,
     sender: User,
-    conversation: Conversation,
+    conversation: Conversation | int,
     body: str,
     client_msg_id: str,
     mentions: Sequence[int] = (),
     mention_all: bool = False,
 ) -> tuple[Message, bool]:
-    """Store a message with the next seq; returns ``(message, created)``. The same
-    ``client_msg_id`` from the same sender returns the stored message (``created=False``) and
-    re-sends its counter updates, which are idempotent; with another body, conversation or
-    mentions it is a 409. Sending marks the conversation read for the sender up to the new
-    message.
+    """Store a message with the next seq; returns ``(message, created)``. ``conversation`` is
+    the conversation or its id: a sender who is not an active member gets 404, as for a
+    conversation that does not exist. The same ``client_msg_id`` from the same sender returns
+    the stored message (``created=False``) and re-sends its counter updates, which are
+    idempotent; with another body, conversation or mentions it is a 409. Sending marks the
+    conversation read for the sender up to the new message.
 
     ``mentions`` names active members of the conversation (anyone else: 400; duplicates are
     folded, the list is stored sorted). Mentioning yourself is allowed and counts for nobody:
@@ -386,59 +602,89 @@ def message_send(
     the sender: only in a group (400 in a direct conversation) and only by the group's
     creator (403).
 
-    The counter event is handed over on commit. If Redis or the broker refuses it, the
+    A new message is one SQL statement (:data:`_SEND_SQL`); only a refused one runs the
+    queries that say why (:func:`_send_refused`). The message is handed over to delivery once
+    committed, in one Redis round trip with the sender's own read
+    (:func:`delivery.services.delivery_message_sent`). If Redis or the broker refuses it, the
     exception reaches the caller after the commit (the API answers 503); the client's retry
     with the same ``client_msg_id`` finds the stored message and hands the event over again."""
+    conversation_id = conversation if isinstance(conversation, int) else conversation.pk
     mentioned = sorted(set(mentions))
-    message = _message_replay(sender, conversation, body, client_msg_id, mentioned, mention_all)
-    created = message is None
-    if created:
-        _mentions_check(sender, conversation, mentioned, mention_all)
+    fields = {
+        "sender_id": sender.pk,
+        "conversation_id": conversation_id,
+        "body": body,
+        "client_msg_id": client_msg_id,
+        "mentioned": mentioned,
+        "mention_all": mention_all,
+    }
+    refusal = (body, client_msg_id, mentioned, mention_all)
+    # A refusal that its queries do not explain (the sender rejoined in between) is tried
+    # again.
+    for _ in range(3):
         try:
-            with transaction.atomic():
-                seq, mode = _next_seq(conversation.pk)
-                message = Message.objects.create(
-                    conversation=conversation,
-                    seq=seq,
-                    sender=sender,
-                    body=body,
-                    client_msg_id=client_msg_id,
-                    mentions=mentioned,
-                    mention_all=mention_all,
-                )
-                Membership.objects.filter(conversation=conversation, user=sender).update(
-                    last_read_seq=Greatest(F("last_read_seq"), seq)
-                )
-                transaction.on_commit(
-                    partial(
-                        delivery_message_committed,
-                        conversation_id=conversation.pk,
-                        seq=seq,
-                        sender_id=sender.pk,
-                        mentions=mentioned,
-                        mention_all=mention_all,
-                        mode=mode,
-                    )
-                )
+            sent = _send_statement(**fields)
         except IntegrityError:
-            # The same client_msg_id raced with itself; the first one is stored.
-            message = _message_replay(
-                sender, conversation, body, client_msg_id, mentioned, mention_all
-            )
-            if message is None:
+            # The same client_msg_id raced with itself and the other one is stored: this
+            # statement rolled back, its seq bump with it, and the replay answers.
+            replay, mode = _send_refused(sender, conversation_id, *refusal)
+            if replay is None:
                 raise
-            created = False
-    if not created:
-        delivery_message_committed(
-            conversation_id=conversation.pk,
-            seq=message.seq,
-            sender_id=sender.pk,
-            mentions=message.mentions,
-            mention_all=message.mention_all,
-            mode=Conversation.objects.values_list("mode", flat=True).get(pk=conversation.pk),
-        )
-    delivery_sender_read(user_id=sender.pk, conversation_id=conversation.pk, seq=message.seq)
-    return message, created
+        else:
+            if sent is not None:
+                message, mode = sent
+                if connection.in_atomic_block:
+                    # The caller's transaction commits the message later: the hand-over waits
+                    # for it; the sender's own read is applied now, as it always was.
+                    transaction.on_commit(
+                        partial(delivery_message_committed, **_delivered(message), mode=mode)
+                    )
+                    delivery_sender_read(
+                        user_id=sender.pk, conversation_id=conversation_id, seq=message.seq
+                    )
+                else:
+                    _message_sent(message=message, mode=mode)  # the statement committed
+                return message, True
+            replay, mode = _send_refused(sender, conversation_id, *refusal)
+        if replay is not None:
+            _message_sent(message=replay, mode=mode)
+            return replay, False
+    raise Unavailable("the message could not be stored; retry the same request")
+
+
+def _delivered(message: Message) -> dict:
+    return {
+        "conversation_id": message.conversation_id,
+        "seq": message.seq,
+        "sender_id": message.sender_id,
+        "mentions": message.mentions,
+        "mention_all": message.mention_all,
+    }
+
+
+def _message_sent(*, message: Message, mode: str) -> None:
+    """Hand a committed message over and mark it read for its sender (one Redis round
+    trip)."""
+    delivery_message_sent(**_delivered(message), mode=mode)
+
+
+def _send_refused(
+    sender: User,
+    conversation_id: int,
+    body: str,
+    client_msg_id: str,
+    mentioned: list[int],
+    mention_all: bool,
+) -> tuple[Message | None, str]:
+    """The send statement stored nothing: raise what the sender did wrong, in the order the
+    API has always checked (not a member: 404; a client_msg_id used for another message: 409;
+    mentions: 400 or 403), or return the stored message of a repeated send (None: nothing
+    wrong now, try the statement again), with the conversation's mode now."""
+    conversation = membership_get_active(user=sender, conversation_id=conversation_id).conversation
+    replay = _message_replay(sender, conversation, body, client_msg_id, mentioned, mention_all)
+    if replay is None:
+        _mentions_check(sender, conversation, mentioned, mention_all)
+    return replay, conversation.mode
 
 
 def _mentions_check(

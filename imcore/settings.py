@@ -190,6 +190,16 @@ AUTH_RATE_LOGIN_PER_ADDRESS = os.environ.get("AUTH_RATE_LOGIN_PER_ADDRESS", "60/
 AUTH_RATE_SIGNUP_PER_USERNAME = os.environ.get("AUTH_RATE_SIGNUP_PER_USERNAME", "5/m")
 AUTH_RATE_SIGNUP_PER_ADDRESS = os.environ.get("AUTH_RATE_SIGNUP_PER_ADDRESS", "20/h")
 
+# --- bearer-token cache (imcore.services.device_authenticate_cached) -------------------------
+# How long a token's device is cached in Redis (seconds; 0: no cache, every call reads
+# PostgreSQL). Revocations drop it at once; this bounds one made behind the services' back.
+AUTH_TOKEN_CACHE_TTL_S = env_int("AUTH_TOKEN_CACHE_TTL_S", 300)
+# How long a revoked token's tombstone keeps a look-up that read it before the revocation
+# from caching it (seconds); far longer than AUTH_TOKEN_FILL_MAX_S.
+AUTH_TOKEN_REVOKED_TTL_S = env_int("AUTH_TOKEN_REVOKED_TTL_S", 86400)
+# A look-up whose PostgreSQL read took longer than this (seconds) does not cache.
+AUTH_TOKEN_FILL_MAX_S = float(os.environ.get("AUTH_TOKEN_FILL_MAX_S", "5"))
+
 # --- Redis and counters ---------------------------------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 # Consistency strategy of the counter store: lua (default), watch, lock, naive.

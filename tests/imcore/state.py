@@ -80,11 +80,13 @@ def row_counts() -> dict:
 
 def redis_state() -> dict:
     """Every key of the counters database with its value, except the rate limiter's counters
-    (``imc:rl:``): counting an attempt is what a refused login or sign-up is meant to do."""
+    (``imc:rl:``): counting an attempt is what a refused login or sign-up is meant to do; and
+    the token cache's entries (``imc:{t:<hash>}:dev``): a valid token read from PostgreSQL is
+    cached by any call (its tombstones, which only a revocation sets, are kept)."""
     client = get_redis()
     dump = {}
     for key in client.scan_iter(count=1000):
-        if key.startswith("imc:rl:"):
+        if key.startswith("imc:rl:") or (key.startswith("imc:{t:") and key.endswith(":dev")):
             continue
         kind = client.type(key)
         kind = kind.decode() if isinstance(kind, bytes) else kind

@@ -94,6 +94,9 @@ class PgProxy:
             except OSError:
                 client.close()
                 continue
+            # 5 s was for connecting: left on the socket it would cut every session that sits
+            # idle for 5 s (a pooled connection the server does not need for a while).
+            server.settimeout(None)
             with self.lock:
                 self.links |= {client, server}
             for a, b in ((client, server), (server, client)):
