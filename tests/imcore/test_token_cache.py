@@ -4,32 +4,15 @@ password change, deactivation) refuses the token at once even though it was cach
 
 import pytest
 from django.db import connection
-from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from imcore import keys, services
 from imcore.models import User
 from tests.conftest import Member
+from tests.imcore.test_logout import PASSWORD, login
 
 # Revocations run on commit: the tests commit.
 pytestmark = pytest.mark.django_db(transaction=True)
-
-PASSWORD = "pw-for-tests-1"
-
-
-def login(member: Member, device_id: str, password: str = PASSWORD) -> Member:
-    response = Client().post(
-        "/api/v1/devices",
-        {
-            "username": member.user.username,
-            "password": password,
-            "device_id": device_id,
-            "platform": "desktop",
-        },
-        content_type="application/json",
-    )
-    assert response.status_code == 201, response.content
-    return Member(user=member.user, token=response.json()["token"], client=Client())
 
 
 def cached(member: Member) -> bool:

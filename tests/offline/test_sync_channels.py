@@ -15,6 +15,7 @@ from offline import keys, store
 from tests.offline.conftest import first_sync, pull
 from tests.offline.test_sync import group
 from tests.offline.test_sync_protocol import apply_entry
+from tests.offline.test_sync_protocol import truth as protocol_truth
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -179,16 +180,8 @@ def known(state: dict) -> dict:
 
 
 def truth(user_id: int) -> dict:
-    return {
-        m.conversation_id: (
-            m.conversation.last_seq,
-            m.last_read_seq,
-            m.conversation.last_seq - m.last_read_seq,
-        )
-        for m in Membership.objects.filter(user_id=user_id, left_at__isnull=True).select_related(
-            "conversation"
-        )
-    }
+    """PostgreSQL's ``(last seq, read seq, unread)`` of each of the user's conversations."""
+    return {cid: held[:3] for cid, held in protocol_truth(user_id).items()}
 
 
 @pytest.mark.parametrize("limit", [1, 3, 200])
