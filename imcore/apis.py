@@ -418,19 +418,7 @@ class ConversationListItem(Schema):
 )
 def conversation_list_api(request):
     """My conversations, newest activity first, with unread counts."""
-    return [
-        {
-            "id": s.conversation.pk,
-            "kind": s.conversation.kind,
-            "title": s.conversation.title,
-            "last_seq": s.conversation.last_seq,
-            "last_read_seq": s.membership.last_read_seq,
-            "unread": s.unread,
-            "unread_mentions": s.unread_mentions,
-            "muted": s.membership.muted,
-        }
-        for s in selectors.conversation_list(user=request.auth.user)
-    ]
+    return selectors.conversation_list(user_id=request.auth.user_id)
 
 
 class MembersAddIn(Body):
@@ -604,10 +592,9 @@ class CountsOut(Schema):
 )
 def conversation_read_api(request, conversation_id: ConversationId, payload: ReadIn):
     """Mark read up to ``seq`` (never moves back); the new counts are in the answer."""
-    membership = selectors.membership_get_active(
-        user=request.auth.user, conversation_id=conversation_id
+    unread, badge = services.conversation_read(
+        user_id=request.auth.user_id, conversation_id=conversation_id, seq=payload.seq
     )
-    unread, badge = services.conversation_mark_read(membership=membership, seq=payload.seq)
     return {"unread": unread, "badge": badge}
 
 

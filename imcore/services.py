@@ -20,8 +20,6 @@ from django.contrib.auth import authenticate
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F
-from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from counters.redis import get_redis
@@ -731,22 +729,45 @@ def _message_replay(
     return message
 
 
-def conversation_mark_read(*, membership: Membership, seq: int) -> tuple[int, int]:
-    """Move the read pointer up to ``seq`` (never back); returns ``(unread, badge)`` with the
-    change already visible."""
-    last_seq = Conversation.objects.values_list("last_seq", flat=True).get(
-        pk=membership.conversation_id
-    )
-    if seq > last_seq:
+# A mark-read in one statement: the conversation's last seq, whether the user is an active
+# member, and the move of the read pointer (never back, never past the last seq), which only
+# happens when both allow it.
+_READ_SQL = """
+WITH conversation AS (
+    SELECT last_seq FROM imcore_conversation WHERE id = %(conversation)s
+), moved AS (
+    UPDATE imcore_membership SET last_read_seq = GREATEST(last_read_seq, %(seq)s)
+    WHERE user_id = %(user)s AND conversation_id = %(conversation)s AND left_at IS NULL
+      AND %(seq)s <= (SELECT last_seq FROM conversation)
+    RETURNING 1
+)
+SELECT (SELECT last_seq FROM conversation),
+       EXISTS (SELECT 1 FROM moved),
+       EXISTS (SELECT 1 FROM imcore_membership
+               WHERE user_id = %(user)s AND conversation_id = %(conversation)s
+                 AND left_at IS NULL)
+"""
+
+
+def conversation_read(*, user_id: int, conversation_id: int, seq: int) -> tuple[int, int]:
+    """Move the user's read pointer up to ``seq`` (never back); returns ``(unread, badge)``
+    with the change already visible. One SQL statement (:data:`_READ_SQL`): a conversation
+    the user is not an active member of is not found (404), a ``seq`` beyond its last seq is
+    a 400, and neither changes anything."""
+    with connection.cursor() as cursor:
+        cursor.execute(_READ_SQL, {"user": user_id, "conversation": conversation_id, "seq": seq})
+        last_seq, moved, member = cursor.fetchone()
+    if not member and not moved:
+        raise NotFound(f"conversation {conversation_id} not found")
+    if not moved:
         raise BadRequest(f"seq {seq} is beyond the conversation's last seq {last_seq}")
-    updated = Membership.objects.filter(pk=membership.pk, left_at__isnull=True).update(
-        last_read_seq=Greatest(F("last_read_seq"), seq)
-    )
-    if not updated:
-        raise NotFound(f"conversation {membership.conversation_id} not found")
     return delivery_read_moved(
-        user_id=membership.user_id,
-        conversation_id=membership.conversation_id,
-        seq=seq,
-        last_seq=last_seq,
+        user_id=user_id, conversation_id=conversation_id, seq=seq, last_seq=last_seq
+    )
+
+
+def conversation_mark_read(*, membership: Membership, seq: int) -> tuple[int, int]:
+    """:func:`conversation_read` for a membership."""
+    return conversation_read(
+        user_id=membership.user_id, conversation_id=membership.conversation_id, seq=seq
     )

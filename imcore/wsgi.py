@@ -1,4 +1,4 @@
-"""WSGI entry point (gunicorn imcore.wsgi)."""
+"""WSGI entry point (the Procfile's `app`: granian imcore.wsgi:application)."""
 
 import os
 

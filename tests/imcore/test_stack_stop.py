@@ -1,5 +1,5 @@
 """The stack `make run` starts (`make serve`: bin/stack.py, honcho with the Procfile) serves
-HTTP and the WebSocket on one port (nginx in front of gunicorn and uvicorn) and stops as
+HTTP and the WebSocket on one port (nginx in front of granian and uvicorn) and stops as
 one: after a SIGTERM to its process group, a SIGTERM and a SIGKILL 3 s later, or a SIGTERM to
 `make` alone, every process it started is gone within 30 s, its ports are free, and it starts
 again at once on them.
@@ -58,7 +58,7 @@ class Stack:
             REDIS_URL=self.redis.url(0),
             CELERY_BROKER_URL=self.redis.url(1),
             IMCORE_TEST_TAG=self.tag,
-            WEB_CONCURRENCY=2,  # gunicorn's arbiter and its workers, as in `make run`
+            WEB_CONCURRENCY=2,  # granian's main process and its workers, as in `make run`
             CELERY_CONCURRENCY=1,
         )
         started = time.monotonic()
@@ -158,7 +158,7 @@ def test_sigterm_and_sigkill_to_the_group_stop_everything_and_it_starts_again_at
         running = tagged_pids(stack.tag)
         assert len(running) >= 6, describe(
             running
-        )  # make, honcho, nginx, gunicorn x3, uvicorn, worker, beat...
+        )  # make, honcho, nginx, granian x3, uvicorn, worker, beat...
         upload = start_slow_upload(stack)
         try:
             time.sleep(0.5)  # the worker has the request
