@@ -110,6 +110,11 @@ DATABASES = {
         conn_health_checks=not DATABASE_POOL_MAX,
     )
 }
+# Server-side binding: psycopg sends the parameters apart from the statement, instead of
+# quoting each one into the SQL text in Python, and prepares a statement it has run 5 times
+# (prepare_threshold), so PostgreSQL plans it once per connection.
+if os.environ.get("DATABASE_SERVER_SIDE_BINDING", "1") == "1":
+    DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = True
 if DATABASE_POOL_MAX:
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 0,  # a process that never queries (or idles) holds no session
