@@ -312,10 +312,13 @@ SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"]
 
 # --- live sync over WebSocket and presence -----------------------------------------------------
 # The channel layer (Django Channels) that carries "new entries" pokes to connected devices.
-# CHANNEL_REDIS_URL (the name issue 16 uses) is an alias of CHANNELS_REDIS_URL.
+# CHANNEL_REDIS_URL (the name issue 16 uses) is an alias of CHANNELS_REDIS_URL. Several URLs,
+# comma separated, shard the layers over that many Redis servers (channels_redis hashes each
+# channel and group name to one of its hosts; docs/scale-out.md).
 CHANNELS_REDIS_URL = os.environ.get(
     "CHANNELS_REDIS_URL", os.environ.get("CHANNEL_REDIS_URL", REDIS_URL)
 )
+CHANNELS_REDIS_URLS = [u.strip() for u in CHANNELS_REDIS_URL.split(",") if u.strip()]
 RELAY_LAYER = "relay"
 CHANNEL_LAYERS = {
     "default": {
@@ -326,7 +329,8 @@ CHANNEL_LAYERS = {
             # and its pools stop at 100 connections, which a wave of connects or disconnects
             # on one server process exceeds.
             "hosts": [
-                {"address": CHANNELS_REDIS_URL, "socket_timeout": 15, "max_connections": 2000}
+                {"address": url, "socket_timeout": 15, "max_connections": 2000}
+                for url in CHANNELS_REDIS_URLS
             ],
             "prefix": "imc:ws",
             # Pokes are tiny; a process's inbox holds this many before the layer drops them.
@@ -340,7 +344,7 @@ CHANNEL_LAYERS = {
     # misses a relayed message learns it from ``/sync``'s ``channels``.
     RELAY_LAYER: {
         "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-        "CONFIG": {"hosts": [CHANNELS_REDIS_URL], "prefix": "imc:ws:relay:"},
+        "CONFIG": {"hosts": CHANNELS_REDIS_URLS, "prefix": "imc:ws:relay:"},
     },
 }
 # A connected device is online for this long (s) after the server last refreshed it (every
