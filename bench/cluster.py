@@ -1,8 +1,6 @@
-"""``make bench-cluster``: the S1 storm (one group at 10 messages/s through the aggregation
-pipeline, ``bench/storm.py``'s processes) and the send path (``message_send`` in-process, a
-two-member group), on the single Redis and then on a local 3-master Redis Cluster
-(``bin/redis_cluster.py``) in the same run. Per Redis node: commands/s (INFO commandstats,
-commands inside scripts included) and CPU per message; the worker's and senders' CPU too.
+"""``make bench-cluster``: the S1 storm (one group, 10 messages/s, aggregation pipeline; storm.py's
+processes) and the send path (``message_send``, two members), on the single Redis, then on a
+local 3-master cluster in the same run: per node commands/s and CPU per message (INFO).
 
     python bench/cluster.py [--members 5000] [--seconds 10] [--sends 300] [--ports 7141-7143]
 """
@@ -28,20 +26,14 @@ def snapshot(ports: list[int]) -> dict[int, tuple[int, float]]:
 
 
 def per_node(before, after, seconds: float, n: int) -> list[dict]:
+    delta = {p: (after[p][0] - before[p][0], after[p][1] - before[p][1]) for p in before}
     return [
-        {
-            "port": p,
-            "cmds_per_s": (after[p][0] - before[p][0]) / seconds,
-            "cmds_per_msg": (after[p][0] - before[p][0]) / n,
-            "cpu_ms_per_msg": (after[p][1] - before[p][1]) * 1000 / n,
-        }
-        for p in before
+        {"port": p, "cmds_per_s": c / seconds, "cmds_per_msg": c / n, "cpu_ms_per_msg": u * 1e3 / n}
+        for p, (c, u) in delta.items()
     ]
 
 
 def run(store: str, ports: list[int], args) -> dict:
-    from django.conf import settings
-
     from delivery.pipeline import shard_lengths
     from imcore import services
     from imcore.models import Conversation, User
@@ -68,7 +60,6 @@ def run(store: str, ports: list[int], args) -> dict:
             "worker_cpu_ms_per_msg": (sum(map(common.group_cpu_seconds, procs)) - cpu0) * 1000 / n,
             "sender_cpu_ms_per_msg": sender_cpu * 1000 / n,
         }
-    settings.DELIVERY_WRITE_PATH = "pipeline"
     conv, sender = (
         Conversation.objects.get(pk=pair.conversation_id),
         User.objects.get(pk=pair.sender_id),
@@ -88,8 +79,7 @@ def run(store: str, ports: list[int], args) -> dict:
 
 def table(results: list[dict], part: str) -> str:
     rows = [
-        "| store | node | commands/s | commands / msg | Redis CPU ms / msg |",
-        "|---|--:|--:|--:|--:|",
+        "| store | node | commands/s | commands / msg | Redis CPU ms / msg |\n|---|--:|--:|--:|--:|"
     ]
     for r in results:
         rows += [
@@ -112,9 +102,8 @@ def main() -> None:
     common.setup_django()
     from django.conf import settings
 
-    single = storm.COUNTERS_PORT
     with common.broker_stopped_after():
-        results = [run("single", [single], args)]
+        results = [run("single", [storm.COUNTERS_PORT], args)]
         cluster = redis_cluster.LocalCluster(ports).start()
         try:
             settings.REDIS_CLUSTER_NODES = cluster.nodes.split(",")
@@ -122,11 +111,14 @@ def main() -> None:
             results.append(run("cluster", ports, args))
         finally:
             cluster.stop()
-    lines = [f"# Redis Cluster beside a single Redis, {time.strftime('%Y-%m-%d %H:%M')}"]
-    lines.append(f"{os.cpu_count()} cores shared by every node and process; broker not counted.")
-    lines.append(f"## S1 storm: {args.members:,} members, 10 msg/s, {args.seconds:g} s, pipeline")
-    lines += [table(results, "storm"), "## Send path: `message_send`, two-member group"]
-    lines += [table(results, "send")]
+    lines = [
+        f"# Redis Cluster beside a single Redis, {time.strftime('%Y-%m-%d %H:%M')}",
+        f"{os.cpu_count()} cores shared by every node and process; broker not counted.",
+        f"## S1 storm: {args.members:,} members, 10 msg/s, {args.seconds:g} s, pipeline",
+        table(results, "storm"),
+        "## Send path: `message_send`, two-member group",
+        table(results, "send"),
+    ]
     lines += [
         f"- {r['store']}: S1 worker CPU {r['storm']['worker_cpu_ms_per_msg']:.1f} ms/msg, "
         f"sender {r['storm']['sender_cpu_ms_per_msg']:.1f} ms/msg; send path "
