@@ -12,7 +12,8 @@ from redis.cluster import RedisCluster, key_slot
 from counters import keys
 from counters.redis import get_redis
 from counters.services import counters_reconcile
-from delivery.pipeline import delivery_drain
+from delivery import keys as delivery_keys
+from delivery.pipeline import delivery_drain, shard_of
 from offline import store
 from tests.conftest import broker_reset, redis_cluster, wait_until
 from tests.helpers import counter_mismatches
@@ -49,11 +50,12 @@ def test_kill_a_master_mid_storm_503_for_its_keys_then_counts_rebuilt_exactly(
     alice, *others = members = [make_member() for _ in range(16)]
     cid = group(alice, *others, title="storm")
     ports = {m.id: port_of_user(cluster, m.id) for m in members}
-    # the master to kill: one that holds some members but not the sender
-    victim = next(p for p in cluster.masters() if p != ports[alice.id] and p in ports.values())
+    # the master to kill: the one holding the group's queue shard, so sends fail too
+    shard_key = delivery_keys.shard_stream(shard_of(cid))
+    victim = cluster.port_of_slot(key_slot(shard_key.encode()))
     lost = [m for m in others if ports[m.id] == victim]
     kept = [m for m in others if ports[m.id] != victim]
-    assert lost and kept
+    assert lost and kept, "16 members over 3 masters: each holds some"
     rid_before = store.redis_run_ids([lost[0].id])[lost[0].id]
 
     failed: list[str] = []
@@ -76,6 +78,7 @@ def test_kill_a_master_mid_storm_503_for_its_keys_then_counts_rebuilt_exactly(
                 "kept": kept[0].get("/unread").status_code,
             }
     assert during == {"lost": 503, "kept": 200}
+    assert failed, "the sends after the kill hand over to the dead master's queue shard: 503"
 
     cluster.wait_failover(victim)  # its replica took over the dead master's slots
     for cmid in failed:  # the client retries what answered 503, with the same client_msg_id
