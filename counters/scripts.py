@@ -13,7 +13,7 @@ import redis
 from redis.commands.core import Script
 
 from . import keys
-from .redis import ScriptCall
+from .redis import ScriptCall, register_script, run_script
 from .transitions import CountersNotLoaded, CountersNotMember, MembershipRow
 
 LUA_DIR = Path(__file__).with_name("lua")
@@ -38,23 +38,26 @@ class CounterScripts:
 
     def __init__(self, client: redis.Redis):
         self.client = client
-        self._inc: Script = client.register_script(source("inc"))
-        self._read: Script = client.register_script(source("read"))
-        self._member: Script = client.register_script(source("member"))
-        self._load: Script = client.register_script(source("load"))
-        self._channel: Script = client.register_script((LUA_DIR / "channel.lua").read_text())
+        self._inc: Script = register_script(client, source("inc"))
+        self._read: Script = register_script(client, source("read"))
+        self._member: Script = register_script(client, source("member"))
+        self._load: Script = register_script(client, source("load"))
+        self._channel: Script = register_script(client, (LUA_DIR / "channel.lua").read_text())
 
     def inc(self, user_id: int, pairs: Sequence[Sequence], *, pipe=None):
         """KEYS[1] = counter hash; ARGV = cid, seq, cid, seq, ... (``pairs`` items are
         ``(cid, seq)`` or ``(cid, seq, mention seqs)``); returns the badge change (or queues
         the call on ``pipe``)."""
         args = [v for pair in pairs for v in (pair[0], seq_arg(pair))]
-        return self._inc(keys=[keys.counters(user_id)], args=args, client=pipe or self.client)
+        return run_script(
+            self._inc, keys=[keys.counters(user_id)], args=args, client=pipe or self.client
+        )
 
     def channel(self, conversation_id: int, seq: int, *, mention_all=False, known_top=0, pipe=None):
         """Raise a channel-form conversation's top to ``seq`` (and record a ``mention_all``
         seq); returns the top (or queues the call on ``pipe``)."""
-        return self._channel(
+        return run_script(
+            self._channel,
             keys=[keys.channel(conversation_id), keys.channel_mentions_all(conversation_id)],
             args=[seq, int(bool(mention_all)), known_top],
             client=pipe or self.client,
@@ -80,7 +83,8 @@ class CounterScripts:
     def read(self, user_id: int, conversation_id: int, read_seq: int, top: int, *, pipe=None):
         """Returns ``(unread, badge)`` (or queues the call on ``pipe``; :meth:`read_result`
         reads its reply)."""
-        reply = self._read(
+        reply = run_script(
+            self._read,
             keys=[keys.counters(user_id)],
             args=[conversation_id, read_seq, top],
             client=pipe or self.client,
@@ -99,7 +103,9 @@ class CounterScripts:
     def member(self, user_id: int, row: MembershipRow, *, pipe=None):
         """Returns the badge change (or queues the call on ``pipe``)."""
         args = [*_row_args(row)[:6], row.gen, _form(row), ",".join(map(str, row.mentions))]
-        result = self._member(keys=[keys.counters(user_id)], args=args, client=pipe or self.client)
+        result = run_script(
+            self._member, keys=[keys.counters(user_id)], args=args, client=pipe or self.client
+        )
         return result if pipe is not None else int(result)
 
     def load(self, user_id: int, rows: Sequence[MembershipRow]) -> int:

@@ -7,13 +7,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 
 from imcore.models import Conversation, Membership
 
 from . import keys
-from .redis import ScriptCall, get_redis
+from .redis import ScriptCall, execute, get_redis, store_id
 from .scripts import CounterScripts
 from .selectors import (
     UnreadCounts,
@@ -229,7 +228,7 @@ def counters_channel_repair(*, conversation_ids: Sequence[int]) -> dict[int, int
     pipe = scripts.client.pipeline(transaction=False)
     for cid in conversation_ids:
         scripts.channel(cid, 0, known_top=last.get(cid, 0), pipe=pipe)
-    return {cid: int(top) for cid, top in zip(conversation_ids, pipe.execute(), strict=True)}
+    return {cid: int(top) for cid, top in zip(conversation_ids, execute(pipe), strict=True)}
 
 
 def counters_channel_mentions_all(*, conversation_id: int) -> list[int]:
@@ -247,7 +246,7 @@ def _channel_scripts(url: str) -> CounterScripts:
 def channel_scripts() -> CounterScripts:
     """The channel script runs the same under every strategy: one conversation's keys, one
     call."""
-    return _channel_scripts(settings.REDIS_URL)
+    return _channel_scripts(store_id())
 
 
 def counters_rebuild(*, user_id: int, rows: list[MembershipRow] | None = None) -> CounterDiff:

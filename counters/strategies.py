@@ -28,7 +28,7 @@ import redis
 from django.conf import settings
 
 from . import keys, transitions
-from .redis import get_redis
+from .redis import execute, get_redis, store_id
 from .scripts import CounterScripts
 from .transitions import MembershipRow, Working
 
@@ -138,7 +138,7 @@ class LuaStrategy(Strategy):
             pipe = self.client.pipeline(transaction=False)
             for user_id, arg in items[start : start + PIPELINE_CHUNK]:
                 script(user_id, arg, pipe=pipe)
-            results.extend(pipe.execute())
+            results.extend(execute(pipe))
         return results
 
     def read(self, user_id, conversation_id, read_seq, top):
@@ -149,7 +149,7 @@ class LuaStrategy(Strategy):
         pipe = self.client.pipeline(transaction=False)
         self.scripts.read(user_id, conversation_id, read_seq, top, pipe=pipe)
         pipe.hgetall(keys.counters(user_id))
-        reply, fields = pipe.execute()
+        reply, fields = execute(pipe)
         return self.scripts.read_result(reply), fields
 
     def member(self, user_id, row):
@@ -242,4 +242,4 @@ def get_strategy(name: str | None = None) -> Strategy:
     name = name or settings.COUNTERS_STRATEGY
     if name not in STRATEGIES:
         raise ValueError(f"COUNTERS_STRATEGY must be one of {sorted(STRATEGIES)}, not {name!r}")
-    return _strategy(name, settings.REDIS_URL)
+    return _strategy(name, store_id())

@@ -47,7 +47,7 @@ import kombu.exceptions
 import redis
 from django.conf import settings
 
-from counters.redis import ScriptCall, get_redis, scripts_call
+from counters.redis import ScriptCall, get_redis, register_script, scripts_call
 from counters.services import counters_count_messages
 from imcore.models import Membership
 from offline.push import push_badge_changed
@@ -93,7 +93,7 @@ def _client() -> redis.Redis:
 
 @cache
 def _enqueue_script(client: redis.Redis):
-    return client.register_script((LUA_DIR / "enqueue.lua").read_text())
+    return register_script(client, (LUA_DIR / "enqueue.lua").read_text())
 
 
 def delivery_enqueue(

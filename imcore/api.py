@@ -11,6 +11,7 @@ from django.http import Http404
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer
+from redis.exceptions import RedisClusterException
 
 from counters.strategies import CountersBusy
 from counters.transitions import CountersNotLoaded, CountersNotMember
@@ -129,6 +130,7 @@ def on_too_big(request, exc):
 
 
 @api.exception_handler(redis.RedisError)
+@api.exception_handler(RedisClusterException)
 def on_redis_error(request, exc):
     logger.exception("counter store unavailable")
     return error(

@@ -22,7 +22,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from counters.redis import get_redis
+from counters.redis import STORE_ERRORS, get_redis, register_script
 from counters.selectors import counters_get
 from delivery.services import (
     delivery_group_size_changed,
@@ -185,10 +185,10 @@ def device_authenticate_cached(*, token: str) -> Device | None:
     if ttl <= 0:
         return device_authenticate(token=token)
     hashed = token_hash(token)
-    client = get_redis()
     try:
+        client = get_redis()  # a cluster client connects when first made
         cached = client.get(token_keys.token_device(hashed))
-    except redis.RedisError:
+    except STORE_ERRORS:
         logger.warning("token cache unavailable; reading PostgreSQL", exc_info=True)
         return device_authenticate(token=token)
     if cached is not None:
@@ -211,7 +211,7 @@ def device_authenticate_cached(*, token: str) -> Device | None:
                 keys=[token_keys.token_device(hashed), token_keys.token_revoked(hashed)],
                 args=[entry, ttl],
             )
-        except redis.RedisError:
+        except STORE_ERRORS:
             logger.warning("could not cache a token", exc_info=True)
     return device
 
@@ -225,7 +225,7 @@ def _device_from_cache(cached: str) -> Device:
 
 @cache
 def _token_fill_script(client: redis.Redis):
-    return client.register_script((LUA_DIR / "token_fill.lua").read_text())
+    return register_script(client, (LUA_DIR / "token_fill.lua").read_text())
 
 
 def device_logout(*, device: Device) -> None:

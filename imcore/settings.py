@@ -7,6 +7,8 @@ work on a developer machine where PostgreSQL and Redis listen on 127.0.0.1:
 - ``DATABASE_POOL_MAX`` connections in each process's pool (default 8; 0: no pool)
 - ``DATABASE_POOL_TIMEOUT_S`` how long a request waits for a pooled connection (default 5)
 - ``REDIS_URL``         Redis for counters, default ``redis://127.0.0.1:6379/0``
+- ``REDIS_CLUSTER_NODES`` ``host:port,host:port,...``: the hot state on a Redis Cluster instead
+- ``CHANNELS_REDIS_URL`` (alias ``CHANNEL_REDIS_URL``) the Channels layer, default REDIS_URL
 - ``CELERY_BROKER_URL`` Celery's broker, default ``redis://127.0.0.1:6379/1``
 - ``COUNTERS_STRATEGY`` ``lua`` (default), ``watch``, ``lock`` or ``naive``
 - ``DELIVERY_WRITE_PATH`` ``pipeline`` (default), ``batches`` (celery-batches) or ``fanout``
@@ -207,6 +209,13 @@ AUTH_TOKEN_FILL_MAX_S = float(os.environ.get("AUTH_TOKEN_FILL_MAX_S", "5"))
 
 # --- Redis and counters ---------------------------------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+# Redis Cluster for the hot state (counters, delivery queues, offline store, versions,
+# presence, push schedules): "host:port,host:port,..." (any of its nodes; the client learns
+# the rest). Empty: all of it lives on REDIS_URL. The Celery broker, the Channels layer and the
+# rate-limit cache stay on plain Redis (CELERY_BROKER_URL, CHANNELS_REDIS_URL, REDIS_URL).
+REDIS_CLUSTER_NODES = [
+    n.strip() for n in os.environ.get("REDIS_CLUSTER_NODES", "").split(",") if n.strip()
+]
 # Consistency strategy of the counter store: lua (default), watch, lock, naive.
 COUNTERS_STRATEGY = os.environ.get("COUNTERS_STRATEGY", "lua")
 # `lock` strategy: lock lifetime (PX) and how long a writer waits for it, in milliseconds.
@@ -308,7 +317,13 @@ SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"]
 
 # --- live sync over WebSocket and presence -----------------------------------------------------
 # The channel layer (Django Channels) that carries "new entries" pokes to connected devices.
-CHANNELS_REDIS_URL = os.environ.get("CHANNELS_REDIS_URL", REDIS_URL)
+# CHANNEL_REDIS_URL (the name issue 16 uses) is an alias of CHANNELS_REDIS_URL. Several URLs,
+# comma separated, shard the layers over that many Redis servers (channels_redis hashes each
+# channel and group name to one of its hosts; docs/scale-out.md).
+CHANNELS_REDIS_URL = os.environ.get(
+    "CHANNELS_REDIS_URL", os.environ.get("CHANNEL_REDIS_URL", REDIS_URL)
+)
+CHANNELS_REDIS_URLS = [u.strip() for u in CHANNELS_REDIS_URL.split(",") if u.strip()]
 RELAY_LAYER = "relay"
 CHANNEL_LAYERS = {
     "default": {
@@ -319,7 +334,8 @@ CHANNEL_LAYERS = {
             # and its pools stop at 100 connections, which a wave of connects or disconnects
             # on one server process exceeds.
             "hosts": [
-                {"address": CHANNELS_REDIS_URL, "socket_timeout": 15, "max_connections": 2000}
+                {"address": url, "socket_timeout": 15, "max_connections": 2000}
+                for url in CHANNELS_REDIS_URLS
             ],
             "prefix": "imc:ws",
             # Pokes are tiny; a process's inbox holds this many before the layer drops them.
@@ -333,7 +349,7 @@ CHANNEL_LAYERS = {
     # misses a relayed message learns it from ``/sync``'s ``channels``.
     RELAY_LAYER: {
         "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-        "CONFIG": {"hosts": [CHANNELS_REDIS_URL], "prefix": "imc:ws:relay:"},
+        "CONFIG": {"hosts": CHANNELS_REDIS_URLS, "prefix": "imc:ws:relay:"},
     },
 }
 # A connected device is online for this long (s) after the server last refreshed it (every

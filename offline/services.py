@@ -24,6 +24,7 @@ from django.db import connection, transaction
 from django.db.models import Min
 from django.utils import timezone
 
+from counters.redis import STORE_ERRORS
 from imcore.errors import BadRequest
 from imcore.models import Conversation, Device, Membership
 
@@ -106,7 +107,7 @@ def offline_channel_members_changed(
 def _channels_changed(user_ids: list[int]) -> None:
     try:
         online = store.presence_online(user_ids)
-    except redis.RedisError:
+    except STORE_ERRORS:
         logger.warning("could not read presence; telling every member", exc_info=True)
         online = {uid: {0} for uid in user_ids}
     users = [uid for uid, devices in online.items() if devices]
@@ -140,7 +141,7 @@ def offline_devices_logged_out(*, user_id: int, device_pks: list[int]) -> None:
         return
     try:
         store.devices_forget(user_id=user_id, device_pks=device_pks)
-    except redis.RedisError:
+    except STORE_ERRORS:
         # The logout stands (the rows are gone): presence expires within PRESENCE_TTL_S and a
         # scheduled push finds no device; what is left in Redis does no harm.
         logger.warning("could not forget logged-out devices %s in Redis", device_pks, exc_info=True)

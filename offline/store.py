@@ -29,7 +29,7 @@ from django.db import connection, transaction
 from redis.commands.core import Script
 
 from counters import keys as counter_keys
-from counters.redis import get_redis
+from counters.redis import execute, get_redis, register_script, run_ids, run_script
 from imcore.models import Membership
 
 from . import keys
@@ -116,7 +116,7 @@ class _Scripts:
             "push_schedule",
             "push_take",
         ):
-            setattr(self, name, client.register_script(_source(name)))
+            setattr(self, name, register_script(client, _source(name)))
 
     append: Script
     init: Script
@@ -143,10 +143,13 @@ def scripts() -> _Scripts:
     return _scripts_for(client())
 
 
-def redis_run_id() -> str:
-    """The run_id of the Redis process: it changes on every restart, so a user's hash loaded
-    under another run_id may come from an older snapshot and is reloaded."""
-    return client().info("server")["run_id"]
+def redis_run_ids(user_ids: Iterable[int]) -> dict[int, str]:
+    """The run_id of the Redis process holding each user's keys: it changes on every restart
+    (and, on a cluster, when a replica takes over a master's slots), so a user's hash loaded
+    under another run_id may come from an older snapshot or a replica that missed writes, and
+    is reloaded. One INFO per Redis process involved."""
+    user_ids = list(user_ids)
+    return dict(zip(user_ids, run_ids([keys.state(u) for u in user_ids]), strict=True))
 
 
 def _ttl_ms() -> int:
@@ -188,12 +191,12 @@ def _append(mode: str, args_by_user: dict[int, list]) -> dict[int, tuple[int, in
 
                 live_poke(online)
             return written
-        rid = redis_run_id()
-        head = [rid, settings.OFFLINE_MAX_ENTRIES, _ttl_ms(), mode]
+        rids = redis_run_ids(todo)
+        head = [settings.OFFLINE_MAX_ENTRIES, _ttl_ms(), mode]
         results = _pipelined(
             scripts().append,
             [
-                ([keys.state(uid), keys.log(uid), keys.online(uid)], head + args)
+                ([keys.state(uid), keys.log(uid), keys.online(uid)], [rids[uid], *head, *args])
                 for uid, args in todo.items()
             ],
         )
@@ -209,9 +212,9 @@ def _append(mode: str, args_by_user: dict[int, list]) -> dict[int, tuple[int, in
             else:
                 need[uid] = int(result[1])
         if reload:
-            load_users(reload, rid=rid)
+            load_users(reload, rids=rids)
         if need:
-            raise_bounds(need, rid=rid)
+            raise_bounds(need, rids=rids)
         todo = {uid: todo[uid] for uid in [*reload, *need]}
     raise SyncUnavailable(f"versions for {len(todo)} users could not be handed out")
 
@@ -221,8 +224,8 @@ def _pipelined(script: Script, calls: list[tuple[list[str], list]]) -> list:
     for start in range(0, len(calls), PIPELINE_CHUNK):
         pipe = client().pipeline(transaction=False)
         for keys_, args in calls[start : start + PIPELINE_CHUNK]:
-            script(keys=keys_, args=args, client=pipe)
-        out.extend(pipe.execute())
+            run_script(script, keys=keys_, args=args, client=pipe)
+        out.extend(execute(pipe))
     return out
 
 
@@ -244,7 +247,7 @@ def _upsert_bounds(sql_set: str, values: dict[int, int]) -> dict[int, tuple[int,
         return {uid: (bound, inserted) for uid, bound, inserted in cursor.fetchall()}
 
 
-def raise_bounds(need: dict[int, int], *, rid: str) -> None:
+def raise_bounds(need: dict[int, int], *, rids: dict[int, str]) -> None:
     """Store bounds at least a step above what each user needs, then let Redis use them."""
     step = settings.OFFLINE_VERSION_STEP
     stored = _upsert_bounds(
@@ -253,11 +256,11 @@ def raise_bounds(need: dict[int, int], *, rid: str) -> None:
     )
     _pipelined(
         scripts().bound,
-        [([keys.state(uid)], [rid, bound]) for uid, (bound, _) in stored.items()],
+        [([keys.state(uid)], [rids[uid], bound]) for uid, (bound, _) in stored.items()],
     )
 
 
-def load_users(user_ids: Iterable[int], *, rid: str) -> None:
+def load_users(user_ids: Iterable[int], *, rids: dict[int, str]) -> None:
     """(Re)load users whose hash Redis lost or loaded under another run_id. Their bound moves a
     step up first; versions continue just above the old bound, and that first version stays
     unused: it becomes the floor, so every device that synced before gets the gap snapshot
@@ -279,7 +282,7 @@ def load_users(user_ids: Iterable[int], *, rid: str) -> None:
     for uid in user_ids:
         bound, _ = bounds[uid]
         cur = bound - step + 1  # above the old bound: above every version handed out
-        calls.append(([keys.state(uid), keys.log(uid)], [rid, cur, bound, ttl, *rows[uid]]))
+        calls.append(([keys.state(uid), keys.log(uid)], [rids[uid], cur, bound, ttl, *rows[uid]]))
     _pipelined(scripts().init, calls)
 
 
@@ -294,9 +297,10 @@ def read_page(
     Raises :class:`SinceAhead` when ``since`` is beyond the latest version. With
     ``counters``, the user's counter hash comes in the same round trip (same slot)."""
     for _ in range(MAX_ROUNDS):
-        rid = redis_run_id()
+        rid = redis_run_ids([user_id])[user_id]
         pipe = client().pipeline(transaction=False)
-        scripts().read(
+        run_script(
+            scripts().read,
             keys=[
                 keys.state(user_id),
                 keys.log(user_id),
@@ -308,12 +312,12 @@ def read_page(
         )
         if counters:
             pipe.hgetall(counter_keys.counters(user_id))
-        replies = pipe.execute()
+        replies = execute(pipe)
         result = replies[0]
         fields = replies[1] if counters else None
         status = int(result[0])
         if status == -1:
-            load_users([user_id], rid=rid)
+            load_users([user_id], rids={user_id: rid})
             continue
         if status == -3:
             raise SinceAhead(int(result[1]))
@@ -419,7 +423,8 @@ def devices_forget(*, user_id: int, device_pks: list[int]) -> None:
     pipe.hdel(keys.ACKS_PENDING, *members)
     pipe.hdel(keys.SEEN_PENDING, *members)
     for pk in device_pks:
-        pipe.delete(keys.package(user_id, pk), keys.snapshot(user_id, pk))
+        pipe.delete(keys.package(user_id, pk))  # one key per DEL (cluster pipelines)
+        pipe.delete(keys.snapshot(user_id, pk))
     pipe.execute()
 
 
@@ -507,9 +512,9 @@ def acks_take() -> tuple[dict[int, int], dict[int, int]]:
     """The batch to write: ``({device pk: acked version}, {device pk: last seen unix ms})``.
     A batch a dead flusher left in flight comes first."""
     pipe = client().pipeline(transaction=False)
-    scripts().ackpop(keys=[keys.ACKS_PENDING, keys.ACKS_INFLIGHT], client=pipe)
-    scripts().ackpop(keys=[keys.SEEN_PENDING, keys.SEEN_INFLIGHT], client=pipe)
-    acks, seen = pipe.execute()
+    run_script(scripts().ackpop, keys=[keys.ACKS_PENDING, keys.ACKS_INFLIGHT], args=[], client=pipe)
+    run_script(scripts().ackpop, keys=[keys.SEEN_PENDING, keys.SEEN_INFLIGHT], args=[], client=pipe)
+    acks, seen = execute(pipe)
     return _pairs(acks), _pairs(seen)
 
 
@@ -519,8 +524,9 @@ def _pairs(flat: list) -> dict[int, int]:
 
 def acks_done() -> None:
     pipe = client().pipeline(transaction=False)
-    pipe.delete(keys.ACKS_INFLIGHT, keys.SEEN_INFLIGHT)
-    pipe.delete(keys.ACKS_FLUSH_FLAG)
+    # one key per DEL: a cluster pipeline takes no multi-key DEL (one slot or not)
+    for key in (keys.ACKS_INFLIGHT, keys.SEEN_INFLIGHT, keys.ACKS_FLUSH_FLAG):
+        pipe.delete(key)
     pipe.execute()
 
 

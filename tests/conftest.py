@@ -2,6 +2,7 @@
 real Celery worker process for tests that cross the queue."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -23,9 +24,49 @@ from imcore.models import User
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _load_redis_cluster():
+    spec = importlib.util.spec_from_file_location(
+        "redis_cluster", ROOT / "bin" / "redis_cluster.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+redis_cluster = _load_redis_cluster()
+
+# IMCORE_TEST_REDIS_CLUSTER=1: the hot state (settings.REDIS_CLUSTER_NODES) lives on a local
+# 3-master Redis Cluster the session starts (ports IMCORE_TEST_REDIS_CLUSTER_PORTS, default
+# 7101-7103) and stops; `make test` runs a chosen subset this way after the full suite.
+ON_CLUSTER = os.environ.get("IMCORE_TEST_REDIS_CLUSTER", "") not in ("", "0")
+
+
+@pytest.fixture(scope="session")
+def redis_store():
+    """The store the tests run on: the single Redis of REDIS_URL, or (ON_CLUSTER) a local
+    cluster, given to this process's settings and to every process a test starts (env)."""
+    if not ON_CLUSTER:
+        yield None
+        return
+    from django.conf import settings
+
+    lo, _, hi = os.environ.get("IMCORE_TEST_REDIS_CLUSTER_PORTS", "7101-7103").partition("-")
+    cluster = redis_cluster.LocalCluster(range(int(lo), int(hi or lo) + 1)).start()
+    before = settings.REDIS_CLUSTER_NODES
+    settings.REDIS_CLUSTER_NODES = cluster.nodes.split(",")
+    os.environ["REDIS_CLUSTER_NODES"] = cluster.nodes
+    try:
+        yield cluster
+    finally:
+        settings.REDIS_CLUSTER_NODES = before
+        os.environ.pop("REDIS_CLUSTER_NODES", None)
+        cluster.stop()
+
+
 @pytest.fixture(autouse=True)
-def redis_clean():
-    """Every test starts from an empty counters database and leaves none behind."""
+def redis_clean(redis_store):
+    """Every test starts from an empty counters database and leaves none behind (on a
+    cluster, FLUSHDB goes to every master)."""
     client = get_redis()
     client.flushdb()
     yield client

@@ -1,7 +1,40 @@
 """Assertions shared by the counter tests: Redis against the truth in PostgreSQL."""
 
+import contextlib
+
+from redis.cluster import RedisCluster
+
+from counters.redis import get_redis
 from counters.selectors import counters_peek, counters_truth
 from imcore.models import User
+
+DEAD_REDIS = "redis://127.0.0.1:1/0"
+
+
+@contextlib.contextmanager
+def store_down(settings):
+    """The hot store refuses connections (nothing listens on port 1), on a single Redis or a
+    cluster (``REDIS_CLUSTER_NODES``) alike."""
+    good = settings.REDIS_URL, settings.REDIS_CLUSTER_NODES
+    settings.REDIS_URL = DEAD_REDIS
+    if settings.REDIS_CLUSTER_NODES:
+        settings.REDIS_CLUSTER_NODES = ["127.0.0.1:1"]
+    try:
+        yield
+    finally:
+        settings.REDIS_URL, settings.REDIS_CLUSTER_NODES = good
+
+
+def commandstats() -> dict[str, dict]:
+    """INFO commandstats of the hot store, summed over every master of a cluster."""
+    client = get_redis()
+    if not isinstance(client, RedisCluster):
+        return client.info("commandstats")
+    total: dict[str, dict] = {}
+    for stats in client.info("commandstats", target_nodes=RedisCluster.PRIMARIES).values():
+        for name, row in stats.items():
+            total.setdefault(name, {"calls": 0})["calls"] += row["calls"]
+    return total
 
 
 def counter_mismatches(user_ids=None) -> list[str]:

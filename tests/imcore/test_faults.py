@@ -3,8 +3,7 @@ client's retry repairs the counters (no mocks: the client points at a closed por
 
 from delivery.pipeline import delivery_drain
 from imcore.models import Message
-
-DEAD_REDIS = "redis://127.0.0.1:1/0"
+from tests.helpers import store_down
 
 
 def test_send_with_redis_down_keeps_the_message_and_the_retry_counts_it(
@@ -16,12 +15,10 @@ def test_send_with_redis_down_keeps_the_message_and_the_retry_counts_it(
     gid = alice.post("/conversations", {"kind": "group", "members": [bob.id]}).json()["id"]
     assert bob.unread()["badge"] == 0
     body = {"body": "hello", "client_msg_id": "retry-me"}
-    good = settings.REDIS_URL
-    settings.REDIS_URL = DEAD_REDIS
-    failed = alice.post(f"/conversations/{gid}/messages", body)
+    with store_down(settings):
+        failed = alice.post(f"/conversations/{gid}/messages", body)
     assert failed.status_code == 503 and failed.json()["error"] == "counters_unavailable"
     assert Message.objects.filter(client_msg_id="retry-me").count() == 1
-    settings.REDIS_URL = good
     retried = alice.post(f"/conversations/{gid}/messages", body)
     assert retried.status_code == 200 and retried.json()["seq"] == 1
     delivery_drain()
@@ -40,8 +37,6 @@ def test_read_with_redis_down_is_kept_and_the_retry_applies_it(
         alice.send(gid, f"m{i}")
     delivery_drain()
     assert bob.unread()["badge"] == 3
-    good = settings.REDIS_URL
-    settings.REDIS_URL = DEAD_REDIS
-    assert bob.post(f"/conversations/{gid}/read", {"seq": 2}).status_code == 503
-    settings.REDIS_URL = good
+    with store_down(settings):
+        assert bob.post(f"/conversations/{gid}/read", {"seq": 2}).status_code == 503
     assert bob.post(f"/conversations/{gid}/read", {"seq": 2}).json() == {"unread": 1, "badge": 1}

@@ -86,6 +86,7 @@ def private_redis(settings):
 
     start()
     settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
+    settings.REDIS_CLUSTER_NODES = []  # a single Redis's snapshots, also in the cluster pass
     yield restart
     for proc in procs:
         proc.kill()
