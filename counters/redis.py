@@ -25,7 +25,20 @@ STORE_ERRORS = (redis.RedisError, RedisClusterException)
 
 @cache
 def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    return redis.Redis.from_url(
+        url, decode_responses=True, health_check_interval=30, redis_connect_func=_on_connect
+    )
+
+
+# How many connections this process has opened to a (non-cluster) Redis: a restarted Redis is
+# reached only over new ones, so its run_id, once read, holds while this count is unchanged.
+_connects = [0]
+_run_ids: dict[redis.Redis, tuple[int, str]] = {}  # per client: (_connects when read, run_id)
+
+
+def _on_connect(connection) -> None:
+    connection.on_connect()
+    _connects[0] += 1
 
 
 def _keys_locally(client):
@@ -96,7 +109,14 @@ def run_ids(key_list: Sequence[str]) -> list[str]:
     changes the run_id of that user's keys only."""
     client = get_redis()
     if not isinstance(client, RedisCluster):
-        rid = client.info("server")["run_id"]
+        # Asked once (an INFO: a round trip and 4 kB to parse, on every offline write before)
+        # and kept until this process opens a connection again. The count is taken before the
+        # INFO, so a reconnection during it means asking again next time.
+        seen, rid = _run_ids.get(client, (-1, ""))
+        now = _connects[0]
+        if seen != now:
+            rid = client.info("server")["run_id"]
+            _run_ids[client] = (now, rid)
         return [rid] * len(key_list)
     nodes = {k: client.get_node_from_key(k) for k in key_list}
     by_name = {}
