@@ -1,22 +1,8 @@
-"""``make bench``: every benchmark in one run, gathered into one report.
+"""``make bench``: every section in one run, gathered into ``bench/results/<date>-<host>.md``.
 
-Runs the sections one after another, each as its own process (each starts the servers and
-workers it needs and stops them, so no section measures another's leftovers):
-
-1. ``strategies``: the counter consistency strategies under contention, beside
-   ``redis-benchmark`` INCR and EVALSHA of the same script (the machine's limit);
-2. ``storm``: one large group in channel mode, through the pipeline and the fan-out (commands
-   per message, commit to unread), and the ceiling in groups of channel mode and the pipeline;
-3. ``send``: the hot API calls (send, unread, read, conversations, sync) over HTTP, the
-   server before issue 14 beside the Procfile's, and ``pgbench`` single-row INSERTs on the
-   same PostgreSQL;
-4. ``sync``: catch-up, gap snapshot, version service and acks (``make bench-sync``);
-5. ``push``: idle sockets per process and commit-to-delivery on online devices
-   (``make bench-push``).
-
-Each section writes ``bench/results/<section>-<date>-<host>.md`` and ``.json``; this script
-then writes ``bench/results/<date>-<host>.md`` and ``.json`` (all sections, the machine, the
-commit, the time each took) and prints the markdown.
+Each section (``strategies``, ``storm``, ``send``, ``sync``, ``push``) runs as its own process,
+starting and stopping what it needs, and writes ``<section>-<date>-<host>.md``, ``.json`` and
+its plot (PNG); this script joins their markdown, which links the plots, under one header.
 
     python bench/all.py [--only strategies,send] [--skip push] [--quick]
 """
@@ -26,11 +12,10 @@ import datetime
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,72 +26,48 @@ from bench import common
 class Section:
     name: str
     title: str
-    args: list[str]
-    quick: list[str] = field(default_factory=list)  # smaller sizes for a smoke run
+    args: str
+    quick: str  # smaller sizes for a smoke run
 
 
 SECTIONS = [
     Section(
         "strategies",
         "Consistency strategies under contention, against redis-benchmark",
-        ["--runs", "3"],
-        ["--runs", "1", "--seconds", "1", "--limit-requests", "20000"],
+        "--runs 3",
+        "--runs 1 --seconds 1 --limit-requests 20000",
     ),
     Section(
         "storm",
         "Storm: one large group in channel mode, the pipeline and the fan-out; the ceiling",
-        [],
-        ["--sizes", "500,5000", "--seconds", "2", "--latency-seconds", "3", "--no-ceiling"],
+        "",
+        "--sizes 500,5000 --seconds 2 --latency-seconds 3 --members 500 --max-groups 2 "
+        "--step-seconds 2 --senders 2 --live 100 --live-messages 3",
     ),
     Section(
         "send",
         "Hot API calls over HTTP, against pgbench",
-        [],
-        ["--clients", "1,16", "--seconds", "3", "--warmup", "1"],
+        "",
+        "--clients 1,16 --seconds 3 --warmup 1",
     ),
     Section(
         "sync",
         "Sync: catch-up, gap snapshot, versions, acks",
-        ["--runs", "5"],
-        ["--runs", "1", "--catchup-messages", "100", "--big-group", "500"],
+        "--runs 5",
+        "--runs 1 --catchup-messages 100 --sweep 25,50,100 --big-group 500",
     ),
     Section(
         "push",
         "Live sync and push: idle sockets, delivery to online devices",
-        ["--runs", "3"],
-        [
-            "--runs",
-            "1",
-            "--members",
-            "100",
-            "--messages",
-            "3",
-            "--steps",
-            "0,100",
-            "--idle-seconds",
-            "3",
-        ],
+        "--runs 3",
+        "--runs 1 --members 100 --messages 3 --steps 0,100,200 --idle-seconds 3",
     ),
 ]
 
 
-def git(*args: str) -> str:
-    out = subprocess.run(["git", *args], cwd=common.ROOT, capture_output=True, text=True)
-    return out.stdout.strip()
-
-
-def code_state() -> dict:
-    changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
-    return {
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "subject": git("log", "-1", "--format=%s"),
-        "changed": changed,
-    }
-
-
 def run_section(section: Section, quick: bool) -> dict:
     """Run one section's script; returns its outcome and the files it wrote."""
-    args = section.quick if quick else section.args
+    args = (section.quick if quick else section.args).split()
     command = [sys.executable, str(common.ROOT / "bench" / f"{section.name}.py"), *args]
     print(f"\n=== {section.name}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
     started = time.monotonic()
@@ -133,20 +94,14 @@ def demote(markdown: str, number: int, title: str) -> str:
     return f"## {number}. {title}\n\n{body}\n"
 
 
-def report(outcomes: dict, machine: str, code: dict, took: float, quick: bool) -> str:
-    lines = [
-        f"# imcore benchmarks, {datetime.datetime.now():%Y-%m-%d %H:%M}, {socket.gethostname()}",
-        "",
-        f"Machine: {machine}.",
-        f"Code: commit {code['commit']} ({code['subject']})"
-        + (f", with local changes to {', '.join(code['changed'])}" if code["changed"] else "")
-        + ".",
+def report(outcomes: dict, machine: str, took: float, quick: bool) -> str:
+    lines = common.header(
+        "imcore benchmarks",
+        machine,
         f"`make bench{' BENCH_ARGS=--quick' if quick else ''}` took {took / 60:.0f} min: "
         + ", ".join(f"{name} {o['seconds'] / 60:.1f} min" for name, o in outcomes.items())
-        + ". Everything (PostgreSQL, Redis, the servers, workers and load generators) shares "
-        "the machine's cores. Each section says how many runs its medians are of.",
-        "",
-    ]
+        + ". Everything shares the machine's cores.",
+    )
     if quick:
         lines += ["**Quick run (smoke sizes): these figures are not for comparison.**", ""]
     for number, (name, o) in enumerate(outcomes.items(), 1):
@@ -154,12 +109,8 @@ def report(outcomes: dict, machine: str, code: dict, took: float, quick: bool) -
         if "markdown" in o:
             lines.append(demote(o["markdown"], number, title))
         else:
-            lines += [
-                f"## {number}. {title}",
-                "",
-                f"**Failed**: `{' '.join(o['command'])}` exited {o['returncode']}.",
-                "",
-            ]
+            failed = f"**Failed**: `{' '.join(o['command'])}` exited {o['returncode']}."
+            lines += [f"## {number}. {title}", "", failed, ""]
     return "\n".join(lines)
 
 
@@ -186,25 +137,16 @@ def main() -> None:
 
 def run(args: argparse.Namespace) -> None:
     common.setup_django()
-    machine, code = common.machine(), code_state()
-    started = time.monotonic()
+    machine, started = common.machine(), time.monotonic()
     outcomes = {
         s.name: run_section(s, args.quick)
         for s in SECTIONS
         if s.name in args.only and s.name not in args.skip
     }
-    markdown = report(outcomes, machine, code, time.monotonic() - started, args.quick)
-    data = {
-        "at": datetime.datetime.now().isoformat(timespec="seconds"),
-        "host": socket.gethostname(),
-        "machine": machine,
-        "code": code,
-        "quick": args.quick,
-        "sections": {
-            name: {k: v for k, v in o.items() if k != "markdown"} for name, o in outcomes.items()
-        },
-    }
-    common.write_results("", markdown, data)
+    markdown = report(outcomes, machine, time.monotonic() - started, args.quick)
+    sections = {n: {k: v for k, v in o.items() if k != "markdown"} for n, o in outcomes.items()}
+    data = {"machine": machine, "code": common.code_state(), "quick": args.quick}
+    common.write_results("", markdown, data | {"sections": sections})
     failed = [name for name, o in outcomes.items() if "markdown" not in o]
     if failed:
         sys.exit(f"sections failed: {', '.join(failed)}")

@@ -29,7 +29,6 @@ fails.
 """
 
 import argparse
-import asyncio
 import contextlib
 import csv
 import datetime
@@ -40,14 +39,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import common
+from bench import common, push
 
 MIB = 1024 * 1024
 LOCUSTFILE = Path(__file__).with_name("locustfile_soak.py")
@@ -119,54 +117,32 @@ def seed(args) -> tuple[list[dict], list[str], list[int]]:
     return devices, [tokens[u.pk] for u in idle], [u.pk for u in members]
 
 
-class Stack(common.ServedApp):
-    """The Procfile's processes under ``bin/stack.py`` (``honcho start`` keeping them in one
-    process group, as ``make run`` does); their output in a temporary log."""
+class Stack(common.Proc):
+    """The Procfile's processes under ``bin/stack.py`` (honcho, as ``make run``)."""
 
-    server_name = "honcho"
     names = ("web", "app", "ws", "worker", "beat", "flower")
 
     def __init__(self):
-        self.port = common.free_port()
-        self.log = tempfile.NamedTemporaryFile(prefix="imcore-soak-", suffix=".log")  # noqa: SIM115
-        path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "bin/stack.py", *self.names],
-            cwd=common.ROOT,
-            env={
-                **os.environ,
-                **common.ENV,
-                "IMCORE_PORT": str(self.port),
-                "PATH": path,
-                "FLOWER_PORT": str(common.free_port()),
-            },
-            start_new_session=True,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        port, flower, path = common.free_port(), common.free_port(), Path(sys.executable).parent
+        env = {"IMCORE_PORT": port, "FLOWER_PORT": flower, "PATH": f"{path}:{os.environ['PATH']}"}
+        super().__init__([sys.executable, "bin/stack.py", *self.names], port, **env)
 
     def wait_all(self) -> None:
         from imcore.celery import app
 
-        self.wait_ready()
-        deadline = time.monotonic() + 60
-        # The whole log: on a quiet machine the worker's and beat's lines push both web
-        # workers' "Booting worker" out of the tail before this looks.
-        log = Path(self.log.name)
+        self.wait_http()
 
-        def started() -> bool:
-            text = log.read_text(errors="replace")
-            return text.count("Booting worker") >= 2 and "startup complete" in text
+        def started() -> bool:  # both web workers booted, uvicorn up, the worker answers
+            text = Path(self.log.name).read_text(errors="replace")
+            up = text.count("Booting worker") >= 2 and "startup complete" in text
+            return up and bool(app.control.ping(timeout=1))
 
-        while not started() or not app.control.ping(timeout=1):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the stack did not start:\n{self.log_tail()}")
-            time.sleep(0.5)
+        common.wait_for(started, 60, "the stack")
 
     def processes(self) -> dict[str, psutil.Process]:
         """The stack's processes by name (``web worker 1``, ``celery pool 2``…)."""
         found: dict[str, list[psutil.Process]] = {role: [] for role in ROLES}
-        for proc in psutil.Process(self.proc.pid).children(recursive=True):
+        for proc in self.tree()[1:]:
             with contextlib.suppress(psutil.Error):
                 if role := process_role(proc):
                     found[role].append(proc)
@@ -175,57 +151,6 @@ class Stack(common.ServedApp):
             for role, procs in found.items()
             for i, proc in enumerate(sorted(procs, key=lambda p: p.pid), 1)
         }
-
-    def stop(self) -> str:
-        """Stop honcho (which stops what it started); returns the stack's output."""
-        common.stop(self.proc)
-        with self.log:
-            return Path(self.log.name).read_text(errors="replace")
-
-
-class IdleSockets:
-    """Authenticated WebSockets held open by an asyncio loop in a thread of this process."""
-
-    def __init__(self, url: str, tokens: list[str]):
-        self.loop, self.socks, self.failures = asyncio.new_event_loop(), [], []
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.call(lambda: self._open_all(url, tokens))
-
-    def call(self, make_awaitable) -> None:
-        async def wrap():
-            await make_awaitable()
-
-        asyncio.run_coroutine_threadsafe(wrap(), self.loop).result()
-
-    async def _open_all(self, url: str, tokens: list[str]) -> None:
-        sem = asyncio.Semaphore(50)
-        await asyncio.gather(*(self._open(url, token, sem) for token in tokens))
-
-    async def _open(self, url: str, token: str, sem: asyncio.Semaphore) -> None:
-        from websockets.asyncio.client import connect
-
-        async with sem:
-            try:
-                ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"})
-                await asyncio.wait_for(ws.recv(), 60)  # the (empty) offline package
-                self.socks.append(ws)
-                self.loop.create_task(self._read(ws))
-            except Exception as exc:
-                self.failures.append(repr(exc))
-
-    async def _read(self, ws) -> None:
-        with contextlib.suppress(Exception):
-            async for _ in ws:
-                pass
-
-    def open_count(self) -> int:
-        from websockets.protocol import State
-
-        return sum(ws.state is State.OPEN for ws in self.socks)
-
-    def close(self) -> None:
-        self.call(lambda: asyncio.gather(*(ws.close() for ws in self.socks)))
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 def locust(port: int, data: Path, user: str, users: int, seconds: int, rate: float = 0):
@@ -257,7 +182,7 @@ def history(data: Path) -> list[tuple[int, int, int]]:
         ]
 
 
-def sample(stack: Stack, sockets: IdleSockets, redis_servers: dict) -> dict:
+def sample(stack: Stack, sockets: push.Holders, redis_servers: dict) -> dict:
     from django.db import connection
 
     row = {"time": time.time(), "load avg 1 min": round(os.getloadavg()[0], 1)}
@@ -272,7 +197,7 @@ def sample(stack: Stack, sockets: IdleSockets, redis_servers: dict) -> dict:
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
         row["PostgreSQL connections"] = cursor.fetchone()[0]
-    row["sockets open"] = sockets.open_count()
+    row["sockets open"] = len(sockets.ask("status")[0]["open"])
     return row
 
 
@@ -333,35 +258,21 @@ def growth(rows: list[dict], key: str, window: int, limit: float) -> dict:
     return {"series": key, "growth_pct": pct, "pass": pct <= limit}
 
 
-def plot(samples: list[dict], series: list[str], title: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(samples: list[dict], series: list[str]) -> str:
     minutes = [(s["time"] - samples[0]["time"]) / 60 for s in samples]
-    fig, axes = plt.subplots(3, 1, figsize=(12, 10), sharex=True)
+    fig, axes = common.figure("soak", "Soak: memory over time", 3, size=(10, 3.3))
     panels = [
         ([k for k in series if "RSS" in k], "process RSS (MiB)"),
         ([k for k in series if "used_memory" in k], "Redis used_memory (MiB)"),
-        (["PostgreSQL connections"], "PostgreSQL sessions (count)"),
+        (["PostgreSQL connections", "sockets open"], "PostgreSQL sessions, idle sockets (count)"),
     ]
     for ax, (keys, label) in zip(axes, panels, strict=True):
         for key in keys:
             name = key.replace(" RSS MiB", "").replace(" MiB", "")
             ax.plot(minutes, [s.get(key) for s in samples], marker=".", label=name)
-        ax.set(ylabel=label, ylim=(0, None))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    sockets = axes[2].twinx()
-    sockets.plot(minutes, [s["sockets open"] for s in samples], "C1", label="idle WebSockets")
-    sockets.set(ylabel="idle WebSockets open (count)", ylim=(0, None))
-    handles = axes[2].get_legend_handles_labels()[0] + sockets.get_legend_handles_labels()[0]
-    axes[2].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.08, 1))
-    axes[-1].set_xlabel("time since the soak load started (minutes)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        ax.set(ylabel=label, ylim=(0, None), xlabel="time since the soak load started (minutes)")
+    axes[2].set_yscale("symlog")
+    return common.save_figure(fig, "soak")
 
 
 def markdown(args, r: dict) -> str:
@@ -407,10 +318,11 @@ def soak(args, work: Path) -> dict:
     import redis
 
     devices, idle_tokens, member_ids = seed(args)
-    stack = Stack()
+    stack, sockets = Stack(), None
     try:
         stack.wait_all()
-        sockets = IdleSockets(f"ws://127.0.0.1:{stack.port}/ws/v1/sync", idle_tokens)
+        sockets = push.Holders(stack.port, 1)
+        failures = sockets.open(idle_tokens, range(len(idle_tokens)), 50)["reasons"]
         servers = {
             "Redis": redis.Redis.from_url(common.ENV["REDIS_URL"]),
             "broker": redis.Redis(port=common.BROKER_PORT),
@@ -429,12 +341,14 @@ def soak(args, work: Path) -> dict:
             time.sleep(max(0.0, t0 + k * args.sample_seconds - time.time()))
             samples.append(sample(stack, sockets, servers))
         load.wait()
-        sockets_open = sockets.open_count()
-        sockets.close()
+        sockets_open = len(sockets.ask("status")[0]["open"])
+        sockets.stop()
         drain()
         acked = {line for f in work.glob("*.acked") for line in f.read_text().split()}
         checks = check_data(acked, member_ids)
     finally:
+        if sockets:
+            sockets.stop()
         log = stack.stop()
     return {
         "capacity": capacity,
@@ -442,7 +356,7 @@ def soak(args, work: Path) -> dict:
         "history": history(run),
         "checks": checks,
         "sockets_open": sockets_open,
-        "socket_failures": sockets.failures,
+        "socket_failures": failures,
         "access_lines": len(re.findall(r'HTTP/1\.1" \d\d\d', log)),
         "server_5xx": len(re.findall(r'HTTP/1\.1" 5\d\d', log)),
         "tracebacks": log.count("Traceback"),
@@ -492,10 +406,7 @@ def main() -> None:
         "requests": hist[-1][1],
         "pass": all(g["pass"] for g in r["growth"]) and not bad,
     }
-    stem = common.write_results("soak", markdown(args, r), r)
-    title = f"imcore soak, {r['date']}, {r['host']}: {r['machine']}"
-    plot(r["samples"], series, title, f"{stem}.png")
-    print(f"Plot: {stem}.png")
+    common.write_results("soak", markdown(args, r) + "\n\n" + plot(r["samples"], series), r)
     sys.exit(0 if r["pass"] else 1)
 
 

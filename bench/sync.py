@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+import timeit
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
 SQL_HEADER = "X-Bench-SQL"
-SCRATCH_TABLE = "bench_sync_latest"
 
 
 # ---- SQL counting (this process and, through the header, the server) ---------------------
@@ -159,13 +159,9 @@ def make_devices(user_ids: list[int], prefix: str, **fields) -> list[Device]:
     tokens = [f"bench-sync-{prefix}-{uid}" for uid in user_ids]
     rows = DeviceRow.objects.bulk_create(
         DeviceRow(
-            user_id=uid,
-            device_id=f"{prefix}-{uid}",
-            platform="ios",
-            token_hash=token_hash(token),
-            **fields,
+            user_id=u, device_id=f"{prefix}-{u}", platform="ios", token_hash=token_hash(t), **fields
         )
-        for uid, token in zip(user_ids, tokens, strict=True)
+        for u, t in zip(user_ids, tokens, strict=True)
     )
     return [Device(d.pk, d.user_id, t) for d, t in zip(rows, tokens, strict=True)]
 
@@ -177,11 +173,10 @@ def send_messages(conversation_id: int, sender_ids: list[int], n: int, tag: str)
     conversation = Conversation.objects.get(pk=conversation_id)
     senders = [User.objects.get(pk=uid) for uid in sender_ids]
     for i in range(n):
+        body = f"{tag} message {i}: " + "lorem ipsum dolor sit amet " * 2
+        sender, cmid = senders[i % len(senders)], f"{tag}-{conversation_id}-{i}"
         services.message_send(
-            sender=senders[i % len(senders)],
-            conversation=conversation,
-            body=f"{tag} message {i}: " + "lorem ipsum dolor sit amet " * 2,
-            client_msg_id=f"{tag}-{conversation_id}-{i}",
+            sender=sender, conversation=conversation, body=body, client_msg_id=cmid
         )
 
 
@@ -203,7 +198,6 @@ def setup(args) -> dict:
     out: dict = {}
 
     # 1. catch-up: one small group; its second member's device last synced after the join.
-    t0 = time.perf_counter()
     ids = common.make_users(args.group_members, "catchup")
     conversation, _ = services.conversation_create(
         creator=User.objects.get(pk=ids[0]), kind="group", member_ids=ids, title="catch-up"
@@ -218,12 +212,10 @@ def setup(args) -> dict:
         "device": make_devices([reader], "catchup", acked_version=joined)[0],
         "since": joined,
         "state": sync_state(reader),
-        "setup_s": time.perf_counter() - t0,
     }
 
     # 2. gap: one user in N direct conversations, each with M messages from the other side;
     # more entries than OFFLINE_MAX_ENTRIES, so the floor is above 0 and since=0 is behind it.
-    t0 = time.perf_counter()
     gap_user, *partners = common.make_users(args.gap_conversations + 1, "gap")
     user = User.objects.get(pk=gap_user)
     for partner in partners:
@@ -236,14 +228,9 @@ def setup(args) -> dict:
     state = sync_state(gap_user)
     if state.get("floor", 0) <= 0:
         raise RuntimeError(f"the gap user's floor is not above 0: {state}")
-    out["gap"] = {
-        "device": make_devices([gap_user], "gap")[0],
-        "state": state,
-        "setup_s": time.perf_counter() - t0,
-    }
+    out["gap"] = {"device": make_devices([gap_user], "gap")[0], "state": state}
 
     # 3 and 4. one big group (its members are loaded in Redis by their join entries).
-    t0 = time.perf_counter()
     big = common.make_users(args.big_group, "big")
     conversation, _ = services.conversation_create(
         creator=User.objects.get(pk=big[0]), kind="group", member_ids=big, title="big"
@@ -259,7 +246,6 @@ def setup(args) -> dict:
     out["ack"] = {
         "devices": [devices[i * args.ack_devices : (i + 1) * args.ack_devices] for i in range(sets)]
     }
-    out["big"]["setup_s"] = time.perf_counter() - t0
     return out
 
 
@@ -379,117 +365,58 @@ def measure_gap(http: Http, data: dict, args) -> list[dict]:
 
 
 def measure_entry_writes(data: dict, args) -> dict:
-    """One message to the big group: its 5,000 entries through the offline store, beside
-    bumping a PostgreSQL row per member (one statement, or one statement per row)."""
+    """One message to the big group: its entries through the offline store, beside bumping a
+    PostgreSQL row per member (one statement, or one statement per row); ``timeit`` runs,
+    after one warm-up each."""
     from django.db import connection, transaction
 
     from offline import store
     from offline.services import offline_record_messages
 
-    cid, members = data["conversation_id"], data["members"]
-    seq = 0
+    cid, members, n = data["conversation_id"], data["members"], len(data["members"])
+    data["seq"] = 0
 
-    def record(messages: int = 1) -> float:
-        nonlocal seq
-        seq += messages
-        items = [(uid, [(cid, seq, 0)]) for uid in members]
-        t0 = time.perf_counter()
-        written = offline_record_messages(items)
-        elapsed = time.perf_counter() - t0
-        new = sum(last - first + 1 for first, last in written.values())
-        if new != len(members) * messages:
-            raise RuntimeError(f"{new} entries written for {len(members)} members")
-        return elapsed
+    def record(messages: int = 1) -> None:
+        data["seq"] += messages
+        written = offline_record_messages([(u, [(cid, data["seq"], 0)]) for u in members])
+        assert sum(b - a + 1 for a, b in written.values()) == n * messages, written
 
-    record()  # warm-up: every member loaded, scripts cached
-    redis_s = [record() for _ in range(args.runs)]
-    # S1 folded: the Aggregator's flush of one Timer interval holds 10 messages of the group,
-    # and each member's new entries go in one script call.
-    redis_fold = [record(10) for _ in range(args.runs)]
-    data["seq"] = seq
+    def sql(statement: str, params=None, per_row: bool = False) -> None:
+        with transaction.atomic(), connection.cursor() as cursor:
+            for p in [[u] for u in members] if per_row else [params]:
+                cursor.execute(statement, p)
+                cursor.fetchall()
 
+    table = "bench_sync_latest"
+    bump = f"UPDATE {table} SET latest = latest + 1 WHERE user_id"
     with connection.cursor() as cursor:
-        cursor.execute(f"DROP TABLE IF EXISTS {SCRATCH_TABLE}")
-        cursor.execute(
-            f"CREATE TABLE {SCRATCH_TABLE} (user_id bigint PRIMARY KEY, latest bigint NOT NULL)"
-        )
-        cursor.execute(
-            f"INSERT INTO {SCRATCH_TABLE} SELECT u, 0 FROM unnest(%s::bigint[]) AS t(u)",
-            [members],
-        )
-        cursor.execute(f"VACUUM ANALYZE {SCRATCH_TABLE}")
-
-    def one_statement() -> float:
-        t0 = time.perf_counter()
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(
-                f"UPDATE {SCRATCH_TABLE} SET latest = latest + 1 WHERE user_id = ANY(%s) "
-                "RETURNING user_id, latest",
-                [members],
-            )
-            rows = cursor.fetchall()
-        elapsed = time.perf_counter() - t0
-        if len(rows) != len(members):
-            raise RuntimeError(f"{len(rows)} rows updated for {len(members)} members")
-        return elapsed
-
-    def per_row() -> float:
-        t0 = time.perf_counter()
-        with transaction.atomic(), connection.cursor() as cursor:
-            for uid in members:
-                cursor.execute(
-                    f"UPDATE {SCRATCH_TABLE} SET latest = latest + 1 WHERE user_id = %s "
-                    "RETURNING latest",
-                    [uid],
-                )
-                cursor.fetchone()
-        return time.perf_counter() - t0
-
+        cursor.execute(f"DROP TABLE IF EXISTS {table}")
+        cursor.execute(f"CREATE TABLE {table} (user_id bigint PRIMARY KEY, latest bigint)")
+        cursor.execute(f"INSERT INTO {table} SELECT u, 0 FROM unnest(%s::bigint[]) u", [members])
+        cursor.execute(f"VACUUM ANALYZE {table}")
+    pipelines = -(-n // store.PIPELINE_CHUNK)
+    paths = [
+        ("Redis: `offline_record_messages` (Lua append, pipelined)", record, 1,
+         f"{pipelines + 1} (INFO + {pipelines} pipelines)"),
+        # the Aggregator's flush of one Timer interval holds 10 messages of the group
+        ("Redis, 10 messages folded in one flush (per message)", lambda: record(10), 10,
+         f"{pipelines + 1} per 10 messages"),
+        ("PostgreSQL: 1 `UPDATE … WHERE user_id = ANY(%s) RETURNING` + commit",
+         lambda: sql(f"{bump} = ANY(%s) RETURNING latest", [members]), 1, "3"),
+        (f"PostgreSQL: {n:,} single-row `UPDATE … RETURNING` in 1 transaction",
+         lambda: sql(f"{bump} = %s RETURNING latest", per_row=True), 1, f"{n + 2:,}"),
+    ]  # fmt: skip
+    out = []
     try:
-        one_statement(), per_row()  # warm-up
-        pg_one = [one_statement() for _ in range(args.runs)]
-        pg_rows = [per_row() for _ in range(args.runs)]
+        for name, fn, k, trips in paths:
+            secs = [t / k for t in timeit.repeat(fn, number=1, repeat=args.runs + 1)[1:]]
+            ms, rate = [t * 1000 for t in secs], [n / t for t in secs]
+            out.append({"path": name, "ms": ms, "versions_per_s": rate, "round_trips": trips})
+            print(f"  {name}: {common.spread(ms)} ms", flush=True)
     finally:
         with connection.cursor() as cursor:
-            cursor.execute(f"DROP TABLE IF EXISTS {SCRATCH_TABLE}")
-    n = len(members)
-    pipelines = -(-n // store.PIPELINE_CHUNK)
-    rows = [
-        (
-            "Redis: `offline_record_messages` (Lua append, pipelined)",
-            redis_s,
-            f"{pipelines + 1} (INFO + {pipelines} pipelines)",
-            1,
-        ),
-        (
-            "Redis, 10 messages folded in one flush (per message)",
-            [t / 10 for t in redis_fold],
-            f"{pipelines + 1} per 10 messages",
-            1,
-        ),
-        ("PostgreSQL: 1 `UPDATE … WHERE user_id = ANY(%s) RETURNING` + commit", pg_one, "3", 1),
-        (
-            f"PostgreSQL: {n:,} single-row `UPDATE … RETURNING` in 1 transaction",
-            pg_rows,
-            f"{n + 2:,}",
-            1,
-        ),
-    ]
-    result = {
-        "members": n,
-        "paths": [
-            {
-                "path": name,
-                "ms": [s * 1000 for s in secs],
-                "versions_per_s": [n * k / s for s in secs],
-                "round_trips": trips,
-            }
-            for name, secs, trips, k in rows
-        ],
-    }
-    for p in result["paths"]:
-        print(f"  {p['path']}: {common.spread(p['ms'])} ms", flush=True)
-    return result
+            cursor.execute(f"DROP TABLE {table}")
+    return {"members": n, "paths": out}
 
 
 def n_tup_upd(table: str) -> int:
@@ -528,11 +455,9 @@ def ack_intervals(args) -> list[float]:
 
 
 def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
-    """Per run, ``--ack-devices`` devices (one per user, never acked, last seen an hour ago)
-    each ack ``--acks-per-device`` increasing versions, round-robin over one connection, while
-    a thread flushes acks every ``SYNC_ACK_FLUSH_INTERVAL_S`` like Celery beat (mode 1) or
-    nothing flushes (mode 2); one last flush after the last ack. Statements and rows are
-    counted where they run."""
+    """Per run, ``--ack-devices`` fresh devices each ack ``--acks-per-device`` versions,
+    round-robin over one connection, while a thread flushes acks as Celery beat would (or
+    nothing does); one last flush after the last ack. Statements counted where they run."""
     from imcore.models import Device as DeviceRow
     from offline.services import offline_flush_acks, offline_record_messages
 
@@ -546,18 +471,12 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
     intervals = ack_intervals(args)
     for i, devices in enumerate(data["devices"]):
         interval = intervals[i // args.runs]
-        server = SqlCount()
-        flushed = SqlCount()
-        stop, calls = threading.Event(), [0]
-        flusher = None
+        server, flushed, stop, calls = SqlCount(), SqlCount(), threading.Event(), [0]
+        flusher = threading.Thread(target=periodic_flush, args=(stop, interval, flushed, calls))
         if interval > 0:
-            flusher = threading.Thread(
-                target=periodic_flush, args=(stop, interval, flushed, calls), daemon=True
-            )
             flusher.start()
         http.close()
-        sent = 0
-        t0 = time.perf_counter()
+        sent, t0 = 0, time.perf_counter()
         try:
             for k in range(args.acks_per_device):
                 for d in devices:
@@ -569,42 +488,24 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
             http_s = time.perf_counter() - t0
         finally:
             stop.set()
-            if flusher:
+            if flusher.is_alive():
                 flusher.join()
         with sql_counted() as last:
             calls[0] += 1
             offline_flush_acks()
         flushed.add(last)
-        acked = dict(
-            DeviceRow.objects.filter(pk__in=[d.pk for d in devices]).values_list(
-                "pk", "acked_version"
-            )
-        )
-        wrong = sum(
-            1 for d in devices if acked[d.pk] != written[d.user_id][0] + args.acks_per_device - 1
-        )
-        runs.append(
-            {
-                "flush_interval_s": interval,
-                "acks": sent,
-                "http_ms": http_s * 1000,
-                "flush_calls": calls[0],
-                "ack_updates": flushed.updates,
-                "ack_rows": flushed.rows,
-                "last_seen_updates": server.last_seen,
-                "last_seen_rows": server.last_seen_rows,
-                "other_server_updates": server.updates - server.last_seen,
-                "server_queries": server.queries,
-                "wrong_acked_version": wrong,
-            }
-        )
-        r = runs[-1]
-        print(
-            f"  acks (flush every {interval:g} s): {sent} in {http_s:.1f} s; "
-            f"{r['ack_updates']} flush UPDATEs "
-            f"({r['ack_rows']} rows), {r['last_seen_updates']} last_seen_at UPDATEs in requests",
-            flush=True,
-        )
+        rows = DeviceRow.objects.filter(pk__in=[d.pk for d in devices])
+        acked = dict(rows.values_list("pk", "acked_version"))
+        last = args.acks_per_device - 1
+        wrong = sum(1 for d in devices if acked[d.pk] != written[d.user_id][0] + last)
+        runs.append({
+            "flush_interval_s": interval, "acks": sent, "http_ms": http_s * 1000,
+            "flush_calls": calls[0], "ack_updates": flushed.updates, "ack_rows": flushed.rows,
+            "last_seen_updates": server.last_seen, "last_seen_rows": server.last_seen_rows,
+            "other_server_updates": server.updates - server.last_seen,
+            "server_queries": server.queries, "wrong_acked_version": wrong,
+        })  # fmt: skip
+        print(f"  acks (flush every {interval:g} s): {flushed.updates} UPDATEs", flush=True)
     # pg_stat: the counts of the server's backends arrive within about a second of idling.
     expected = sum(r["ack_rows"] + r["last_seen_rows"] for r in runs)
     deadline, delta, previous = time.monotonic() + 15, 0, -1
