@@ -116,6 +116,23 @@ def make_users(n: int, tag: str) -> list[int]:
     return [u.pk for u in User.objects.bulk_create(users, batch_size=5000)]
 
 
+def make_devices(user_ids: list[int], **fields) -> list[tuple[int, str]]:
+    """A device each, bulk-inserted with the token hash a login would store; [(pk, token)]."""
+    import secrets
+
+    from imcore.models import Device
+    from imcore.services import token_hash
+
+    tokens = [secrets.token_urlsafe(32) for _ in user_ids]
+    rows = Device.objects.bulk_create(
+        Device(
+            user_id=u, device_id=f"bench-{u}", platform="web", token_hash=token_hash(t), **fields
+        )
+        for u, t in zip(user_ids, tokens, strict=True)
+    )
+    return [(d.pk, t) for d, t in zip(rows, tokens, strict=True)]
+
+
 # ---- processes (psutil) --------------------------------------------------------------------
 
 
@@ -279,17 +296,19 @@ def percentile(values, q: float) -> float:
     return float(numpy.percentile(values, q, method="nearest")) if len(values) else float("nan")
 
 
+def cpu_model() -> str:
+    info = Path("/proc/cpuinfo").read_text().splitlines()
+    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    return names[0] if names else platform.processor()
+
+
 def machine() -> str:
     from django.db import connection
 
     with connection.cursor() as cursor:
         cursor.execute("show server_version")
         pg = cursor.fetchone()[0].split()[0]
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
+    cpu = cpu_model()
     return (
         f"{psutil.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB, "
         f"Redis {redis_info()['redis_version']}, PostgreSQL {pg}, "
@@ -351,7 +370,9 @@ def figure(name: str, title: str, panels: int = 1, size=(7, 4.5)):
     from matplotlib import pyplot as plt
 
     fig, axes = plt.subplots(panels, 1, figsize=(size[0], size[1] * panels), squeeze=False)
-    fig.suptitle(f"{title}\n{socket.gethostname()}, {psutil.cpu_count()} cores", fontsize=10)
+    memory = psutil.virtual_memory().total / 2**30
+    host = f"{socket.gethostname()}: {psutil.cpu_count()} cores, {memory:.0f} GiB, {cpu_model()}"
+    fig.suptitle(f"{title}\n{host}", fontsize=10)
     return fig, list(axes[:, 0])
 
 
@@ -361,10 +382,9 @@ def save_figure(fig, name: str, suffix: str = "") -> str:
     for ax in fig.axes:
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     png = Path(f"{results_stem(name)}{suffix}.png")
-    fig.savefig(png, dpi=100)
+    fig.savefig(png, dpi=100, bbox_inches="tight")
     return f"![{fig._suptitle.get_text().splitlines()[0]}]({png.name})"
 
 

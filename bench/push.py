@@ -111,6 +111,7 @@ def holder_main(url: str, pipe) -> None:
         while (cmd := await loop.run_in_executor(None, pipe.recv)) is not None:
             name, kwargs = cmd
             pipe.send(await getattr(holder, name)(**kwargs))
+        await holder.close(list(holder.socks))
 
     asyncio.run(serve())
 
@@ -161,32 +162,22 @@ class Holders:
 
 def setup(n_users: int, members: int) -> dict:
     """``n_users`` users with one device each; the first ``members`` in one group."""
-    import secrets
-
-    from django.contrib.auth.hashers import make_password
     from django.db import connection
 
     from counters.services import counters_reconcile
     from imcore import services
-    from imcore.models import Device, User
+    from imcore.models import User
 
     common.reset_data(broker=False)
-    unusable = make_password(None)
-    users = User.objects.bulk_create(
-        User(username=f"push{i}", password=unusable) for i in range(n_users)
-    )
-    tokens = [secrets.token_urlsafe(32) for _ in users]
-    Device.objects.bulk_create(
-        Device(user=u, device_id=f"bench-{i}", platform="web", token_hash=services.token_hash(t))
-        for i, (u, t) in enumerate(zip(users, tokens, strict=True))
-    )
-    ids = [u.pk for u in users[:members]]
+    ids = common.make_users(n_users, "push")
+    tokens = [t for _, t in common.make_devices(ids)]
+    sender = User.objects.get(pk=ids[0])
     conversation, _ = services.conversation_create(
-        creator=users[0], kind="group", member_ids=ids, title="push bench"
+        creator=sender, kind="group", member_ids=ids[:members], title="push bench"
     )
-    counters_reconcile(user_ids=ids)
+    counters_reconcile(user_ids=ids[:members])
     connection.close()  # not held open across the server's start
-    return {"sender": users[0], "conversation": conversation, "tokens": tokens, "members": members}
+    return {"sender": sender, "conversation": conversation, "tokens": tokens, "members": members}
 
 
 def start_server() -> common.Proc:

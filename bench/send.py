@@ -73,44 +73,32 @@ def start(commands: dict[str, str], port: int = 0) -> tuple[list[common.Proc], P
 def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
     """A user per client with a device token and its own group; the first ``sync_clients``
     hold 101 sync entries past ``since``. Every user's counters are loaded."""
-    import secrets
-
-    from django.contrib.auth.hashers import make_password
-
     from counters.services import counters_reconcile
     from delivery.pipeline import delivery_drain
     from imcore import services
-    from imcore.models import Device, User
+    from imcore.models import User
     from offline import store
 
     common.reset_data()
-    unusable = make_password(None)
-    users = User.objects.bulk_create(
-        User(username=f"u{i}-{j}", password=unusable)
-        for i in range(clients)
-        for j in range(members)
-    )
+    ids = common.make_users(clients * members, "u")
+    senders = User.objects.filter(pk__in=ids[::members]).order_by("pk")
     out = []
-    for i in range(clients):
-        sender, *others = users[i * members : (i + 1) * members]
-        token = secrets.token_urlsafe(32)
-        Device.objects.create(
-            user=sender, device_id="bench", platform="web", token_hash=services.token_hash(token)
-        )
+    devices = common.make_devices(ids[::members])
+    for i, (sender, (_, token)) in enumerate(zip(senders, devices, strict=True)):
+        group = ids[i * members : (i + 1) * members]
         conversation, _ = services.conversation_create(
-            creator=sender, kind="group", member_ids=[u.pk for u in others], title=f"g{i}"
+            creator=sender, kind="group", member_ids=group, title=f"g{i}"
         )
-        out.append({"user": sender, "token": token, "conversation": conversation})
-    for c in out[:sync_clients]:
-        for n in range(101):
-            services.message_send(
-                sender=c["user"], conversation=c["conversation"], body=BODY, client_msg_id=f"s{n}"
-            )
+        if i < sync_clients:
+            for n in range(101):
+                services.message_send(
+                    sender=sender, conversation=conversation, body=BODY, client_msg_id=f"s{n}"
+                )
+        out.append({"user": sender.pk, "token": token, "cid": conversation.pk})
     delivery_drain(timeout=120)
-    counters_reconcile(user_ids=[u.pk for u in users])
+    counters_reconcile(user_ids=ids)
     for c in out:
-        c["since"] = max(store.latest_version(c["user"].pk) - 100, 0)
-        c["cid"] = c.pop("conversation").pk
+        c["since"] = max(store.latest_version(c["user"]) - 100, 0)
     return out
 
 

@@ -1,29 +1,10 @@
-"""``bench/soak.py`` (``make bench-soak``): the stack under steady load for ``--minutes``; memory
-must stay flat, and nothing may fail or be lost.
-
-The Procfile's web, worker, beat and flower run under ``bin/stack.py``, as ``make run`` starts
-them, on the benchmark's database, Redis and broker (``bench/common.py``). ``--users`` senders
-share ``--groups`` groups of ``--members`` (the members who do not send only receive). The
-groups are few, so each member's offline store reaches its bound (``OFFLINE_MAX_ENTRIES``) in
-the first minutes and the window measures a full store, not a filling one. ``--sockets``
-other users each hold one authenticated, idle WebSocket (``/ws/v1/sync``) for the run.
-
-1. Probe: locust (``bench/locustfile_soak.py``) sends with no wait for ``--probe-seconds``.
-   The sends/s after the first 5 s are the capacity.
-2. Soak: the mix (send, unread, sync pull + ack, history, mark read) runs at ``--load`` times
-   that capacity, in locust tasks/s (a pull and its ack are one task), for ``--minutes``.
-   Every ``--sample-seconds`` it records each process's RSS (psutil), Redis ``used_memory``
-   (counters server and broker), the PostgreSQL sessions on the benchmark database, and the
-   open sockets.
-3. After the queues drain, it checks three things. Every send answered 200/201 is in
-   PostgreSQL. Each conversation's ``last_seq`` equals its message count and highest seq. Each
-   user's unread counts and badge in Redis equal the truth (``counters.selectors``).
-
-A memory series passes when its highest value in the last ``--window-minutes`` (5, or half
-of a shorter run) is at most ``--limit-percent`` (5) above its value at their start.
-PostgreSQL sessions pass when the window sets no new high. The run writes
-``bench/results/soak-<date>-<host>.md``, ``.json`` and ``.png``, and exits 1 if any check
-fails.
+"""``make bench-soak``: the Procfile's stack (``bin/stack.py``: web, worker, beat, flower) under
+steady locust load (``bench/locustfile_soak.py``) for ``--minutes``, with ``--sockets`` idle
+WebSockets. A probe finds the capacity (sends/s, no wait); the soak runs the mix at ``--load``
+of it, sampling every process's RSS (psutil), Redis ``used_memory``, PostgreSQL sessions and
+open sockets. After draining it checks every answered send is stored, ``last_seq`` and every
+unread count. A memory series passes when its highest value over the last ``--window-minutes``
+is at most ``--limit-percent`` above its start; exits 1 on any failure.
 
     python bench/soak.py [--minutes 10] [--load 0.8] [--users 32] [--sockets 500]
 """
@@ -49,72 +30,45 @@ from bench import common, push
 
 MIB = 1024 * 1024
 LOCUSTFILE = Path(__file__).with_name("locustfile_soak.py")
-ROLES = (
-    "nginx",
-    "web master",
-    "web worker",
-    "ws server",
-    "ws worker",
-    "celery worker",
-    "celery pool",
-    "celery beat",
-    "flower",
-)
-CELERY = {" worker": "celery worker", " beat": "celery beat", " flower": "flower"}
-SHELLS = ("sh", "dash", "bash")  # a Procfile command without `exec` runs under `sh -c`
+# A process's role: the first of these its command line holds (its parent's, for a pool).
+ROLES = ("nginx", "gunicorn", "uvicorn", "spawn_main", "flower", "beat", "worker")
 
 
 def process_role(proc: psutil.Process) -> str | None:
-    """One of ROLES; the Celery worker's prefork children are its pool."""
-    cmd = " ".join(proc.cmdline())
-    if proc.name() in SHELLS:
-        return None
-    if proc.name() == "nginx" or cmd.startswith("nginx"):
-        return "nginx"
-    if "gunicorn" in cmd:  # the app: gunicorn's arbiter and its sync workers
-        return "web worker" if "gunicorn" in " ".join(proc.parent().cmdline()) else "web master"
-    if "uvicorn" in cmd or "spawn_main" in cmd:  # the WebSocket: uvicorn
-        return "ws server" if "uvicorn" in cmd else "ws worker"
-    role = next((r for arg, r in CELERY.items() if "celery" in cmd and arg in cmd), None)
-    pool = role == "celery worker" and process_role(proc.parent()) == "celery worker"
-    return "celery pool" if pool else role
+    def role(p: psutil.Process) -> str | None:
+        return next((r for r in ROLES if r in " ".join(p.cmdline())), None)
+
+    mine = None if proc.name() in ("sh", "dash", "bash") else role(proc)
+    # gunicorn's workers and Celery's prefork pool: children of their own kind
+    return (
+        f"{mine} child" if mine in ("gunicorn", "worker") and role(proc.parent()) == mine else mine
+    )
 
 
 def seed(args) -> tuple[list[dict], list[str], list[int]]:
-    """Senders with a device each in groups, idle users with a device each; returns the
-    senders' devices, the idle tokens, and the ids of every group member."""
-    import secrets
-
-    from django.contrib.auth.hashers import make_password
-
+    """Senders in groups and idle users, a device each; returns the senders' devices, the
+    idle tokens, and the ids of every group member."""
     from counters.services import counters_reconcile
     from imcore import services
-    from imcore.models import Device, User
+    from imcore.models import User
 
     common.reset_data()
-    groups, unusable = args.groups, make_password(None)
-    senders, size = args.users // groups, max(args.members, args.users // groups)
-    users = User.objects.bulk_create(
-        User(username=f"soak{i}", password=unusable) for i in range(groups * size + args.sockets)
-    )
-    members, idle = users[: groups * size], users[groups * size :]
-    tokens = {u.pk: secrets.token_urlsafe(32) for u in users}
-    Device.objects.bulk_create(
-        Device(user_id=pk, device_id="soak", platform="web", token_hash=services.token_hash(t))
-        for pk, t in tokens.items()
-    )
-    devices = []
+    groups, senders = args.groups, args.users // args.groups
+    size = max(args.members, senders)
+    ids = common.make_users(groups * size + args.sockets, "soak")
+    tokens = dict(zip(ids, (t for _, t in common.make_devices(ids)), strict=True))
+    members, devices = ids[: groups * size], []
     for g in range(groups):
         group = members[g * size : (g + 1) * size]
         conversation, _ = services.conversation_create(
-            creator=group[0], kind="group", member_ids=[u.pk for u in group[1:]], title=f"g{g}"
+            creator=User.objects.get(pk=group[0]), kind="group", member_ids=group, title=f"g{g}"
         )
         devices += [
-            {"token": tokens[u.pk], "user_id": u.pk, "conversation": conversation.pk}
+            {"token": tokens[u], "user_id": u, "conversation": conversation.pk}
             for u in group[:senders]
         ]
-    counters_reconcile(user_ids=[u.pk for u in members])
-    return devices, [tokens[u.pk] for u in idle], [u.pk for u in members]
+    counters_reconcile(user_ids=members)
+    return devices, [tokens[u] for u in ids[groups * size :]], members
 
 
 class Stack(common.Proc):
@@ -140,17 +94,13 @@ class Stack(common.Proc):
         common.wait_for(started, 60, "the stack")
 
     def processes(self) -> dict[str, psutil.Process]:
-        """The stack's processes by name (``web worker 1``, ``celery pool 2``…)."""
-        found: dict[str, list[psutil.Process]] = {role: [] for role in ROLES}
-        for proc in self.tree()[1:]:
+        """The stack's processes by role and number (``gunicorn child 1``…)."""
+        found: dict[str, list[psutil.Process]] = {}
+        for proc in sorted(self.tree()[1:], key=lambda p: p.pid):
             with contextlib.suppress(psutil.Error):
                 if role := process_role(proc):
-                    found[role].append(proc)
-        return {
-            f"{role} {i}" if len(procs) > 1 or role == "celery pool" else role: proc
-            for role, procs in found.items()
-            for i, proc in enumerate(sorted(procs, key=lambda p: p.pid), 1)
-        }
+                    found.setdefault(role, []).append(proc)
+        return {f"{r} {i}": p for r, ps in sorted(found.items()) for i, p in enumerate(ps, 1)}
 
 
 def locust(port: int, data: Path, user: str, users: int, seconds: int, rate: float = 0):
@@ -360,6 +310,7 @@ def soak(args, work: Path) -> dict:
         "access_lines": len(re.findall(r'HTTP/1\.1" \d\d\d', log)),
         "server_5xx": len(re.findall(r'HTTP/1\.1" 5\d\d', log)),
         "tracebacks": log.count("Traceback"),
+        "first_traceback": log[log.find("Traceback") :][:2000] if "Traceback" in log else None,
     }
 
 

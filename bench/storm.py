@@ -1,26 +1,18 @@
 """``make bench-storm``: a large group's messages through channel mode, the aggregation pipeline
-and the per-message fan-out (issue 13).
+and the per-message fan-out (issue 13), on one Celery worker (prefork, 2) + beat per path.
 
-1. Cost per message: one group of 500, 5,000 and 50,000 members, 10 messages a second; Redis
-   commands (INFO commandstats deltas: the counters server, which also holds sync and the
-   channel layer, and the broker apart) and script calls per message, for the whole send.
-2. Commit -> unread visible: one member polls ``counters_get`` (what ``GET /unread`` reads) all
-   along; p50 / p99 of every run of 1 (the 5,000-member runs last longer, for the latency).
-3. Ceiling: more and more groups of 5,000 members at 10 messages/s each until the stack falls
-   behind (p99 > 1 s, the write path's queue still full after the sends, or the senders missing
-   their rate), for channel mode (through ``message_send``, then through what its commit hands
-   over alone, ``delivery_message_committed``: the stack behind the send) and the pipeline.
-4. Commit -> live delivery: 1,000 devices of one channel-mode group online over the WebSocket
-   (``bench/push.py``'s server and sockets), the relayed ``channel`` frames' arrival.
+1. Cost per message for groups of 500, 5,000, 50,000 members at 10 messages/s: Redis commands
+   (INFO commandstats deltas, the counters server and the broker apart) and script calls;
+2. commit -> unread visible: one member polls ``counters_get`` all along, p50 / p99;
+3. ceiling: more groups of 5,000 at 10 messages/s until the stack falls behind (p99 > 1 s,
+   queue growth, senders late), channel mode (``message_send``, then
+   ``delivery_message_committed`` alone) and the pipeline; the plot: latency against groups;
+4. commit -> live delivery to 1,000 devices online (``bench/push.py``'s server and sockets).
 
-Each path runs on one Celery worker (prefork, 2 processes) and beat started with its
-``DELIVERY_WRITE_PATH``; sender processes (spawned) pace themselves through ``message_send``.
-A group's mode comes from ``LARGE_GROUP_MIN_MEMBERS`` at its creation. CPU: psutil.
+Senders are spawned processes pacing ``message_send``; CPU from psutil.
 
-    python bench/storm.py [--sizes 500,5000,50000] [--rate 10] [--seconds 3]
-        [--latency-seconds 10] [--paths channel,pipeline,fanout] [--fanout-budget 150000]
-        [--senders 4] [--step-seconds 5] [--max-groups 128] [--no-ceiling]
-        [--live 1000] [--live-messages 20] [--live-interval 0.5]
+    python bench/storm.py [--sizes 500,5000,50000] [--paths channel,pipeline,fanout]
+        [--max-groups 128] [--no-ceiling] [--live 1000]
 """
 
 import argparse
@@ -201,8 +193,8 @@ def send(groups: list[tuple[int, int]], rate: float, seconds: float, start: floa
 
 def machine_busy() -> float:
     """CPU seconds the whole machine spent busy (all cores) since boot."""
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - t.iowait
+    t = psutil.cpu_times()  # guest time is in user already; steal is not this machine's work
+    return t.user + t.nice + t.system + t.irq + t.softirq
 
 
 def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
@@ -215,9 +207,7 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     for g in groups:
         watch.setdefault(g.observer_id, []).append(g.conversation_id)
     cost = {u: read_cost(u) for u in watch}
-    last = {
-        c: counters_get(user_id=u).conversations.get(c, 0) for u, cs in watch.items() for c in cs
-    }
+    last = {c: counters_get(user_id=u).conversations.get(c, 0) for u in watch for c in watch[u]}
     seen: dict[tuple[int, int], float] = {}
     own, own_broker, seen_cost, peak = Counter(), Counter(), Counter(), [0]
     stop = threading.Event()
@@ -244,10 +234,8 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     info0 = [common.redis_info(p) for p in (COUNTERS_PORT, common.BROKER_PORT)]
     cpu0 = [sum(p.cpu() for p in procs), machine_busy()]
     start = time.perf_counter() + 0.3
-    work = [
-        ([(g.conversation_id, g.sender_id) for g in c], rate, seconds, start, direct)
-        for c in chunks
-    ]
+    pairs = [[(g.conversation_id, g.sender_id) for g in c] for c in chunks]
+    work = [(p, rate, seconds, start, direct) for p in pairs]
     result = pool.starmap_async(send, work, chunksize=1)
     threads = [threading.Thread(target=t, daemon=True) for t in (observe, sample)]
     for t in threads:
@@ -274,32 +262,23 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     # In channel mode the count is raised inside the send (its on_commit), so it may show
     # before message_send returns: those count as 0 ms.
     latencies = [max(0.0, seen[k] - t) for k, t in commits.items() if k in seen]
+    redis_s = sum(
+        common.redis_cpu(b) - common.redis_cpu(a) for a, b in zip(info0, info1, strict=True)
+    )
     return {
-        "path": path,
-        "groups": len(groups),
-        "members": groups[0].members,
-        "messages": n,
-        "target_rate": rate * len(groups),
-        "rate": n / (sent_at - start),
+        "path": path, "groups": len(groups), "members": groups[0].members, "messages": n,
+        "target_rate": rate * len(groups), "rate": n / (sent_at - start),
         "cmds_per_msg": sum(counted.values()) / n,
         "evalsha_per_msg": counted["cmdstat_evalsha"] / n,
         "broker_per_msg": sum(broker.values()) / n,
         "by_command": {k[8:]: round(v / n, 2) for k, v in counted.most_common(12)},
         "p50_ms": common.percentile(latencies, 50) * 1000,
-        "p99_ms": common.percentile(latencies, 99) * 1000,
-        "unseen": n - len(latencies),
-        "drain_s": drain,
-        "idle_s": idle,
-        "peak_queue": peak[0],
-        "cpu_workers_s": cpu1[0] - cpu0[0],
-        "cpu_redis_s": sum(
-            common.redis_cpu(b) - common.redis_cpu(a) for a, b in zip(info0, info1, strict=True)
-        ),
-        "cpu_senders_s": sum(cpu for _, cpu in parts),
-        "cpu_machine_s": cpu1[1] - cpu0[1],
-        "machine_busy": (cpu1[1] - cpu0[1]) / window / psutil.cpu_count(),
-        "window_s": window,
-    }
+        "p99_ms": common.percentile(latencies, 99) * 1000, "unseen": n - len(latencies),
+        "drain_s": drain, "idle_s": idle, "peak_queue": peak[0],
+        "cpu_workers_s": cpu1[0] - cpu0[0], "cpu_redis_s": redis_s,
+        "cpu_senders_s": sum(cpu for _, cpu in parts), "cpu_machine_s": cpu1[1] - cpu0[1],
+        "machine_busy": (cpu1[1] - cpu0[1]) / window / psutil.cpu_count(), "window_s": window,
+    }  # fmt: skip
 
 
 def falls_behind(r: dict, interval: float) -> list[str]:

@@ -1,29 +1,13 @@
-"""``make bench-sync``: multi-device sync measured through a real server, in one run on one
-machine:
+"""``make bench-sync``: multi-device sync through a real gunicorn (2 workers x 4 threads, as the
+Procfile), one keep-alive ``requests.Session``, SQL counted per request by :func:`counted_wsgi`:
 
-1. catch-up: a device offline for N messages of one small group pulls until ``has_more`` is
-   false, with ``limit=SYNC_PAGE_MAX`` and ``limit=200``, cold (no prepared package) and after
-   ``offline_prepare_device`` prepared its package;
-2. gap: a device behind the store's floor (``since=0``, the user's log went past
-   ``OFFLINE_MAX_ENTRIES``) with 50 conversations gets the snapshot, cold and prepared;
-3. entry writes of one message to a 5,000-member group (``offline_record_messages``) beside
-   the alternative of a PostgreSQL row per user bumped in the message's transaction;
-4. PostgreSQL writes per 1,000 acks sent over HTTP, with the periodic ack flush running as
-   Celery beat would run it, and with one flush after the last ack.
+1. catch-up of N entries of a small group, ``limit=SYNC_PAGE_MAX`` and 200, cold and prepared
+   (``offline_prepare_device`` run here), and cold against entries behind (``--sweep``, the plot);
+2. gap: ``since=0`` behind the floor, 50 conversations' snapshot, cold and prepared;
+3. entry writes of one message to a 5,000-member group beside a PostgreSQL row per member;
+4. PostgreSQL writes per 1,000 acks over HTTP, flushed as Celery beat would, or once after.
 
-The server is gunicorn serving ``imcore.wsgi`` (2 workers x 4 threads, as the Procfile),
-wrapped by :func:`counted_wsgi`, which only adds an ``X-Bench-SQL`` header with the request's
-SQL statements; requests go over one keep-alive ``requests.Session``, reopened before each
-timed run. What Celery would run (``delivery_drain``, ``offline_prepare_device``,
-``offline_flush_acks``) runs in this process, timed there. Each figure: median (min..max) of
-``--runs`` runs after warm-up ones. The plot: catch-up time against entries behind.
-
-    python bench/sync.py [--runs 5] [--catchup-messages 1000] [--group-members 4]
-                         [--gap-conversations 50] [--gap-messages 20] [--big-group 5000]
-                         [--ack-devices 100] [--acks-per-device 10]
-                         [--ack-flush-interval S] [--sweep 100,250,500,1000]
-
-Writes bench/results/sync-<date>-<host>.md, .json and .png.
+    python bench/sync.py [--runs 5] [--catchup-messages 1000] [--sweep 100,250,500,1000]
 """
 
 import argparse
@@ -117,14 +101,6 @@ def start_server() -> common.Proc:
     return server
 
 
-@dataclass
-class Reply:
-    status: int
-    body: dict
-    size: int
-    sql: SqlCount
-
-
 class Http(requests.Session):
     """One keep-alive connection (a device's)."""
 
@@ -132,14 +108,14 @@ class Http(requests.Session):
         super().__init__()
         self.base = f"http://127.0.0.1:{port}"
 
-    def call(self, method: str, path: str, token: str, payload: dict | None = None) -> Reply:
+    def call(
+        self, method: str, path: str, token: str, payload=None
+    ) -> tuple[dict, int, "SqlCount"]:
         auth = {"Authorization": f"Bearer {token}"}
         r = self.request(method, self.base + path, json=payload, headers=auth)
         if r.status_code != 200:
             raise RuntimeError(f"{path} answered {r.status_code}: {r.text[:300]}")
-        return Reply(
-            r.status_code, r.json(), len(r.content), SqlCount.parse(r.headers.get(SQL_HEADER))
-        )
+        return r.json(), len(r.content), SqlCount.parse(r.headers.get(SQL_HEADER))
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -152,18 +128,9 @@ class Device:
     token: str
 
 
-def make_devices(user_ids: list[int], prefix: str, **fields) -> list[Device]:
-    from imcore.models import Device as DeviceRow
-    from imcore.services import token_hash
-
-    tokens = [f"bench-sync-{prefix}-{uid}" for uid in user_ids]
-    rows = DeviceRow.objects.bulk_create(
-        DeviceRow(
-            user_id=u, device_id=f"{prefix}-{u}", platform="ios", token_hash=token_hash(t), **fields
-        )
-        for u, t in zip(user_ids, tokens, strict=True)
-    )
-    return [Device(d.pk, d.user_id, t) for d, t in zip(rows, tokens, strict=True)]
+def make_devices(user_ids: list[int], **fields) -> list[Device]:
+    pairs = common.make_devices(user_ids, **fields)
+    return [Device(pk, u, t) for u, (pk, t) in zip(user_ids, pairs, strict=True)]
 
 
 def send_messages(conversation_id: int, sender_ids: list[int], n: int, tag: str) -> None:
@@ -209,7 +176,7 @@ def setup(args) -> dict:
     send_messages(conversation.pk, others, args.catchup_messages, "catchup")
     delivery_drain()
     out["catchup"] = {
-        "device": make_devices([reader], "catchup", acked_version=joined)[0],
+        "device": make_devices([reader], acked_version=joined)[0],
         "since": joined,
         "state": sync_state(reader),
     }
@@ -228,7 +195,7 @@ def setup(args) -> dict:
     state = sync_state(gap_user)
     if state.get("floor", 0) <= 0:
         raise RuntimeError(f"the gap user's floor is not above 0: {state}")
-    out["gap"] = {"device": make_devices([gap_user], "gap")[0], "state": state}
+    out["gap"] = {"device": make_devices([gap_user])[0], "state": state}
 
     # 3 and 4. one big group (its members are loaded in Redis by their join entries).
     big = common.make_users(args.big_group, "big")
@@ -242,7 +209,7 @@ def setup(args) -> dict:
     if len(ack_users) < sets * args.ack_devices:
         raise RuntimeError("--big-group is too small for the ack runs")
     seen = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
-    devices = make_devices(ack_users, "ack", last_seen_at=seen)
+    devices = make_devices(ack_users, last_seen_at=seen)
     out["ack"] = {
         "devices": [devices[i * args.ack_devices : (i + 1) * args.ack_devices] for i in range(sets)]
     }
@@ -252,43 +219,16 @@ def setup(args) -> dict:
 # ---- measurements --------------------------------------------------------------------------
 
 
-def mark_seen(device_pk: int) -> None:
-    """The device was seen just now (it logged in, which also asks for its package), so its
-    pulls do not send another prepare task."""
-    from django.utils import timezone
-
-    from imcore.models import Device as DeviceRow
-
-    DeviceRow.objects.filter(pk=device_pk).update(last_seen_at=timezone.now())
-
-
-def drop_prepared(device: Device) -> None:
-    from offline import keys, store
-
-    store.client().delete(
-        keys.package(device.user_id, device.pk), keys.snapshot(device.user_id, device.pk)
-    )
-
-
-def prepare(device: Device) -> tuple[float, str]:
-    from django.db import connection
-
-    from offline.services import offline_prepare_device
-
-    connection.ensure_connection()
-    t0 = time.perf_counter()
-    what = offline_prepare_device(device_pk=device.pk)
-    return time.perf_counter() - t0, what
-
-
 def pull_until_done(http: Http, device: Device, since: int, limit: int) -> dict:
     """Pull pages until has_more is false; what it took."""
     trips, entries, nbytes, missing, sql, versions = 0, 0, 0, 0, SqlCount(), []
     gap, conversations, t0 = False, 0, time.perf_counter()
     while True:
-        reply = http.call("GET", f"/api/v1/sync?since={since}&limit={limit}", device.token)
-        page, trips, nbytes = reply.body, trips + 1, nbytes + reply.size
-        sql.add(reply.sql)
+        page, size, count = http.call(
+            "GET", f"/api/v1/sync?since={since}&limit={limit}", device.token
+        )
+        trips, nbytes = trips + 1, nbytes + size
+        sql.add(count)
         entries += len(page["entries"])
         versions += [e["version"] for e in page["entries"]]
         missing += sum(1 for e in page["entries"] if e["type"] == "message" and not e["message"])
@@ -306,21 +246,30 @@ def pull_until_done(http: Http, device: Device, since: int, limit: int) -> dict:
 
 
 def run_pulls(http: Http, device: Device, since: int, limit: int, mode: str, runs: int) -> dict:
-    """``runs`` timed pulls after 2 untimed ones, each on a fresh connection, each after
-    dropping (cold) or preparing (prepared) the device's package; the runs summarized."""
+    """``runs`` timed pulls after 2 untimed ones, each on a fresh connection, after dropping
+    (cold) or preparing (prepared) the device's package, and marking the device seen (as its
+    login would, so the pull sends no prepare task); the runs summarized."""
+    from django.utils import timezone
+
+    from imcore.models import Device as DeviceRow
+    from offline import keys, store
+    from offline.services import offline_prepare_device
+
     results, prepares, prepared_as = [], [], set()
     for _ in range(2 + runs):
-        drop_prepared(device)
+        store.client().delete(
+            *(k(device.user_id, device.pk) for k in (keys.package, keys.snapshot))
+        )
         if mode == "prepared":
-            seconds, what = prepare(device)
-            prepared_as.add(what)
-            prepares.append(seconds * 1000)
-        mark_seen(device.pk)
+            t0 = time.perf_counter()
+            prepared_as.add(offline_prepare_device(device_pk=device.pk))
+            prepares.append((time.perf_counter() - t0) * 1000)
+        DeviceRow.objects.filter(pk=device.pk).update(last_seen_at=timezone.now())
         http.close()
         results.append(pull_until_done(http, device, since, limit))
     results, prepares = results[2:], prepares[2:]
-    keys = ("round_trips", "entries", "sql", "conversations")
-    same = {k: sorted({r[k] for r in results}) for k in keys}
+    keys_ = ("round_trips", "entries", "sql", "conversations")
+    same = {k: sorted({r[k] for r in results}) for k in keys_}
     return same | {
         "ms": [r["ms"] for r in results], "kb": common.median([r["kb"] for r in results]),
         "ok": all(r["ok"] for r in results), "gap": all(r["gap"] for r in results),
@@ -482,9 +431,8 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
                 for d in devices:
                     first, _ = written[d.user_id]
                     ack = {"version": first + k}
-                    reply = http.call("POST", "/api/v1/sync/ack", d.token, ack)
+                    server.add(http.call("POST", "/api/v1/sync/ack", d.token, ack)[2])
                     sent += 1
-                    server.add(reply.sql)
             http_s = time.perf_counter() - t0
         finally:
             stop.set()
