@@ -272,6 +272,14 @@ def redis_cpu(info: dict) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+def parse(parser, quick: str):
+    """The section's flags; ``--quick`` stands for ``quick`` (smoke sizes, one run each, a
+    few minutes, not for comparison), put before the command line's own flags, which win."""
+    parser.add_argument("--quick", action="store_true", help=f"the same as {quick}")
+    argv = sys.argv[1:]
+    return parser.parse_args([*quick.split(), *argv] if "--quick" in argv else argv)
+
+
 # ---- statistics and description --------------------------------------------------------------
 
 

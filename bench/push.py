@@ -34,6 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
+# --quick: smoke sizes, one run each
+QUICK = "--runs 1 --members 100 --messages 3 --steps 0,100,200 --idle-seconds 3"
+
 # ---- the socket holders (spawned processes) --------------------------------------------------
 
 
@@ -350,13 +353,13 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=1000, help="devices online in item 2")
     parser.add_argument("--messages", type=int, default=20, help="messages per latency run")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between messages")
-    parser.add_argument("--runs", type=int, default=2, help="latency runs per pipeline")
+    parser.add_argument("--runs", type=int, default=3, help="latency runs per pipeline")
     parser.add_argument("--idle-seconds", type=float, default=20, help="idle window a step")
     parser.add_argument("--clients", type=int, default=2, help="socket holder processes")
     parser.add_argument("--concurrency", type=int, default=100, help="handshakes per holder")
     parser.add_argument("--slow-step", type=float, default=90, help="stop the steps past this")
     parser.add_argument("--no-celery", action="store_true", help="skip the Celery variant")
-    args = parser.parse_args()
+    args = common.parse(parser, QUICK)
     args.steps = sorted(set(args.steps) | {0})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops every process too
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

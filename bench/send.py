@@ -32,6 +32,8 @@ from honcho.environ import parse_procfile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
+QUICK = "--clients 1,16 --seconds 3 --warmup 1"  # --quick: smoke sizes, one run each
+
 BODY = "benchmark message: hello from bench/send.py"
 CALLS = {
     "send": "POST …/messages",
@@ -360,7 +362,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--warmup", type=float, default=2)
     parser.add_argument("--members", type=int, default=10)
-    args = parser.parse_args()
+    args = common.parse(parser, QUICK)
     args.configs = args.configs.split(",")
     args.clients = sorted({int(c) for c in args.clients.split(",")} | {args.at})
     for tool in ("wrk", "pgbench"):

@@ -28,6 +28,11 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common, push
 
+QUICK = (  # --quick: smoke sizes, one run each
+    "--minutes 1 --probe-seconds 8 --probe-users 4 --users 8 --groups 2 --members 4 "
+    "--sockets 20 --sample-seconds 5"
+)
+
 MIB = 1024 * 1024
 LOCUSTFILE = Path(__file__).with_name("locustfile_soak.py")
 # A process's role: the first of these its command line holds (its parent's, for a pool).
@@ -327,7 +332,7 @@ def main() -> None:
     parser.add_argument("--sample-seconds", type=int, default=10, choices=(5, 10, 15, 20, 30, 60))
     parser.add_argument("--window-minutes", type=int, default=5)
     parser.add_argument("--limit-percent", type=float, default=5.0)
-    args = parser.parse_args()
+    args = common.parse(parser, QUICK)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the stack too
     with common.broker_stopped_after(), tempfile.TemporaryDirectory() as work:
         common.setup_django()

@@ -33,6 +33,11 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
+QUICK = (  # --quick: smoke sizes, one run each
+    "--sizes 500,5000 --seconds 2 --latency-seconds 3 --members 500 --max-groups 2 "
+    "--step-seconds 2 --senders 2 --live 100 --live-messages 3"
+)
+
 # The Redis server of the counters, sync and channel layer: its INFO is what the figures count.
 COUNTERS_PORT = urlsplit(common.ENV["REDIS_URL"]).port or 6379
 PATHS = {"channel": "channel mode", "pipeline": "pipeline", "fanout": "fan-out"}
@@ -416,7 +421,7 @@ def main() -> None:
     add("--live", type=int, default=1000, help="devices online in the live phase (0: none)")
     add("--live-messages", type=int, default=20)
     add("--live-interval", type=float, default=0.5, help="seconds between live messages")
-    args = parser.parse_args()
+    args = common.parse(parser, QUICK)
     args.sizes = [int(s) for s in args.sizes.split(",")]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     if not paths or set(paths) - set(PATHS):

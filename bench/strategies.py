@@ -25,6 +25,8 @@ from urllib.parse import urlparse
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
+QUICK = "--runs 1 --seconds 1 --limit-requests 20000"  # --quick: smoke sizes, one run each
+
 FORK = multiprocessing.get_context("fork")
 STRATEGIES = ["lua", "watch", "lock", "naive"]
 FIRST_USER = 900_000  # member ids of the benchmark's group, away from any real user
@@ -48,39 +50,28 @@ def load_members(client, user_ids: list[int], conversations: list[int]) -> None:
         scripts.load(u, rows)
 
 
-def worker(p: int, name: str, args, start_at: float, results) -> None:
-    """One fan-out process: count messages for every member until the time is up."""
-    try:
-        from counters.redis import get_redis
-        from counters.strategies import STRATEGIES as CLASSES
-        from counters.strategies import CountersBusy
+def worker(p: int, name: str, args, start_at: float) -> dict:
+    """One fan-out process (a pool's, forked): count messages for every member until the
+    time is up."""
+    from counters.redis import get_redis
+    from counters.strategies import STRATEGIES as CLASSES
+    from counters.strategies import CountersBusy
 
-        strategy = CLASSES[name](get_redis())  # the app's client; its pool reconnects after fork
-        user_ids = members(args.members)
-        conversations = list(range(1, args.conversations + 1))
-        top = dict.fromkeys(conversations, 0)
-        updates = busy = 0
-        time.sleep(max(0.0, start_at - time.time()))
-        deadline = time.perf_counter() + args.seconds
-        k = 0
-        while time.perf_counter() < deadline:
-            cid = conversations[k % len(conversations)]
-            seq = k * args.processes + p + 1
-            try:
-                strategy.inc_many([(u, [(cid, seq)]) for u in user_ids])
-            except CountersBusy:
-                busy += 1
-                continue
-            top[cid] = seq
-            updates += len(user_ids)
-            k += 1
-        results.put(
-            (p, {"updates": updates, "top": top, "retries": strategy.retries,
-                 "wait_s": strategy.wait_seconds, "busy": busy, "cpu_s": time.process_time()})
-        )  # fmt: skip
-    except BaseException as exc:  # report it instead of dying silently
-        results.put((p, {"error": repr(exc)}))
-        raise
+    strategy = CLASSES[name](get_redis())  # the app's client; its pool reconnects after fork
+    user_ids, conversations = members(args.members), list(range(1, args.conversations + 1))
+    top, updates, busy, k, cpu0 = dict.fromkeys(conversations, 0), 0, 0, 0, time.process_time()
+    time.sleep(max(0.0, start_at - time.time()))
+    deadline = time.perf_counter() + args.seconds
+    while time.perf_counter() < deadline:
+        cid, seq = conversations[k % len(conversations)], k * args.processes + p + 1
+        try:
+            strategy.inc_many([(u, [(cid, seq)]) for u in user_ids])
+        except CountersBusy:
+            busy += 1
+            continue
+        top[cid], updates, k = seq, updates + len(user_ids), k + 1
+    return {"updates": updates, "top": top, "retries": strategy.retries, "busy": busy,
+            "wait_s": strategy.wait_seconds, "cpu_s": time.process_time() - cpu0}  # fmt: skip
 
 
 def drift(client, user_ids: list[int], truth: dict[int, int]) -> dict:
@@ -112,35 +103,20 @@ def run_strategy(name: str, args) -> dict:
     user_ids = members(args.members)
     conversations = list(range(1, args.conversations + 1))
     load_members(client, user_ids, conversations)
-    info0 = common.redis_info()
-    results = FORK.Queue()
-    start_at = time.time() + 0.5
-    procs = [
-        FORK.Process(target=worker, args=(p, name, args, start_at, results))
-        for p in range(args.processes)
-    ]
-    for proc in procs:
-        proc.start()
-    out = dict(results.get(timeout=args.seconds + 60) for _ in procs)
-    for proc in procs:
-        proc.join(30)
+    info0, start_at = common.redis_info(), time.time() + 0.5
+    with FORK.Pool(args.processes) as pool:
+        out = pool.starmap(worker, [(p, name, args, start_at) for p in range(args.processes)])
     info1 = common.redis_info()
-    failed = {p: r["error"] for p, r in out.items() if "error" in r}
-    if failed:
-        raise RuntimeError(f"{name}: worker processes failed: {failed}")
-    truth = {c: max(r["top"][c] for r in out.values()) for c in conversations}
-    updates = sum(r["updates"] for r in out.values())
+    truth = {c: max(r["top"][c] for r in out) for c in conversations}
+    total = {k: sum(r[k] for r in out) for k in ("updates", "retries", "wait_s", "busy", "cpu_s")}
     return {
-        "updates": updates,
-        "updates_per_s": updates / args.seconds,
-        "retries": sum(r["retries"] for r in out.values()),
-        "lock_wait_s": sum(r["wait_s"] for r in out.values()),
-        "busy": sum(r["busy"] for r in out.values()),
-        "client_cpu_s": sum(r["cpu_s"] for r in out.values()),
+        "updates": total["updates"], "updates_per_s": total["updates"] / args.seconds,
+        "retries": total["retries"], "lock_wait_s": total["wait_s"], "busy": total["busy"],
+        "client_cpu_s": total["cpu_s"],
         "redis_commands": common.commands_total(info1) - common.commands_total(info0),
         "redis_cpu_s": common.redis_cpu(info1) - common.redis_cpu(info0),
         **drift(client, user_ids, truth),
-    }
+    }  # fmt: skip
 
 
 # ---- the machine's limit: redis-benchmark on the same Redis --------------------------------
@@ -259,7 +235,7 @@ def parse() -> argparse.Namespace:
         "--limit-requests", type=int, default=200_000, help="redis-benchmark requests per run"
     )
     parser.add_argument("--strategies", type=lambda s: s.split(","), default=STRATEGIES)
-    args = parser.parse_args()
+    args = common.parse(parser, QUICK)
     unknown = set(args.strategies) - set(STRATEGIES)
     if unknown:
         parser.error(f"unknown strategies: {sorted(unknown)}")

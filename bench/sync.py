@@ -26,6 +26,9 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
+# --quick: smoke sizes, one run each
+QUICK = "--runs 1 --catchup-messages 100 --sweep 25,50,100 --big-group 500"
+
 SQL_HEADER = "X-Bench-SQL"
 
 
@@ -603,7 +606,7 @@ def main() -> None:
         help="seconds between ack flushes while acks arrive (0: one flush after the last ack); "
         "default: both SYNC_ACK_FLUSH_INTERVAL_S (as Celery beat) and 0",
     )  # fmt: skip
-    args = parser.parse_args()
+    args = common.parse(parser, QUICK)
     args.sweep = [int(n) for n in args.sweep.split(",")]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops gunicorn too
     with common.broker_stopped_after():
