@@ -328,7 +328,7 @@ def code_state() -> dict:
     """The commit, and the files outside bench/ that differ from it."""
 
     def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.rstrip()
 
     changed = git("status", "--porcelain", "-uno", "--", ".", ":(exclude)bench").splitlines()
     return {

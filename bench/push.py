@@ -342,7 +342,11 @@ def plot(steps: list[dict]) -> str:
     per.plot(
         xs[1:], [s["kb_per_socket"] for s in steps[1:]], marker="o", label="RSS growth / socket"
     )
-    per.set(xlabel="idle authenticated sockets (count)", ylabel="memory per socket (KiB)")
+    per.set(
+        xlabel="idle authenticated sockets (count)",
+        ylabel="memory per socket (KiB)",
+        ylim=(0, None),
+    )
     return common.save_figure(fig, "push")
 
 

@@ -254,11 +254,8 @@ def run(args) -> dict:
     counts, machine, pm = per_send_counts(clients[-1]), common.machine(), common.postmaster()
     entries = procfile()
     web_entries = {k: v for k, v in entries.items() if k not in ("worker", "beat", "flower")}
-    configs = {
-        k: v
-        for k, v in {"asgi": {"web": ASGI}, "procfile": web_entries}.items()
-        if k in args.configs
-    }
+    known = {"asgi": {"web": ASGI}, "procfile": web_entries}
+    configs = {k: known[k] for k in args.configs}
     celery, _ = start({k: entries[k] for k in ("worker", "beat")})
     results: dict[str, list[dict]] = {}
     pg: dict[str, dict] = {}
@@ -277,10 +274,7 @@ def run(args) -> dict:
                         print(f"  {name} {call} {n}: {row['rate']:.0f}/s", flush=True)
                         if call == "send" and n == args.at:
                             pg[name] = pgbench_insert(n, args.seconds)
-                            print(
-                                f"  pgbench INSERT {n} clients: {pg[name]['rate']:8.0f}/s",
-                                flush=True,
-                            )
+                            print(f"  pgbench INSERT: {pg[name]['rate']:.0f}/s", flush=True)
             finally:
                 for p in web:
                     p.stop()
@@ -289,13 +283,8 @@ def run(args) -> dict:
     finally:
         for p in celery:
             p.stop()
-    return {
-        "machine": machine,
-        "configs": configs,
-        "per_send": counts,
-        "results": results,
-        "pgbench_insert": pg,
-    }
+    report = {"machine": machine, "configs": configs, "per_send": counts, "results": results}
+    return report | {"pgbench_insert": pg}
 
 
 def markdown(args, report: dict, plot: str) -> str:

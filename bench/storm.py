@@ -92,31 +92,16 @@ def stack(path: str, senders: int):
 
 
 def sender_setup(write_path: str) -> None:
-    import django
-
-    os.environ.update(common.ENV)
-    django.setup()
-    from django.conf import settings
-
-    settings.DELIVERY_WRITE_PATH = write_path
+    os.environ.update(common.ENV, DELIVERY_WRITE_PATH=write_path)
+    __import__("django").setup()
 
 
 def calls(port: int) -> Counter:
     """Commands the server ran since its last CONFIG RESETSTAT (inside scripts included), by
     name; the observer's INFO and RESETSTAT left out."""
-    stats = redis.Redis(port=port).info("commandstats")
-    return Counter(
-        {
-            k: v["calls"]
-            for k, v in stats.items()
-            if not k.startswith(("cmdstat_info", "cmdstat_config"))
-        }
-    )
-
-
-def reset_stats() -> None:
-    for port in (COUNTERS_PORT, common.BROKER_PORT):
-        redis.Redis(port=port).config_resetstat()
+    stats = redis.Redis(port=port).info("commandstats").items()
+    own = ("cmdstat_info", "cmdstat_config")
+    return Counter({k: v["calls"] for k, v in stats if not k.startswith(own)})
 
 
 def read_cost(user_id: int, n: int = 20) -> Counter:
@@ -235,7 +220,8 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
             time.sleep(0.05)
 
     chunks = [groups[i::senders] for i in range(min(senders, len(groups)))]
-    reset_stats()
+    for port in (COUNTERS_PORT, common.BROKER_PORT):
+        redis.Redis(port=port).config_resetstat()
     info0 = [common.redis_info(p) for p in (COUNTERS_PORT, common.BROKER_PORT)]
     cpu0 = [sum(p.cpu() for p in procs), machine_busy()]
     start = time.perf_counter() + 0.3
@@ -384,7 +370,7 @@ def live_phase(args) -> dict:
     return r | {"opened": opened["opened"]}
 
 
-def plot(runs: list[dict], ceiling: dict) -> str:
+def plot(runs: list[dict], ceiling: dict, members: int) -> str:
     fig, (cost, lat) = common.figure("storm", "Storm: cost per message; latency against groups", 2)
     for path, label in PATHS.items():
         pts = sorted((r["members"], r["cmds_per_msg"]) for r in runs if r["path"] == path)
@@ -399,7 +385,9 @@ def plot(runs: list[dict], ceiling: dict) -> str:
             lat.plot(
                 [r["groups"] for r in steps], [r[q] for r in steps], style, marker="o", label=label
             )
-    lat.set(xscale="log", yscale="symlog", xlabel="groups of 5,000 members at 10 messages/s")
+    lat.set_xscale("log", base=2)
+    lat.set_yscale("symlog", linthresh=1)
+    lat.set(xlabel=f"groups of {members:,} members at 10 messages/s each", ylim=(0, None))
     lat.set(ylabel="commit → unread visible (ms)")
     return common.save_figure(fig, "storm")
 
@@ -496,7 +484,12 @@ def main() -> None:
             f"uvicorn CPU {r['server_cpu_s']:.1f} s.",
         ]
     data["elapsed_s"] = elapsed = time.perf_counter() - began
-    lines += ["", f"Total run time: {elapsed / 60:.1f} min.", "", plot(runs, data["ceiling"])]
+    lines += [
+        "",
+        f"Total run time: {elapsed / 60:.1f} min.",
+        "",
+        plot(runs, data["ceiling"], args.members),
+    ]
     common.write_results("storm", "\n".join(lines), data)
 
 
