@@ -35,9 +35,16 @@ ENV = {
 NOT_COUNTED = {"cmdstat_hmget", "cmdstat_info", "cmdstat_config|resetstat", "cmdstat_llen"}
 
 
-def setup_django() -> None:
+def django_setup() -> None:
+    """Django on the benchmark's database and Redis, nothing started (a section's imports)."""
     os.environ.update(ENV)
     sys.path.insert(0, str(ROOT))
+    __import__("django").setup()
+
+
+def setup_django() -> None:
+    """The broker and the database up and migrated."""
+    django_setup()
     if not broker_up():
         server = f"redis-server --port {BROKER_PORT} --bind 127.0.0.1 --daemonize yes"
         subprocess.run([*server.split(), "--save", "", "--appendonly", "no"], check=True)
@@ -45,9 +52,6 @@ def setup_django() -> None:
     # createdb fails when the database exists: that is fine.
     db = ENV["DATABASE_URL"].rsplit("/", 1)[1]
     subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", db], capture_output=True)
-    import django
-
-    django.setup()
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
@@ -192,11 +196,12 @@ class Proc:
         wait_for(ready, timeout, f"{self.proc.args[:3]}")
         time.sleep(settle)
 
-    def stop(self) -> str:
-        """SIGTERM to the group, SIGKILL after 30 s; returns the output."""
+    def stop(self, group: bool = True) -> str:
+        """SIGTERM to the group (or the process alone), SIGKILL to the group after 30 s;
+        returns the output."""
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, 15)
+                os.killpg(self.pid, 15) if group else self.proc.terminate()
             try:
                 self.proc.wait(30)
             except psutil.TimeoutExpired:

@@ -34,6 +34,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
+common.django_setup()  # the imports below need Django's settings
+from django.db import connection
+
+from counters.services import counters_reconcile
+from delivery.pipeline import delivery_drain
+from imcore import services
+from imcore.models import User
+
 # --quick: smoke sizes, one run each
 QUICK = "--runs 1 --members 100 --messages 3 --steps 0,100,200 --idle-seconds 3"
 
@@ -165,11 +173,6 @@ class Holders:
 
 def setup(n_users: int, members: int) -> dict:
     """``n_users`` users with one device each; the first ``members`` in one group."""
-    from django.db import connection
-
-    from counters.services import counters_reconcile
-    from imcore import services
-    from imcore.models import User
 
     common.reset_data(broker=False)
     ids = common.make_users(n_users, "push")
@@ -232,9 +235,6 @@ def measure_idle(server, holders: Holders, tokens: list[str], args) -> list[dict
 def latency(data, holders: Holders, server, messages: int, interval: float, drain: bool) -> dict:
     """Send ``messages`` messages ``interval`` s apart (each drained here with ``drain``);
     wait until every device got each, or nothing arrived for 3 s (at most 20 s)."""
-    from delivery.pipeline import delivery_drain
-    from imcore import services
-
     cid, commits, send_ms, drain_ms = data["conversation"].pk, {}, [], []
     dup0 = sum(r["duplicates"] for r in holders.ask("status"))
     cpu0, start, tag = server.cpu(), time.perf_counter(), time.monotonic_ns()

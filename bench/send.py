@@ -32,6 +32,18 @@ from honcho.environ import parse_procfile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
+common.django_setup()  # the imports below need Django's settings
+import redis
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+
+from counters.services import counters_reconcile
+from delivery.pipeline import delivery_drain, shard_lengths
+from imcore import services
+from imcore.models import User
+from offline import store
+
 QUICK = "--clients 1,16 --seconds 3 --warmup 1"  # --quick: smoke sizes, one run each
 
 BODY = "benchmark message: hello from bench/send.py"
@@ -75,12 +87,6 @@ def start(commands: dict[str, str], port: int = 0) -> tuple[list[common.Proc], P
 def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
     """A user per client with a device token and its own group; the first ``sync_clients``
     hold 101 sync entries past ``since``. Every user's counters are loaded."""
-    from counters.services import counters_reconcile
-    from delivery.pipeline import delivery_drain
-    from imcore import services
-    from imcore.models import User
-    from offline import store
-
     common.reset_data()
     ids = common.make_users(clients * members, "u")
     senders = User.objects.filter(pk__in=ids[::members]).order_by("pk")
@@ -106,11 +112,6 @@ def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
 
 def per_send_counts(client: dict) -> dict:
     """SQL statements and Redis commands of one send through Django's test client."""
-    import redis
-    from django.db import connection
-    from django.test import Client
-    from django.test.utils import CaptureQueriesContext
-
     calls, original = [], redis.Redis.execute_command
 
     def counted(self, *args, **kwargs):
@@ -189,8 +190,6 @@ def wrk(port: int, clients: list[dict], call: str, seconds: float, tag: str) -> 
 
 def pgbench_insert(clients: int, seconds: float) -> dict:
     """pgbench ``-M simple``: single-row INSERTs into a copy of the message table."""
-    from django.db import connection
-
     with connection.cursor() as cursor:
         cursor.execute("DROP TABLE IF EXISTS bench_message")
         cursor.execute("CREATE TABLE bench_message (LIKE imcore_message INCLUDING ALL)")
@@ -224,8 +223,6 @@ def pgbench_insert(clients: int, seconds: float) -> dict:
 
 def measure(port, clients, call, args, procs: dict, tag: str) -> dict:
     """wrk's warm-up, the pipeline drained, then the timed wrk with each side's CPU."""
-    from delivery.pipeline import shard_lengths
-
     wrk(port, clients, call, args.warmup, f"w{tag}")
     deadline = time.monotonic() + 60
     while sum(shard_lengths()) and time.monotonic() < deadline:

@@ -28,6 +28,17 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common, push
 
+common.django_setup()  # the imports below need Django's settings
+import redis
+from django.db import connection
+
+from counters.selectors import counters_peek, counters_truth_from_rows, counters_truth_rows
+from counters.services import counters_reconcile
+from delivery.pipeline import shard_lengths
+from imcore import services
+from imcore.celery import app
+from imcore.models import User
+
 QUICK = (  # --quick: smoke sizes, one run each
     "--minutes 1 --probe-seconds 8 --probe-users 4 --users 8 --groups 2 --members 4 "
     "--sockets 20 --sample-seconds 5"
@@ -53,10 +64,6 @@ def process_role(proc: psutil.Process) -> str | None:
 def seed(args) -> tuple[list[dict], list[str], list[int]]:
     """Senders in groups and idle users, a device each; returns the senders' devices, the
     idle tokens, and the ids of every group member."""
-    from counters.services import counters_reconcile
-    from imcore import services
-    from imcore.models import User
-
     common.reset_data()
     groups, senders = args.groups, args.users // args.groups
     size = max(args.members, senders)
@@ -87,8 +94,6 @@ class Stack(common.Proc):
         super().__init__([sys.executable, "bin/stack.py", *self.names], port, **env)
 
     def wait_all(self) -> None:
-        from imcore.celery import app
-
         self.wait_http()
 
         def started() -> bool:  # both web workers booted, uvicorn up, the worker answers
@@ -138,8 +143,6 @@ def history(data: Path) -> list[tuple[int, int, int]]:
 
 
 def sample(stack: Stack, sockets: push.Holders, redis_servers: dict) -> dict:
-    from django.db import connection
-
     row = {"time": time.time(), "load avg 1 min": round(os.getloadavg()[0], 1)}
     for name, proc in stack.processes().items():
         with contextlib.suppress(psutil.Error):
@@ -158,9 +161,6 @@ def sample(stack: Stack, sockets: push.Holders, redis_servers: dict) -> dict:
 
 def drain(timeout: float = 120) -> None:
     """Until the counter pipeline and the broker's queues are empty."""
-    from delivery.pipeline import shard_lengths
-    from imcore.celery import app
-
     deadline = time.monotonic() + timeout
     with app.connection_for_write() as conn:
         broker = conn.default_channel.client
@@ -172,9 +172,6 @@ def drain(timeout: float = 120) -> None:
 
 def check_data(acked: set[str], member_ids: list[int]) -> dict:
     """Lost sends, conversations whose last_seq is off, users whose Redis counts are off."""
-    from django.db import connection
-
-    from counters.selectors import counters_peek, counters_truth_from_rows, counters_truth_rows
 
     with connection.cursor() as cursor:
         cursor.execute("SELECT client_msg_id FROM imcore_message")
@@ -270,8 +267,6 @@ def markdown(args, r: dict) -> str:
 
 def soak(args, work: Path) -> dict:
     """Seed, start the stack and the sockets, probe, soak, drain, check; the raw results."""
-    import redis
-
     devices, idle_tokens, member_ids = seed(args)
     stack, sockets = Stack(), None
     try:
@@ -304,7 +299,7 @@ def soak(args, work: Path) -> dict:
     finally:
         if sockets:
             sockets.stop()
-        log = stack.stop()
+        log = stack.stop(group=False)  # bin/stack.py stops its processes, as for `make run`
     return {
         "capacity": capacity,
         "samples": samples,

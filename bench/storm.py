@@ -18,7 +18,6 @@ Senders are spawned processes pacing ``message_send``; CPU from psutil.
 import argparse
 import contextlib
 import multiprocessing
-import os
 import sys
 import threading
 import time
@@ -32,6 +31,19 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
+
+common.django_setup()  # the imports below need Django's settings
+from django.conf import settings
+from django.db import connections
+
+from counters import keys
+from counters.redis import get_redis
+from counters.selectors import counters_get
+from counters.services import counters_reconcile
+from delivery import keys as delivery_keys
+from delivery.services import delivery_message_committed
+from imcore import services
+from imcore.models import Conversation, User
 
 QUICK = (  # --quick: smoke sizes, one run each
     "--sizes 500,5000 --seconds 2 --latency-seconds 3 --members 500 --max-groups 2 "
@@ -57,11 +69,6 @@ class Group:
 def make_group(path: str, ids: list[int], reconcile: bool = True) -> Group:
     """A group of ``ids`` (the first sends, the second observes) in the path's mode; with
     ``reconcile`` every member's counters are loaded from PostgreSQL, as in production."""
-    from django.conf import settings
-
-    from counters.services import counters_reconcile
-    from imcore import services
-    from imcore.models import Conversation, User
 
     settings.LARGE_GROUP_MIN_MEMBERS = 2 if path == "channel" else 10**9
     conversation, _ = services.conversation_create(
@@ -77,8 +84,6 @@ def make_group(path: str, ids: list[int], reconcile: bool = True) -> Group:
 def stack(path: str, senders: int):
     """A Celery worker and beat for ``path``, and ``senders`` sender processes (spawned: a
     forked one would share the parent's pooled PostgreSQL connections)."""
-    from django.conf import settings
-
     settings.DELIVERY_WRITE_PATH = "fanout" if path == "fanout" else "pipeline"
     procs = common.start_worker(DELIVERY_WRITE_PATH=settings.DELIVERY_WRITE_PATH)
     ctx = multiprocessing.get_context("spawn")
@@ -92,8 +97,8 @@ def stack(path: str, senders: int):
 
 
 def sender_setup(write_path: str) -> None:
-    os.environ.update(common.ENV, DELIVERY_WRITE_PATH=write_path)
-    __import__("django").setup()
+    """A sender process (spawned: Django set up by this module's import) on ``write_path``."""
+    settings.DELIVERY_WRITE_PATH = write_path
 
 
 def calls(port: int) -> Counter:
@@ -106,8 +111,6 @@ def calls(port: int) -> Counter:
 
 def read_cost(user_id: int, n: int = 20) -> Counter:
     """Commands one ``counters_get(user_id)`` sends, by name (so the observer's are taken out)."""
-    from counters.selectors import counters_get
-
     counters_get(user_id=user_id)  # a rebuild, if the hash is not loaded, is not its cost
     before = calls(COUNTERS_PORT)
     for _ in range(n):
@@ -120,16 +123,12 @@ def held(own: Counter, own_broker: Counter) -> int:
     """What the write path holds now: the pipeline's stream events (waiting, or read and not
     acknowledged), its shard locks held, and the broker's ``counters`` tasks (waiting, or
     delivered and not acknowledged)."""
-    from django.conf import settings
-
-    from counters.redis import get_redis
-    from delivery import keys
 
     shards = range(settings.COUNTERS_SHARDS)
     pipe = get_redis().pipeline(transaction=False)
     for shard in shards:
-        pipe.xlen(keys.shard_stream(shard))
-    pipe.exists(*[keys.shard_lock(shard) for shard in shards])
+        pipe.xlen(delivery_keys.shard_stream(shard))
+    pipe.exists(*[delivery_keys.shard_lock(shard) for shard in shards])
     broker = redis.Redis(port=common.BROKER_PORT).pipeline(transaction=False)
     broker.llen("counters").hlen("unacked")
     own.update({"cmdstat_xlen": len(shards), "cmdstat_exists": 1})
@@ -143,13 +142,6 @@ def send(groups: list[tuple[int, int]], rate: float, seconds: float, start: floa
     through ``message_send``; with ``direct``, only what its commit hands over
     (``delivery_message_committed``, no PostgreSQL). Returns [(conversation, seq, when the
     call returned)] and its CPU seconds."""
-    from django.db import connections
-
-    from counters import keys
-    from counters.redis import get_redis
-    from delivery.services import delivery_message_committed
-    from imcore import services
-    from imcore.models import Conversation, User
 
     convs = {c: Conversation.objects.get(pk=c) for c, _ in groups}
     senders = {s: User.objects.get(pk=s) for _, s in groups}
@@ -190,8 +182,6 @@ def machine_busy() -> float:
 def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     """Send for ``seconds``, wait until the observers saw every message and the write path is
     idle; the costs of that whole window."""
-    from counters.selectors import counters_get
-
     procs, pool = stack
     watch: dict[int, list[int]] = {}
     for g in groups:
@@ -351,7 +341,6 @@ def live_phase(args) -> dict:
     """Commit -> live delivery: ``--live`` members of one channel-mode group online (one
     device and socket each, ``bench/push.py``'s server and socket holders); a member sends
     ``--live-messages`` messages; no Celery: the relay is the send's own."""
-    from django.conf import settings
 
     from bench import push
 
@@ -416,8 +405,6 @@ def main() -> None:
         parser.error(f"--paths takes some of {', '.join(PATHS)}")
     began = time.perf_counter()
     common.setup_django()
-    from django.conf import settings
-
     interval = settings.COUNTERS_FLUSH_INTERVAL
     lines = common.header(
         "Storm benchmark: channel mode, pipeline, fan-out",

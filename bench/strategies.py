@@ -25,6 +25,14 @@ from urllib.parse import urlparse
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
+common.django_setup()  # the imports below need Django's settings
+from counters import keys
+from counters.redis import get_redis
+from counters.scripts import CounterScripts, source
+from counters.strategies import STRATEGIES as CLASSES
+from counters.strategies import CountersBusy
+from counters.transitions import MembershipRow
+
 QUICK = "--runs 1 --seconds 1 --limit-requests 20000"  # --quick: smoke sizes, one run each
 
 FORK = multiprocessing.get_context("fork")
@@ -39,10 +47,6 @@ def members(n: int) -> list[int]:
 
 def load_members(client, user_ids: list[int], conversations: list[int]) -> None:
     """Empty counters for every member in every conversation, loaded (``ready``)."""
-    from counters import keys
-    from counters.scripts import CounterScripts
-    from counters.transitions import MembershipRow
-
     client.delete(*[keys.counters(u) for u in user_ids], *[keys.counters_lock(u) for u in user_ids])
     rows = [MembershipRow(c, 1, True, False, 0, 0) for c in conversations]
     scripts = CounterScripts(client)
@@ -53,10 +57,6 @@ def load_members(client, user_ids: list[int], conversations: list[int]) -> None:
 def worker(p: int, name: str, args, start_at: float) -> dict:
     """One fan-out process (a pool's, forked): count messages for every member until the
     time is up."""
-    from counters.redis import get_redis
-    from counters.strategies import STRATEGIES as CLASSES
-    from counters.strategies import CountersBusy
-
     strategy = CLASSES[name](get_redis())  # the app's client; its pool reconnects after fork
     user_ids, conversations = members(args.members), list(range(1, args.conversations + 1))
     top, updates, busy, k, cpu0 = dict.fromkeys(conversations, 0), 0, 0, 0, time.process_time()
@@ -77,8 +77,6 @@ def worker(p: int, name: str, args, start_at: float) -> dict:
 def drift(client, user_ids: list[int], truth: dict[int, int]) -> dict:
     """How far the hashes are from the truth: members with a wrong unread or badge, the sum
     of their badge errors, and whether any top went backwards."""
-    from counters import keys
-
     pipe = client.pipeline(transaction=False)
     for u in user_ids:
         pipe.hgetall(keys.counters(u))
@@ -97,8 +95,6 @@ def drift(client, user_ids: list[int], truth: dict[int, int]) -> dict:
 
 def run_strategy(name: str, args) -> dict:
     """One timed run of ``name`` with ``args.processes`` processes."""
-    from counters.redis import get_redis
-
     client = get_redis()
     user_ids = members(args.members)
     conversations = list(range(1, args.conversations + 1))
@@ -144,10 +140,6 @@ def redis_benchmark(label: str, command: list[str], *, clients: int, pipeline: i
 def limit_commands() -> dict[str, list[str]]:
     """INCR, and EVALSHA of the ``inc`` script on a loaded member hash with a random seq (the
     script the ``lua`` strategy calls, one member and one conversation per call)."""
-    from counters import keys
-    from counters.redis import get_redis
-    from counters.scripts import source
-
     client = get_redis()
     load_members(client, [BENCH_USER], [1])
     sha = client.script_load(source("inc"))

@@ -26,6 +26,19 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
+common.django_setup()  # the imports below need Django's settings
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from counters.services import counters_reconcile
+from delivery.pipeline import delivery_drain
+from imcore import services
+from imcore.models import Conversation, User
+from imcore.models import Device as DeviceRow
+from offline import keys, store
+from offline.services import offline_flush_acks, offline_prepare_device, offline_record_messages
+
 # --quick: smoke sizes, one run each
 QUICK = "--runs 1 --catchup-messages 100 --sweep 25,50,100 --big-group 500"
 
@@ -71,8 +84,6 @@ class SqlCount:
 
 @contextlib.contextmanager
 def sql_counted():
-    from django.db import connection
-
     count = SqlCount()
     with connection.execute_wrapper(count):
         yield count
@@ -137,9 +148,6 @@ def make_devices(user_ids: list[int], **fields) -> list[Device]:
 
 
 def send_messages(conversation_id: int, sender_ids: list[int], n: int, tag: str) -> None:
-    from imcore import services
-    from imcore.models import Conversation, User
-
     conversation = Conversation.objects.get(pk=conversation_id)
     senders = [User.objects.get(pk=uid) for uid in sender_ids]
     for i in range(n):
@@ -151,19 +159,12 @@ def send_messages(conversation_id: int, sender_ids: list[int], n: int, tag: str)
 
 
 def sync_state(user_id: int) -> dict[str, int]:
-    from offline import keys, store
-
     raw = store.client().hgetall(keys.state(user_id))
     return {k: int(raw[k]) for k in ("cur", "floor", "bound") if k in raw}
 
 
 def setup(args) -> dict:
     """Every user, conversation, message and device the measurements use."""
-    from counters.services import counters_reconcile
-    from delivery.pipeline import delivery_drain
-    from imcore import services
-    from imcore.models import User
-
     common.reset_data()
     out: dict = {}
 
@@ -252,11 +253,6 @@ def run_pulls(http: Http, device: Device, since: int, limit: int, mode: str, run
     """``runs`` timed pulls after 2 untimed ones, each on a fresh connection, after dropping
     (cold) or preparing (prepared) the device's package, and marking the device seen (as its
     login would, so the pull sends no prepare task); the runs summarized."""
-    from django.utils import timezone
-
-    from imcore.models import Device as DeviceRow
-    from offline import keys, store
-    from offline.services import offline_prepare_device
 
     results, prepares, prepared_as = [], [], set()
     for _ in range(2 + runs):
@@ -281,8 +277,6 @@ def run_pulls(http: Http, device: Device, since: int, limit: int, mode: str, run
 
 
 def measure_catchup(http: Http, data: dict, args) -> list[dict]:
-    from django.conf import settings
-
     device, since = data["device"], data["since"]
     n = data["state"]["cur"] - since
     out = []
@@ -297,8 +291,6 @@ def measure_catchup(http: Http, data: dict, args) -> list[dict]:
 
 def measure_sweep(http: Http, data: dict, args) -> list[dict]:
     """Cold catch-up from ``cur - n`` for each ``n`` of ``--sweep`` (the plot's points)."""
-    from django.conf import settings
-
     cur, out = data["state"]["cur"], []
     for n in [n for n in args.sweep if n <= cur - data["since"]]:
         s = run_pulls(http, data["device"], cur - n, settings.SYNC_PAGE_MAX, "cold", args.runs)
@@ -307,8 +299,6 @@ def measure_sweep(http: Http, data: dict, args) -> list[dict]:
 
 
 def measure_gap(http: Http, data: dict, args) -> list[dict]:
-    from django.conf import settings
-
     out = []
     for mode in ("cold", "prepared"):
         out.append(run_pulls(http, data["device"], 0, settings.SYNC_PAGE_MAX, mode, args.runs))
@@ -320,10 +310,6 @@ def measure_entry_writes(data: dict, args) -> dict:
     """One message to the big group: its entries through the offline store, beside bumping a
     PostgreSQL row per member (one statement, or one statement per row); ``timeit`` runs,
     after one warm-up each."""
-    from django.db import connection, transaction
-
-    from offline import store
-    from offline.services import offline_record_messages
 
     cid, members, n = data["conversation_id"], data["members"], len(data["members"])
     data["seq"] = 0
@@ -372,8 +358,6 @@ def measure_entry_writes(data: dict, args) -> dict:
 
 
 def n_tup_upd(table: str) -> int:
-    from django.db import connection
-
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_stat_force_next_flush()")
         cursor.execute("SELECT pg_stat_clear_snapshot()")
@@ -383,9 +367,6 @@ def n_tup_upd(table: str) -> int:
 
 def periodic_flush(stop: threading.Event, interval: float, count: SqlCount, calls: list[int]):
     """What Celery beat does with ``offline.flush_acks``: flush every ``interval`` seconds."""
-    from django.db import connection
-
-    from offline.services import offline_flush_acks
 
     try:
         with sql_counted() as mine:
@@ -401,8 +382,6 @@ def ack_intervals(args) -> list[float]:
     """Flush modes of the ack runs: seconds between flushes while acks arrive (0: none)."""
     if args.ack_flush_interval is not None:
         return [args.ack_flush_interval]
-    from django.conf import settings
-
     return [settings.SYNC_ACK_FLUSH_INTERVAL_S, 0.0]
 
 
@@ -410,9 +389,6 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
     """Per run, ``--ack-devices`` fresh devices each ack ``--acks-per-device`` versions,
     round-robin over one connection, while a thread flushes acks as Celery beat would (or
     nothing does); one last flush after the last ack. Statements counted where they run."""
-    from imcore.models import Device as DeviceRow
-    from offline.services import offline_flush_acks, offline_record_messages
-
     # Every acking user gets acks_per_device new entries (the pipeline's bulk writer).
     cid, top = big["conversation_id"], big["seq"] + args.acks_per_device
     users = [d.user_id for devices in data["devices"] for d in devices]
@@ -497,8 +473,6 @@ def checks(res: dict, args) -> list[str]:
 
 
 def tables(res: dict, args) -> list[str]:
-    from django.conf import settings
-
     catchup, gap, w, a = res["catchup"], res["gap"], res["writes"], res["acks"]
 
     def prep(s: dict) -> str:
@@ -613,8 +587,6 @@ def main() -> None:
         common.setup_django()
         print("setting up…", flush=True)
         data = setup(args)
-        from django.db import connection
-
         connection.close()  # not held open across the server's start
         server = start_server()
         http, res = Http(server.port), {}
