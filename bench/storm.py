@@ -21,8 +21,7 @@ import multiprocessing
 import sys
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, namedtuple
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -58,12 +57,7 @@ DRAIN_TIMEOUT_S = 90
 LATENCY_SIZE = 5000  # the size whose runs last --latency-seconds
 
 
-@dataclass
-class Group:
-    conversation_id: int
-    sender_id: int
-    observer_id: int
-    members: int
+Group = namedtuple("Group", "conversation_id sender_id observer_id members")
 
 
 def make_group(path: str, ids: list[int], reconcile: bool = True) -> Group:
@@ -429,7 +423,7 @@ def main() -> None:
         for path in paths:
             cells = [fmt.format(by[path, s][key]) if (path, s) in by else "-" for s in args.sizes]
             rows.append([f"{label}: {PATHS[path]}", *cells])
-    channel = by.get(("channel", LATENCY_SIZE)) or next(r for r in runs if r["path"] == "channel")
+    channel = by.get(("channel", LATENCY_SIZE)) or next(r for r in runs)
     lines += [
         "## One group: cost per message and commit → unread visible",
         "",
@@ -437,7 +431,7 @@ def main() -> None:
         "",
         f"Commands: INFO commandstats deltas until the write path is idle (inside scripts "
         f"included, the observer's taken out). Latency: one member polls `counters_get` every "
-        f"~2 ms. Channel mode at {channel['members']:,} members, commands per message: "
+        f"~2 ms. {PATHS[channel['path']]} at {channel['members']:,} members, commands per message: "
         + ", ".join(f"{k} {v:g}" for k, v in channel["by_command"].items())
         + ".",
         "",

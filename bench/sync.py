@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import timeit
+from collections import namedtuple
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -135,11 +136,7 @@ class Http(requests.Session):
 # ---- data ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Device:
-    pk: int
-    user_id: int
-    token: str
+Device = namedtuple("Device", "pk user_id token")
 
 
 def make_devices(user_ids: list[int], **fields) -> list[Device]:
