@@ -140,7 +140,8 @@ demo: migrate
 
 # Benchmarks use their own database (imcore_bench) and Redis (db 8, broker on port 6390).
 # `make bench` runs them all (and the machine's limits: redis-benchmark, pgbench) in one go
-# and writes bench/results/<date>-<host>.md and .json.
+# and writes bench/results/<date>-<host>.md and .json, the sections' PNG plots beside them.
+# BENCH_ARGS=--quick: smoke sizes, a few minutes (every bench-* target takes it too).
 bench: venv services bench-tools
 	$(BIN)/python bench/all.py $(BENCH_ARGS)
 
@@ -169,7 +170,7 @@ bench-sync: venv services
 bench-push: venv services
 	$(BIN)/python bench/push.py $(BENCH_ARGS)
 
-# 10 minutes at 80 % of the measured send capacity (BENCH_ARGS="--minutes 2" for a short run):
+# 10 minutes at 80 % of the measured send capacity (BENCH_ARGS=--quick: one minute):
 # bench/results/soak-<date>-<host>.md, .json and .png; fails when memory grows or anything is lost.
 # The S1 storm and the send path on a local 3-master cluster beside the single Redis, in one
 # run: per-node Redis commands/s and CPU per message (bench/results/cluster-<date>-<host>.md).

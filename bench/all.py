@@ -1,211 +1,74 @@
-"""``make bench``: every benchmark in one run, gathered into one report.
+"""``make bench``: every section in one run, gathered into ``bench/results/<date>-<host>.md``.
 
-Runs the sections one after another, each as its own process (each starts the servers and
-workers it needs and stops them, so no section measures another's leftovers):
-
-1. ``strategies``: the counter consistency strategies under contention, beside
-   ``redis-benchmark`` INCR and EVALSHA of the same script (the machine's limit);
-2. ``storm``: one large group in channel mode, through the pipeline and the fan-out (commands
-   per message, commit to unread), and the ceiling in groups of channel mode and the pipeline;
-3. ``send``: the hot API calls (send, unread, read, conversations, sync) over HTTP, the
-   server before issue 14 beside the Procfile's, and ``pgbench`` single-row INSERTs on the
-   same PostgreSQL;
-4. ``sync``: catch-up, gap snapshot, version service and acks (``make bench-sync``);
-5. ``push``: idle sockets per process and commit-to-delivery on online devices
-   (``make bench-push``).
-
-Each section writes ``bench/results/<section>-<date>-<host>.md`` and ``.json``; this script
-then writes ``bench/results/<date>-<host>.md`` and ``.json`` (all sections, the machine, the
-commit, the time each took) and prints the markdown.
+Each section (``strategies``, ``storm``, ``send``, ``sync``, ``push``) runs as its own process,
+starting and stopping what it needs, and writes ``<section>-<date>-<host>.md``, ``.json`` and
+its plot (PNG); this joins their markdown, which links the plots, under one header.
 
     python bench/all.py [--only strategies,send] [--skip push] [--quick]
 """
 
 import argparse
 import datetime
-import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
-
-@dataclass
-class Section:
-    name: str
-    title: str
-    args: list[str]
-    quick: list[str] = field(default_factory=list)  # smaller sizes for a smoke run
+SECTIONS = ("strategies", "storm", "send", "sync", "push")  # each with its own --quick
 
 
-SECTIONS = [
-    Section(
-        "strategies",
-        "Consistency strategies under contention, against redis-benchmark",
-        ["--runs", "3"],
-        ["--runs", "1", "--seconds", "1", "--limit-requests", "20000"],
-    ),
-    Section(
-        "storm",
-        "Storm: one large group in channel mode, the pipeline and the fan-out; the ceiling",
-        [],
-        ["--sizes", "500,5000", "--seconds", "2", "--latency-seconds", "3", "--no-ceiling"],
-    ),
-    Section(
-        "send",
-        "Hot API calls over HTTP, against pgbench",
-        [],
-        ["--clients", "1,16", "--seconds", "3", "--warmup", "1"],
-    ),
-    Section(
-        "sync",
-        "Sync: catch-up, gap snapshot, versions, acks",
-        ["--runs", "5"],
-        ["--runs", "1", "--catchup-messages", "100", "--big-group", "500"],
-    ),
-    Section(
-        "push",
-        "Live sync and push: idle sockets, delivery to online devices",
-        ["--runs", "3"],
-        [
-            "--runs",
-            "1",
-            "--members",
-            "100",
-            "--messages",
-            "3",
-            "--steps",
-            "0,100",
-            "--idle-seconds",
-            "3",
-        ],
-    ),
-]
-
-
-def git(*args: str) -> str:
-    out = subprocess.run(["git", *args], cwd=common.ROOT, capture_output=True, text=True)
-    return out.stdout.strip()
-
-
-def code_state() -> dict:
-    changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
-    return {
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "subject": git("log", "-1", "--format=%s"),
-        "changed": changed,
-    }
-
-
-def run_section(section: Section, quick: bool) -> dict:
-    """Run one section's script; returns its outcome and the files it wrote."""
-    args = section.quick if quick else section.args
-    command = [sys.executable, str(common.ROOT / "bench" / f"{section.name}.py"), *args]
-    print(f"\n=== {section.name}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
+def run_section(name: str, quick: bool) -> tuple[str, float]:
+    """Run one section; its markdown, H1 made the numbered H2 and the rest one level down."""
+    command = [sys.executable, f"bench/{name}.py", *(["--quick"] if quick else [])]
+    print(f"\n=== {' '.join(command[1:])}", file=sys.stderr, flush=True)
     started = time.monotonic()
-    # The sections print their own progress on stderr and their markdown on stdout.
-    proc = subprocess.run(command, cwd=common.ROOT, stdout=subprocess.DEVNULL)
-    took = time.monotonic() - started
-    stem = common.results_stem(section.name)
-    md, js = Path(f"{stem}.md"), Path(f"{stem}.json")
-    fresh = md.exists() and md.stat().st_mtime >= time.time() - took - 1
-    outcome = {"command": command[1:], "returncode": proc.returncode, "seconds": round(took, 1)}
-    if proc.returncode == 0 and fresh:
-        outcome["markdown"] = md.read_text()
-        outcome["data"] = json.loads(js.read_text()) if js.exists() else None
-    return outcome
-
-
-def demote(markdown: str, number: int, title: str) -> str:
-    """A section's own file as part of the report: its H1 becomes the numbered H2."""
-    lines = markdown.strip().splitlines()
-    if lines and lines[0].startswith("# "):
-        lines = lines[1:]
-    body = "\n".join(lines).strip()
-    body = re.sub(r"^(#{2,5}) ", lambda m: "#" + m.group(1) + " ", body, flags=re.M)
-    return f"## {number}. {title}\n\n{body}\n"
-
-
-def report(outcomes: dict, machine: str, code: dict, took: float, quick: bool) -> str:
-    lines = [
-        f"# imcore benchmarks, {datetime.datetime.now():%Y-%m-%d %H:%M}, {socket.gethostname()}",
-        "",
-        f"Machine: {machine}.",
-        f"Code: commit {code['commit']} ({code['subject']})"
-        + (f", with local changes to {', '.join(code['changed'])}" if code["changed"] else "")
-        + ".",
-        f"`make bench{' BENCH_ARGS=--quick' if quick else ''}` took {took / 60:.0f} min: "
-        + ", ".join(f"{name} {o['seconds'] / 60:.1f} min" for name, o in outcomes.items())
-        + ". Everything (PostgreSQL, Redis, the servers, workers and load generators) shares "
-        "the machine's cores. Each section says how many runs its medians are of.",
-        "",
-    ]
-    if quick:
-        lines += ["**Quick run (smoke sizes): these figures are not for comparison.**", ""]
-    for number, (name, o) in enumerate(outcomes.items(), 1):
-        title = next(s.title for s in SECTIONS if s.name == name)
-        if "markdown" in o:
-            lines.append(demote(o["markdown"], number, title))
-        else:
-            lines += [
-                f"## {number}. {title}",
-                "",
-                f"**Failed**: `{' '.join(o['command'])}` exited {o['returncode']}.",
-                "",
-            ]
-    return "\n".join(lines)
-
-
-def parse() -> argparse.Namespace:
-    names = [s.name for s in SECTIONS]
-    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", type=split, default=names, help=f"sections among {names}")
-    parser.add_argument("--skip", type=split, default=[])
-    parser.add_argument("--quick", action="store_true", help="smoke sizes, one run each")
-    args = parser.parse_args()
-    unknown = set(args.only + args.skip) - set(names)
-    if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}; sections are {names}")
-    return args
+    # The sections print their progress on stderr and their markdown on stdout.
+    code = subprocess.run(command, cwd=common.ROOT, stdout=subprocess.DEVNULL).returncode
+    took, md = time.monotonic() - started, Path(f"{common.results_stem(name)}.md")
+    if code or not md.exists() or md.stat().st_mtime < time.time() - took - 1:
+        return f"**Failed**: `{' '.join(command[1:])}` exited {code}.", took
+    body = md.read_text().strip().split("\n", 1)[1]  # without its own H1
+    return re.sub(r"^(#{2,5}) ", r"#\1 ", body, flags=re.M), took
 
 
 def main() -> None:
-    args = parse()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"among {', '.join(SECTIONS)}")
+    parser.add_argument("--skip", default="")
+    parser.add_argument("--quick", action="store_true", help="smoke sizes, one run each")
+    args = parser.parse_args()
+    names = [n for n in args.only.split(",") if n and n not in args.skip.split(",")]
+    if set(names) - set(SECTIONS):
+        parser.error(f"unknown sections {sorted(set(names) - set(SECTIONS))}")
     os.environ.setdefault("BENCH_DATE", datetime.date.today().isoformat())
     with common.broker_stopped_after():
-        run(args)
-
-
-def run(args: argparse.Namespace) -> None:
-    common.setup_django()
-    machine, code = common.machine(), code_state()
-    started = time.monotonic()
-    outcomes = {
-        s.name: run_section(s, args.quick)
-        for s in SECTIONS
-        if s.name in args.only and s.name not in args.skip
-    }
-    markdown = report(outcomes, machine, code, time.monotonic() - started, args.quick)
+        common.setup_django()
+        machine = common.machine()
+        done = {name: run_section(name, args.quick) for name in names}
+    took = sum(t for _, t in done.values())
+    lines = common.header(
+        "imcore benchmarks",
+        machine,
+        f"`make bench{' BENCH_ARGS=--quick' if args.quick else ''}` took {took / 60:.0f} min: "
+        + ", ".join(f"{name} {t / 60:.1f} min" for name, (_, t) in done.items())
+        + ". Everything shares the machine's cores.",
+    )
+    if args.quick:
+        lines += ["**Quick run (smoke sizes): these figures are not for comparison.**", ""]
+    for number, (name, (body, _)) in enumerate(done.items(), 1):
+        lines += [f"## {number}. {name}", "", body, ""]
     data = {
-        "at": datetime.datetime.now().isoformat(timespec="seconds"),
-        "host": socket.gethostname(),
         "machine": machine,
-        "code": code,
         "quick": args.quick,
-        "sections": {
-            name: {k: v for k, v in o.items() if k != "markdown"} for name, o in outcomes.items()
-        },
+        "seconds": {n: t for n, (_, t) in done.items()},
     }
-    common.write_results("", markdown, data)
-    failed = [name for name, o in outcomes.items() if "markdown" not in o]
+    common.write_results("", "\n".join(lines), data)
+    failed = [name for name, (body, _) in done.items() if body.startswith("**Failed**")]
     if failed:
         sys.exit(f"sections failed: {', '.join(failed)}")
 

@@ -1,22 +1,25 @@
-"""Shared set-up of the benchmarks: their own PostgreSQL database and Redis (a second
-redis-server on its own port serves as the broker, so each side's commands are counted
-apart), real Celery processes, and a description of the machine."""
+"""What every benchmark section shares: its own PostgreSQL database and Redis (a second
+redis-server on its own port is the broker, so each side's commands count apart), processes
+started and measured with psutil, the statistics of the tables, the machine's description,
+and the result files (markdown, JSON and matplotlib PNGs)."""
 
 import contextlib
 import datetime
 import json
 import os
 import platform
-import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 BROKER_PORT = int(os.environ.get("BENCH_BROKER_PORT", "6390"))
 ENV = {
     "DJANGO_SETTINGS_MODULE": "imcore.settings",
@@ -28,62 +31,30 @@ ENV = {
     "COUNTERS_RECONCILE_INTERVAL_S": "0",
     "LOG_LEVEL": "WARNING",
 }
+# Commands of the benchmark's own observer and bookkeeping, left out of the counts.
+NOT_COUNTED = {"cmdstat_hmget", "cmdstat_info", "cmdstat_config|resetstat", "cmdstat_llen"}
+
+
+def django_setup() -> None:
+    """Django on the benchmark's database and Redis, nothing started (a section's imports)."""
+    os.environ.update(ENV)
+    sys.path.insert(0, str(ROOT))
+    __import__("django").setup()
 
 
 def setup_django() -> None:
-    os.environ.update(ENV)
-    sys.path.insert(0, str(ROOT))
-    start_broker()
+    """The broker and the database up and migrated."""
+    django_setup()
+    if not broker_up():
+        server = f"redis-server --port {BROKER_PORT} --bind 127.0.0.1 --daemonize yes"
+        subprocess.run([*server.split(), "--save", "", "--appendonly", "no"], check=True)
+        wait_for(broker_up, 5, "the benchmark broker")
+    # createdb fails when the database exists: that is fine.
     db = ENV["DATABASE_URL"].rsplit("/", 1)[1]
-    exists = subprocess.run(
-        [
-            "psql",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-Atc",
-            f"select 1 from pg_database where datname='{db}'",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    if not exists:
-        subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", db], check=True)
-    import django
-
-    django.setup()
+    subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", db], capture_output=True)
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
-
-
-def start_broker() -> None:
-    ping = ["redis-cli", "-p", str(BROKER_PORT), "ping"]
-    if subprocess.run(ping, capture_output=True).returncode == 0:
-        return
-    subprocess.run(
-        [
-            "redis-server",
-            "--port",
-            str(BROKER_PORT),
-            "--bind",
-            "127.0.0.1",
-            "--daemonize",
-            "yes",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        check=True,
-    )
-    for _ in range(50):
-        if subprocess.run(ping, capture_output=True).returncode == 0:
-            return
-        time.sleep(0.1)
-    raise RuntimeError("the benchmark broker did not start")
 
 
 def broker_up() -> bool:
@@ -91,10 +62,17 @@ def broker_up() -> bool:
     return subprocess.run(ping, capture_output=True).returncode == 0
 
 
+def wait_for(ready, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start in {timeout:g} s")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def broker_stopped_after():
-    """At the end (an error or a kill included), stop the broker if this run started it
-    (``setup_django()`` does when none is up): nothing else uses it."""
+    """Stop the broker at the end (an error or a kill included) if this run started it."""
     was_up = broker_up()
     try:
         yield
@@ -112,8 +90,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def reset_data() -> None:
-    """Empty the benchmark's tables and Redis databases."""
+def reset_data(broker: bool = True) -> None:
+    """Empty the benchmark's tables and its Redis database (and the broker's)."""
     from django.db import connection
 
     from counters.redis import get_redis
@@ -126,87 +104,166 @@ def reset_data() -> None:
             "RESTART IDENTITY CASCADE"
         )
     get_redis().flushdb()
-    with app.connection_for_write() as conn:
-        conn.default_channel.client.flushdb()
-
-
-def celery(*args: str, **env) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "imcore", *args, "--loglevel", "WARNING"],
-        cwd=ROOT,
-        env={**os.environ, **ENV, **{k: str(v) for k, v in env.items()}},
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def start_worker(concurrency: int = 2, **env) -> subprocess.Popen:
-    from imcore.celery import app
-
-    proc = celery(
-        "worker",
-        "--queues",
-        "default,counters",
-        "--concurrency",
-        str(concurrency),
-        "--without-gossip",
-        "--without-mingle",
-        "--hostname",
-        f"bench-{os.getpid()}@%h",
-        **env,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    if broker:
         with app.connection_for_write() as conn:
-            if app.control.ping(timeout=0.5, connection=conn):
-                return proc
-    raise RuntimeError("the benchmark worker did not start")
+            conn.default_channel.client.flushdb()
 
 
-def worker_task_counts() -> dict[str, int]:
+def make_users(n: int, tag: str) -> list[int]:
+    """``n`` users without a usable password, bulk-inserted; their ids."""
+    from django.contrib.auth.hashers import make_password
+
+    from imcore.models import User
+
+    unusable = make_password(None)
+    users = (User(username=f"{tag}-{i}", password=unusable) for i in range(n))
+    return [u.pk for u in User.objects.bulk_create(users, batch_size=5000)]
+
+
+def make_devices(user_ids: list[int], **fields) -> list[tuple[int, str]]:
+    """A device each, bulk-inserted with the token hash a login would store; [(pk, token)]."""
+    import secrets
+
+    from imcore.models import Device
+    from imcore.services import token_hash
+
+    tokens = [secrets.token_urlsafe(32) for _ in user_ids]
+    rows = Device.objects.bulk_create(
+        Device(
+            user_id=u, device_id=f"bench-{u}", platform="web", token_hash=token_hash(t), **fields
+        )
+        for u, t in zip(user_ids, tokens, strict=True)
+    )
+    return [(d.pk, t) for d, t in zip(rows, tokens, strict=True)]
+
+
+# ---- processes (psutil) --------------------------------------------------------------------
+
+
+class Proc:
+    """A command in a session of its own, its output in a temporary log; :meth:`cpu` and
+    :meth:`rss` cover it and its descendants (psutil), :meth:`stop` the whole group."""
+
+    def __init__(self, argv: list[str], port: int = 0, **env):
+        self.port = port
+        self.log = tempfile.NamedTemporaryFile(prefix="imcore-bench-", suffix=".log")  # noqa: SIM115
+        self.proc = psutil.Popen(
+            argv,
+            cwd=ROOT,
+            env={**os.environ, **ENV, **{k: str(v) for k, v in env.items()}},
+            start_new_session=True,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.pid = self.proc.pid
+
+    def tree(self) -> list[psutil.Process]:
+        with contextlib.suppress(psutil.Error):
+            return [self.proc, *self.proc.children(recursive=True)]
+        return []
+
+    def cpu(self) -> float:
+        """User+system CPU seconds of the live tree (the children each reaped included)."""
+        total = 0.0
+        for p in self.tree():
+            with contextlib.suppress(psutil.Error):
+                total += sum(p.cpu_times()[:4])
+        return total
+
+    def rss(self) -> int:
+        """Bytes resident, the whole tree."""
+        total = 0
+        for p in self.tree():
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total
+
+    def log_tail(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+    def wait_http(self, settle: float = 0, timeout: float = 60) -> None:
+        """Until the API answers 401 (unauthenticated) on ``self.port``, then ``settle`` s."""
+        import requests
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.proc.args} exited:\n{self.log_tail()}")
+            with contextlib.suppress(requests.RequestException):
+                url = f"http://127.0.0.1:{self.port}/api/v1/unread"
+                return requests.get(url, timeout=5).status_code == 401
+            return False
+
+        wait_for(ready, timeout, f"{self.proc.args[:3]}")
+        time.sleep(settle)
+
+    def stop(self, group: bool = True) -> str:
+        """SIGTERM to the group (or the process alone), SIGKILL to the group after 30 s;
+        returns the output."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, 15) if group else self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except psutil.TimeoutExpired:
+                os.killpg(self.pid, 9)
+                self.proc.wait()
+        with self.log:
+            return Path(self.log.name).read_text(errors="replace")
+
+
+def shell(command: str, port: int = 0, **env) -> Proc:
+    """A Procfile command line, run as ``/bin/sh -c 'exec …'``."""
+    return Proc(["/bin/sh", "-c", f"exec {command}"], port, **env)
+
+
+def celery(*args: str, **env) -> Proc:
+    return Proc(
+        [sys.executable, "-m", "celery", "-A", "imcore", *args, "--loglevel", "WARNING"], **env
+    )
+
+
+def start_worker(beat: bool = True, **env) -> list[Proc]:
+    """A Celery worker (prefork, 2 processes) on both queues and beat; once it answers."""
     from imcore.celery import app
 
+    worker = ["worker", "--queues", "default,counters", "--concurrency", "2", "--without-gossip"]
+    procs = [celery(*worker, "--without-mingle", **env)]
+    if beat:
+        schedule = f"{tempfile.gettempdir()}/imcore-bench-beat-{os.getpid()}"
+        procs.append(celery("beat", "--schedule", schedule, **env))
     with app.connection_for_write() as conn:
-        stats = app.control.inspect(timeout=2, connection=conn).stats() or {}
-    totals: dict[str, int] = {}
-    for worker in stats.values():
-        for name, n in worker.get("total", {}).items():
-            totals[name] = totals.get(name, 0) + n
-    return totals
+        wait_for(lambda: app.control.ping(timeout=0.5, connection=conn), 60, "the Celery worker")
+    time.sleep(2.5)  # let beat tick once and the worker settle
+    return procs
 
 
-def group_cpu_seconds(proc: subprocess.Popen) -> float:
-    """User+system CPU of every live process in ``proc``'s process group."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == proc.pid:  # field 5 of stat: the process group
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+def postmaster() -> psutil.Process:
+    """The PostgreSQL server's main process: the parent of this session's backend."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return psutil.Process(cursor.fetchone()[0]).parent()
 
 
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+def cpu_of(process: psutil.Process) -> float:
+    """CPU seconds of a process, the children it reaped and its live descendants."""
+    with contextlib.suppress(psutil.Error):
+        total = sum(process.cpu_times()[:4])
+        for child in process.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                total += sum(child.cpu_times()[:2])
+        return total
+    return 0.0
 
 
-def redis_info(port: int = 6379) -> dict:
+# ---- Redis ---------------------------------------------------------------------------------
+
+
+def redis_info(port: int | None = None) -> dict:
     import redis
 
-    return redis.Redis(port=port).info("all")
-
-
-# Commands of the benchmark's own observer and bookkeeping, left out of the counts.
-NOT_COUNTED = {"cmdstat_hmget", "cmdstat_info", "cmdstat_config|resetstat", "cmdstat_llen"}
+    return (redis.Redis(port=port) if port else redis.Redis.from_url(ENV["REDIS_URL"])).info("all")
 
 
 def commands_total(info: dict) -> int:
@@ -220,75 +277,25 @@ def redis_cpu(info: dict) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-def machine() -> str:
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute("show server_version")
-        pg = cursor.fetchone()[0]
-    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return (
-        f"{os.cpu_count()} cores ({cpu}), {mem_kb / 1024 / 1024:.0f} GiB, "
-        f"Redis {redis_info()['redis_version']}, PostgreSQL {pg.split()[0]}, "
-        f"Python {platform.python_version()}, {shutil.which('redis-server') and 'local services'}"
-    )
+def parse(parser, quick: str):
+    """The section's flags; ``--quick`` stands for ``quick`` (smoke sizes, one run each, a
+    few minutes, not for comparison), put before the command line's own flags, which win."""
+    parser.add_argument("--quick", action="store_true", help=f"the same as {quick}")
+    argv = sys.argv[1:]
+    return parser.parse_args([*quick.split(), *argv] if "--quick" in argv else argv)
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[k]
+# ---- statistics and description --------------------------------------------------------------
 
 
-class ServedApp:
-    """A web server process the benchmarks started: ``self.proc``, ``self.port``,
-    ``self.log`` (its output file) and ``self.server_name`` set by the subclass."""
-
-    server_name = "server"
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        """Until the API answers (401 for an unauthenticated sync call)."""
-        import http.client
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.server_name} exited ({self.proc.returncode}):\n{self.log_tail()}"
-                )
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/api/v1/sync")
-                if conn.getresponse().status == 401:
-                    conn.close()
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(
-            f"{self.server_name} did not answer in {timeout:g} s:\n{self.log_tail()}"
-        )
-
-    def log_tail(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-4000:]
-
-
-def median(values: list[float]) -> float:
+def median(values) -> float:
+    values = [v for v in values if v is not None]
     return statistics.median(values) if values else float("nan")
 
 
-def spread(values: list[float], fmt: str = "{:.1f}") -> str:
+def spread(values, fmt: str = "{:.1f}") -> str:
     """``median (min..max)`` of several runs, or the one value when they all agree."""
+    values = [v for v in values if v is not None]
     if not values:
         return "n/a"
     if min(values) == max(values):
@@ -296,7 +303,68 @@ def spread(values: list[float], fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(median(values))} ({fmt.format(min(values))}..{fmt.format(max(values))})"
 
 
-RESULTS = ROOT / "bench" / "results"
+def percentile(values, q: float) -> float:
+    import numpy
+
+    return float(numpy.percentile(values, q, method="nearest")) if len(values) else float("nan")
+
+
+def cpu_model() -> str:
+    info = Path("/proc/cpuinfo").read_text().splitlines()
+    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    return names[0] if names else platform.processor()
+
+
+def machine() -> str:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("show server_version")
+        pg = cursor.fetchone()[0].split()[0]
+    cpu = cpu_model()
+    return (
+        f"{psutil.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+        f"Redis {redis_info()['redis_version']}, PostgreSQL {pg}, "
+        f"Python {platform.python_version()}, local services"
+    )
+
+
+def code_state() -> dict:
+    """The commit, and the files outside bench/ that differ from it."""
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.rstrip()
+
+    changed = git("status", "--porcelain", "-uno", "--", ".", ":(exclude)bench").splitlines()
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "subject": git("log", "-1", "--format=%s"),
+        "changed": sorted(line[3:] for line in changed),
+    }
+
+
+def header(title: str, machine_text: str, *notes: str) -> list[str]:
+    code = code_state()
+    local = f", with local changes to {', '.join(code['changed'])}" if code["changed"] else ""
+    return [
+        f"# {title}, {datetime.datetime.now():%Y-%m-%d %H:%M}, {socket.gethostname()}",
+        "",
+        f"Machine: {machine_text}. Code: {code['commit']} ({code['subject']}){local}.",
+        *notes,
+        "",
+    ]
+
+
+def table(head: list[str], rows: list[list]) -> list[str]:
+    """A markdown table; the first column left-aligned, the others right."""
+    return [
+        "| " + " | ".join(head) + " |",
+        "| --- |" + " ---: |" * (len(head) - 1),
+        *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
+    ]
+
+
+# ---- result files --------------------------------------------------------------------------
 
 
 def results_stem(name: str) -> Path:
@@ -307,11 +375,35 @@ def results_stem(name: str) -> Path:
     return RESULTS / f"{prefix}{day}-{socket.gethostname()}"
 
 
-def write_results(name: str, markdown: str, data: dict) -> Path:
-    """Write ``<stem>.md`` and ``<stem>.json``, print the markdown; returns the stem.
+def figure(name: str, title: str, panels: int = 1, size=(7, 4.5)):
+    """A matplotlib figure whose title names the machine; :func:`save_figure` writes it."""
+    import matplotlib
 
-    Every benchmark script ends with this, so ``bench/all.py`` (``make bench``) can gather the
-    sections of one run from the files they wrote."""
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(panels, 1, figsize=(size[0], size[1] * panels), squeeze=False)
+    memory = psutil.virtual_memory().total / 2**30
+    host = f"{socket.gethostname()}: {psutil.cpu_count()} cores, {memory:.0f} GiB, {cpu_model()}"
+    fig.suptitle(f"{title}\n{host}", fontsize=10)
+    return fig, list(axes[:, 0])
+
+
+def save_figure(fig, name: str, suffix: str = "") -> str:
+    """Write ``<stem><suffix>.png``; returns the markdown that shows it."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for ax in fig.axes:
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    png = Path(f"{results_stem(name)}{suffix}.png")
+    fig.savefig(png, dpi=100, bbox_inches="tight")
+    return f"![{fig._suptitle.get_text().splitlines()[0]}]({png.name})"
+
+
+def write_results(name: str, markdown: str, data: dict) -> Path:
+    """Write ``<stem>.md`` and ``<stem>.json`` and print the markdown; returns the stem. Every
+    section ends with this, so ``bench/all.py`` gathers a run's sections from the files."""
     stem = results_stem(name)
     RESULTS.mkdir(parents=True, exist_ok=True)
     Path(f"{stem}.md").write_text(markdown.rstrip() + "\n")

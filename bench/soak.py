@@ -1,35 +1,15 @@
-"""``bench/soak.py`` (``make bench-soak``): the stack under steady load for ``--minutes``; memory
-must stay flat, and nothing may fail or be lost.
-
-The Procfile's web, worker, beat and flower run under ``bin/stack.py``, as ``make run`` starts
-them, on the benchmark's database, Redis and broker (``bench/common.py``). ``--users`` senders
-share ``--groups`` groups of ``--members`` (the members who do not send only receive). The
-groups are few, so each member's offline store reaches its bound (``OFFLINE_MAX_ENTRIES``) in
-the first minutes and the window measures a full store, not a filling one. ``--sockets``
-other users each hold one authenticated, idle WebSocket (``/ws/v1/sync``) for the run.
-
-1. Probe: locust (``bench/locustfile_soak.py``) sends with no wait for ``--probe-seconds``.
-   The sends/s after the first 5 s are the capacity.
-2. Soak: the mix (send, unread, sync pull + ack, history, mark read) runs at ``--load`` times
-   that capacity, in locust tasks/s (a pull and its ack are one task), for ``--minutes``.
-   Every ``--sample-seconds`` it records each process's RSS (psutil), Redis ``used_memory``
-   (counters server and broker), the PostgreSQL sessions on the benchmark database, and the
-   open sockets.
-3. After the queues drain, it checks three things. Every send answered 200/201 is in
-   PostgreSQL. Each conversation's ``last_seq`` equals its message count and highest seq. Each
-   user's unread counts and badge in Redis equal the truth (``counters.selectors``).
-
-A memory series passes when its highest value in the last ``--window-minutes`` (5, or half
-of a shorter run) is at most ``--limit-percent`` (5) above its value at their start.
-PostgreSQL sessions pass when the window sets no new high. The run writes
-``bench/results/soak-<date>-<host>.md``, ``.json`` and ``.png``, and exits 1 if any check
-fails.
+"""``make bench-soak``: the Procfile's stack (``bin/stack.py``: web, worker, beat, flower) under
+steady locust load (``bench/locustfile_soak.py``) for ``--minutes``, with ``--sockets`` idle
+WebSockets. A probe finds the capacity (sends/s, no wait); the soak runs the mix at ``--load``
+of it, sampling every process's RSS (psutil), Redis ``used_memory``, PostgreSQL sessions and
+open sockets. After draining it checks every answered send is stored, ``last_seq`` and every
+unread count. A memory series passes when its highest value over the last ``--window-minutes``
+is at most ``--limit-percent`` above its start; exits 1 on any failure.
 
     python bench/soak.py [--minutes 10] [--load 0.8] [--users 32] [--sockets 500]
 """
 
 import argparse
-import asyncio
 import contextlib
 import csv
 import datetime
@@ -40,192 +20,97 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import common
+from bench import common, push
+
+common.django_setup()  # the imports below need Django's settings
+import redis
+from django.db import connection
+
+from counters.selectors import counters_peek, counters_truth_from_rows, counters_truth_rows
+from counters.services import counters_reconcile
+from delivery.pipeline import shard_lengths
+from imcore import services
+from imcore.celery import app
+from imcore.models import User
+
+QUICK = (  # --quick: smoke sizes, one run each
+    "--minutes 1 --probe-seconds 8 --probe-users 4 --users 8 --groups 2 --members 4 "
+    "--sockets 20 --sample-seconds 5"
+)
 
 MIB = 1024 * 1024
 LOCUSTFILE = Path(__file__).with_name("locustfile_soak.py")
-ROLES = (
-    "nginx",
-    "web master",
-    "web worker",
-    "ws server",
-    "ws worker",
-    "celery worker",
-    "celery pool",
-    "celery beat",
-    "flower",
-)
-CELERY = {" worker": "celery worker", " beat": "celery beat", " flower": "flower"}
-SHELLS = ("sh", "dash", "bash")  # a Procfile command without `exec` runs under `sh -c`
+# A process's role: the first of these its command line holds (its parent's, for a pool).
+ROLES = ("nginx", "gunicorn", "uvicorn", "spawn_main", "flower", "beat", "worker")
 
 
 def process_role(proc: psutil.Process) -> str | None:
-    """One of ROLES; the Celery worker's prefork children are its pool."""
-    cmd = " ".join(proc.cmdline())
-    if proc.name() in SHELLS:
-        return None
-    if proc.name() == "nginx" or cmd.startswith("nginx"):
-        return "nginx"
-    if "gunicorn" in cmd:  # the app: gunicorn's arbiter and its sync workers
-        return "web worker" if "gunicorn" in " ".join(proc.parent().cmdline()) else "web master"
-    if "uvicorn" in cmd or "spawn_main" in cmd:  # the WebSocket: uvicorn
-        return "ws server" if "uvicorn" in cmd else "ws worker"
-    role = next((r for arg, r in CELERY.items() if "celery" in cmd and arg in cmd), None)
-    pool = role == "celery worker" and process_role(proc.parent()) == "celery worker"
-    return "celery pool" if pool else role
+    def role(p: psutil.Process) -> str | None:
+        return next((r for r in ROLES if r in " ".join(p.cmdline())), None)
+
+    mine = None if proc.name() in ("sh", "dash", "bash") else role(proc)
+    # gunicorn's workers and Celery's prefork pool: children of their own kind
+    return (
+        f"{mine} child" if mine in ("gunicorn", "worker") and role(proc.parent()) == mine else mine
+    )
 
 
 def seed(args) -> tuple[list[dict], list[str], list[int]]:
-    """Senders with a device each in groups, idle users with a device each; returns the
-    senders' devices, the idle tokens, and the ids of every group member."""
-    import secrets
-
-    from django.contrib.auth.hashers import make_password
-
-    from counters.services import counters_reconcile
-    from imcore import services
-    from imcore.models import Device, User
-
+    """Senders in groups and idle users, a device each; returns the senders' devices, the
+    idle tokens, and the ids of every group member."""
     common.reset_data()
-    groups, unusable = args.groups, make_password(None)
-    senders, size = args.users // groups, max(args.members, args.users // groups)
-    users = User.objects.bulk_create(
-        User(username=f"soak{i}", password=unusable) for i in range(groups * size + args.sockets)
-    )
-    members, idle = users[: groups * size], users[groups * size :]
-    tokens = {u.pk: secrets.token_urlsafe(32) for u in users}
-    Device.objects.bulk_create(
-        Device(user_id=pk, device_id="soak", platform="web", token_hash=services.token_hash(t))
-        for pk, t in tokens.items()
-    )
-    devices = []
+    groups, senders = args.groups, args.users // args.groups
+    size = max(args.members, senders)
+    ids = common.make_users(groups * size + args.sockets, "soak")
+    tokens = dict(zip(ids, (t for _, t in common.make_devices(ids)), strict=True))
+    members, devices = ids[: groups * size], []
     for g in range(groups):
         group = members[g * size : (g + 1) * size]
         conversation, _ = services.conversation_create(
-            creator=group[0], kind="group", member_ids=[u.pk for u in group[1:]], title=f"g{g}"
+            creator=User.objects.get(pk=group[0]), kind="group", member_ids=group, title=f"g{g}"
         )
         devices += [
-            {"token": tokens[u.pk], "user_id": u.pk, "conversation": conversation.pk}
+            {"token": tokens[u], "user_id": u, "conversation": conversation.pk}
             for u in group[:senders]
         ]
-    counters_reconcile(user_ids=[u.pk for u in members])
-    return devices, [tokens[u.pk] for u in idle], [u.pk for u in members]
+    counters_reconcile(user_ids=members)
+    return devices, [tokens[u] for u in ids[groups * size :]], members
 
 
-class Stack(common.ServedApp):
-    """The Procfile's processes under ``bin/stack.py`` (``honcho start`` keeping them in one
-    process group, as ``make run`` does); their output in a temporary log."""
+class Stack(common.Proc):
+    """The Procfile's processes under ``bin/stack.py`` (honcho, as ``make run``)."""
 
-    server_name = "honcho"
     names = ("web", "app", "ws", "worker", "beat", "flower")
 
     def __init__(self):
-        self.port = common.free_port()
-        self.log = tempfile.NamedTemporaryFile(prefix="imcore-soak-", suffix=".log")  # noqa: SIM115
-        path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "bin/stack.py", *self.names],
-            cwd=common.ROOT,
-            env={
-                **os.environ,
-                **common.ENV,
-                "IMCORE_PORT": str(self.port),
-                "PATH": path,
-                "FLOWER_PORT": str(common.free_port()),
-            },
-            start_new_session=True,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        port, flower, path = common.free_port(), common.free_port(), Path(sys.executable).parent
+        env = {"IMCORE_PORT": port, "FLOWER_PORT": flower, "PATH": f"{path}:{os.environ['PATH']}"}
+        super().__init__([sys.executable, "bin/stack.py", *self.names], port, **env)
 
     def wait_all(self) -> None:
-        from imcore.celery import app
+        self.wait_http()
 
-        self.wait_ready()
-        deadline = time.monotonic() + 60
-        # The whole log: on a quiet machine the worker's and beat's lines push both web
-        # workers' "Booting worker" out of the tail before this looks.
-        log = Path(self.log.name)
+        def started() -> bool:  # both web workers booted, uvicorn up, the worker answers
+            text = Path(self.log.name).read_text(errors="replace")
+            up = text.count("Booting worker") >= 2 and "startup complete" in text
+            return up and bool(app.control.ping(timeout=1))
 
-        def started() -> bool:
-            text = log.read_text(errors="replace")
-            return text.count("Booting worker") >= 2 and "startup complete" in text
-
-        while not started() or not app.control.ping(timeout=1):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the stack did not start:\n{self.log_tail()}")
-            time.sleep(0.5)
+        common.wait_for(started, 60, "the stack")
 
     def processes(self) -> dict[str, psutil.Process]:
-        """The stack's processes by name (``web worker 1``, ``celery pool 2``…)."""
-        found: dict[str, list[psutil.Process]] = {role: [] for role in ROLES}
-        for proc in psutil.Process(self.proc.pid).children(recursive=True):
+        """The stack's processes by role and number (``gunicorn child 1``…)."""
+        found: dict[str, list[psutil.Process]] = {}
+        for proc in sorted(self.tree()[1:], key=lambda p: p.pid):
             with contextlib.suppress(psutil.Error):
                 if role := process_role(proc):
-                    found[role].append(proc)
-        return {
-            f"{role} {i}" if len(procs) > 1 or role == "celery pool" else role: proc
-            for role, procs in found.items()
-            for i, proc in enumerate(sorted(procs, key=lambda p: p.pid), 1)
-        }
-
-    def stop(self) -> str:
-        """Stop honcho (which stops what it started); returns the stack's output."""
-        common.stop(self.proc)
-        with self.log:
-            return Path(self.log.name).read_text(errors="replace")
-
-
-class IdleSockets:
-    """Authenticated WebSockets held open by an asyncio loop in a thread of this process."""
-
-    def __init__(self, url: str, tokens: list[str]):
-        self.loop, self.socks, self.failures = asyncio.new_event_loop(), [], []
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.call(lambda: self._open_all(url, tokens))
-
-    def call(self, make_awaitable) -> None:
-        async def wrap():
-            await make_awaitable()
-
-        asyncio.run_coroutine_threadsafe(wrap(), self.loop).result()
-
-    async def _open_all(self, url: str, tokens: list[str]) -> None:
-        sem = asyncio.Semaphore(50)
-        await asyncio.gather(*(self._open(url, token, sem) for token in tokens))
-
-    async def _open(self, url: str, token: str, sem: asyncio.Semaphore) -> None:
-        from websockets.asyncio.client import connect
-
-        async with sem:
-            try:
-                ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"})
-                await asyncio.wait_for(ws.recv(), 60)  # the (empty) offline package
-                self.socks.append(ws)
-                self.loop.create_task(self._read(ws))
-            except Exception as exc:
-                self.failures.append(repr(exc))
-
-    async def _read(self, ws) -> None:
-        with contextlib.suppress(Exception):
-            async for _ in ws:
-                pass
-
-    def open_count(self) -> int:
-        from websockets.protocol import State
-
-        return sum(ws.state is State.OPEN for ws in self.socks)
-
-    def close(self) -> None:
-        self.call(lambda: asyncio.gather(*(ws.close() for ws in self.socks)))
-        self.loop.call_soon_threadsafe(self.loop.stop)
+                    found.setdefault(role, []).append(proc)
+        return {f"{r} {i}": p for r, ps in sorted(found.items()) for i, p in enumerate(ps, 1)}
 
 
 def locust(port: int, data: Path, user: str, users: int, seconds: int, rate: float = 0):
@@ -257,9 +142,7 @@ def history(data: Path) -> list[tuple[int, int, int]]:
         ]
 
 
-def sample(stack: Stack, sockets: IdleSockets, redis_servers: dict) -> dict:
-    from django.db import connection
-
+def sample(stack: Stack, sockets: push.Holders, redis_servers: dict) -> dict:
     row = {"time": time.time(), "load avg 1 min": round(os.getloadavg()[0], 1)}
     for name, proc in stack.processes().items():
         with contextlib.suppress(psutil.Error):
@@ -272,15 +155,12 @@ def sample(stack: Stack, sockets: IdleSockets, redis_servers: dict) -> dict:
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
         row["PostgreSQL connections"] = cursor.fetchone()[0]
-    row["sockets open"] = sockets.open_count()
+    row["sockets open"] = len(sockets.ask("status")[0]["open"])
     return row
 
 
 def drain(timeout: float = 120) -> None:
     """Until the counter pipeline and the broker's queues are empty."""
-    from delivery.pipeline import shard_lengths
-    from imcore.celery import app
-
     deadline = time.monotonic() + timeout
     with app.connection_for_write() as conn:
         broker = conn.default_channel.client
@@ -292,9 +172,6 @@ def drain(timeout: float = 120) -> None:
 
 def check_data(acked: set[str], member_ids: list[int]) -> dict:
     """Lost sends, conversations whose last_seq is off, users whose Redis counts are off."""
-    from django.db import connection
-
-    from counters.selectors import counters_peek, counters_truth_from_rows, counters_truth_rows
 
     with connection.cursor() as cursor:
         cursor.execute("SELECT client_msg_id FROM imcore_message")
@@ -333,35 +210,21 @@ def growth(rows: list[dict], key: str, window: int, limit: float) -> dict:
     return {"series": key, "growth_pct": pct, "pass": pct <= limit}
 
 
-def plot(samples: list[dict], series: list[str], title: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(samples: list[dict], series: list[str]) -> str:
     minutes = [(s["time"] - samples[0]["time"]) / 60 for s in samples]
-    fig, axes = plt.subplots(3, 1, figsize=(12, 10), sharex=True)
+    fig, axes = common.figure("soak", "Soak: memory over time", 3, size=(10, 3.3))
     panels = [
         ([k for k in series if "RSS" in k], "process RSS (MiB)"),
         ([k for k in series if "used_memory" in k], "Redis used_memory (MiB)"),
-        (["PostgreSQL connections"], "PostgreSQL sessions (count)"),
+        (["PostgreSQL connections", "sockets open"], "PostgreSQL sessions, idle sockets (count)"),
     ]
     for ax, (keys, label) in zip(axes, panels, strict=True):
         for key in keys:
             name = key.replace(" RSS MiB", "").replace(" MiB", "")
             ax.plot(minutes, [s.get(key) for s in samples], marker=".", label=name)
-        ax.set(ylabel=label, ylim=(0, None))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    sockets = axes[2].twinx()
-    sockets.plot(minutes, [s["sockets open"] for s in samples], "C1", label="idle WebSockets")
-    sockets.set(ylabel="idle WebSockets open (count)", ylim=(0, None))
-    handles = axes[2].get_legend_handles_labels()[0] + sockets.get_legend_handles_labels()[0]
-    axes[2].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.08, 1))
-    axes[-1].set_xlabel("time since the soak load started (minutes)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        ax.set(ylabel=label, ylim=(0, None), xlabel="time since the soak load started (minutes)")
+    axes[2].set_yscale("symlog")
+    return common.save_figure(fig, "soak")
 
 
 def markdown(args, r: dict) -> str:
@@ -404,13 +267,12 @@ def markdown(args, r: dict) -> str:
 
 def soak(args, work: Path) -> dict:
     """Seed, start the stack and the sockets, probe, soak, drain, check; the raw results."""
-    import redis
-
     devices, idle_tokens, member_ids = seed(args)
-    stack = Stack()
+    stack, sockets = Stack(), None
     try:
         stack.wait_all()
-        sockets = IdleSockets(f"ws://127.0.0.1:{stack.port}/ws/v1/sync", idle_tokens)
+        sockets = push.Holders(stack.port, 1)
+        failures = sockets.open(idle_tokens, range(len(idle_tokens)), 50)["reasons"]
         servers = {
             "Redis": redis.Redis.from_url(common.ENV["REDIS_URL"]),
             "broker": redis.Redis(port=common.BROKER_PORT),
@@ -429,23 +291,26 @@ def soak(args, work: Path) -> dict:
             time.sleep(max(0.0, t0 + k * args.sample_seconds - time.time()))
             samples.append(sample(stack, sockets, servers))
         load.wait()
-        sockets_open = sockets.open_count()
-        sockets.close()
+        sockets_open = len(sockets.ask("status")[0]["open"])
+        sockets.stop()
         drain()
         acked = {line for f in work.glob("*.acked") for line in f.read_text().split()}
         checks = check_data(acked, member_ids)
     finally:
-        log = stack.stop()
+        if sockets:
+            sockets.stop()
+        log = stack.stop(group=False)  # bin/stack.py stops its processes, as for `make run`
     return {
         "capacity": capacity,
         "samples": samples,
         "history": history(run),
         "checks": checks,
         "sockets_open": sockets_open,
-        "socket_failures": sockets.failures,
+        "socket_failures": failures,
         "access_lines": len(re.findall(r'HTTP/1\.1" \d\d\d', log)),
         "server_5xx": len(re.findall(r'HTTP/1\.1" 5\d\d', log)),
         "tracebacks": log.count("Traceback"),
+        "first_traceback": log[log.find("Traceback") :][:2000] if "Traceback" in log else None,
     }
 
 
@@ -462,7 +327,7 @@ def main() -> None:
     parser.add_argument("--sample-seconds", type=int, default=10, choices=(5, 10, 15, 20, 30, 60))
     parser.add_argument("--window-minutes", type=int, default=5)
     parser.add_argument("--limit-percent", type=float, default=5.0)
-    args = parser.parse_args()
+    args = common.parse(parser, QUICK)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the stack too
     with common.broker_stopped_after(), tempfile.TemporaryDirectory() as work:
         common.setup_django()
@@ -492,10 +357,7 @@ def main() -> None:
         "requests": hist[-1][1],
         "pass": all(g["pass"] for g in r["growth"]) and not bad,
     }
-    stem = common.write_results("soak", markdown(args, r), r)
-    title = f"imcore soak, {r['date']}, {r['host']}: {r['machine']}"
-    plot(r["samples"], series, title, f"{stem}.png")
-    print(f"Plot: {stem}.png")
+    common.write_results("soak", markdown(args, r) + "\n\n" + plot(r["samples"], series), r)
     sys.exit(0 if r["pass"] else 1)
 
 

@@ -1,48 +1,53 @@
 """``make bench-storm``: a large group's messages through channel mode, the aggregation pipeline
-and the per-message fan-out (issue 13).
+and the per-message fan-out (issue 13), on one Celery worker (prefork, 2) + beat per path.
 
-1. Cost per message: one group of 500, 5,000 and 50,000 members, 10 messages a second; Redis
-   commands (INFO commandstats deltas: the counters server, which also holds sync and the
-   channel layer, and the broker apart) and script calls per message, for the whole send.
-2. Commit -> unread visible: one member polls ``counters_get`` (what ``GET /unread`` reads) all
-   along; p50 / p99 of every run of 1 (the 5,000-member runs last longer, for the latency).
-3. Ceiling: more and more groups of 5,000 members at 10 messages/s each until the stack falls
-   behind (p99 > 1 s, the write path's queue still full after the sends, or the senders missing
-   their rate), for channel mode (through ``message_send``, then through what its commit hands
-   over alone, ``delivery_message_committed``: the stack behind the send) and the pipeline.
-4. Commit -> live delivery: 1,000 devices of one channel-mode group online over the WebSocket
-   (``bench/push.py``'s server and clients), the relayed ``channel`` frames' arrival.
+1. Cost per message for groups of 500, 5,000, 50,000 members at 10 messages/s: Redis commands
+   (INFO commandstats deltas, the counters server and the broker apart) and script calls;
+2. commit -> unread visible: one member polls ``counters_get`` all along, p50 / p99;
+3. ceiling: more groups of 5,000 at 10 messages/s until the stack falls behind (p99 > 1 s,
+   queue growth, senders late), channel mode (``message_send``, then
+   ``delivery_message_committed`` alone) and the pipeline; the plot: latency against groups;
+4. commit -> live delivery to 1,000 devices online (``bench/push.py``'s server and sockets).
 
-Each path runs on the same real processes: one Celery worker (prefork, 2 processes) and Celery
-beat, started with the path's ``DELIVERY_WRITE_PATH``. Messages go through ``message_send`` (the
-service behind the API) in sender processes (spawned) pacing themselves. A group's mode is its own
-``Conversation.mode``, chosen at creation from ``LARGE_GROUP_MIN_MEMBERS``, which this sets
-in-process before each group is created (2 for channel mode, above any size for the others).
+Senders are spawned processes pacing ``message_send``; CPU from psutil.
 
-    python bench/storm.py [--sizes 500,5000,50000] [--rate 10] [--seconds 3]
-        [--latency-seconds 10] [--paths channel,pipeline,fanout] [--fanout-budget 150000]
-        [--senders 4] [--step-seconds 5] [--max-groups 128] [--no-ceiling]
-        [--live 1000] [--live-messages 20] [--live-interval 0.5]
+    python bench/storm.py [--sizes 500,5000,50000] [--paths channel,pipeline,fanout]
+        [--max-groups 128] [--no-ceiling] [--live 1000]
 """
 
 import argparse
 import contextlib
-import datetime
 import multiprocessing
-import os
-import socket
 import sys
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, namedtuple
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
+
+common.django_setup()  # the imports below need Django's settings
+from django.conf import settings
+from django.db import connections
+
+from counters import keys
+from counters.redis import get_redis
+from counters.selectors import counters_get
+from counters.services import counters_reconcile
+from delivery import keys as delivery_keys
+from delivery.services import delivery_message_committed
+from imcore import services
+from imcore.models import Conversation, User
+
+QUICK = (  # --quick: smoke sizes, one run each
+    "--sizes 500,5000 --seconds 2 --latency-seconds 3 --members 500 --max-groups 2 "
+    "--step-seconds 2 --senders 2 --live 100 --live-messages 3"
+)
 
 # The Redis server of the counters, sync and channel layer: its INFO is what the figures count.
 COUNTERS_PORT = urlsplit(common.ENV["REDIS_URL"]).port or 6379
@@ -52,32 +57,12 @@ DRAIN_TIMEOUT_S = 90
 LATENCY_SIZE = 5000  # the size whose runs last --latency-seconds
 
 
-@dataclass
-class Group:
-    conversation_id: int
-    sender_id: int
-    observer_id: int
-    members: int
-
-
-def make_users(n: int, tag: str) -> list[int]:
-    from django.contrib.auth.hashers import make_password
-
-    from imcore.models import User
-
-    unusable = make_password(None)
-    users = (User(username=f"{tag}-{i}", password=unusable) for i in range(n))
-    return [u.pk for u in User.objects.bulk_create(users, batch_size=5000)]
+Group = namedtuple("Group", "conversation_id sender_id observer_id members")
 
 
 def make_group(path: str, ids: list[int], reconcile: bool = True) -> Group:
     """A group of ``ids`` (the first sends, the second observes) in the path's mode; with
     ``reconcile`` every member's counters are loaded from PostgreSQL, as in production."""
-    from django.conf import settings
-
-    from counters.services import counters_reconcile
-    from imcore import services
-    from imcore.models import Conversation, User
 
     settings.LARGE_GROUP_MIN_MEMBERS = 2 if path == "channel" else 10**9
     conversation, _ = services.conversation_create(
@@ -93,57 +78,33 @@ def make_group(path: str, ids: list[int], reconcile: bool = True) -> Group:
 def stack(path: str, senders: int):
     """A Celery worker and beat for ``path``, and ``senders`` sender processes (spawned: a
     forked one would share the parent's pooled PostgreSQL connections)."""
-    from django.conf import settings
-
     settings.DELIVERY_WRITE_PATH = "fanout" if path == "fanout" else "pipeline"
-    env = {"DELIVERY_WRITE_PATH": settings.DELIVERY_WRITE_PATH}
-    procs = [
-        common.start_worker(**env),
-        common.celery("beat", "--schedule", f"/tmp/imcore-bench-beat-{os.getpid()}", **env),
-    ]
+    procs = common.start_worker(DELIVERY_WRITE_PATH=settings.DELIVERY_WRITE_PATH)
     ctx = multiprocessing.get_context("spawn")
     pool = ctx.Pool(senders, initializer=sender_setup, initargs=(settings.DELIVERY_WRITE_PATH,))
-    time.sleep(2.5)  # let beat tick once and the worker settle
     try:
         yield procs, pool
     finally:
         pool.terminate()
         for proc in procs:
-            common.stop(proc)
+            proc.stop()
 
 
 def sender_setup(write_path: str) -> None:
-    import django
-
-    os.environ.update(common.ENV)
-    django.setup()
-    from django.conf import settings
-
+    """A sender process (spawned: Django set up by this module's import) on ``write_path``."""
     settings.DELIVERY_WRITE_PATH = write_path
 
 
 def calls(port: int) -> Counter:
     """Commands the server ran since its last CONFIG RESETSTAT (inside scripts included), by
     name; the observer's INFO and RESETSTAT left out."""
-    stats = redis.Redis(port=port).info("commandstats")
-    return Counter(
-        {
-            k: v["calls"]
-            for k, v in stats.items()
-            if not k.startswith(("cmdstat_info", "cmdstat_config"))
-        }
-    )
-
-
-def reset_stats() -> None:
-    for port in (COUNTERS_PORT, common.BROKER_PORT):
-        redis.Redis(port=port).config_resetstat()
+    stats = redis.Redis(port=port).info("commandstats").items()
+    own = ("cmdstat_info", "cmdstat_config")
+    return Counter({k: v["calls"] for k, v in stats if not k.startswith(own)})
 
 
 def read_cost(user_id: int, n: int = 20) -> Counter:
     """Commands one ``counters_get(user_id)`` sends, by name (so the observer's are taken out)."""
-    from counters.selectors import counters_get
-
     counters_get(user_id=user_id)  # a rebuild, if the hash is not loaded, is not its cost
     before = calls(COUNTERS_PORT)
     for _ in range(n):
@@ -156,16 +117,12 @@ def held(own: Counter, own_broker: Counter) -> int:
     """What the write path holds now: the pipeline's stream events (waiting, or read and not
     acknowledged), its shard locks held, and the broker's ``counters`` tasks (waiting, or
     delivered and not acknowledged)."""
-    from django.conf import settings
-
-    from counters.redis import get_redis
-    from delivery import keys
 
     shards = range(settings.COUNTERS_SHARDS)
     pipe = get_redis().pipeline(transaction=False)
     for shard in shards:
-        pipe.xlen(keys.shard_stream(shard))
-    pipe.exists(*[keys.shard_lock(shard) for shard in shards])
+        pipe.xlen(delivery_keys.shard_stream(shard))
+    pipe.exists(*[delivery_keys.shard_lock(shard) for shard in shards])
     broker = redis.Redis(port=common.BROKER_PORT).pipeline(transaction=False)
     broker.llen("counters").hlen("unacked")
     own.update({"cmdstat_xlen": len(shards), "cmdstat_exists": 1})
@@ -179,13 +136,6 @@ def send(groups: list[tuple[int, int]], rate: float, seconds: float, start: floa
     through ``message_send``; with ``direct``, only what its commit hands over
     (``delivery_message_committed``, no PostgreSQL). Returns [(conversation, seq, when the
     call returned)] and its CPU seconds."""
-    from django.db import connections
-
-    from counters import keys
-    from counters.redis import get_redis
-    from delivery.services import delivery_message_committed
-    from imcore import services
-    from imcore.models import Conversation, User
 
     convs = {c: Conversation.objects.get(pk=c) for c, _ in groups}
     senders = {s: User.objects.get(pk=s) for _, s in groups}
@@ -219,23 +169,19 @@ def send(groups: list[tuple[int, int]], rate: float, seconds: float, start: floa
 
 def machine_busy() -> float:
     """CPU seconds the whole machine spent busy (all cores) since boot."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+    t = psutil.cpu_times()  # guest time is in user already; steal is not this machine's work
+    return t.user + t.nice + t.system + t.irq + t.softirq
 
 
 def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     """Send for ``seconds``, wait until the observers saw every message and the write path is
     idle; the costs of that whole window."""
-    from counters.selectors import counters_get
-
     procs, pool = stack
     watch: dict[int, list[int]] = {}
     for g in groups:
         watch.setdefault(g.observer_id, []).append(g.conversation_id)
     cost = {u: read_cost(u) for u in watch}
-    last = {
-        c: counters_get(user_id=u).conversations.get(c, 0) for u, cs in watch.items() for c in cs
-    }
+    last = {c: counters_get(user_id=u).conversations.get(c, 0) for u in watch for c in watch[u]}
     seen: dict[tuple[int, int], float] = {}
     own, own_broker, seen_cost, peak = Counter(), Counter(), Counter(), [0]
     stop = threading.Event()
@@ -258,14 +204,13 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
             time.sleep(0.05)
 
     chunks = [groups[i::senders] for i in range(min(senders, len(groups)))]
-    reset_stats()
+    for port in (COUNTERS_PORT, common.BROKER_PORT):
+        redis.Redis(port=port).config_resetstat()
     info0 = [common.redis_info(p) for p in (COUNTERS_PORT, common.BROKER_PORT)]
-    cpu0 = [sum(map(common.group_cpu_seconds, procs)), machine_busy()]
+    cpu0 = [sum(p.cpu() for p in procs), machine_busy()]
     start = time.perf_counter() + 0.3
-    work = [
-        ([(g.conversation_id, g.sender_id) for g in c], rate, seconds, start, direct)
-        for c in chunks
-    ]
+    pairs = [[(g.conversation_id, g.sender_id) for g in c] for c in chunks]
+    work = [(p, rate, seconds, start, direct) for p in pairs]
     result = pool.starmap_async(send, work, chunksize=1)
     threads = [threading.Thread(target=t, daemon=True) for t in (observe, sample)]
     for t in threads:
@@ -285,39 +230,30 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     idle = time.perf_counter() - sent_at
     window = time.perf_counter() - start
     info1 = [common.redis_info(p) for p in (COUNTERS_PORT, common.BROKER_PORT)]
-    cpu1 = [sum(map(common.group_cpu_seconds, procs)), machine_busy()]
+    cpu1 = [sum(p.cpu() for p in procs), machine_busy()]
     counted = calls(COUNTERS_PORT) - own - seen_cost
     broker = calls(common.BROKER_PORT) - own_broker
     n = len(commits)
     # In channel mode the count is raised inside the send (its on_commit), so it may show
     # before message_send returns: those count as 0 ms.
     latencies = [max(0.0, seen[k] - t) for k, t in commits.items() if k in seen]
+    redis_s = sum(
+        common.redis_cpu(b) - common.redis_cpu(a) for a, b in zip(info0, info1, strict=True)
+    )
     return {
-        "path": path,
-        "groups": len(groups),
-        "members": groups[0].members,
-        "messages": n,
-        "target_rate": rate * len(groups),
-        "rate": n / (sent_at - start),
+        "path": path, "groups": len(groups), "members": groups[0].members, "messages": n,
+        "target_rate": rate * len(groups), "rate": n / (sent_at - start),
         "cmds_per_msg": sum(counted.values()) / n,
         "evalsha_per_msg": counted["cmdstat_evalsha"] / n,
         "broker_per_msg": sum(broker.values()) / n,
         "by_command": {k[8:]: round(v / n, 2) for k, v in counted.most_common(12)},
         "p50_ms": common.percentile(latencies, 50) * 1000,
-        "p99_ms": common.percentile(latencies, 99) * 1000,
-        "unseen": n - len(latencies),
-        "drain_s": drain,
-        "idle_s": idle,
-        "peak_queue": peak[0],
-        "cpu_workers_s": cpu1[0] - cpu0[0],
-        "cpu_redis_s": sum(
-            common.redis_cpu(b) - common.redis_cpu(a) for a, b in zip(info0, info1, strict=True)
-        ),
-        "cpu_senders_s": sum(cpu for _, cpu in parts),
-        "cpu_machine_s": cpu1[1] - cpu0[1],
-        "machine_busy": (cpu1[1] - cpu0[1]) / window / os.cpu_count(),
-        "window_s": window,
-    }
+        "p99_ms": common.percentile(latencies, 99) * 1000, "unseen": n - len(latencies),
+        "drain_s": drain, "idle_s": idle, "peak_queue": peak[0],
+        "cpu_workers_s": cpu1[0] - cpu0[0], "cpu_redis_s": redis_s,
+        "cpu_senders_s": sum(cpu for _, cpu in parts), "cpu_machine_s": cpu1[1] - cpu0[1],
+        "machine_busy": (cpu1[1] - cpu0[1]) / window / psutil.cpu_count(), "window_s": window,
+    }  # fmt: skip
 
 
 def falls_behind(r: dict, interval: float) -> list[str]:
@@ -337,7 +273,7 @@ def cost_phase(args, paths: list[str], stacks) -> list[dict]:
     common.reset_data()
     groups = {}
     for size in args.sizes:
-        ids = make_users(size, f"s{size}")
+        ids = common.make_users(size, f"s{size}")
         for i, path in enumerate(paths):
             groups[size, path] = make_group(path, ids, reconcile=i == len(paths) - 1)
         print(f"  {size:,} members: groups created", flush=True)
@@ -350,12 +286,7 @@ def cost_phase(args, paths: list[str], stacks) -> list[dict]:
                     seconds = min(seconds, max(3, args.fanout_budget // size) / args.rate)
                 r = measure(path, [groups[size, path]], running, args.rate, seconds, 1)
                 runs.append(r)
-                print(
-                    f"  {path} {size:,}: {r['messages']} msgs, {r['cmds_per_msg']:,.1f} cmds/msg, "
-                    f"{r['evalsha_per_msg']:,.1f} evalsha/msg, p50 {r['p50_ms']:.0f} ms, "
-                    f"p99 {r['p99_ms']:.0f} ms, idle after {r['idle_s']:.1f} s",
-                    flush=True,
-                )
+                print(f"  {path} {size:,}: {r['cmds_per_msg']:,.1f} cmds/msg", flush=True)
     return runs
 
 
@@ -366,24 +297,17 @@ def ceiling_phase(args, path: str, stacks, interval: float) -> dict[str, list[di
     groups share one pool of members (a channel-mode send does no per-member work, so whose
     members they are changes nothing); the pipeline's groups have members of their own."""
     common.reset_data()
-    pool = make_users(args.members, "pool") if path == "channel" else None
+    pool = common.make_users(args.members, "pool") if path == "channel" else None
     groups, ramps = [], {}
     with stacks(path, args.senders) as running:
         for how in ("send", "direct") if path == "channel" else ("send",):
             ramps[how] = []
             for n in [s for s in CEILING_STEPS if s <= args.max_groups]:
                 while len(groups) < n:
-                    ids = pool or make_users(args.members, f"g{len(groups)}")
+                    ids = pool or common.make_users(args.members, f"g{len(groups)}")
                     groups.append(make_group(path, ids, reconcile=pool is None or not groups))
-                r = measure(
-                    path,
-                    groups[:n],
-                    running,
-                    args.rate,
-                    args.step_seconds,
-                    args.senders,
-                    how == "direct",
-                )
+                step = (args.rate, args.step_seconds, args.senders, how == "direct")
+                r = measure(path, groups[:n], running, *step)
                 r["behind"] = falls_behind(r, interval)
                 ramps[how].append(r)
                 print(f"  {path} {how} ceiling: {ceiling_row(r)}", flush=True)
@@ -396,90 +320,59 @@ def best(steps: list[dict], allowed: set) -> int:
     return max((r["groups"] for r in steps if not set(r["behind"]) - allowed), default=0)
 
 
-def ceiling_row(r: dict) -> str:
-    def rest(r: dict) -> float:
-        return r["cpu_machine_s"] - r["cpu_senders_s"] - r["cpu_redis_s"] - r["cpu_workers_s"]
+def ceiling_row(r: dict) -> list:
+    rest = r["cpu_machine_s"] - r["cpu_senders_s"] - r["cpu_redis_s"] - r["cpu_workers_s"]
+    return [
+        r["groups"], f"{r['rate']:.0f} ({r['target_rate']:.0f})",
+        f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}", f"{r['idle_s']:.1f}", r["peak_queue"],
+        " / ".join(f"{r[k]:.1f}" for k in ("cpu_senders_s", "cpu_redis_s", "cpu_workers_s"))
+        + f" / {rest:.1f}",
+        f"{r['machine_busy']:.0%}", ", ".join(r["behind"]) or "keeps up",
+    ]  # fmt: skip
 
-    return (
-        f"| {r['groups']} | {r['rate']:.0f} ({r['target_rate']:.0f}) | {r['p50_ms']:.0f} / "
-        f"{r['p99_ms']:.0f} | {r['idle_s']:.1f} | {r['peak_queue']} | {r['cpu_senders_s']:.1f} / "
-        f"{r['cpu_redis_s']:.1f} / {r['cpu_workers_s']:.1f} / {rest(r):.1f} | "
-        f"{r['machine_busy']:.0%} | {', '.join(r['behind']) or 'keeps up'} |"
-    )
 
-
-def live_phase(args, data: dict) -> list[str]:
-    """Commit -> live delivery: ``--live`` members of one channel-mode group online (one device
-    and socket each, through ``bench/push.py``'s uvicorn server and client processes); a member
-    sends ``--live-messages`` messages ``--live-interval`` s apart with ``message_send``; every
-    device stamps the arrival of the relayed ``channel`` frame. No Celery: the relay is the
-    send's own."""
-    import logging
-    from argparse import Namespace
-
-    from django.conf import settings
-    from django.db import connection
+def live_phase(args) -> dict:
+    """Commit -> live delivery: ``--live`` members of one channel-mode group online (one
+    device and socket each, ``bench/push.py``'s server and socket holders); a member sends
+    ``--live-messages`` messages; no Celery: the relay is the send's own."""
 
     from bench import push
 
     settings.LARGE_GROUP_MIN_MEMBERS = 2  # push.setup's group starts in channel mode
-    opts = Namespace(
-        members=args.live,
-        interval=args.live_interval,
-        settle=20,
-        quiet=3,
-        concurrency=100,
-        retry_concurrency=10,
-    )
     live = push.setup(args.live, args.live)
-    live["poke_log"] = push.LogCount("offline.live", logging.WARNING)
-    live["capacity_log"] = push.LogCount("channels_redis.core", logging.INFO)
-    connection.close()
-    live["server"] = server = push.Server()
-    clients = []
+    server, holders = push.start_server(), None
     try:
-        server.wait_ready()
-        url = f"ws://127.0.0.1:{server.port}/ws/v1/sync"
-        clients = [push.Client(url) for _ in range(2)]
-        opened = push.open_sockets(clients, live["tokens"], list(range(args.live)), opts)
-        r = push.send_messages(live, clients, opts, "channel", 0, args.live_messages)
+        holders = push.Holders(server.port, 2)
+        opened = holders.open(live["tokens"], range(args.live), concurrency=100)
+        r = push.latency(live, holders, server, args.live_messages, args.live_interval, drain=False)
     finally:
-        for c in clients:
-            c.stop()
+        if holders:
+            holders.stop()
         server.stop()
-    r.pop("latencies_ms")
-    data["live"] = r | {"opened": opened}
     print(f"  live: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms", flush=True)
-    return [
-        f"## Commit → live delivery, channel mode, {opened['opened']:,} devices online",
-        "",
-        f"{r['messages']} messages {args.live_interval:g} s apart; one uvicorn process, 2 client "
-        f"processes (`bench/push.py`'s). Delivered {r['delivered']:,} of {r['expected']:,} "
-        f"(message, device) pairs: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, max "
-        f"{r['max_ms']:.0f} ms; {r['duplicates']} duplicates; uvicorn CPU "
-        f"{r['server_cpu_s']:.1f} s.",
-        "",
-    ]
+    return r | {"opened": opened["opened"]}
 
 
-def plot(runs: list[dict], stem: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def plot(runs: list[dict], ceiling: dict, members: int) -> str:
+    fig, (cost, lat) = common.figure("storm", "Storm: cost per message; latency against groups", 2)
     for path, label in PATHS.items():
         pts = sorted((r["members"], r["cmds_per_msg"]) for r in runs if r["path"] == path)
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-    ax.set(xscale="log", yscale="log", xlabel="members of the group", ylabel="Redis commands")
-    ax.set_title("Redis commands per message (counters + sync + channel layer)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    png = Path(f"{stem}.png")
-    fig.savefig(png, dpi=110, bbox_inches="tight")
-    return png
+            cost.plot(*zip(*pts, strict=True), marker="o", label=label)
+    cost.set(xscale="log", yscale="log", xlabel="members of the group")
+    cost.set(ylabel="Redis commands per message (count)")
+    for name, c in ceiling.items():
+        steps = c["steps"]
+        for q, style in (("p50_ms", "--"), ("p99_ms", "-")):
+            label = f"{name}, {q[:3]}"
+            lat.plot(
+                [r["groups"] for r in steps], [r[q] for r in steps], style, marker="o", label=label
+            )
+    lat.set_xscale("log", base=2)
+    lat.set_yscale("symlog", linthresh=1)
+    lat.set(xlabel=f"groups of {members:,} members at 10 messages/s each", ylim=(0, None))
+    lat.set(ylabel="commit → unread visible (ms)")
+    return common.save_figure(fig, "storm")
 
 
 def main() -> None:
@@ -499,36 +392,26 @@ def main() -> None:
     add("--live", type=int, default=1000, help="devices online in the live phase (0: none)")
     add("--live-messages", type=int, default=20)
     add("--live-interval", type=float, default=0.5, help="seconds between live messages")
-    args = parser.parse_args()
+    args = common.parse(parser, QUICK)
     args.sizes = [int(s) for s in args.sizes.split(",")]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     if not paths or set(paths) - set(PATHS):
         parser.error(f"--paths takes some of {', '.join(PATHS)}")
-    began, at = time.perf_counter(), datetime.datetime.now()
+    began = time.perf_counter()
     common.setup_django()
-    from django.conf import settings
-
-    machine = common.machine()
     interval = settings.COUNTERS_FLUSH_INTERVAL
-    head = [
-        f"# Storm benchmark: channel mode, pipeline, fan-out; {at:%Y-%m-%d %H:%M}, "
-        f"{socket.gethostname()}",
-        "",
-        f"Machine: {machine}. Other sessions may share it: machine busy is all of its CPU.",
+    lines = common.header(
+        "Storm benchmark: channel mode, pipeline, fan-out",
+        common.machine(),
         f"Stack: 1 Celery worker (prefork, 2 processes) + beat; pipeline: "
         f"{settings.COUNTERS_SHARDS} shards, Timer {interval:g} s; strategy "
-        f"`{settings.COUNTERS_STRATEGY}`. Sends: `imcore.services.message_send` in-process (no "
-        f"HTTP), {args.rate:g} messages/s per group.",
-        "",
-    ]
-    print("\n".join(head), flush=True)
+        f"`{settings.COUNTERS_STRATEGY}`. Sends: `message_send` in-process (no HTTP), "
+        f"{args.rate:g} messages/s per group. Machine busy is all of its CPU (psutil).",
+    )
     runs = cost_phase(args, paths, stack)
-    sizes = args.sizes
-    table = [
-        "| path | " + " | ".join(f"{s:,} members" for s in sizes) + " |",
-        "| --- |" + " ---: |" * len(sizes),
-    ]
-    rows = [
+    by = {(r["path"], r["members"]): r for r in runs}
+    rows = []
+    for label, key, fmt in [
         ("messages sent", "messages", "{:,.0f}"),
         ("Redis commands / message (counters, sync, channel layer)", "cmds_per_msg", "{:,.1f}"),
         ("of which script calls (EVALSHA) / message", "evalsha_per_msg", "{:,.1f}"),
@@ -536,84 +419,58 @@ def main() -> None:
         ("commit → unread visible p50 ms", "p50_ms", "{:,.0f}"),
         ("commit → unread visible p99 ms", "p99_ms", "{:,.0f}"),
         ("all work done after the last send, s", "idle_s", "{:.1f}"),
-    ]
-    by = {(r["path"], r["members"]): r for r in runs}
-    for label, key, fmt in rows:
+    ]:
         for path in paths:
-            cells = [fmt.format(by[path, s][key]) if (path, s) in by else "-" for s in sizes]
-            table.append(f"| {label}: {PATHS[path]} | " + " | ".join(cells) + " |")
-    channel = by.get(("channel", LATENCY_SIZE)) or next(r for r in runs if r["path"] == "channel")
-    lines = [
-        *head,
+            cells = [fmt.format(by[path, s][key]) if (path, s) in by else "-" for s in args.sizes]
+            rows.append([f"{label}: {PATHS[path]}", *cells])
+    channel = by.get(("channel", LATENCY_SIZE)) or next(r for r in runs)
+    lines += [
         "## One group: cost per message and commit → unread visible",
         "",
-        *table,
+        *common.table(["path", *(f"{s:,} members" for s in args.sizes)], rows),
         "",
-        f"Runs of {args.seconds:g} s ({args.latency_seconds:g} s at {LATENCY_SIZE:,} members); "
-        f"fan-out runs send at most {args.fanout_budget:,} member-messages (so "
-        f"{max(3, args.fanout_budget // max(sizes)):.0f} messages at {max(sizes):,}). Commands: "
-        "INFO commandstats deltas of the whole run until the write path is idle (commands run "
-        "inside scripts included; the benchmark's own observer and queue probes taken out). "
-        "Latency: one member polls `counters_get` every ~2 ms; in channel mode the top is raised "
-        "in the send's on_commit, so a count that shows before `message_send` returns is 0 ms.",
-        "",
-        f"Channel mode at {channel['members']:,} members, commands per message: "
+        f"Commands: INFO commandstats deltas until the write path is idle (inside scripts "
+        f"included, the observer's taken out). Latency: one member polls `counters_get` every "
+        f"~2 ms. {PATHS[channel['path']]} at {channel['members']:,} members, commands per message: "
         + ", ".join(f"{k} {v:g}" for k, v in channel["by_command"].items())
         + ".",
         "",
     ]
-    data = {"at": at.isoformat(timespec="seconds"), "host": socket.gethostname()}
-    data |= {"machine": machine, "args": vars(args), "runs": runs}
+    data = {"machine": lines[2], "args": vars(args), "runs": runs, "ceiling": {}}
     if not args.no_ceiling:
         lines += [
             f"## Ceiling: groups of {args.members:,} members at {args.rate:g} messages/s each",
             "",
-            f"{args.senders} sender processes; {args.step_seconds:g} s a step. CPU s: senders / "
-            "Redis (both servers) / worker+beat / the rest of the machine (PostgreSQL, this "
-            "script's observer, other sessions).",
-            "",
+            f"{args.senders} sender processes; {args.step_seconds:g} s a step. Keeps up: p99 ≤ 1 "
+            "s, no queue growth, senders on time. CPU s: senders / Redis / worker+beat / the rest.",
         ]
-        data["ceiling"] = {}
+        head = ["groups", "sent/s (target)", "p50 / p99 ms", "idle after s", "peak queue"]
+        head += ["CPU s", "machine busy", "verdict"]
         for path in [p for p in ("channel", "pipeline") if p in paths]:
             for how, steps in ceiling_phase(args, path, stack, interval).items():
+                name = f"{PATHS[path]}, " + ("message_send" if how == "send" else "committed alone")
                 strict, loose = best(steps, set()), best(steps, {"p99 > 1 s"})
-                data["ceiling"][f"{path} {how}"] = {"steps": steps, "best": strict, "drains": loose}
-                last = steps[-1]
-                lines += [
-                    f"{PATHS[path]}, "
-                    + (
-                        "`message_send`:"
-                        if how == "send"
-                        else "`delivery_message_committed` alone:"
-                    ),
-                    "",
-                    "| groups | sent/s (target) | p50 / p99 ms | idle after s | peak queue |"
-                    " CPU s | machine busy | verdict |",
-                    "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-                    *map(ceiling_row, steps),
-                    "",
-                    f"Kept up (p99 ≤ 1 s, no queue growth, senders on time) with {strict} group(s)"
-                    f" ({strict * args.rate:g} messages/s); without queue growth: {loose}"
-                    + (
-                        f"; at {last['groups']}: {', '.join(last['behind'])}."
-                        if set(last["behind"]) - {"p99 > 1 s"} or last["p99_ms"] > 5000
-                        else f" (the last step tried, --max-groups {args.max_groups})."
-                    ),
-                    "",
-                ]
-        lines += [
-            "The pipeline's p99 sits near 1 s by design (its Timer flushes every "
-            f"{interval:g} s), so its p99 ≤ 1 s verdict at 1 or 2 groups is a coin toss; the "
-            "queue-growth figure is the firmer one.",
-            "",
-        ]
+                data["ceiling"][name] = {"steps": steps, "best": strict, "drains": loose}
+                lines += ["", f"{name}:", "", *common.table(head, [ceiling_row(r) for r in steps])]
+                lines += ["", f"Kept up with {strict} group(s); without queue growth: {loose}."]
     if args.live:
-        lines += live_phase(args, data)
-    elapsed = time.perf_counter() - began
-    lines.append(f"Total run time: {elapsed / 60:.1f} min ({elapsed:.0f} s).")
-    data["elapsed_s"] = elapsed
-    stem = common.results_stem("storm")
-    lines.insert(len(head), f"![Redis commands per message]({plot(runs, stem).name})\n")
+        r = data["live"] = live_phase(args)
+        lines += [
+            "",
+            f"## Commit → live delivery, channel mode, {r['opened']:,} devices online",
+            "",
+            f"{r['messages']} messages {args.live_interval:g} s apart; delivered "
+            f"{r['delivered']:,} of {r['expected']:,}: p50 {r['p50_ms']:.0f} ms, p99 "
+            f"{r['p99_ms']:.0f} ms, max {r['max_ms']:.0f} ms; {r['duplicates']} duplicates; "
+            f"uvicorn CPU {r['server_cpu_s']:.1f} s.",
+        ]
+    data["elapsed_s"] = elapsed = time.perf_counter() - began
+    lines += [
+        "",
+        f"Total run time: {elapsed / 60:.1f} min.",
+        "",
+        plot(runs, data["ceiling"], args.members),
+    ]
     common.write_results("storm", "\n".join(lines), data)
 
 

@@ -1,29 +1,21 @@
-"""``make bench`` item 1: the counter consistency strategies under contention, beside the
-machine's limit measured by ``redis-benchmark`` on the same Redis in the same run.
+"""``make bench-strategies``: the counter consistency strategies under contention, beside the
+machine's limit, ``redis-benchmark`` on the same Redis in the same run.
 
-Several processes play fan-out workers of one group: each "message" is a new seq in one of
-the group's conversations, counted for every member with one ``inc_many`` call (as
-``counters.fanout_message`` does). All processes count the same members, in the same
-conversations, at the same time, so every strategy meets contention on the same hashes:
-``watch`` retries, ``lock`` waits, ``naive`` loses updates. Process ``p`` sends seqs
-``p+1, p+1+P, …`` (interleaved with the others), so the truth at the end is known without
-PostgreSQL: each conversation's top is the highest seq any process sent, a member's unread
-is that top (nobody reads) and the badge is their sum. The drift is what the hashes differ
-from it by.
-
-Beside them ``redis-benchmark`` (same Redis, same database) runs INCR and an EVALSHA of the
-strategies' own ``inc`` script, each without and with pipelining; the pipelined EVALSHA is
-the limit each strategy's rate is divided by.
+Processes play fan-out workers of one group: each message is a new seq in one of its
+conversations, counted for every member with one ``inc_many`` (as ``counters.fanout_message``).
+All count the same members at once, so ``watch`` retries, ``lock`` waits, ``naive`` loses
+updates. Process ``p`` sends seqs ``p+1, p+1+P, …``, so the truth is known without PostgreSQL
+(each conversation's top is the highest seq sent); the drift is the hashes' distance from it.
+``redis-benchmark`` runs INCR and EVALSHA of the strategies' own ``inc`` script, without and
+with pipelining; the pipelined EVALSHA is the limit each rate is divided by.
 
     python bench/strategies.py [--runs 3] [--seconds 5] [--processes 4] [--members 50]
-                               [--conversations 4] [--strategies lua,watch,lock,naive]
 """
 
 import argparse
 import csv
 import io
 import multiprocessing
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +24,16 @@ from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
+
+common.django_setup()  # the imports below need Django's settings
+from counters import keys
+from counters.redis import get_redis
+from counters.scripts import CounterScripts, source
+from counters.strategies import STRATEGIES as CLASSES
+from counters.strategies import CountersBusy
+from counters.transitions import MembershipRow
+
+QUICK = "--runs 1 --seconds 1 --limit-requests 20000"  # --quick: smoke sizes, one run each
 
 FORK = multiprocessing.get_context("fork")
 STRATEGIES = ["lua", "watch", "lock", "naive"]
@@ -45,10 +47,6 @@ def members(n: int) -> list[int]:
 
 def load_members(client, user_ids: list[int], conversations: list[int]) -> None:
     """Empty counters for every member in every conversation, loaded (``ready``)."""
-    from counters import keys
-    from counters.scripts import CounterScripts
-    from counters.transitions import MembershipRow
-
     client.delete(*[keys.counters(u) for u in user_ids], *[keys.counters_lock(u) for u in user_ids])
     rows = [MembershipRow(c, 1, True, False, 0, 0) for c in conversations]
     scripts = CounterScripts(client)
@@ -56,46 +54,29 @@ def load_members(client, user_ids: list[int], conversations: list[int]) -> None:
         scripts.load(u, rows)
 
 
-def worker(p: int, name: str, args, start_at: float, results) -> None:
-    """One fan-out process: count messages for every member until the time is up."""
-    try:
-        from counters.redis import get_redis
-        from counters.strategies import STRATEGIES as CLASSES
-        from counters.strategies import CountersBusy
-
-        strategy = CLASSES[name](get_redis())  # the app's client; its pool reconnects after fork
-        user_ids = members(args.members)
-        conversations = list(range(1, args.conversations + 1))
-        top = dict.fromkeys(conversations, 0)
-        updates = busy = 0
-        time.sleep(max(0.0, start_at - time.time()))
-        deadline = time.perf_counter() + args.seconds
-        k = 0
-        while time.perf_counter() < deadline:
-            cid = conversations[k % len(conversations)]
-            seq = k * args.processes + p + 1
-            try:
-                strategy.inc_many([(u, [(cid, seq)]) for u in user_ids])
-            except CountersBusy:
-                busy += 1
-                continue
-            top[cid] = seq
-            updates += len(user_ids)
-            k += 1
-        results.put(
-            (p, {"updates": updates, "top": top, "retries": strategy.retries,
-                 "wait_s": strategy.wait_seconds, "busy": busy, "cpu_s": time.process_time()})
-        )  # fmt: skip
-    except BaseException as exc:  # report it instead of dying silently
-        results.put((p, {"error": repr(exc)}))
-        raise
+def worker(p: int, name: str, args, start_at: float) -> dict:
+    """One fan-out process (a pool's, forked): count messages for every member until the
+    time is up."""
+    strategy = CLASSES[name](get_redis())  # the app's client; its pool reconnects after fork
+    user_ids, conversations = members(args.members), list(range(1, args.conversations + 1))
+    top, updates, busy, k, cpu0 = dict.fromkeys(conversations, 0), 0, 0, 0, time.process_time()
+    time.sleep(max(0.0, start_at - time.time()))
+    deadline = time.perf_counter() + args.seconds
+    while time.perf_counter() < deadline:
+        cid, seq = conversations[k % len(conversations)], k * args.processes + p + 1
+        try:
+            strategy.inc_many([(u, [(cid, seq)]) for u in user_ids])
+        except CountersBusy:
+            busy += 1
+            continue
+        top[cid], updates, k = seq, updates + len(user_ids), k + 1
+    return {"updates": updates, "top": top, "retries": strategy.retries, "busy": busy,
+            "wait_s": strategy.wait_seconds, "cpu_s": time.process_time() - cpu0}  # fmt: skip
 
 
 def drift(client, user_ids: list[int], truth: dict[int, int]) -> dict:
     """How far the hashes are from the truth: members with a wrong unread or badge, the sum
     of their badge errors, and whether any top went backwards."""
-    from counters import keys
-
     pipe = client.pipeline(transaction=False)
     for u in user_ids:
         pipe.hgetall(keys.counters(u))
@@ -114,41 +95,24 @@ def drift(client, user_ids: list[int], truth: dict[int, int]) -> dict:
 
 def run_strategy(name: str, args) -> dict:
     """One timed run of ``name`` with ``args.processes`` processes."""
-    from counters.redis import get_redis
-
     client = get_redis()
     user_ids = members(args.members)
     conversations = list(range(1, args.conversations + 1))
     load_members(client, user_ids, conversations)
-    info0 = common.redis_info()
-    results = FORK.Queue()
-    start_at = time.time() + 0.5
-    procs = [
-        FORK.Process(target=worker, args=(p, name, args, start_at, results))
-        for p in range(args.processes)
-    ]
-    for proc in procs:
-        proc.start()
-    out = dict(results.get(timeout=args.seconds + 60) for _ in procs)
-    for proc in procs:
-        proc.join(30)
+    info0, start_at = common.redis_info(), time.time() + 0.5
+    with FORK.Pool(args.processes) as pool:
+        out = pool.starmap(worker, [(p, name, args, start_at) for p in range(args.processes)])
     info1 = common.redis_info()
-    failed = {p: r["error"] for p, r in out.items() if "error" in r}
-    if failed:
-        raise RuntimeError(f"{name}: worker processes failed: {failed}")
-    truth = {c: max(r["top"][c] for r in out.values()) for c in conversations}
-    updates = sum(r["updates"] for r in out.values())
+    truth = {c: max(r["top"][c] for r in out) for c in conversations}
+    total = {k: sum(r[k] for r in out) for k in ("updates", "retries", "wait_s", "busy", "cpu_s")}
     return {
-        "updates": updates,
-        "updates_per_s": updates / args.seconds,
-        "retries": sum(r["retries"] for r in out.values()),
-        "lock_wait_s": sum(r["wait_s"] for r in out.values()),
-        "busy": sum(r["busy"] for r in out.values()),
-        "client_cpu_s": sum(r["cpu_s"] for r in out.values()),
+        "updates": total["updates"], "updates_per_s": total["updates"] / args.seconds,
+        "retries": total["retries"], "lock_wait_s": total["wait_s"], "busy": total["busy"],
+        "client_cpu_s": total["cpu_s"],
         "redis_commands": common.commands_total(info1) - common.commands_total(info0),
         "redis_cpu_s": common.redis_cpu(info1) - common.redis_cpu(info0),
         **drift(client, user_ids, truth),
-    }
+    }  # fmt: skip
 
 
 # ---- the machine's limit: redis-benchmark on the same Redis --------------------------------
@@ -176,10 +140,6 @@ def redis_benchmark(label: str, command: list[str], *, clients: int, pipeline: i
 def limit_commands() -> dict[str, list[str]]:
     """INCR, and EVALSHA of the ``inc`` script on a loaded member hash with a random seq (the
     script the ``lua`` strategy calls, one member and one conversation per call)."""
-    from counters import keys
-    from counters.redis import get_redis
-    from counters.scripts import source
-
     client = get_redis()
     load_members(client, [BENCH_USER], [1])
     sha = client.script_load(source("inc"))
@@ -207,87 +167,53 @@ def report(runs: list[dict], args, took: float) -> tuple[str, dict]:
     limit_key = f"EVALSHA inc -c {LIMIT_SHAPES[-1][0]} -P {LIMIT_SHAPES[-1][1]}"
     limits = {k: [r["limits"][k] for r in runs] for k in runs[0]["limits"]}
     limit = common.median(limits[limit_key])
-    lines = [
-        f"# Counter strategies under contention, {time.strftime('%Y-%m-%d %H:%M')}, "
-        f"{socket.gethostname()}",
-        "",
-        f"Machine: {common.machine()}.",
-        f"Workload: {args.processes} processes count messages for the same {args.members} "
-        f"members in {args.conversations} conversations (one `inc_many` of {args.members} "
-        f"members per message, as the fan-out task does), {args.seconds:g} s per run; an update "
-        "is one member's count of one message. Every figure: median (min..max) of "
-        f"{args.runs} runs, strategies and redis-benchmark interleaved. Run took {took:.0f} s.",
-        "",
-        "| strategy | updates/s | ratio to the limit | Redis commands / update | "
-        "Redis CPU, % of a core | client CPU µs / update | "
-        "retries (watch) or lock waits, per 1,000 updates | "
-        "lock wait s | members left wrong | badge drift (sum of errors) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
     data: dict = {"args": vars(args), "limit_key": limit_key, "limits": limits, "strategies": {}}
+    rows = []
     for name in args.strategies:
-        rs = [r["strategies"][name] for r in runs]
-        data["strategies"][name] = rs
-        rate = [r["updates_per_s"] for r in rs]
-        lines.append(
-            f"| `{name}` | {common.spread(rate, '{:,.0f}')} | "
-            f"{common.spread([x / limit for x in rate], '{:.3f}')} | "
-            f"{common.spread([r['redis_commands'] / r['updates'] for r in rs], '{:.1f}')} | "
-            f"{common.spread([100 * r['redis_cpu_s'] / args.seconds for r in rs], '{:.0f}')} | "
-            f"{common.spread([1e6 * r['client_cpu_s'] / r['updates'] for r in rs], '{:.1f}')} | "
-            f"{common.spread([1000 * r['retries'] / r['updates'] for r in rs], '{:.1f}')} | "
-            f"{common.spread([r['lock_wait_s'] for r in rs], '{:.1f}')} | "
-            f"{common.spread([r['members_wrong'] for r in rs], '{:.0f}')} of {args.members} | "
-            f"{common.spread([r['badge_error'] for r in rs], '{:,.0f}')} |"
-        )
-    lines += [
-        "",
-        "The machine's limit, `redis-benchmark` on the same Redis (database and server) in the "
-        "same run:",
-        "",
-        "| redis-benchmark | clients | pipeline | ops/s |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    for key, values in limits.items():
-        label, rest = key.split(" -c ")
-        c, p = rest.split(" -P ")
-        mark = " (the limit)" if key == limit_key else ""
-        lines.append(f"| {label}{mark} | {c} | {p} | {common.spread(values, '{:,.0f}')} |")
-    lines += ["", *notes(data, limit)]
-    return "\n".join(lines), data
+        rs = data["strategies"][name] = [r["strategies"][name] for r in runs]
 
+        def col(f, fmt: str, rs=rs) -> str:
+            return common.spread([f(r) for r in rs], fmt)
 
-def notes(data: dict, limit: float) -> list[str]:
-    """What to read into the table, checked against this run's figures."""
-    out = [
-        "The EVALSHA limit calls the `inc` script with a random seq on one loaded hash; a seq "
-        "at or below the hash's top changes nothing (tops only move up), so most of its calls "
-        "take the script's short no-op branch and the limit is an upper bound for the script "
-        "doing a full update.",
-    ]
-    busy_redis = {
-        n: common.median([100 * r["redis_cpu_s"] / data["args"]["seconds"] for r in rs])
-        for n, rs in data["strategies"].items()
-    }
-    out.append(
-        "Redis itself was busy "
-        + ", ".join(f"{v:.0f} % of a core under `{n}`" for n, v in busy_redis.items())
-        + ": where that is well below 100 %, the rate is set by the client processes (Python, "
-        "redis-py, round trips; the client CPU column) sharing the machine's cores, not by "
-        "Redis. `lua` sends a message's members in one pipeline of script calls; `watch`, "
-        "`lock` and `naive` need several round trips per member."
+        rows.append([
+            f"`{name}`", col(lambda r: r["updates_per_s"], "{:,.0f}"),
+            col(lambda r: r["updates_per_s"] / limit, "{:.3f}"),
+            col(lambda r: r["redis_commands"] / r["updates"], "{:.1f}"),
+            col(lambda r: 100 * r["redis_cpu_s"] / args.seconds, "{:.0f}"),
+            col(lambda r: 1e6 * r["client_cpu_s"] / r["updates"], "{:.1f}"),
+            col(lambda r: 1000 * r["retries"] / r["updates"], "{:.1f}"),
+            col(lambda r: r["lock_wait_s"], "{:.1f}"),
+            col(lambda r: r["members_wrong"], "{:.0f}") + f" of {args.members}",
+            col(lambda r: r["badge_error"], "{:,.0f}"),
+        ])  # fmt: skip
+    lines = common.header(
+        "Counter strategies under contention",
+        common.machine(),
+        f"Workload: {args.processes} processes count messages for the same {args.members} "
+        f"members in {args.conversations} conversations, {args.seconds:g} s a run; an update is "
+        f"one member's count of one message. Median (min..max) of {args.runs} runs, "
+        f"interleaved with redis-benchmark. Run took {took:.0f} s.",
     )
-    over = [
-        n
-        for n, rs in data["strategies"].items()
-        if common.median([r["updates_per_s"] for r in rs]) > limit
-    ]
+    lines += common.table(
+        ["strategy", "updates/s", "ratio to the limit", "Redis commands / update",
+         "Redis CPU, % of a core", "client CPU µs / update",
+         "retries (watch) or lock waits, per 1,000 updates", "lock wait s",
+         "members left wrong", "badge drift (sum of errors)"], rows,
+    )  # fmt: skip
+    shapes = [k.split(" -c ") for k in limits]
+    rows = [[f"{label}{' (the limit)' if f'{label} -c {rest}' == limit_key else ''}",
+             *rest.split(" -P "), common.spread(limits[f"{label} -c {rest}"], "{:,.0f}")]
+            for label, rest in shapes]  # fmt: skip
+    lines += ["", "`redis-benchmark` on the same Redis in the same run (the EVALSHA limit's random "
+              "seq mostly takes the script's no-op branch: an upper bound):", ""]  # fmt: skip
+    lines += common.table(["redis-benchmark", "clients", "pipeline", "ops/s"], rows)
+    rates = {
+        n: common.median([r["updates_per_s"] for r in rs]) for n, rs in data["strategies"].items()
+    }
+    over = [n for n, rate in rates.items() if rate > limit]
     if over:
-        out.append(
-            f"**Above the limit: {', '.join(over)}.** A ratio above 1 means the limit was not "
-            "the machine's: check the redis-benchmark shapes before trusting this table."
-        )
-    return out
+        lines += ["", f"**Above the limit: {', '.join(over)}**: check the redis-benchmark shapes."]
+    return "\n".join(lines), data
 
 
 def parse() -> argparse.Namespace:
@@ -301,7 +227,7 @@ def parse() -> argparse.Namespace:
         "--limit-requests", type=int, default=200_000, help="redis-benchmark requests per run"
     )
     parser.add_argument("--strategies", type=lambda s: s.split(","), default=STRATEGIES)
-    args = parser.parse_args()
+    args = common.parse(parser, QUICK)
     unknown = set(args.strategies) - set(STRATEGIES)
     if unknown:
         parser.error(f"unknown strategies: {sorted(unknown)}")
