@@ -4,6 +4,7 @@ import pytest
 from django.test import Client
 
 from imcore import services
+from offline.apis import SyncOut
 from tests.conftest import Member, celery_env
 from tests.processes import uvicorn_served
 
@@ -31,7 +32,11 @@ def pull(member: Member, since: int, limit: int | None = None) -> dict:
     params = {"since": since} if limit is None else {"since": since, "limit": limit}
     response = member.get("/sync", **params)
     assert response.status_code == 200, response.content
-    return response.json()
+    answer = response.json()
+    # The answer is rendered without ninja's validation (offline.apis.rendered): it must be
+    # exactly what validating it against SyncOut gives.
+    assert SyncOut.model_validate(answer).model_dump(mode="json", exclude_none=True) == answer
+    return answer
 
 
 def pull_all(member: Member, since: int, limit: int | None = None) -> tuple[list[dict], int]:
