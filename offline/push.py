@@ -25,6 +25,7 @@ from collections.abc import Iterable
 
 import requests
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 
 from counters.selectors import counters_get
@@ -96,9 +97,13 @@ def push_badge_changed(*, user_ids: Iterable[int], alert: bool) -> int:
     user_ids = list(set(user_ids))
     if not user_ids:
         return 0
-    devices = list(
-        Device.objects.filter(user_id__in=user_ids).exclude(pushkey="").values_list("pk", "user_id")
-    )
+    # On every read and mention: one statement written once, not an ORM query compiled each time.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT id, user_id FROM imcore_device WHERE user_id = ANY(%s) AND pushkey <> ''",
+            [user_ids],
+        )
+        devices = cursor.fetchall()
     if not devices:
         return 0
     online = store.presence_online({uid for _, uid in devices})
