@@ -34,6 +34,7 @@ BIGINT_MAX = 2**63 - 1
 Id = Annotated[int, Field(ge=1, le=BIGINT_MAX), BeforeValidator(integral)]
 Seq = Annotated[int, Field(ge=0, le=BIGINT_MAX), BeforeValidator(integral)]
 ConversationId = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
+MessageSeq = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
 
 # The schema's pattern for a text field (PostgreSQL text cannot hold NUL).
 NO_NUL = r"^[^\x00]*$"
@@ -522,6 +523,12 @@ class MessageOut(Schema):
     created_at: datetime
     mentions: list[int]
     mention_all: bool
+    deleted: bool = Field(
+        description="Recalled: a tombstone that keeps its seq; ``body`` is empty and it has "
+        "no mentions."
+    )
+    edit_count: int
+    edited_at: datetime | None
 
 
 message_out = selectors.message_fields
@@ -581,6 +588,44 @@ def message_list_api(
         )
     )
     return {"messages": [message_out(m) for m in page[:limit]], "has_more": len(page) > limit}
+
+
+@router.delete(
+    "/conversations/{conversation_id}/messages/{seq}",
+    tags=["messages"],
+    **responses({200: MessageOut}, errors=(401, 403, 404, 422)),
+)
+def message_recall_api(request, conversation_id: ConversationId, seq: MessageSeq):
+    """Recall (delete) a message: its sender within ``MESSAGE_RECALL_WINDOW_S``, or the group's
+    creator at any time (anyone else, or past the window: 403). It stays as a tombstone
+    (``deleted`` true, body erased, same seq); every member who had not read it loses one
+    unread (and a mention) at once. Recalling it again answers 200 and changes nothing. A
+    conversation I am not an active member of, or a seq it does not have: 404."""
+    message, _ = services.message_recall(
+        actor=request.auth.user, conversation_id=conversation_id, seq=seq
+    )
+    return message_out(message)
+
+
+class MessageEditIn(Body):
+    body: str = Field(min_length=1, max_length=settings.MESSAGE_BODY_MAX_CHARS)
+
+
+@router.patch(
+    "/conversations/{conversation_id}/messages/{seq}",
+    tags=["messages"],
+    **responses({200: MessageOut}, errors=(401, 403, 404, 409, 422), body=True),
+)
+def message_edit_api(
+    request, conversation_id: ConversationId, seq: MessageSeq, payload: MessageEditIn
+):
+    """Edit a message's body: its sender only, within ``MESSAGE_RECALL_WINDOW_S`` (403
+    otherwise); a recalled message: 409. Counts do not change; ``edit_count`` grows and
+    ``edited_at`` is set; every member's devices learn the new body."""
+    message = services.message_edit(
+        actor=request.auth.user, conversation_id=conversation_id, seq=seq, body=payload.body
+    )
+    return message_out(message)
 
 
 class ReadIn(Body):

@@ -30,6 +30,8 @@ from delivery.services import (
     delivery_group_size_changed,
     delivery_memberships_changed,
     delivery_message_committed,
+    delivery_message_edited,
+    delivery_message_recalled,
     delivery_message_sent,
     delivery_read_moved,
     delivery_sender_read,
@@ -750,3 +752,87 @@ def conversation_mark_read(*, membership: Membership, seq: int) -> tuple[int, in
         seq=seq,
         last_seq=last_seq,
     )
+
+
+# ---- recall and edit -----------------------------------------------------------------------
+
+
+def _message_for_change(
+    *, actor: User, conversation_id: int, seq: int, recall: bool
+) -> tuple[Message, Conversation]:
+    """Inside a transaction: the message ``seq`` locked, and its conversation locked (so a
+    conversion between the aggregate and channel forms is wholly before or after the change),
+    after the checks: not an active member or no such seq: 404; someone else's message (a
+    group's creator may recall any), or past ``MESSAGE_RECALL_WINDOW_S``: 403."""
+    membership = membership_get_active(user=actor, conversation_id=conversation_id)
+    conversation = Conversation.objects.select_for_update().get(pk=conversation_id)
+    message = (
+        Message.objects.select_for_update().filter(conversation_id=conversation_id, seq=seq).first()
+    )
+    if message is None:
+        raise NotFound(f"no message {seq} in conversation {membership.conversation_id}")
+    creator = (
+        recall
+        and conversation.kind == Conversation.Kind.GROUP
+        and conversation.created_by_id == actor.pk
+    )
+    if creator:
+        return message, conversation
+    if message.sender_id != actor.pk:
+        raise PermissionDenied(
+            "only the sender may recall or edit a message (or, to recall, the group's creator)"
+        )
+    age = (timezone.now() - message.created_at).total_seconds()
+    if age > settings.MESSAGE_RECALL_WINDOW_S and not (recall and message.deleted):
+        raise PermissionDenied(
+            f"the message is older than {settings.MESSAGE_RECALL_WINDOW_S} s",
+            details={"window_s": settings.MESSAGE_RECALL_WINDOW_S},
+        )
+    return message, conversation
+
+
+def message_recall(*, actor: User, conversation_id: int, seq: int) -> tuple[Message, bool]:
+    """Recall (delete) message ``seq``: its sender within ``MESSAGE_RECALL_WINDOW_S``, or the
+    group's creator at any time. It stays as a tombstone with its seq (seqs stay dense): its
+    body is erased, ``deleted`` set; it counts for nobody any more, so every member who had
+    not read it loses one unread (and one mention if it mentioned them), at once. Returns
+    ``(message, changed)``: a second call changes nothing (``changed`` False) but hands the
+    recall to delivery again (idempotent), which repairs what a failed first try left."""
+    with transaction.atomic():
+        message, conversation = _message_for_change(
+            actor=actor, conversation_id=conversation_id, seq=seq, recall=True
+        )
+        changed = not message.deleted
+        if changed:
+            message.deleted = True
+            message.deleted_at = timezone.now()
+            message.body = ""
+            message.save(update_fields=["deleted", "deleted_at", "body"])
+    delivery_message_recalled(
+        conversation_id=conversation_id,
+        seq=seq,
+        sender_id=message.sender_id,
+        mentions=message.mentions,
+        mode=conversation.mode,
+    )
+    return message, changed
+
+
+def message_edit(*, actor: User, conversation_id: int, seq: int, body: str) -> Message:
+    """Edit message ``seq``: its sender, within ``MESSAGE_RECALL_WINDOW_S``; a recalled
+    message cannot be edited (409). Counts do not change (nor do its mentions); the edit
+    count grows and ``edited_at`` is set, and every member's devices learn the new body. The
+    same body again changes nothing."""
+    with transaction.atomic():
+        message, conversation = _message_for_change(
+            actor=actor, conversation_id=conversation_id, seq=seq, recall=False
+        )
+        if message.deleted:
+            raise Conflict(f"message {seq} was recalled")
+        if message.body != body:
+            message.body = body
+            message.edit_count += 1
+            message.edited_at = timezone.now()
+            message.save(update_fields=["body", "edit_count", "edited_at"])
+    delivery_message_edited(message=message, mode=conversation.mode)
+    return message

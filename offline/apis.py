@@ -26,6 +26,9 @@ class SyncMessageOut(Schema):
     # (a package prepared before mentions existed has neither: the defaults)
     mentions: list[int] = Field(default_factory=list)
     mention_all: bool = False
+    deleted: bool = False
+    edit_count: int = 0
+    edited_at: str | None = None
 
 
 class SyncEntryOut(Schema):
@@ -33,11 +36,12 @@ class SyncEntryOut(Schema):
     ``message``: ``seq``, ``message`` (null only if the message row is gone);
     ``read``: ``seq`` (the user read up to it on some device);
     ``join``: ``kind``, ``title``, ``last_seq``, ``read_seq``, ``muted``;
-    ``leave``: nothing more; ``mute``: ``muted``. A message entry whose sender is the user
-    also moves the read pointer to its seq."""
+    ``leave``: nothing more; ``mute``: ``muted``; ``recall`` and ``edit``: ``seq`` and
+    ``message`` as it is now (a tombstone with ``deleted`` true, or the newest body). A
+    message entry whose sender is the user also moves the read pointer to its seq."""
 
     version: int
-    type: Literal["message", "read", "join", "leave", "mute"]
+    type: Literal["message", "read", "join", "leave", "mute", "recall", "edit"]
     conversation_id: int
     seq: int | None = None
     message: SyncMessageOut | None = None

@@ -24,7 +24,15 @@ from .store import Entry
 
 _json = DjangoJSONEncoder()
 
-TYPES = {"m": "message", "r": "read", "j": "join", "l": "leave", "u": "mute"}
+TYPES = {
+    "m": "message",
+    "r": "read",
+    "j": "join",
+    "l": "leave",
+    "u": "mute",
+    "d": "recall",
+    "e": "edit",
+}
 
 
 def message_out(message: Message) -> dict:
@@ -32,6 +40,8 @@ def message_out(message: Message) -> dict:
     the rest of the API's format (DjangoJSONEncoder: ms precision, "Z")."""
     out = message_fields(message)
     out["created_at"] = _json.default(message.created_at)
+    if message.edited_at is not None:
+        out["edited_at"] = _json.default(message.edited_at)
     return out
 
 
@@ -60,9 +70,9 @@ def entries_out(entries: list[Entry], package: dict[int, dict] | None = None) ->
     package when it has them, else from the message table (one query for all)."""
     package = package or {}
     wanted = [
-        (e.conversation_id, int(e.arg))
+        (e.conversation_id, int(e.arg.split(":")[0]))
         for e in entries
-        if e.type == "m" and e.version not in package
+        if (e.type == "m" and e.version not in package) or e.type in ("d", "e")
     ]
     messages = messages_by_seq(wanted)
     out = []
@@ -82,6 +92,12 @@ def entries_out(entries: list[Entry], package: dict[int, dict] | None = None) ->
             item.update(json.loads(e.arg))
         elif e.type == "u":
             item["muted"] = e.arg == "1"
+        elif e.type in ("d", "e"):
+            # The message as it is now (its final state: a tombstone, or the newest body).
+            seq = int(e.arg.split(":")[0])
+            message = messages.get((e.conversation_id, seq))
+            item["seq"] = seq
+            item["message"] = message_out(message) if message else None
         out.append(item)
     return out
 

@@ -7,6 +7,8 @@ Who gets what:
   aggregation pipeline in the same batches as the counters (:func:`offline_record_messages`),
   so a storm costs one script call per member per flush, not per message;
 - a mark-read: a ``read`` entry for the reader;
+- a recall or an edit: a ``recall``/``edit`` entry for every active member of a small group
+  (:func:`offline_record_message_ops`); channel-mode groups relay it to connected sockets;
 - a join, leave or mute: a ``join``/``leave``/``mute`` entry for the member concerned (the
   state the devices keep is the user's own conversation list).
 """
@@ -28,7 +30,7 @@ from imcore.errors import BadRequest
 from imcore.models import Conversation, Device, Membership
 
 from . import selectors, store
-from .live import live_channel_message, live_channels_changed, live_logout
+from .live import live_channel_message, live_channel_op, live_channels_changed, live_logout
 from .store import Op, SinceAhead
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,24 @@ def offline_channel_message(*, conversation_id: int, seq: int) -> None:
     it from ``/sync``'s ``channels`` and the history call); the members' connected devices
     get it live (:func:`offline.live.live_channel_message`)."""
     live_channel_message(conversation_id=conversation_id, seq=seq)
+
+
+def offline_record_message_ops(
+    *, user_ids: list[int], conversation_id: int, seq: int, op: str, edit_count: int = 0
+) -> None:
+    """A recall (``op="recall"``) or an edit (``"edit"``) of message ``seq``: an entry in each
+    user's store (a small group's active members, the actor too: its other devices learn it),
+    connected devices poked. The entry shows the message as it is when read."""
+    typ = "d" if op == "recall" else "e"
+    arg = str(seq) if typ == "d" else f"{seq}:{edit_count}"
+    store.append_ops([(uid, [Op(typ, conversation_id, seq, 0, arg)]) for uid in user_ids])
+
+
+def offline_channel_op(*, conversation_id: int, seq: int, op: str) -> None:
+    """A recall or an edit in a channel-mode group: no entry per member (devices learn it from
+    the history call, and ``/sync``'s ``channels`` item moved for a recall); the connected
+    devices get it live (:func:`offline.live.live_channel_op`)."""
+    live_channel_op(conversation_id=conversation_id, seq=seq, op=op)
 
 
 def offline_record_read(*, user_id: int, conversation_id: int, seq: int) -> None:

@@ -56,9 +56,10 @@ class SinceAhead(Exception):
 
 @dataclass(frozen=True)
 class Op:
-    """A non-message entry: ``r`` read, ``j`` join, ``l`` leave, ``u`` mute. ``watermark`` is
-    the read seq (``r``) or the membership rev; ``seq`` is the conversation's last_seq for a
-    join; ``arg`` is stored as given."""
+    """A non-message entry: ``r`` read, ``j`` join, ``l`` leave, ``u`` mute, ``d`` recall,
+    ``e`` edit. ``watermark`` is the read seq (``r``), the membership rev, or the message's
+    seq (``d``, ``e``: not a watermark, each call writes its entry); ``seq`` is the
+    conversation's last_seq for a join; ``arg`` is stored as given."""
 
     type: str
     conversation_id: int

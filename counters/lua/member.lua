@@ -11,6 +11,8 @@ ARGV[7]  the conversation's mode generation at the change (0 when absent)
 ARGV[8]  the form of that generation: "c" channel, "a" aggregate (default)
 ARGV[9]  seqs above the read pointer that mention everyone (comma separated; a conversion to
          the aggregate form folds the channel's record into n:<cid>)
+ARGV[10] recalled seqs above the read pointer (comma separated; a conversion to the aggregate
+         form folds the channel's record of recalls into x:<cid>)
 The membership part applies when the rev is newer than the one applied; the form part when the
 generation is newer. Each is ignored otherwise, so calls reaching Redis in any order end as
 committed. A join keeps only the mentions above its read pointer; a leave deletes them.
@@ -39,11 +41,12 @@ if rev_new then
 end
 local new = 0
 if active then
-  local n, r = set_active(h, c, ARGV[5], ARGV[6], form)
+  local n, r = set_active(h, c, ARGV[5], ARGV[6], form, ARGV[10])
   if form ~= 'c' and redis.call('HGET', h, 'm:' .. c) ~= '1' then new = n end
   store_mentions(h, c, ARGV[9], r)
 else
-  redis.call('HDEL', h, 'u:' .. c, 'r:' .. c, 't:' .. c, 'm:' .. c, 'n:' .. c, 'c:' .. c)
+  redis.call('HDEL', h, 'u:' .. c, 'r:' .. c, 't:' .. c, 'm:' .. c, 'n:' .. c, 'c:' .. c,
+    'x:' .. c)
 end
 local d = new - old
 if d ~= 0 then redis.call('HINCRBY', h, 'badge', d) end
