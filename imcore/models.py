@@ -7,7 +7,9 @@ PostgreSQL is the truth. Two facts make the unread counters derivable from it:
   inserts the message; a failed insert rolls the bump back.
 - ``Membership.last_read_seq`` only grows.
 
-So ``unread(u, c) = c.last_seq - m.last_read_seq`` for an active membership ``m``.
+So ``unread(u, c) = c.last_seq - m.last_read_seq - (recalled messages above
+m.last_read_seq)`` for an active membership ``m``: a recalled message (a tombstone, see
+``Message.deleted``) keeps its seq and counts for nobody.
 """
 
 from django.conf import settings

@@ -13,6 +13,7 @@ from counters.selectors import (
     counters_channel_states,
     counters_get,
     counters_truth_mentions,
+    counters_truth_recalled,
     counts_from_fields,
 )
 from counters.strategies import get_strategy
@@ -159,9 +160,10 @@ def sync_channels(
 
 def sync_snapshot(*, user_id: int, latest_version: int) -> dict:
     """The state of every conversation of the user, from PostgreSQL (the truth): last seq,
-    read pointer, unread, unread mentions, muted and the last ``SYNC_SNAPSHOT_MESSAGES``
-    messages; three queries whatever the number of conversations. Channel-mode groups are in
-    it like the others (``last_seq`` in PostgreSQL is committed by every send, whatever the mode).
+    read pointer, unread (recalled messages not counted), unread mentions, muted and the last
+    ``SYNC_SNAPSHOT_MESSAGES`` messages (tombstones and edited bodies as they are); four
+    queries whatever the number of conversations. Channel-mode groups are in it like the
+    others (``last_seq`` in PostgreSQL is committed by every send, whatever the mode).
     ``latest_version`` must have been read before this is called: the snapshot holds
     everything up to it (maybe more, which entries after it repeat harmlessly: every entry
     applies idempotently)."""
@@ -172,11 +174,12 @@ def sync_snapshot(*, user_id: int, latest_version: int) -> dict:
     )
     last = _last_messages([m.conversation_id for m in memberships])
     mentions = counters_truth_mentions(user_ids=[user_id])
+    recalled = counters_truth_recalled(user_ids=[user_id])
     conversations = []
     badge = 0
     for m in memberships:
         c = m.conversation
-        unread = max(c.last_seq - m.last_read_seq, 0)
+        unread = max(c.last_seq - m.last_read_seq - len(recalled.get((user_id, c.pk), ())), 0)
         if not m.muted:
             badge += unread
         conversations.append(
