@@ -13,7 +13,7 @@ from ninja import Field, Path, Query, Router, Schema, Status
 from pydantic import BeforeValidator, ConfigDict, field_validator
 
 from counters.selectors import counters_get
-from offline.selectors import device_list
+from offline.selectors import badge_version, device_list
 
 from . import ratelimit, selectors, services
 from .models import Conversation
@@ -528,7 +528,9 @@ class MessageOut(Schema):
         "no mentions."
     )
     edit_count: int
-    edited_at: datetime | None
+    edited_at: datetime | None = Field(
+        default=None, description="When it was last edited (absent: never)."
+    )
 
 
 message_out = selectors.message_fields
@@ -537,6 +539,7 @@ message_out = selectors.message_fields
 @router.post(
     "/conversations/{conversation_id}/messages",
     tags=["messages"],
+    exclude_none=True,
     **responses(
         {200: MessageOut, 201: MessageOut},
         # 403: mention_all by someone other than the group's creator; 409: a client_msg_id
@@ -570,6 +573,7 @@ class MessageListOut(Schema):
 @router.get(
     "/conversations/{conversation_id}/messages",
     tags=["messages"],
+    exclude_none=True,
     **responses({200: MessageListOut}, errors=(401, 404, 422)),
 )
 def message_list_api(
@@ -593,6 +597,7 @@ def message_list_api(
 @router.delete(
     "/conversations/{conversation_id}/messages/{seq}",
     tags=["messages"],
+    exclude_none=True,
     **responses({200: MessageOut}, errors=(401, 403, 404, 422)),
 )
 def message_recall_api(request, conversation_id: ConversationId, seq: MessageSeq):
@@ -614,6 +619,7 @@ class MessageEditIn(Body):
 @router.patch(
     "/conversations/{conversation_id}/messages/{seq}",
     tags=["messages"],
+    exclude_none=True,
     **responses({200: MessageOut}, errors=(401, 403, 404, 409, 422), body=True),
 )
 def message_edit_api(
@@ -632,9 +638,17 @@ class ReadIn(Body):
     seq: Seq
 
 
+BADGE_VERSION = Field(
+    description="The user's version when the badge was read (read just before it): a client "
+    "keeps the badge with the highest ``badge_version`` it has seen, from any answer, frame or "
+    "push, and drops one that arrives late with a lower version."
+)
+
+
 class CountsOut(Schema):
     unread: int
     badge: int
+    badge_version: int = BADGE_VERSION
 
 
 @router.post(
@@ -652,8 +666,10 @@ def conversation_read_api(request, conversation_id: ConversationId, payload: Rea
     membership = selectors.membership_get_active(
         user=request.auth.user, conversation_id=conversation_id
     )
-    unread, badge = services.conversation_mark_read(membership=membership, seq=payload.seq)
-    return {"unread": unread, "badge": badge}
+    unread, badge, version = services.conversation_mark_read(
+        membership=membership, seq=payload.seq, versioned=True
+    )
+    return {"unread": unread, "badge": badge, "badge_version": version}
 
 
 class MuteIn(Body):
@@ -665,6 +681,7 @@ class MuteOut(Schema):
     muted: bool
     unread: int
     badge: int
+    badge_version: int = BADGE_VERSION
 
 
 @router.post(
@@ -677,17 +694,21 @@ def conversation_mute_api(request, conversation_id: ConversationId, payload: Mut
     membership = selectors.membership_get_active(
         user=request.auth.user, conversation_id=conversation_id
     )
-    unread, badge = services.conversation_mute(membership=membership, muted=payload.muted)
+    unread, badge, version = services.conversation_mute(
+        membership=membership, muted=payload.muted, versioned=True
+    )
     return {
         "conversation_id": conversation_id,
         "muted": payload.muted,
         "unread": unread,
         "badge": badge,
+        "badge_version": version,
     }
 
 
 class UnreadOut(Schema):
     badge: int
+    badge_version: int = BADGE_VERSION
     conversations: dict[str, int]
     mentions: dict[str, int] = Field(
         description="Unread mentions per conversation id, only conversations with at least "
@@ -698,9 +719,11 @@ class UnreadOut(Schema):
 @router.get("/unread", tags=["counters"], **responses({200: UnreadOut}, errors=(401,)))
 def unread_get_api(request):
     """My badge and the unread count of each of my conversations."""
+    version = badge_version(request.auth.user.pk)
     counts = counters_get(user_id=request.auth.user.pk)
     return {
         "badge": counts.badge,
+        "badge_version": version,
         "conversations": {str(cid): n for cid, n in sorted(counts.conversations.items())},
         "mentions": {str(cid): n for cid, n in sorted(counts.mentions.items())},
     }

@@ -36,6 +36,7 @@ from delivery.services import (
     delivery_read_moved,
     delivery_sender_read,
 )
+from offline.selectors import badge_version
 from offline.services import offline_device_seen, offline_devices_logged_out
 
 from . import keys as token_keys
@@ -465,9 +466,12 @@ def _conversation_now(conversation_id: int) -> Conversation:
     return Conversation.objects.get(pk=conversation_id)
 
 
-def conversation_mute(*, membership: Membership, muted: bool) -> tuple[int, int]:
+def conversation_mute(
+    *, membership: Membership, muted: bool, versioned: bool = False
+) -> tuple[int, ...]:
     """Mute or unmute; the conversation's unread leaves or rejoins the badge. Returns
-    ``(unread, badge)``."""
+    ``(unread, badge)``, or with ``versioned`` ``(unread, badge, badge_version)``: the user's
+    version read once the change is committed, before the counters move."""
     with transaction.atomic():
         m = Membership.objects.select_for_update().get(pk=membership.pk)
         if m.left_at is not None:
@@ -477,11 +481,12 @@ def conversation_mute(*, membership: Membership, muted: bool) -> tuple[int, int]
             m.rev += 1
             m.save(update_fields=["muted", "rev"])
         conversation = _conversation_now(m.conversation_id)
+    version = (badge_version(m.user_id),) if versioned else ()
     delivery_memberships_changed(
         memberships=[m], conversation=conversation, last_seq=conversation.last_seq, change="mute"
     )
     counts = counters_get(user_id=m.user_id)
-    return counts.conversations.get(m.conversation_id, 0), counts.badge
+    return counts.conversations.get(m.conversation_id, 0), counts.badge, *version
 
 
 # ---- messages and reads --------------------------------------------------------------------
@@ -733,9 +738,13 @@ def _message_replay(
     return message
 
 
-def conversation_mark_read(*, membership: Membership, seq: int) -> tuple[int, int]:
+def conversation_mark_read(
+    *, membership: Membership, seq: int, versioned: bool = False
+) -> tuple[int, ...]:
     """Move the read pointer up to ``seq`` (never back); returns ``(unread, badge)`` with the
-    change already visible."""
+    change already visible, or with ``versioned`` ``(unread, badge, badge_version)``: the
+    user's version read once the read is committed, before the counters move (the badge
+    reflects every change up to it)."""
     last_seq = Conversation.objects.values_list("last_seq", flat=True).get(
         pk=membership.conversation_id
     )
@@ -746,12 +755,14 @@ def conversation_mark_read(*, membership: Membership, seq: int) -> tuple[int, in
     )
     if not updated:
         raise NotFound(f"conversation {membership.conversation_id} not found")
-    return delivery_read_moved(
+    version = (badge_version(membership.user_id),) if versioned else ()
+    counts = delivery_read_moved(
         user_id=membership.user_id,
         conversation_id=membership.conversation_id,
         seq=seq,
         last_seq=last_seq,
     )
+    return *counts, *version
 
 
 # ---- recall and edit -----------------------------------------------------------------------

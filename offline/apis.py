@@ -67,6 +67,7 @@ class SnapshotConversationOut(Schema):
 class SnapshotOut(Schema):
     latest_version: int
     badge: int
+    badge_version: int
     conversations: list[SnapshotConversationOut]
 
 
@@ -88,6 +89,10 @@ class SyncOut(Schema):
     gap: bool
     snapshot: SnapshotOut | None = None
     channels: list[SyncChannelOut] = Field(default_factory=list)
+    badge: int
+    badge_version: int = Field(
+        description="The version the badge was read at; keep the badge with the highest one."
+    )
 
 
 @router.get(

@@ -15,6 +15,7 @@ from counters.selectors import (
     counters_truth_mentions,
     counters_truth_recalled,
     counts_from_fields,
+    counts_with_channels,
 )
 from counters.strategies import get_strategy
 from imcore.models import Device, Membership, Message
@@ -101,6 +102,18 @@ def entries_out(entries: list[Entry], package: dict[int, dict] | None = None) ->
             item["message"] = message_out(message) if message else None
         out.append(item)
     return out
+
+
+def badge_version(user_id: int) -> int:
+    """The version a badge carries (``badge_version``): the user's latest version, read just
+    before the badge is, so the badge reflects every change up to it. Versions only grow, so
+    a client that keeps the badge with the highest version never goes back to an older one."""
+    return store.current_version(user_id)
+
+
+def sync_badge(user_id: int, fields: dict[str, str] | None) -> int:
+    """The badge from a counter hash read with a page (plus the channel-form conversations)."""
+    return counts_with_channels(counter_fields(user_id, fields)).badge
 
 
 def counter_fields(user_id: int, fields: dict[str, str] | None = None) -> dict[str, str]:
@@ -195,7 +208,12 @@ def sync_snapshot(*, user_id: int, latest_version: int) -> dict:
                 "messages": [message_out(x) for x in last.get(c.pk, [])],
             }
         )
-    return {"latest_version": latest_version, "badge": badge, "conversations": conversations}
+    return {
+        "latest_version": latest_version,
+        "badge": badge,
+        "badge_version": latest_version,  # the truth's badge, read after that version
+        "conversations": conversations,
+    }
 
 
 def _last_messages(conversation_ids: list[int]) -> dict[int, list[Message]]:

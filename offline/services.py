@@ -240,14 +240,20 @@ def sync_pull(*, device: Device, since: int, limit: int) -> dict:
 def sync_page(*, device: Device, since: int, limit: int) -> dict:
     """Entries after ``since`` in version order (at most ``limit``), or, when ``since`` is
     behind what the store holds, ``gap: true`` and a snapshot of every conversation from
-    PostgreSQL with the version to continue from. Every answer carries ``channels``: the
+    PostgreSQL with the version to continue from. Every answer carries the badge with its
+    version (``badge``, ``badge_version``: the latest version, read before the badge), and
+    ``channels``: the
     user's channel-mode groups that changed since the device's ``since`` (all of them with a
     gap, or when the store no longer holds the entry at ``since``; see
     :func:`offline.selectors.sync_channels`)."""
     page, since_ms = _page(device=device, since=since, limit=limit)
+    fields = page.pop("_counters")
     page["channels"] = selectors.sync_channels(
-        user_id=device.user_id, after_ms=since_ms, fields=page.pop("_counters")
+        user_id=device.user_id, after_ms=since_ms, fields=fields
     )
+    # The badge from the counter hash read in the page's round trip, after its version.
+    page["badge"] = selectors.sync_badge(device.user_id, fields)
+    page["badge_version"] = page["latest_version"]
     return page
 
 
@@ -271,6 +277,7 @@ def _page(*, device: Device, since: int, limit: int) -> tuple[dict, int | None]:
         snapshot = page.snapshot
         if snapshot is None or snapshot["latest_version"] != page.latest:
             snapshot = selectors.sync_snapshot(user_id=device.user_id, latest_version=page.latest)
+        snapshot.setdefault("badge_version", snapshot["latest_version"])  # (prepared before)
         return {
             "entries": [],
             "latest_version": snapshot["latest_version"],
@@ -300,7 +307,8 @@ def sync_catch_up(
     ``channels`` asks (on connect and on the periodic refresh, which mend a lost relay); a
     frame with no entries carries them alone. Returns the frames, the version the last one
     reached and the time of this listing (for the next call; ``channels_ms`` unchanged when
-    none was made)."""
+    none was made). The last frame carries the badge too, with its version (``badge``,
+    ``badge_version``)."""
     if since is None:
         since = selectors.device_acked_version(device)
     frames = []
@@ -327,8 +335,13 @@ def sync_catch_up(
         return frames, since, channels_ms
     now_ms = int(time.time() * 1000)  # before the read: a later change is listed next time
     listed = selectors.sync_channels(user_id=device.user_id, after_ms=after_ms, fields=fields)
+    badge = {
+        "badge": selectors.sync_badge(device.user_id, fields),
+        "badge_version": page["latest_version"],
+    }
     if frames:
         frames[-1]["channels"] = listed
+        frames[-1].update(badge)
     elif listed:
         frames.append(
             {
@@ -338,6 +351,7 @@ def sync_catch_up(
                 "has_more": False,
                 "gap": False,
                 "channels": listed,
+                **badge,
             }
         )
     return frames, since, now_ms

@@ -344,6 +344,15 @@ def latest_version(user_id: int) -> int:
     return read_page(user_id=user_id, device_pk=0, since=0, limit=0).latest
 
 
+def current_version(user_id: int) -> int:
+    """VERSION-LATEST of a user in one HMGET when Redis holds the user's sync state (else as
+    :func:`latest_version`, which loads it): the version a badge read next carries."""
+    rid, cur = client().hmget(keys.state(user_id), "rid", "cur")
+    if cur is not None and rid == redis_run_id():
+        return int(cur)
+    return latest_version(user_id)
+
+
 def peek_latest(user_ids: Iterable[int]) -> dict[int, int | None]:
     """Latest versions as Redis holds them now, without loading (admin); None = not loaded."""
     user_ids = list(user_ids)
