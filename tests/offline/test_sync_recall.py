@@ -82,7 +82,8 @@ def test_a_device_back_after_the_store_lost_them_sees_the_final_state(make_membe
 
 
 def test_a_recall_on_the_phone_reaches_the_connected_desk(poke_server, make_member, second_device):
-    """Online: the desk's socket gets the recall entry live (the store's poke)."""
+    """Online: the desk's socket gets the recall entry live (the store's poke), and bob's
+    badge drops."""
     alice, bob = make_member("alice"), make_member("bob")
     desk = second_device(alice, "desk")
     cid = group(alice, bob)
@@ -97,6 +98,9 @@ def test_a_recall_on_the_phone_reaches_the_connected_desk(poke_server, make_memb
     entries = [e for f in frames for e in f["entries"] if e["version"] > since]
     assert [(e["type"], e["seq"]) for e in entries] == [("recall", s1)]
     assert entries[0]["message"]["deleted"] is True
+    # the frame carries the badge (the recalled message no longer counts) and its version
+    assert frames[-1]["badge"] == 0 and frames[-1]["badge_version"] == latest
+    assert bob.unread()["badge"] == 0
 
 
 def test_a_recall_in_a_large_group_reaches_connected_sockets(
