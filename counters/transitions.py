@@ -134,7 +134,8 @@ def member(w: Working, row: MembershipRow) -> int:
     unless a newer generation was applied; returns the stored badge's change."""
     cid = row.conversation_id
     rev_new = row.rev > w.num(keys.rev_field(cid))
-    gen_new = row.gen > w.num(keys.gen_field(cid))
+    stored_gen = w.num(keys.gen_field(cid))
+    gen_new = row.gen > stored_gen
     if not rev_new and not gen_new:
         return 0
     unread = w.get(keys.unread_field(cid))
@@ -144,6 +145,8 @@ def member(w: Working, row: MembershipRow) -> int:
     if gen_new:
         w.set(keys.gen_field(cid), row.gen)
         channel = row.channel
+    elif rev_new and row.gen == stored_gen:
+        channel = row.channel  # a rejoin after a leave (which dropped c:) of this generation
     if rev_new:
         w.set(keys.rev_field(cid), row.rev)
         active = row.active

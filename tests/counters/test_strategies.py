@@ -310,3 +310,15 @@ def test_a_late_call_of_an_older_generation_keeps_the_conversion(strategy):
     strategy.member(U, row(1, rev=3, muted=False, read=3, top=9, gen=2, mentions=(2, 8)))
     assert counts(strategy) == (0, {1: 6})  # still muted: rev 3 says so, not this row
     assert mentions(strategy) == {1: "8"}
+
+
+def test_a_rejoin_takes_the_form_of_its_generation(strategy):
+    """A leave drops the form; a rejoin of the same generation takes the row's form again
+    (found by the state machine: a member rejoining a channel-mode group came back in the
+    aggregate form and never saw the group's messages)."""
+    strategy.load(U, [])
+    strategy.member(U, row(1, rev=1, read=0, top=0, gen=1, channel=True))
+    strategy.member(U, row(1, rev=2, active=False, read=0, top=3, gen=1, channel=True))
+    strategy.member(U, row(1, rev=3, read=3, top=3, gen=1, channel=True))
+    fields = strategy.fetch(U)
+    assert fields.get("c:1") == "1" and "u:1" not in fields
