@@ -18,7 +18,7 @@ export CELERY_BROKER_URL ?= redis://$(PG_HOST):$(REDIS_PORT)/1
 # exec: make's shell becomes the process manager, so a signal to it reaches honcho itself.
 STACK = PATH="$(BIN):$$PATH" exec $(BIN)/python bin/stack.py
 
-.PHONY: run run-cluster stop-cluster test-cluster bench-cluster serve test lint fmt services venv migrate demo clean bench bench-tools bench-strategies bench-send bench-storm bench-sync bench-push bench-soak
+.PHONY: run run-cluster stop-cluster test-cluster bench-cluster serve test lint fmt services venv migrate demo clean bench bench-tools bench-strategies bench-send bench-storm bench-sync bench-recall bench-push bench-soak
 
 run: venv services migrate demo
 	@echo
@@ -166,6 +166,10 @@ bench-storm: venv services
 
 bench-sync: venv services
 	$(BIN)/python bench/sync.py $(BENCH_ARGS)
+
+# A recall beside a send in a 5,000-member group, channel mode and pipeline (issue 15).
+bench-recall: venv services
+	$(BIN)/python bench/recall.py $(BENCH_ARGS)
 
 bench-push: venv services
 	$(BIN)/python bench/push.py $(BENCH_ARGS)

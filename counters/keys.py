@@ -22,6 +22,11 @@ them live in one slot and each Lua script touches a single slot.
                nothing), a read drops the seqs it passes, a leave deletes the field. Not part
                of the badge (still counted for muted conversations)
 
+    x:<cid>    the recalled seqs above ``r:<cid>`` (ascending, comma separated, absent when
+               none; a recall raises ``t:<cid>`` to its seq, so all are at or below it): the
+               unread is ``t - r - len(x)``. Recalls are rare, so the list is short; a read
+               drops the seqs it passes. A recalled seq never stays in ``n:<cid>``
+
     c:<cid>    "1" when the user's counters of the conversation are in **channel form** (a
                large group, ``Conversation.mode``): no ``u:<cid>``, the unread is computed
                when read as ``max(top(c), t) - r`` from the conversation's channel hash
@@ -29,9 +34,9 @@ them live in one slot and each Lua script touches a single slot.
     g:<cid>    the conversation's mode generation the form was set by (``mode_gen``): a
                membership call carrying an older generation leaves the form as it is
 
-``u = t - r`` always, and the seqs of ``n`` are above ``r``; ``t`` and ``r`` only move up, so
-applying a counter event twice, late or out of order changes nothing (the message ``seq`` is
-the idempotency key). Keeping all of
+``u = t - r - len(x)`` always, and the seqs of ``n`` and ``x`` are above ``r``; ``t`` and ``r``
+only move up, so applying a counter event twice, late or out of order changes nothing (the
+message ``seq`` is the idempotency key). Keeping all of
 a user's fields in one hash means a wipe or an eviction takes all of them or none.
 
 Per conversation in channel form, with the hash tag ``{c:<cid>}`` (one slot per conversation):
@@ -42,6 +47,10 @@ channel-mode group writes.
 
 ``imc:{c:<cid>}:all`` ZSET of the seqs of its ``mention_all`` messages (score = member = seq),
 counted against each reader's pointer; a user's personal mentions stay in ``n:<cid>``.
+
+``imc:{c:<cid>}:rc`` ZSET of the seqs of its recalled messages (score = member = seq), kept in
+every mode (O(1) per recall): in channel form each reader's unread is ``max(top, t) - r -
+ZCOUNT(rc, (r, +inf))``, and a conversion to the aggregate form folds it into ``x:<cid>``.
 
 ``imc:{u:<user_id>}:lock`` STRING, the lock of the ``lock`` strategy (SET NX PX).
 """
@@ -107,6 +116,14 @@ def mentions_field(conversation_id: int | str) -> str:
 
 def channel_field(conversation_id: int | str) -> str:
     return f"c:{conversation_id}"
+
+
+def recalled_field(conversation_id: int | str) -> str:
+    return f"x:{conversation_id}"
+
+
+def channel_recalled(conversation_id: int) -> str:
+    return f"{PREFIX}:{conversation_tag(conversation_id)}:rc"
 
 
 def gen_field(conversation_id: int | str) -> str:

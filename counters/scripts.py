@@ -43,6 +43,34 @@ class CounterScripts:
         self._member: Script = register_script(client, source("member"))
         self._load: Script = register_script(client, source("load"))
         self._channel: Script = register_script(client, (LUA_DIR / "channel.lua").read_text())
+        self._recall: Script = register_script(client, source("recall"))
+        self._recall_channel: Script = register_script(
+            client, (LUA_DIR / "recall_channel.lua").read_text()
+        )
+
+    def recall(self, user_id: int, conversation_id: int, seq: int, *, pipe=None):
+        """KEYS[1] = counter hash; ARGV = cid, seq; returns the badge change (or queues the
+        call on ``pipe``)."""
+        return run_script(
+            self._recall,
+            keys=[keys.counters(user_id)],
+            args=[conversation_id, seq],
+            client=pipe or self.client,
+        )
+
+    def recall_channel(self, conversation_id: int, seq: int, *, channel: bool, pipe=None):
+        """Record a recalled seq in the conversation's channel keys (see
+        ``recall_channel.lua``); returns 1 when it was new (or queues the call on ``pipe``)."""
+        return run_script(
+            self._recall_channel,
+            keys=[
+                keys.channel(conversation_id),
+                keys.channel_mentions_all(conversation_id),
+                keys.channel_recalled(conversation_id),
+            ],
+            args=[seq, int(bool(channel))],
+            client=pipe or self.client,
+        )
 
     def inc(self, user_id: int, pairs: Sequence[Sequence], *, pipe=None):
         """KEYS[1] = counter hash; ARGV = cid, seq, cid, seq, ... (``pairs`` items are
@@ -102,7 +130,13 @@ class CounterScripts:
 
     def member(self, user_id: int, row: MembershipRow, *, pipe=None):
         """Returns the badge change (or queues the call on ``pipe``)."""
-        args = [*_row_args(row)[:6], row.gen, _form(row), ",".join(map(str, row.mentions))]
+        args = [
+            *_row_args(row)[:6],
+            row.gen,
+            _form(row),
+            ",".join(map(str, row.mentions)),
+            ",".join(map(str, row.recalled)),
+        ]
         result = run_script(
             self._member, keys=[keys.counters(user_id)], args=args, client=pipe or self.client
         )
@@ -124,6 +158,7 @@ def _row_args(row: MembershipRow) -> list[int | str]:
         ",".join(str(s) for s in row.mentions),
         row.gen,
         _form(row),
+        ",".join(str(s) for s in row.recalled),
     ]
 
 

@@ -40,6 +40,7 @@ def counters_truth_rows(*, user_ids: Iterable[int]) -> dict[int, list[Membership
     # so the load can drop a seq Redis holds below that top that the truth does not have.
     memberships = list(memberships)
     mentions = counters_truth_mentions(user_ids=user_ids)
+    recalled = counters_truth_recalled(user_ids=user_ids)
     for user_id, cid, rev, left_at, muted, read_seq, top, mode, gen in memberships:
         rows[user_id].append(
             MembershipRow(
@@ -52,6 +53,7 @@ def counters_truth_rows(*, user_ids: Iterable[int]) -> dict[int, list[Membership
                 mentions=tuple(mentions.get((user_id, cid), ())),
                 gen=gen,
                 channel=mode in Conversation.CHANNEL_FORM_MODES,
+                recalled=tuple(recalled.get((user_id, cid), ())),
             )
         )
     return rows
@@ -73,6 +75,7 @@ def counters_truth_mentions(*, user_ids: list[int]) -> dict[tuple[int, int], lis
             ON mb.conversation_id = msg.conversation_id AND mb.user_id = ANY(msg.mentions)
          WHERE msg.mentions && %(users)s::bigint[] AND mb.user_id = ANY(%(users)s::bigint[])
            AND mb.left_at IS NULL AND msg.seq > mb.last_read_seq AND msg.sender_id <> mb.user_id
+           AND NOT msg.deleted
         UNION
         SELECT mb.user_id, msg.conversation_id, msg.seq
           FROM {membership} mb
@@ -80,7 +83,30 @@ def counters_truth_mentions(*, user_ids: list[int]) -> dict[tuple[int, int], lis
             ON msg.conversation_id = mb.conversation_id AND msg.mention_all
            AND msg.seq > mb.last_read_seq
          WHERE mb.user_id = ANY(%(users)s::bigint[]) AND mb.left_at IS NULL
-           AND msg.sender_id <> mb.user_id
+           AND msg.sender_id <> mb.user_id AND NOT msg.deleted
+         ORDER BY 1, 2, 3
+    """
+    found: dict[tuple[int, int], list[int]] = defaultdict(list)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, {"users": list(user_ids)})
+        for user_id, cid, seq in cursor.fetchall():
+            found[user_id, cid].append(seq)
+    return found
+
+
+def counters_truth_recalled(*, user_ids: list[int]) -> dict[tuple[int, int], list[int]]:
+    """The recalled seqs above each active membership's read pointer of the given users, by
+    ``(user id, conversation id)`` (recalls are rare: the partial index finds them)."""
+    if not user_ids:
+        return {}
+    message, membership = Message._meta.db_table, Membership._meta.db_table
+    sql = f"""
+        SELECT mb.user_id, msg.conversation_id, msg.seq
+          FROM {membership} mb
+          JOIN {message} msg
+            ON msg.conversation_id = mb.conversation_id AND msg.deleted
+           AND msg.seq > mb.last_read_seq
+         WHERE mb.user_id = ANY(%(users)s::bigint[]) AND mb.left_at IS NULL
          ORDER BY 1, 2, 3
     """
     found: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -92,8 +118,11 @@ def counters_truth_mentions(*, user_ids: list[int]) -> dict[tuple[int, int], lis
 
 
 def counters_truth_from_rows(rows: Iterable[MembershipRow]) -> UnreadCounts:
-    """unread = last_seq - last_read_seq per active membership; badge = sum over unmuted."""
-    conversations = {r.conversation_id: max(r.top - r.read_seq, 0) for r in rows if r.active}
+    """unread = last_seq - last_read_seq - recalled seqs above it, per active membership;
+    badge = sum over unmuted."""
+    conversations = {
+        r.conversation_id: max(r.top - r.read_seq - len(r.recalled), 0) for r in rows if r.active
+    }
     muted = {r.conversation_id for r in rows if r.active and r.muted}
     badge = sum(n for cid, n in conversations.items() if cid not in muted)
     mentions = {r.conversation_id: len(r.mentions) for r in rows if r.active and r.mentions}
@@ -111,6 +140,7 @@ class ChannelState:
     top: int
     changed_ms: int
     mentions_all: tuple[int, ...]  # its mention_all seqs above the reader's pointer
+    recalled: tuple[int, ...] = ()  # its recalled seqs above the reader's pointer
 
 
 def channel_conversations(fields: dict[str, str]) -> list[int]:
@@ -128,21 +158,34 @@ def counters_channel_states(reads: dict[int, int]) -> dict[int, ChannelState]:
     for cid, r in reads.items():
         pipe.hmget(keys.channel(cid), keys.CHANNEL_TOP, keys.CHANNEL_MS)
         pipe.zrangebyscore(keys.channel_mentions_all(cid), f"({r}", "+inf")
+        pipe.zrangebyscore(keys.channel_recalled(cid), f"({r}", "+inf")
     replies = pipe.execute()
     states = {}
     missing = []
     for i, cid in enumerate(reads):
-        (top, ms), alls = replies[2 * i], replies[2 * i + 1]
+        (top, ms), alls, recalled = replies[3 * i : 3 * i + 3]
         if top is None:
             missing.append(cid)
         states[cid] = ChannelState(
-            top=int(top or 0), changed_ms=int(ms or 0), mentions_all=tuple(int(s) for s in alls)
+            top=int(top or 0),
+            changed_ms=int(ms or 0),
+            mentions_all=tuple(int(s) for s in alls),
+            recalled=tuple(int(s) for s in recalled),
         )
     if missing:
         from .services import counters_channel_repair
 
-        for cid, top in counters_channel_repair(conversation_ids=missing).items():
-            states[cid] = ChannelState(top, states[cid].changed_ms, states[cid].mentions_all)
+        repaired = counters_channel_repair(conversation_ids=missing)
+        again = client.pipeline(transaction=False)
+        for cid in repaired:
+            again.zrangebyscore(keys.channel_recalled(cid), f"({reads[cid]}", "+inf")
+        for (cid, top), recalled in zip(repaired.items(), again.execute(), strict=True):
+            states[cid] = ChannelState(
+                top,
+                states[cid].changed_ms,
+                states[cid].mentions_all,
+                tuple(int(s) for s in recalled),
+            )
     return states
 
 
@@ -150,19 +193,21 @@ def counts_from_fields(
     fields: dict[str, str], channels: dict[int, ChannelState] | None = None
 ) -> UnreadCounts:
     """The counts a counter hash holds; the conversations in channel form count against their
-    ``channels`` state: ``max(top, t) - r``, and the mentions are the user's own (``n:``) and
-    the channel's mention_all seqs above the pointer, once each."""
+    ``channels`` state: ``max(top, t) - r - (its recalled seqs above r)``, and the mentions
+    are the user's own (``n:``) and the channel's mention_all seqs above the pointer, once
+    each, none of them recalled."""
     conversations = {int(f[2:]): int(v) for f, v in fields.items() if f.startswith("u:")}
     mentions = {cid: len(seqs) for cid in conversations if (seqs := mention_seqs(fields, cid))}
     badge = int(fields.get(keys.BADGE) or 0)
     for cid, state in (channels or {}).items():
         r = int(fields.get(keys.read_field(cid)) or 0)
         t = int(fields.get(keys.top_field(cid)) or 0)
-        n = max(max(state.top, t) - r, 0)
+        n = max(max(state.top, t) - r - len(state.recalled), 0)
         conversations[cid] = n
         if fields.get(keys.muted_field(cid)) != "1":
             badge += n
-        if seqs := set(mention_seqs(fields, cid)) | {s for s in state.mentions_all if s > r}:
+        seqs = set(mention_seqs(fields, cid)) | {s for s in state.mentions_all if s > r}
+        if seqs := seqs - set(state.recalled):
             mentions[cid] = len(seqs)
     return UnreadCounts(badge=badge, conversations=conversations, mentions=mentions)
 

@@ -9,7 +9,7 @@ from functools import cache
 
 from django.contrib.auth import get_user_model
 
-from imcore.models import Conversation, Membership
+from imcore.models import Conversation, Membership, Message
 
 from . import keys
 from .redis import ScriptCall, execute, get_redis, store_id
@@ -163,12 +163,14 @@ def counters_memberships_changed(
     mode_gen: int = 0,
     channel: bool = False,
     mentions_all: Sequence[int] = (),
+    recalled: Sequence[int] = (),
 ) -> None:
     """The same for many memberships of one conversation, pipelined (a 5,000-member group is
     created in a few round trips, not 5,000). ``mode_gen`` and ``channel`` are the
     conversation's mode generation and form when the change committed (a conversion sends
     every member's row with its new generation); ``mentions_all``, the channel's mention_all
-    seqs that a conversion to the aggregate form folds into each member's own mentions."""
+    seqs that a conversion to the aggregate form folds into each member's own mentions;
+    ``recalled``, the conversation's recalled seqs, which it folds into each member's own."""
     get_strategy().member_many(
         [
             (
@@ -183,6 +185,7 @@ def counters_memberships_changed(
                     mentions=tuple(s for s in mentions_all if s > m.last_read_seq),
                     gen=mode_gen,
                     channel=channel,
+                    recalled=tuple(s for s in recalled if s > m.last_read_seq),
                 ),
             )
             for m in memberships
@@ -213,22 +216,47 @@ def counters_channel_committed(
         )
 
 
-def counters_channel_raise(*, conversation_id: int, top: int) -> int:
+def counters_channel_raise(*, conversation_id: int, top: int, recalled: Sequence[int] = ()) -> int:
     """Make sure a channel's top is at least ``top`` (PostgreSQL's ``last_seq``: a conversion,
-    a repair); returns the top."""
+    a repair) and its record of recalls holds ``recalled``; returns the top."""
+    if recalled:
+        channel_scripts().client.zadd(
+            keys.channel_recalled(conversation_id), {str(s): s for s in recalled}
+        )
     return int(channel_scripts().channel(conversation_id, 0, known_top=top))
 
 
+def counters_message_recalled(
+    *, conversation_id: int, seq: int, user_ids: Sequence[int], channel: bool
+) -> list[int]:
+    """A committed recall of message ``seq``: the conversation's record of recalls (one call,
+    whatever the group's size; in ``channel`` form every reader's unread counts against it)
+    and one call per user in ``user_ids`` (members whose counters are in aggregate form, and
+    the users a channel-form message mentioned). Idempotent and seq-keyed: a second call, or
+    one for a message already read, changes nothing. Returns each user's badge change."""
+    channel_scripts().recall_channel(conversation_id, seq, channel=channel)
+    return get_strategy().recall_many(list(user_ids), conversation_id, seq) if user_ids else []
+
+
 def counters_channel_repair(*, conversation_ids: Sequence[int]) -> dict[int, int]:
-    """Set the top of channels whose key Redis lost from PostgreSQL; returns the tops."""
+    """Set the top of channels whose key Redis lost from PostgreSQL, and their record of
+    recalls; returns the tops."""
     last = dict(
         Conversation.objects.filter(pk__in=list(conversation_ids)).values_list("pk", "last_seq")
     )
+    recalled: dict[int, list[int]] = {}
+    for cid, seq in Message.objects.filter(
+        conversation_id__in=list(conversation_ids), deleted=True
+    ).values_list("conversation_id", "seq"):
+        recalled.setdefault(cid, []).append(seq)
     scripts = channel_scripts()
     pipe = scripts.client.pipeline(transaction=False)
+    for cid, seqs in recalled.items():
+        pipe.zadd(keys.channel_recalled(cid), {str(s): s for s in seqs})
     for cid in conversation_ids:
         scripts.channel(cid, 0, known_top=last.get(cid, 0), pipe=pipe)
-    return {cid: int(top) for cid, top in zip(conversation_ids, execute(pipe), strict=True)}
+    tops = execute(pipe)[len(recalled) :]
+    return {cid: int(top) for cid, top in zip(conversation_ids, tops, strict=True)}
 
 
 def counters_channel_mentions_all(*, conversation_id: int) -> list[int]:

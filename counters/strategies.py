@@ -13,8 +13,8 @@ A user's per-conversation unread counts and badge live in one hash and must chan
   writers lose updates and the badge drifts from the sum; it exists so the tests can show
   they catch that.
 
-Every strategy exposes the same operations: ``inc_many``, ``read``, ``member``, ``load`` and
-``fetch``. The Python ones share :mod:`counters.transitions`.
+Every strategy exposes the same operations: ``inc_many``, ``read``, ``member``, ``load``,
+``recall`` and ``fetch``. The Python ones share :mod:`counters.transitions`.
 """
 
 import contextlib
@@ -78,6 +78,14 @@ class Strategy(ABC):
     def load(self, user_id: int, rows: Sequence[MembershipRow]) -> int:
         """Load the user's rows from PostgreSQL; returns the badge."""
 
+    @abstractmethod
+    def recall(self, user_id: int, conversation_id: int, seq: int) -> int:
+        """A message was recalled; returns the badge change."""
+
+    def recall_many(self, user_ids: Sequence[int], conversation_id: int, seq: int) -> list[int]:
+        """The same for many users (the members of a small group); each one's badge change."""
+        return [self.recall(uid, conversation_id, seq) for uid in user_ids]
+
     def member_many(self, items: Sequence[tuple[int, MembershipRow]]) -> None:
         """Apply ``[(user_id, row), ...]`` (a group created or joined by many at once)."""
         for user_id, row in items:
@@ -102,6 +110,9 @@ class PythonStrategy(Strategy):
 
     def load(self, user_id, rows):
         return self._atomic(user_id, lambda w: transitions.load(w, rows))
+
+    def recall(self, user_id, conversation_id, seq):
+        return self._atomic(user_id, lambda w: transitions.recall(w, conversation_id, seq))
 
     @abstractmethod
     def _atomic(self, user_id: int, fn: Callable[[Working], T]) -> T:
@@ -154,6 +165,18 @@ class LuaStrategy(Strategy):
 
     def member(self, user_id, row):
         return self.scripts.member(user_id, row)
+
+    def recall(self, user_id, conversation_id, seq):
+        return int(self.scripts.recall(user_id, conversation_id, seq))
+
+    def recall_many(self, user_ids, conversation_id, seq):
+        items = [(uid, (conversation_id, seq)) for uid in user_ids]
+        return [
+            int(d)
+            for d in self._pipelined(
+                lambda uid, a, pipe: self.scripts.recall(uid, *a, pipe=pipe), items
+            )
+        ]
 
     def load(self, user_id, rows):
         return self.scripts.load(user_id, rows)

@@ -36,6 +36,9 @@ class MembershipRow:
     # the conversation's mode generation and whether its form is channel (see keys.py)
     gen: int = 0
     channel: bool = False
+    # recalled seqs above read_seq (``load``: the truth's; ``member``: the channel's record,
+    # folded in when the form turns aggregate); they join ``x:<cid>``
+    recalled: tuple[int, ...] = ()
 
 
 class Working:
@@ -94,7 +97,7 @@ def inc(w: Working, pairs: Iterable[Sequence]) -> int:
         unread = w.get(keys.unread_field(cid))
         if unread is None:
             continue
-        n = max(seq - w.num(keys.read_field(cid)), 0)
+        n = max(seq - w.num(keys.read_field(cid)) - len(recalled_seqs(w.fields, cid)), 0)
         d = n - int(unread)
         if d:
             w.set(keys.unread_field(cid), n)
@@ -114,9 +117,9 @@ def read(w: Working, cid: int, read_seq: int, top: int) -> tuple[int, int]:
         raise CountersNotMember
     r = max(w.num(keys.read_field(cid)), read_seq)
     t = max(w.num(keys.top_field(cid)), top, r)
-    n = t - r
     w.set(keys.read_field(cid), r)
     w.set(keys.top_field(cid), t)
+    n = max(t - r - _store_recalled(w, cid, (), r), 0)
     _store_mentions(w, cid, (), r)
     if channel:
         return n, w.num(keys.BADGE)
@@ -131,7 +134,8 @@ def member(w: Working, row: MembershipRow) -> int:
     unless a newer generation was applied; returns the stored badge's change."""
     cid = row.conversation_id
     rev_new = row.rev > w.num(keys.rev_field(cid))
-    gen_new = row.gen > w.num(keys.gen_field(cid))
+    stored_gen = w.num(keys.gen_field(cid))
+    gen_new = row.gen > stored_gen
     if not rev_new and not gen_new:
         return 0
     unread = w.get(keys.unread_field(cid))
@@ -141,6 +145,8 @@ def member(w: Working, row: MembershipRow) -> int:
     if gen_new:
         w.set(keys.gen_field(cid), row.gen)
         channel = row.channel
+    elif rev_new and row.gen == stored_gen:
+        channel = row.channel  # a rejoin after a leave (which dropped c:) of this generation
     if rev_new:
         w.set(keys.rev_field(cid), row.rev)
         active = row.active
@@ -183,7 +189,12 @@ def load(w: Working, rows: Sequence[MembershipRow]) -> int:
     badge = 0
     for field in [f for f in w.fields if f.startswith("u:")]:
         cid = field[2:]
-        n = max(w.num(keys.top_field(cid)) - w.num(keys.read_field(cid)), 0)
+        n = max(
+            w.num(keys.top_field(cid))
+            - w.num(keys.read_field(cid))
+            - len(recalled_seqs(w.fields, cid)),
+            0,
+        )
         if n != w.num(field):
             w.set(field, n)
         if not w.muted(cid):
@@ -195,37 +206,87 @@ def load(w: Working, rows: Sequence[MembershipRow]) -> int:
 
 def _set_active(w: Working, row: MembershipRow, channel: bool) -> tuple[int, int]:
     """Set an active membership's pointers and form (mute is set by the caller); returns
-    ``(unread as of the row, read pointer)``. Mentions at or below the read pointer go."""
+    ``(unread as of the row, read pointer)``. Mentions and recalled seqs at or below the read
+    pointer go."""
     cid = row.conversation_id
     r = max(w.num(keys.read_field(cid)), row.read_seq)
     t = max(w.num(keys.top_field(cid)), row.top, r)
     w.set(keys.read_field(cid), r)
     w.set(keys.top_field(cid), t)
+    n = max(t - r - _store_recalled(w, cid, row.recalled, r), 0)
     if channel:
         w.set(keys.channel_field(cid), 1)
         w.delete(keys.unread_field(cid))
     else:
-        w.set(keys.unread_field(cid), t - r)
+        w.set(keys.unread_field(cid), n)
         w.delete(keys.channel_field(cid))
     _store_mentions(w, cid, (), r)
-    return t - r, r
+    return n, r
 
 
 def _store_mentions(
     w: Working, cid: int | str, new: Iterable[int | str], r: int, held_above: int = 0
 ) -> None:
     """Keep in ``n:<cid>`` the seqs it holds and ``new`` above ``r``, ascending, once each
-    (delete the field when none is left); a seq it holds stays only if above ``held_above``
-    too (``load``: the truth's rows cover every seq up to their top)."""
+    (delete the field when none is left), none of them recalled; a seq it holds stays only if
+    above ``held_above`` too (``load``: the truth's rows cover every seq up to their top)."""
     field = keys.mentions_field(cid)
     current = w.get(field)
     held = [int(s) for s in current.split(",")] if current else []
     held = [s for s in held if s > held_above]
-    kept = sorted({int(s) for s in (*held, *new) if int(s) > r})
+    gone = set(recalled_seqs(w.fields, cid))
+    kept = sorted({int(s) for s in (*held, *new) if int(s) > r} - gone)
     if not kept:
         w.delete(field)
     elif (value := ",".join(map(str, kept))) != current:
         w.set(field, value)
+
+
+def recall(w: Working, cid: int, seq: int) -> int:
+    """A message was recalled: above the read pointer its seq joins ``x:<cid>`` (once), the top
+    rises to it, the unread drops and its mention goes; returns the badge change."""
+    if w.ready and w.get(keys.rev_field(cid)) is None:
+        w.delete(keys.READY)
+    r = w.num(keys.read_field(cid))
+    if seq <= r or seq in recalled_seqs(w.fields, cid):
+        return 0
+    x = _store_recalled(w, cid, (seq,), r)
+    t = w.num(keys.top_field(cid))
+    if seq > t:
+        t = seq
+        w.set(keys.top_field(cid), t)
+    _store_mentions(w, cid, (), r)
+    unread = w.get(keys.unread_field(cid))
+    if unread is None:
+        return 0
+    n = max(t - r - x, 0)
+    d = n - int(unread)
+    if not d:
+        return 0
+    w.set(keys.unread_field(cid), n)
+    if w.muted(cid):
+        return 0
+    w.add_badge(d)
+    return d
+
+
+def _store_recalled(w: Working, cid: int | str, new: Iterable[int | str], r: int) -> int:
+    """Keep in ``x:<cid>`` the recalled seqs it holds and ``new`` above ``r``; returns how
+    many."""
+    field = keys.recalled_field(cid)
+    current = w.get(field)
+    kept = sorted({int(s) for s in (*recalled_seqs(w.fields, cid), *new) if int(s) > r})
+    if not kept:
+        w.delete(field)
+    elif (value := ",".join(map(str, kept))) != current:
+        w.set(field, value)
+    return len(kept)
+
+
+def recalled_seqs(fields: dict[str, str], cid: int | str) -> list[int]:
+    """The recalled seqs above the read pointer a counter hash holds for one conversation."""
+    value = fields.get(keys.recalled_field(cid))
+    return [int(s) for s in value.split(",")] if value else []
 
 
 def mention_seqs(fields: dict[str, str], cid: int | str) -> list[int]:
@@ -242,4 +303,5 @@ def _membership_fields(cid: int | str) -> tuple[str, ...]:
         keys.muted_field(cid),
         keys.mentions_field(cid),
         keys.channel_field(cid),
+        keys.recalled_field(cid),
     )

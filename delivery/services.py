@@ -17,6 +17,9 @@ The sinks have small service APIs and never import delivery. Every call here is 
   badge went up.
 - A **read** moves the reader's counters at once, records a ``read`` entry and sends a silent
   badge push (:func:`delivery_read_moved`).
+- A **recall** or an **edit** (:func:`delivery_message_recalled`, :func:`delivery_message_edited`)
+  reaches every member: in small groups a counter call (recall) and an entry per member, in
+  channel-mode groups one record of the conversation and one relay to its connected sockets.
 - A **join, leave or mute** updates the members' counters and records an entry for each
   (:func:`delivery_memberships_changed`).
 """
@@ -36,6 +39,7 @@ from counters.services import (
     counters_count_messages,
     counters_mark_read,
     counters_memberships_changed,
+    counters_message_recalled,
     counters_send_calls,
     counters_send_done,
 )
@@ -44,7 +48,9 @@ from offline.push import push_badge_changed
 from offline.services import (
     offline_channel_members_changed,
     offline_channel_message,
+    offline_channel_op,
     offline_record_memberships,
+    offline_record_message_ops,
     offline_record_messages,
     offline_record_read,
 )
@@ -287,6 +293,73 @@ def delivery_memberships_changed(
         push_badge_changed(user_ids=[m.user_id for m in memberships], alert=False)
 
 
+# ---- recall and edit -----------------------------------------------------------------------
+
+
+def _active_members(conversation_id: int) -> list[int]:
+    return list(
+        Membership.objects.filter(
+            conversation_id=conversation_id, left_at__isnull=True
+        ).values_list("user_id", flat=True)
+    )
+
+
+def delivery_message_recalled(
+    *,
+    conversation_id: int,
+    seq: int,
+    sender_id: int,
+    mentions: Sequence[int] = (),
+    mode: str = Conversation.Mode.AGGREGATE,
+) -> None:
+    """A committed recall of message ``seq`` (or a repeated one: every step is idempotent),
+    in a conversation of ``mode`` (as the recall's row lock saw it):
+
+    - counters: the conversation's record of recalls (O(1); in channel form every reader's
+      unread counts against it), and where members' counters may be in aggregate form
+      (a small group, or a conversion under way) one seq-keyed call per active member,
+      pipelined; in channel mode only the users it mentioned (their mention goes);
+    - sync: a ``recall`` entry in every active member's offline store (small groups), or a
+      relay to the group's connected sockets (channel mode; ``/sync``'s ``channels`` item
+      moves, and history shows the tombstone);
+    - a silent badge push to the members whose badge dropped."""
+    pipeline = mode in Conversation.PIPELINE_SEND_MODES
+    members = _active_members(conversation_id) if pipeline else []
+    users = members if pipeline else [u for u in dict.fromkeys(mentions) if u != sender_id]
+    deltas = counters_message_recalled(
+        conversation_id=conversation_id,
+        seq=seq,
+        user_ids=users,
+        channel=mode in Conversation.CHANNEL_SEND_MODES,
+    )
+    if pipeline:
+        offline_record_message_ops(
+            user_ids=members, conversation_id=conversation_id, seq=seq, op="recall"
+        )
+    if mode in Conversation.CHANNEL_SEND_MODES:
+        offline_channel_op(conversation_id=conversation_id, seq=seq, op="recall")
+    dropped = [u for u, d in zip(users, deltas, strict=True) if d and d < 0]
+    if dropped:
+        push_badge_changed(user_ids=dropped, alert=False)
+
+
+def delivery_message_edited(*, message: Message, mode: str = Conversation.Mode.AGGREGATE) -> None:
+    """A committed edit: no count changes; every member's devices learn the new body (an
+    ``edit`` entry in each active member's store in a small group, a relay to the connected
+    sockets in channel mode; history and the gap snapshot show the edited body)."""
+    cid = message.conversation_id
+    if mode in Conversation.PIPELINE_SEND_MODES:
+        offline_record_message_ops(
+            user_ids=_active_members(cid),
+            conversation_id=cid,
+            seq=message.seq,
+            op="edit",
+            edit_count=message.edit_count,
+        )
+    if mode in Conversation.CHANNEL_SEND_MODES:
+        offline_channel_op(conversation_id=cid, seq=message.seq, op="edit")
+
+
 # ---- channel mode: conversions -------------------------------------------------------------
 
 
@@ -355,18 +428,24 @@ def delivery_convert(*, conversation_id: int, force: str | None = None) -> str |
     channel = target == Mode.TO_CHANNEL
     failpoint("convert.after_mode")
     last_seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation_id)
-    counters_channel_raise(conversation_id=conversation_id, top=last_seq)
+    recalled = list(
+        Message.objects.filter(conversation_id=conversation_id, deleted=True).values_list(
+            "seq", flat=True
+        )
+    )
+    counters_channel_raise(conversation_id=conversation_id, top=last_seq, recalled=recalled)
     mentions_all = () if channel else counters_channel_mentions_all(conversation_id=conversation_id)
+    recalled = () if channel else recalled
     chunk: list[Membership] = []
     for membership in Membership.objects.filter(
         conversation_id=conversation_id, left_at__isnull=True
     ).iterator(chunk_size=settings.LARGE_GROUP_CONVERT_CHUNK):
         chunk.append(membership)
         if len(chunk) >= settings.LARGE_GROUP_CONVERT_CHUNK:
-            _convert_members(chunk, last_seq, gen, channel, mentions_all)
+            _convert_members(chunk, last_seq, gen, channel, mentions_all, recalled)
             chunk = []
             failpoint("convert.after_chunk")
-    _convert_members(chunk, last_seq, gen, channel, mentions_all)
+    _convert_members(chunk, last_seq, gen, channel, mentions_all, recalled)
     failpoint("convert.before_done")
     final = Mode.CHANNEL if channel else Mode.AGGREGATE
     done = Conversation.objects.filter(pk=conversation_id, mode=target, mode_gen=gen).update(
@@ -375,7 +454,9 @@ def delivery_convert(*, conversation_id: int, force: str | None = None) -> str |
     return final if done else None
 
 
-def _convert_members(chunk, last_seq: int, gen: int, channel: bool, mentions_all) -> None:
+def _convert_members(
+    chunk, last_seq: int, gen: int, channel: bool, mentions_all, recalled=()
+) -> None:
     if chunk:
         counters_memberships_changed(
             memberships=chunk,
@@ -383,6 +464,7 @@ def _convert_members(chunk, last_seq: int, gen: int, channel: bool, mentions_all
             mode_gen=gen,
             channel=channel,
             mentions_all=mentions_all,
+            recalled=recalled,
         )
         offline_channel_members_changed(
             user_ids=[m.user_id for m in chunk],

@@ -148,7 +148,10 @@ class MembershipAdmin(ReadOnlyAdmin):
     def unread_truth(self, obj):
         if obj.left_at is not None:
             return "-"
-        return max(obj.conversation.last_seq - obj.last_read_seq, 0)
+        recalled = Message.objects.filter(
+            conversation_id=obj.conversation_id, deleted=True, seq__gt=obj.last_read_seq
+        ).count()
+        return max(obj.conversation.last_seq - obj.last_read_seq - recalled, 0)
 
     @admin.display(description="unread (Redis)")
     def unread_redis(self, obj):

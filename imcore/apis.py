@@ -13,7 +13,7 @@ from ninja import Field, Path, Query, Router, Schema, Status
 from pydantic import BeforeValidator, ConfigDict, field_validator
 
 from counters.selectors import counters_get
-from offline.selectors import device_list
+from offline.selectors import badge_version, device_list
 
 from . import ratelimit, selectors, services
 from .models import Conversation
@@ -34,6 +34,7 @@ BIGINT_MAX = 2**63 - 1
 Id = Annotated[int, Field(ge=1, le=BIGINT_MAX), BeforeValidator(integral)]
 Seq = Annotated[int, Field(ge=0, le=BIGINT_MAX), BeforeValidator(integral)]
 ConversationId = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
+MessageSeq = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
 
 # The schema's pattern for a text field (PostgreSQL text cannot hold NUL).
 NO_NUL = r"^[^\x00]*$"
@@ -510,6 +511,14 @@ class MessageOut(Schema):
     created_at: datetime
     mentions: list[int]
     mention_all: bool
+    deleted: bool = Field(
+        description="Recalled: a tombstone that keeps its seq; ``body`` is empty and it has "
+        "no mentions."
+    )
+    edit_count: int
+    edited_at: datetime | None = Field(
+        default=None, description="When it was last edited (absent: never)."
+    )
 
 
 message_out = selectors.message_fields
@@ -518,6 +527,7 @@ message_out = selectors.message_fields
 @router.post(
     "/conversations/{conversation_id}/messages",
     tags=["messages"],
+    exclude_none=True,
     **responses(
         {200: MessageOut, 201: MessageOut},
         # 403: mention_all by someone other than the group's creator; 409: a client_msg_id
@@ -551,6 +561,7 @@ class MessageListOut(Schema):
 @router.get(
     "/conversations/{conversation_id}/messages",
     tags=["messages"],
+    exclude_none=True,
     **responses({200: MessageListOut}, errors=(401, 404, 422)),
 )
 def message_list_api(
@@ -571,13 +582,61 @@ def message_list_api(
     return {"messages": [message_out(m) for m in page[:limit]], "has_more": len(page) > limit}
 
 
+@router.delete(
+    "/conversations/{conversation_id}/messages/{seq}",
+    tags=["messages"],
+    exclude_none=True,
+    **responses({200: MessageOut}, errors=(401, 403, 404, 422)),
+)
+def message_recall_api(request, conversation_id: ConversationId, seq: MessageSeq):
+    """Recall (delete) a message: its sender within ``MESSAGE_RECALL_WINDOW_S``, or the group's
+    creator at any time (anyone else, or past the window: 403). It stays as a tombstone
+    (``deleted`` true, body erased, same seq); every member who had not read it loses one
+    unread (and a mention) at once. Recalling it again answers 200 and changes nothing. A
+    conversation I am not an active member of, or a seq it does not have: 404."""
+    message, _ = services.message_recall(
+        actor=request.auth.user, conversation_id=conversation_id, seq=seq
+    )
+    return message_out(message)
+
+
+class MessageEditIn(Body):
+    body: str = Field(min_length=1, max_length=settings.MESSAGE_BODY_MAX_CHARS)
+
+
+@router.patch(
+    "/conversations/{conversation_id}/messages/{seq}",
+    tags=["messages"],
+    exclude_none=True,
+    **responses({200: MessageOut}, errors=(401, 403, 404, 409, 422), body=True),
+)
+def message_edit_api(
+    request, conversation_id: ConversationId, seq: MessageSeq, payload: MessageEditIn
+):
+    """Edit a message's body: its sender only, within ``MESSAGE_RECALL_WINDOW_S`` (403
+    otherwise); a recalled message: 409. Counts do not change; ``edit_count`` grows and
+    ``edited_at`` is set; every member's devices learn the new body."""
+    message = services.message_edit(
+        actor=request.auth.user, conversation_id=conversation_id, seq=seq, body=payload.body
+    )
+    return message_out(message)
+
+
 class ReadIn(Body):
     seq: Seq
+
+
+BADGE_VERSION = Field(
+    description="The user's version when the badge was read (read just before it): a client "
+    "keeps the badge with the highest ``badge_version`` it has seen, from any answer, frame or "
+    "push, and drops one that arrives late with a lower version."
+)
 
 
 class CountsOut(Schema):
     unread: int
     badge: int
+    badge_version: int = BADGE_VERSION
 
 
 @router.post(
@@ -592,10 +651,13 @@ class CountsOut(Schema):
 )
 def conversation_read_api(request, conversation_id: ConversationId, payload: ReadIn):
     """Mark read up to ``seq`` (never moves back); the new counts are in the answer."""
-    unread, badge = services.conversation_read(
-        user_id=request.auth.user_id, conversation_id=conversation_id, seq=payload.seq
+    unread, badge, version = services.conversation_read(
+        user_id=request.auth.user_id,
+        conversation_id=conversation_id,
+        seq=payload.seq,
+        versioned=True,
     )
-    return {"unread": unread, "badge": badge}
+    return {"unread": unread, "badge": badge, "badge_version": version}
 
 
 class MuteIn(Body):
@@ -607,6 +669,7 @@ class MuteOut(Schema):
     muted: bool
     unread: int
     badge: int
+    badge_version: int = BADGE_VERSION
 
 
 @router.post(
@@ -619,17 +682,21 @@ def conversation_mute_api(request, conversation_id: ConversationId, payload: Mut
     membership = selectors.membership_get_active(
         user=request.auth.user, conversation_id=conversation_id
     )
-    unread, badge = services.conversation_mute(membership=membership, muted=payload.muted)
+    unread, badge, version = services.conversation_mute(
+        membership=membership, muted=payload.muted, versioned=True
+    )
     return {
         "conversation_id": conversation_id,
         "muted": payload.muted,
         "unread": unread,
         "badge": badge,
+        "badge_version": version,
     }
 
 
 class UnreadOut(Schema):
     badge: int
+    badge_version: int = BADGE_VERSION
     conversations: dict[str, int]
     mentions: dict[str, int] = Field(
         description="Unread mentions per conversation id, only conversations with at least "
@@ -640,9 +707,11 @@ class UnreadOut(Schema):
 @router.get("/unread", tags=["counters"], **responses({200: UnreadOut}, errors=(401,)))
 def unread_get_api(request):
     """My badge and the unread count of each of my conversations."""
+    version = badge_version(request.auth.user.pk)
     counts = counters_get(user_id=request.auth.user.pk)
     return {
         "badge": counts.badge,
+        "badge_version": version,
         "conversations": {str(cid): n for cid, n in sorted(counts.conversations.items())},
         "mentions": {str(cid): n for cid, n in sorted(counts.mentions.items())},
     }

@@ -7,7 +7,9 @@ PostgreSQL is the truth. Two facts make the unread counters derivable from it:
   inserts the message; a failed insert rolls the bump back.
 - ``Membership.last_read_seq`` only grows.
 
-So ``unread(u, c) = c.last_seq - m.last_read_seq`` for an active membership ``m``.
+So ``unread(u, c) = c.last_seq - m.last_read_seq - (recalled messages above
+m.last_read_seq)`` for an active membership ``m``: a recalled message (a tombstone, see
+``Message.deleted``) keeps its seq and counts for nobody.
 """
 
 from django.conf import settings
@@ -133,9 +135,22 @@ class Message(models.Model):
     # while unread: seq > their last_read_seq, and not their own message.
     mentions = ArrayField(models.BigIntegerField(), default=list, blank=True)
     mention_all = models.BooleanField(default=False)
+    # A recalled message is a tombstone: it keeps its seq (seqs stay dense), its body is
+    # erased, and it counts for nobody (unread and mentions skip it). Edits keep a count and
+    # the time of the last one.
+    deleted = models.BooleanField(default=False, db_default=False)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+    edit_count = models.IntegerField(default=0, db_default=0)
+    edited_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [
+            # Recalls are rare: the rebuild finds the recalled seqs above a read pointer here.
+            models.Index(
+                fields=["conversation", "seq"],
+                condition=Q(deleted=True),
+                name="message_deleted_idx",
+            ),
             # Mentions are rare: the rebuild finds a user's with these, not by scanning every
             # unread message.
             GinIndex(fields=["mentions"], name="message_mentions_gin"),

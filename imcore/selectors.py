@@ -102,7 +102,9 @@ def message_list(*, conversation: Conversation, after_seq: int, limit: int) -> Q
 
 
 def message_fields(message: Message) -> dict:
-    """A message as the API shows it (``created_at`` left a datetime for the caller to encode)."""
+    """A message as the API shows it (``created_at`` and ``edited_at`` left datetimes for the
+    caller to encode). A recalled message is a tombstone: ``deleted`` true, ``body`` empty,
+    no mentions. ``edited_at`` only once edited."""
     return {
         "id": message.pk,
         "conversation_id": message.conversation_id,
@@ -111,6 +113,9 @@ def message_fields(message: Message) -> dict:
         "body": message.body,
         "client_msg_id": message.client_msg_id,
         "created_at": message.created_at,
-        "mentions": list(message.mentions),
-        "mention_all": message.mention_all,
+        "mentions": [] if message.deleted else list(message.mentions),
+        "mention_all": message.mention_all and not message.deleted,
+        "deleted": message.deleted,
+        "edit_count": message.edit_count,
+        **({"edited_at": message.edited_at} if message.edited_at is not None else {}),
     }

@@ -28,10 +28,13 @@ from delivery.services import (
     delivery_group_size_changed,
     delivery_memberships_changed,
     delivery_message_committed,
+    delivery_message_edited,
+    delivery_message_recalled,
     delivery_message_sent,
     delivery_read_moved,
     delivery_sender_read,
 )
+from offline.selectors import badge_version
 from offline.services import offline_device_seen, offline_devices_logged_out
 
 from . import keys as token_keys
@@ -461,9 +464,12 @@ def _conversation_now(conversation_id: int) -> Conversation:
     return Conversation.objects.get(pk=conversation_id)
 
 
-def conversation_mute(*, membership: Membership, muted: bool) -> tuple[int, int]:
+def conversation_mute(
+    *, membership: Membership, muted: bool, versioned: bool = False
+) -> tuple[int, ...]:
     """Mute or unmute; the conversation's unread leaves or rejoins the badge. Returns
-    ``(unread, badge)``."""
+    ``(unread, badge)``, or with ``versioned`` ``(unread, badge, badge_version)``: the user's
+    version read once the change is committed, before the counters move."""
     with transaction.atomic():
         m = Membership.objects.select_for_update().get(pk=membership.pk)
         if m.left_at is not None:
@@ -473,11 +479,12 @@ def conversation_mute(*, membership: Membership, muted: bool) -> tuple[int, int]
             m.rev += 1
             m.save(update_fields=["muted", "rev"])
         conversation = _conversation_now(m.conversation_id)
+    version = (badge_version(m.user_id),) if versioned else ()
     delivery_memberships_changed(
         memberships=[m], conversation=conversation, last_seq=conversation.last_seq, change="mute"
     )
     counts = counters_get(user_id=m.user_id)
-    return counts.conversations.get(m.conversation_id, 0), counts.badge
+    return counts.conversations.get(m.conversation_id, 0), counts.badge, *version
 
 
 # ---- messages and reads --------------------------------------------------------------------
@@ -749,9 +756,13 @@ SELECT (SELECT last_seq FROM conversation),
 """
 
 
-def conversation_read(*, user_id: int, conversation_id: int, seq: int) -> tuple[int, int]:
+def conversation_read(
+    *, user_id: int, conversation_id: int, seq: int, versioned: bool = False
+) -> tuple[int, ...]:
     """Move the user's read pointer up to ``seq`` (never back); returns ``(unread, badge)``
-    with the change already visible. One SQL statement (:data:`_READ_SQL`): a conversation
+    with the change already visible, or with ``versioned`` ``(unread, badge, badge_version)``:
+    the user's version read once the read is committed, before the counters move (the badge
+    reflects every change up to it). One SQL statement (:data:`_READ_SQL`): a conversation
     the user is not an active member of is not found (404), a ``seq`` beyond its last seq is
     a 400, and neither changes anything."""
     with connection.cursor() as cursor:
@@ -761,13 +772,104 @@ def conversation_read(*, user_id: int, conversation_id: int, seq: int) -> tuple[
         raise NotFound(f"conversation {conversation_id} not found")
     if not moved:
         raise BadRequest(f"seq {seq} is beyond the conversation's last seq {last_seq}")
-    return delivery_read_moved(
+    version = (badge_version(user_id),) if versioned else ()
+    counts = delivery_read_moved(
         user_id=user_id, conversation_id=conversation_id, seq=seq, last_seq=last_seq
     )
+    return *counts, *version
 
 
-def conversation_mark_read(*, membership: Membership, seq: int) -> tuple[int, int]:
+def conversation_mark_read(
+    *, membership: Membership, seq: int, versioned: bool = False
+) -> tuple[int, ...]:
     """:func:`conversation_read` for a membership."""
     return conversation_read(
-        user_id=membership.user_id, conversation_id=membership.conversation_id, seq=seq
+        user_id=membership.user_id,
+        conversation_id=membership.conversation_id,
+        seq=seq,
+        versioned=versioned,
     )
+
+
+# ---- recall and edit -----------------------------------------------------------------------
+
+
+def _message_for_change(
+    *, actor: User, conversation_id: int, seq: int, recall: bool
+) -> tuple[Message, Conversation]:
+    """Inside a transaction: the message ``seq`` locked, and its conversation locked (so a
+    conversion between the aggregate and channel forms is wholly before or after the change),
+    after the checks: not an active member or no such seq: 404; someone else's message (a
+    group's creator may recall any), or past ``MESSAGE_RECALL_WINDOW_S``: 403."""
+    membership = membership_get_active(user=actor, conversation_id=conversation_id)
+    conversation = Conversation.objects.select_for_update().get(pk=conversation_id)
+    message = (
+        Message.objects.select_for_update().filter(conversation_id=conversation_id, seq=seq).first()
+    )
+    if message is None:
+        raise NotFound(f"no message {seq} in conversation {membership.conversation_id}")
+    creator = (
+        recall
+        and conversation.kind == Conversation.Kind.GROUP
+        and conversation.created_by_id == actor.pk
+    )
+    if creator:
+        return message, conversation
+    if message.sender_id != actor.pk:
+        raise PermissionDenied(
+            "only the sender may recall or edit a message (or, to recall, the group's creator)"
+        )
+    age = (timezone.now() - message.created_at).total_seconds()
+    if age > settings.MESSAGE_RECALL_WINDOW_S and not (recall and message.deleted):
+        raise PermissionDenied(
+            f"the message is older than {settings.MESSAGE_RECALL_WINDOW_S} s",
+            details={"window_s": settings.MESSAGE_RECALL_WINDOW_S},
+        )
+    return message, conversation
+
+
+def message_recall(*, actor: User, conversation_id: int, seq: int) -> tuple[Message, bool]:
+    """Recall (delete) message ``seq``: its sender within ``MESSAGE_RECALL_WINDOW_S``, or the
+    group's creator at any time. It stays as a tombstone with its seq (seqs stay dense): its
+    body is erased, ``deleted`` set; it counts for nobody any more, so every member who had
+    not read it loses one unread (and one mention if it mentioned them), at once. Returns
+    ``(message, changed)``: a second call changes nothing (``changed`` False) but hands the
+    recall to delivery again (idempotent), which repairs what a failed first try left."""
+    with transaction.atomic():
+        message, conversation = _message_for_change(
+            actor=actor, conversation_id=conversation_id, seq=seq, recall=True
+        )
+        changed = not message.deleted
+        if changed:
+            message.deleted = True
+            message.deleted_at = timezone.now()
+            message.body = ""
+            message.save(update_fields=["deleted", "deleted_at", "body"])
+    delivery_message_recalled(
+        conversation_id=conversation_id,
+        seq=seq,
+        sender_id=message.sender_id,
+        mentions=message.mentions,
+        mode=conversation.mode,
+    )
+    return message, changed
+
+
+def message_edit(*, actor: User, conversation_id: int, seq: int, body: str) -> Message:
+    """Edit message ``seq``: its sender, within ``MESSAGE_RECALL_WINDOW_S``; a recalled
+    message cannot be edited (409). Counts do not change (nor do its mentions); the edit
+    count grows and ``edited_at`` is set, and every member's devices learn the new body. The
+    same body again changes nothing."""
+    with transaction.atomic():
+        message, conversation = _message_for_change(
+            actor=actor, conversation_id=conversation_id, seq=seq, recall=False
+        )
+        if message.deleted:
+            raise Conflict(f"message {seq} was recalled")
+        if message.body != body:
+            message.body = body
+            message.edit_count += 1
+            message.edited_at = timezone.now()
+            message.save(update_fields=["body", "edit_count", "edited_at"])
+    delivery_message_edited(message=message, mode=conversation.mode)
+    return message

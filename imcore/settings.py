@@ -161,6 +161,9 @@ API_SIGNUP_ENABLED = env_bool("API_SIGNUP_ENABLED", True)
 MESSAGE_BODY_MAX_CHARS = env_int("MESSAGE_BODY_MAX_CHARS", 8000)
 # Most user ids one message may mention (``mentions``); larger lists get 422.
 MESSAGE_MENTIONS_MAX = env_int("MESSAGE_MENTIONS_MAX", 1000)
+# How long after sending (seconds) its sender may recall (DELETE) or edit (PATCH) a message.
+# A group's creator may recall any message of the group at any time.
+MESSAGE_RECALL_WINDOW_S = env_int("MESSAGE_RECALL_WINDOW_S", 24 * 3600)
 # Most members a group may have.
 GROUP_MAX_MEMBERS = env_int("GROUP_MAX_MEMBERS", 50_000)
 # Large groups run in channel mode (docs/channel-mode.md): a message costs O(1) whatever the

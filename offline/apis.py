@@ -29,6 +29,9 @@ class SyncMessageOut(Schema):
     # (a package prepared before mentions existed has neither: the defaults)
     mentions: list[int] = Field(default_factory=list)
     mention_all: bool = False
+    deleted: bool = False
+    edit_count: int = 0
+    edited_at: str | None = None
 
 
 class SyncEntryOut(Schema):
@@ -36,11 +39,12 @@ class SyncEntryOut(Schema):
     ``message``: ``seq``, ``message`` (null only if the message row is gone);
     ``read``: ``seq`` (the user read up to it on some device);
     ``join``: ``kind``, ``title``, ``last_seq``, ``read_seq``, ``muted``;
-    ``leave``: nothing more; ``mute``: ``muted``. A message entry whose sender is the user
-    also moves the read pointer to its seq."""
+    ``leave``: nothing more; ``mute``: ``muted``; ``recall`` and ``edit``: ``seq`` and
+    ``message`` as it is now (a tombstone with ``deleted`` true, or the newest body). A
+    message entry whose sender is the user also moves the read pointer to its seq."""
 
     version: int
-    type: Literal["message", "read", "join", "leave", "mute"]
+    type: Literal["message", "read", "join", "leave", "mute", "recall", "edit"]
     conversation_id: int
     seq: int | None = None
     message: SyncMessageOut | None = None
@@ -66,6 +70,7 @@ class SnapshotConversationOut(Schema):
 class SnapshotOut(Schema):
     latest_version: int
     badge: int
+    badge_version: int
     conversations: list[SnapshotConversationOut]
 
 
@@ -87,6 +92,10 @@ class SyncOut(Schema):
     gap: bool
     snapshot: SnapshotOut | None = None
     channels: list[SyncChannelOut] = Field(default_factory=list)
+    badge: int
+    badge_version: int = Field(
+        description="The version the badge was read at; keep the badge with the highest one."
+    )
 
 
 @router.get(

@@ -267,6 +267,29 @@ class SyncConsumer(AsyncWebsocketConsumer):
         frame = {"type": "channel", "conversation_id": cid, "last_seq": seq, "message": message}
         await self.send(text_data=json.dumps(frame, separators=(",", ":")))
 
+    async def channel_op(self, event):
+        """A recall or an edit in one of the user's channel-mode groups, relayed: the message
+        as it is now (read fresh; the message cache forgets the old one)."""
+        cid, seq = event["conversation_id"], event["seq"]
+        if self.closing or self.device is None or cid not in self.relays:
+            return
+        message_cache().items.pop((cid, seq), None)
+        try:
+            message = await in_thread(selectors.channel_message_out)(cid, seq)
+        except Exception:
+            logger.warning("could not read relayed message %s/%s", cid, seq, exc_info=True)
+            return
+        if self.closing:
+            return
+        frame = {
+            "type": "channel_op",
+            "op": event["op"],
+            "conversation_id": cid,
+            "seq": seq,
+            "message": message,
+        }
+        await self.send(text_data=json.dumps(frame, separators=(",", ":")))
+
     async def _refresh_relays(self) -> None:
         """Join the relay groups of the user's channel-mode conversations, leave the others."""
         async with self.relay_lock:

@@ -77,6 +77,29 @@ def live_channel_message(*, conversation_id: int, seq: int) -> None:
         logger.warning("could not relay message %s/%s", conversation_id, seq, exc_info=True)
 
 
+def live_channel_op(*, conversation_id: int, seq: int, op: str) -> None:
+    """A recall or an edit (``op``) in a channel-mode group, relayed like a message: its
+    sockets send ``{"type": "channel_op", "op", "conversation_id", "seq", "message"}`` with
+    the message as it is now. Best effort: history shows the final state."""
+    try:
+        _group_send(
+            [
+                (
+                    keys.live_conversation_group(conversation_id),
+                    {
+                        "type": "channel.op",
+                        "conversation_id": conversation_id,
+                        "seq": seq,
+                        "op": op,
+                    },
+                )
+            ],
+            settings.RELAY_LAYER,
+        )
+    except Exception:
+        logger.warning("could not relay %s of %s/%s", op, conversation_id, seq, exc_info=True)
+
+
 def live_channels_changed(user_ids: list[int]) -> None:
     """These users joined or left a channel-mode group, or one of their groups changed mode:
     their connected sockets read again which conversation groups to relay

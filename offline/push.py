@@ -14,7 +14,8 @@
   badges of the other members follow from a beat task once per ``PUSH_INTERVAL_S``
   (``delivery.channel_badges``), never from a per-member write per message.
 - **Backends** (``PUSH_BACKEND``): ``matrix`` speaks the Matrix push gateway API
-  (``POST <PUSH_GATEWAY_URL>/_matrix/push/v1/notify``, ``counts.unread`` = the badge), so an
+  (``POST <PUSH_GATEWAY_URL>/_matrix/push/v1/notify``, ``counts.unread`` = the badge, and
+  beside it ``counts.badge_version``, the version it was read at), so an
   existing gateway such as Sygnal delivers to APNs/FCM; a pushkey the gateway rejects is
   forgotten. ``log`` only logs (the default: ``make run`` has no gateway).
 """
@@ -39,13 +40,14 @@ logger = logging.getLogger(__name__)
 class LogBackend:
     name = "log"
 
-    def send(self, device: Device, *, badge: int, alert: bool) -> bool:
+    def send(self, device: Device, *, badge: int, alert: bool, version: int = 0) -> bool:
         logger.info(
-            "push %s to device %s of user %s: badge %s",
+            "push %s to device %s of user %s: badge %s (version %s)",
             "alert" if alert else "silent update",
             device.device_id,
             device.user_id,
             badge,
+            version,
         )
         return True
 
@@ -61,11 +63,13 @@ class MatrixBackend:
         self.timeout = timeout
         self.http = requests.Session()
 
-    def send(self, device: Device, *, badge: int, alert: bool) -> bool:
-        """Returns False when the gateway rejected the pushkey."""
+    def send(self, device: Device, *, badge: int, alert: bool, version: int = 0) -> bool:
+        """Returns False when the gateway rejected the pushkey. ``counts.badge_version``, a
+        custom field beside ``counts.unread`` (the badge), is the version the badge was read at:
+        the app keeps the badge with the highest version, as from every other answer."""
         notification = {
             "prio": "high" if alert else "low",
-            "counts": {"unread": badge},
+            "counts": {"unread": badge, "badge_version": version},
             "devices": [
                 {
                     "app_id": device.push_app_id or settings.PUSH_APP_ID,
@@ -123,18 +127,24 @@ def push_send_due() -> int:
     sender = backend()
     sent = 0
     badges: dict[int, int] = {}
+    versions: dict[int, int] = {}
     last_sent = store.push_badges_sent(d.pk for d in devices)
     carried: dict[int, int] = {}
     for device in devices:
         if device.pk in online.get(device.user_id, set()):
             continue  # it came online meanwhile: the socket brings everything
         if device.user_id not in badges:
+            # the version first: the badge read after it reflects every change up to it
+            versions[device.user_id] = store.current_version(device.user_id)
             badges[device.user_id] = counters_get(user_id=device.user_id).badge
         if kinds[device.pk] != "alert" and last_sent.get(device.pk) == badges[device.user_id]:
             continue  # a silent update that would change nothing on the device
         try:
             accepted = sender.send(
-                device, badge=badges[device.user_id], alert=kinds[device.pk] == "alert"
+                device,
+                badge=badges[device.user_id],
+                alert=kinds[device.pk] == "alert",
+                version=versions[device.user_id],
             )
         except requests.RequestException:
             logger.warning("push to device %s failed", device.pk, exc_info=True)

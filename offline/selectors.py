@@ -13,7 +13,9 @@ from counters.selectors import (
     counters_channel_states,
     counters_get,
     counters_truth_mentions,
+    counters_truth_recalled,
     counts_from_fields,
+    counts_with_channels,
 )
 from counters.strategies import get_strategy
 from imcore.models import Device, Membership, Message
@@ -24,7 +26,15 @@ from .store import Entry
 
 _json = DjangoJSONEncoder()
 
-TYPES = {"m": "message", "r": "read", "j": "join", "l": "leave", "u": "mute"}
+TYPES = {
+    "m": "message",
+    "r": "read",
+    "j": "join",
+    "l": "leave",
+    "u": "mute",
+    "d": "recall",
+    "e": "edit",
+}
 
 
 def message_out(message: Message) -> dict:
@@ -32,6 +42,8 @@ def message_out(message: Message) -> dict:
     the rest of the API's format (DjangoJSONEncoder: ms precision, "Z")."""
     out = message_fields(message)
     out["created_at"] = _json.default(message.created_at)
+    if message.edited_at is not None:
+        out["edited_at"] = _json.default(message.edited_at)
     return out
 
 
@@ -60,9 +72,9 @@ def entries_out(entries: list[Entry], package: dict[int, dict] | None = None) ->
     package when it has them, else from the message table (one query for all)."""
     package = package or {}
     wanted = [
-        (e.conversation_id, int(e.arg))
+        (e.conversation_id, int(e.arg.split(":")[0]))
         for e in entries
-        if e.type == "m" and e.version not in package
+        if (e.type == "m" and e.version not in package) or e.type in ("d", "e")
     ]
     messages = messages_by_seq(wanted)
     out = []
@@ -82,8 +94,26 @@ def entries_out(entries: list[Entry], package: dict[int, dict] | None = None) ->
             item.update(json.loads(e.arg))
         elif e.type == "u":
             item["muted"] = e.arg == "1"
+        elif e.type in ("d", "e"):
+            # The message as it is now (its final state: a tombstone, or the newest body).
+            seq = int(e.arg.split(":")[0])
+            message = messages.get((e.conversation_id, seq))
+            item["seq"] = seq
+            item["message"] = message_out(message) if message else None
         out.append(item)
     return out
+
+
+def badge_version(user_id: int) -> int:
+    """The version a badge carries (``badge_version``): the user's latest version, read just
+    before the badge is, so the badge reflects every change up to it. Versions only grow, so
+    a client that keeps the badge with the highest version never goes back to an older one."""
+    return store.current_version(user_id)
+
+
+def sync_badge(user_id: int, fields: dict[str, str] | None) -> int:
+    """The badge from a counter hash read with a page (plus the channel-form conversations)."""
+    return counts_with_channels(counter_fields(user_id, fields)).badge
 
 
 def counter_fields(user_id: int, fields: dict[str, str] | None = None) -> dict[str, str]:
@@ -143,9 +173,10 @@ def sync_channels(
 
 def sync_snapshot(*, user_id: int, latest_version: int) -> dict:
     """The state of every conversation of the user, from PostgreSQL (the truth): last seq,
-    read pointer, unread, unread mentions, muted and the last ``SYNC_SNAPSHOT_MESSAGES``
-    messages; three queries whatever the number of conversations. Channel-mode groups are in
-    it like the others (``last_seq`` in PostgreSQL is committed by every send, whatever the mode).
+    read pointer, unread (recalled messages not counted), unread mentions, muted and the last
+    ``SYNC_SNAPSHOT_MESSAGES`` messages (tombstones and edited bodies as they are); four
+    queries whatever the number of conversations. Channel-mode groups are in it like the
+    others (``last_seq`` in PostgreSQL is committed by every send, whatever the mode).
     ``latest_version`` must have been read before this is called: the snapshot holds
     everything up to it (maybe more, which entries after it repeat harmlessly: every entry
     applies idempotently)."""
@@ -156,11 +187,12 @@ def sync_snapshot(*, user_id: int, latest_version: int) -> dict:
     )
     last = _last_messages([m.conversation_id for m in memberships])
     mentions = counters_truth_mentions(user_ids=[user_id])
+    recalled = counters_truth_recalled(user_ids=[user_id])
     conversations = []
     badge = 0
     for m in memberships:
         c = m.conversation
-        unread = max(c.last_seq - m.last_read_seq, 0)
+        unread = max(c.last_seq - m.last_read_seq - len(recalled.get((user_id, c.pk), ())), 0)
         if not m.muted:
             badge += unread
         conversations.append(
@@ -176,7 +208,12 @@ def sync_snapshot(*, user_id: int, latest_version: int) -> dict:
                 "messages": [message_out(x) for x in last.get(c.pk, [])],
             }
         )
-    return {"latest_version": latest_version, "badge": badge, "conversations": conversations}
+    return {
+        "latest_version": latest_version,
+        "badge": badge,
+        "badge_version": latest_version,  # the truth's badge, read after that version
+        "conversations": conversations,
+    }
 
 
 def _last_messages(conversation_ids: list[int]) -> dict[int, list[Message]]:

@@ -7,6 +7,8 @@ Who gets what:
   aggregation pipeline in the same batches as the counters (:func:`offline_record_messages`),
   so a storm costs one script call per member per flush, not per message;
 - a mark-read: a ``read`` entry for the reader;
+- a recall or an edit: a ``recall``/``edit`` entry for every active member of a small group
+  (:func:`offline_record_message_ops`); channel-mode groups relay it to connected sockets;
 - a join, leave or mute: a ``join``/``leave``/``mute`` entry for the member concerned (the
   state the devices keep is the user's own conversation list).
 """
@@ -29,7 +31,7 @@ from imcore.errors import BadRequest
 from imcore.models import Conversation, Device, Membership
 
 from . import selectors, store
-from .live import live_channel_message, live_channels_changed, live_logout
+from .live import live_channel_message, live_channel_op, live_channels_changed, live_logout
 from .store import Op, SinceAhead
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,24 @@ def offline_channel_message(*, conversation_id: int, seq: int) -> None:
     it from ``/sync``'s ``channels`` and the history call); the members' connected devices
     get it live (:func:`offline.live.live_channel_message`)."""
     live_channel_message(conversation_id=conversation_id, seq=seq)
+
+
+def offline_record_message_ops(
+    *, user_ids: list[int], conversation_id: int, seq: int, op: str, edit_count: int = 0
+) -> None:
+    """A recall (``op="recall"``) or an edit (``"edit"``) of message ``seq``: an entry in each
+    user's store (a small group's active members, the actor too: its other devices learn it),
+    connected devices poked. The entry shows the message as it is when read."""
+    typ = "d" if op == "recall" else "e"
+    arg = str(seq) if typ == "d" else f"{seq}:{edit_count}"
+    store.append_ops([(uid, [Op(typ, conversation_id, seq, 0, arg)]) for uid in user_ids])
+
+
+def offline_channel_op(*, conversation_id: int, seq: int, op: str) -> None:
+    """A recall or an edit in a channel-mode group: no entry per member (devices learn it from
+    the history call, and ``/sync``'s ``channels`` item moved for a recall); the connected
+    devices get it live (:func:`offline.live.live_channel_op`)."""
+    live_channel_op(conversation_id=conversation_id, seq=seq, op=op)
 
 
 def offline_record_read(*, user_id: int, conversation_id: int, seq: int) -> None:
@@ -221,14 +241,20 @@ def sync_pull(*, device: Device, since: int, limit: int) -> dict:
 def sync_page(*, device: Device, since: int, limit: int) -> dict:
     """Entries after ``since`` in version order (at most ``limit``), or, when ``since`` is
     behind what the store holds, ``gap: true`` and a snapshot of every conversation from
-    PostgreSQL with the version to continue from. Every answer carries ``channels``: the
+    PostgreSQL with the version to continue from. Every answer carries the badge with its
+    version (``badge``, ``badge_version``: the latest version, read before the badge), and
+    ``channels``: the
     user's channel-mode groups that changed since the device's ``since`` (all of them with a
     gap, or when the store no longer holds the entry at ``since``; see
     :func:`offline.selectors.sync_channels`)."""
     page, since_ms = _page(device=device, since=since, limit=limit)
+    fields = page.pop("_counters")
     page["channels"] = selectors.sync_channels(
-        user_id=device.user_id, after_ms=since_ms, fields=page.pop("_counters")
+        user_id=device.user_id, after_ms=since_ms, fields=fields
     )
+    # The badge from the counter hash read in the page's round trip, after its version.
+    page["badge"] = selectors.sync_badge(device.user_id, fields)
+    page["badge_version"] = page["latest_version"]
     return page
 
 
@@ -252,6 +278,7 @@ def _page(*, device: Device, since: int, limit: int) -> tuple[dict, int | None]:
         snapshot = page.snapshot
         if snapshot is None or snapshot["latest_version"] != page.latest:
             snapshot = selectors.sync_snapshot(user_id=device.user_id, latest_version=page.latest)
+        snapshot.setdefault("badge_version", snapshot["latest_version"])  # (prepared before)
         return {
             "entries": [],
             "latest_version": snapshot["latest_version"],
@@ -281,7 +308,8 @@ def sync_catch_up(
     ``channels`` asks (on connect and on the periodic refresh, which mend a lost relay); a
     frame with no entries carries them alone. Returns the frames, the version the last one
     reached and the time of this listing (for the next call; ``channels_ms`` unchanged when
-    none was made)."""
+    none was made). The last frame carries the badge too, with its version (``badge``,
+    ``badge_version``)."""
     if since is None:
         since = selectors.device_acked_version(device)
     frames = []
@@ -308,8 +336,13 @@ def sync_catch_up(
         return frames, since, channels_ms
     now_ms = int(time.time() * 1000)  # before the read: a later change is listed next time
     listed = selectors.sync_channels(user_id=device.user_id, after_ms=after_ms, fields=fields)
+    badge = {
+        "badge": selectors.sync_badge(device.user_id, fields),
+        "badge_version": page["latest_version"],
+    }
     if frames:
         frames[-1]["channels"] = listed
+        frames[-1].update(badge)
     elif listed:
         frames.append(
             {
@@ -319,6 +352,7 @@ def sync_catch_up(
                 "has_more": False,
                 "gap": False,
                 "channels": listed,
+                **badge,
             }
         )
     return frames, since, now_ms

@@ -56,9 +56,10 @@ class SinceAhead(Exception):
 
 @dataclass(frozen=True)
 class Op:
-    """A non-message entry: ``r`` read, ``j`` join, ``l`` leave, ``u`` mute. ``watermark`` is
-    the read seq (``r``) or the membership rev; ``seq`` is the conversation's last_seq for a
-    join; ``arg`` is stored as given."""
+    """A non-message entry: ``r`` read, ``j`` join, ``l`` leave, ``u`` mute, ``d`` recall,
+    ``e`` edit. ``watermark`` is the read seq (``r``), the membership rev, or the message's
+    seq (``d``, ``e``: not a watermark, each call writes its entry); ``seq`` is the
+    conversation's last_seq for a join; ``arg`` is stored as given."""
 
     type: str
     conversation_id: int
@@ -345,6 +346,15 @@ def read_page(
 def latest_version(user_id: int) -> int:
     """VERSION-LATEST of a user (loads the user when Redis does not hold it)."""
     return read_page(user_id=user_id, device_pk=0, since=0, limit=0).latest
+
+
+def current_version(user_id: int) -> int:
+    """VERSION-LATEST of a user in one HMGET when Redis holds the user's sync state (else as
+    :func:`latest_version`, which loads it): the version a badge read next carries."""
+    rid, cur = client().hmget(keys.state(user_id), "rid", "cur")
+    if cur is not None and rid == redis_run_ids([user_id])[user_id]:
+        return int(cur)
+    return latest_version(user_id)
 
 
 def peek_latest(user_ids: Iterable[int]) -> dict[int, int | None]:

@@ -34,6 +34,7 @@ for i = 1, #ARGV, 2 do
     local unread = redis.call('HGET', h, 'u:' .. c)
     if unread then
       local n = seq - tonumber(redis.call('HGET', h, 'r:' .. c) or 0)
+        - seqs_count(redis.call('HGET', h, 'x:' .. c))
       if n < 0 then n = 0 end
       local d = n - tonumber(unread)
       if d ~= 0 then

@@ -3,7 +3,7 @@ KEYS[1]  the user's counter hash, imc:{u:<id>}:ctr
 ARGV[1]  conversation id
 ARGV[2]  read seq (the new last_read_seq; the pointer never moves back)
 ARGV[3]  the conversation's last seq when the read was committed (the top moves up to it)
-The mentions at or below the new read pointer are dropped.
+The mentions and recalled seqs at or below the new read pointer are dropped.
 Returns  {unread, badge}: the unread as of ARGV[3] and the stored badge (a conversation in
          channel form is not in it: the caller adds the channel-form ones when it reads)
          {-1, 0} when the hash is not loaded (the caller rebuilds and calls again)
@@ -16,8 +16,8 @@ local channel = redis.call('HEXISTS', h, 'c:' .. c) == 1
 if not unread and not channel then return {-2, 0} end
 local r = math.max(tonumber(redis.call('HGET', h, 'r:' .. c) or 0), tonumber(ARGV[2]))
 local t = math.max(tonumber(redis.call('HGET', h, 't:' .. c) or 0), tonumber(ARGV[3]), r)
-local n = t - r
 redis.call('HSET', h, 'r:' .. c, r, 't:' .. c, t)
+local n = math.max(t - r - store_recalled(h, c, nil, r), 0)
 store_mentions(h, c, nil, r)
 if channel then
   return {n, tonumber(redis.call('HGET', h, 'badge') or 0)}

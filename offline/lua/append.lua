@@ -48,9 +48,10 @@ else
   for i = 5, #ARGV, 5 do
     local typ, cid, wm = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
     local f = (typ == 'r') and ('q:' .. cid) or ('v:' .. cid)
-    if wm > field_value(f, -1) then
+    if typ == 'd' or typ == 'e' then f = false end
+    if not f or wm > field_value(f, -1) then
       plan[#plan + 1] = {typ, cid, wm, tonumber(ARGV[i + 3]), ARGV[i + 4], f}
-      planned[f] = wm
+      if f then planned[f] = wm end
       n = n + 1
     end
   end
@@ -92,7 +93,7 @@ else
     local typ, cid = p[1], p[2]
     v = v + 1
     redis.call('ZADD', log, v, string.format('%d', v) .. stamp .. typ .. '|' .. cid .. '|' .. p[5])
-    redis.call('HSET', state, p[6], p[3])
+    if p[6] then redis.call('HSET', state, p[6], p[3]) end
     if typ == 'j' and p[4] >= 0 then
       local y = tonumber(redis.call('HGET', state, 'y:' .. cid)) or -1
       if p[4] > y then redis.call('HSET', state, 'y:' .. cid, p[4]) end

@@ -13,7 +13,18 @@ ALL = sorted(STRATEGIES)
 U = 7  # a user id; these tests need no database rows
 
 
-def row(cid, rev=1, active=True, muted=False, read=0, top=0, mentions=(), gen=0, channel=False):
+def row(
+    cid,
+    rev=1,
+    active=True,
+    muted=False,
+    read=0,
+    top=0,
+    mentions=(),
+    gen=0,
+    channel=False,
+    recalled=(),
+):
     return MembershipRow(
         conversation_id=cid,
         rev=rev,
@@ -24,6 +35,7 @@ def row(cid, rev=1, active=True, muted=False, read=0, top=0, mentions=(), gen=0,
         mentions=tuple(mentions),
         gen=gen,
         channel=channel,
+        recalled=tuple(recalled),
     )
 
 
@@ -164,6 +176,26 @@ def test_load_merges_the_truths_mentions_with_newer_ones(strategy):
     assert counts(strategy) == (4, {1: 4})
 
 
+def test_a_recall_takes_one_unread_from_who_had_not_read_it_once(strategy):
+    """A recall above the read pointer takes one unread (and its mention) once; at or below
+    it, nothing; before its own increment, the count is right once that arrives."""
+    strategy.load(U, [row(1, top=0), row(2, top=0, muted=True)])
+    strategy.inc_many([(U, [(1, 5, (3,)), (2, 2)])])
+    strategy.read(U, 1, 2, 5)
+    assert counts(strategy) == (3, {1: 3, 2: 2})
+    assert strategy.recall(U, 1, 3) == -1
+    assert strategy.recall(U, 1, 3) == 0  # again: nothing
+    assert strategy.recall(U, 1, 1) == 0  # read already
+    assert counts(strategy) == (2, {1: 2, 2: 2}) and mentions(strategy) == {}
+    assert strategy.recall(U, 2, 1) == 0  # muted: out of the badge
+    assert counts(strategy) == (2, {1: 2, 2: 1})
+    assert strategy.recall(U, 1, 8) == 2  # not counted yet: the top rises to it, minus it
+    strategy.inc_many([(U, [(1, 8)])])
+    assert counts(strategy) == (4, {1: 4, 2: 1})
+    strategy.read(U, 1, 8, 8)
+    assert counts(strategy) == (0, {1: 0, 2: 1}) and "x:1" not in strategy.fetch(U)
+
+
 OPS = st.lists(
     st.one_of(
         st.tuples(
@@ -183,6 +215,7 @@ OPS = st.lists(
             st.integers(0, 3),  # mode generation
             st.booleans(),  # channel form
             st.lists(st.integers(1, 12), max_size=2),  # mention_all seqs of a conversion
+            st.lists(st.integers(1, 12), max_size=2),  # recalled seqs of a conversion
         ),
         st.tuples(
             st.just("load"),
@@ -191,7 +224,9 @@ OPS = st.lists(
             st.lists(st.integers(1, 12), max_size=3),
             st.integers(0, 3),
             st.booleans(),
+            st.lists(st.integers(1, 12), max_size=2),  # the truth's recalled seqs
         ),
+        st.tuples(st.just("recall"), st.integers(1, 3), st.integers(1, 12)),
     ),
     max_size=25,
 )
@@ -205,8 +240,10 @@ def apply(strategy, user_id, op):
             strategy.inc_many([(user_id, [(cid, op[2], mentioned)])])
         elif kind == "read":
             strategy.read(user_id, cid, op[2], op[2])
+        elif kind == "recall":
+            strategy.recall(user_id, cid, op[2])
         elif kind == "member":
-            _, _, rev, active, muted, seq, gen, channel, alls = op
+            _, _, rev, active, muted, seq, gen, channel, alls, recalled = op
             strategy.member(
                 user_id,
                 row(
@@ -219,13 +256,28 @@ def apply(strategy, user_id, op):
                     mentions=alls,
                     gen=gen,
                     channel=channel,
+                    recalled=recalled,
                 ),
             )
         else:
             truth = [s for s in op[3] if s <= op[2]]
+            recalled = [s for s in op[6] if s <= op[2]]
             strategy.load(
                 user_id,
-                [row(cid, 1, True, False, 0, op[2], mentions=truth, gen=op[4], channel=op[5])],
+                [
+                    row(
+                        cid,
+                        1,
+                        True,
+                        False,
+                        0,
+                        op[2],
+                        mentions=truth,
+                        gen=op[4],
+                        channel=op[5],
+                        recalled=recalled,
+                    )
+                ],
             )
     except (CountersNotLoaded, CountersNotMember) as exc:
         return type(exc).__name__
@@ -258,3 +310,15 @@ def test_a_late_call_of_an_older_generation_keeps_the_conversion(strategy):
     strategy.member(U, row(1, rev=3, muted=False, read=3, top=9, gen=2, mentions=(2, 8)))
     assert counts(strategy) == (0, {1: 6})  # still muted: rev 3 says so, not this row
     assert mentions(strategy) == {1: "8"}
+
+
+def test_a_rejoin_takes_the_form_of_its_generation(strategy):
+    """A leave drops the form; a rejoin of the same generation takes the row's form again
+    (found by the state machine: a member rejoining a channel-mode group came back in the
+    aggregate form and never saw the group's messages)."""
+    strategy.load(U, [])
+    strategy.member(U, row(1, rev=1, read=0, top=0, gen=1, channel=True))
+    strategy.member(U, row(1, rev=2, active=False, read=0, top=3, gen=1, channel=True))
+    strategy.member(U, row(1, rev=3, read=3, top=3, gen=1, channel=True))
+    fields = strategy.fetch(U)
+    assert fields.get("c:1") == "1" and "u:1" not in fields

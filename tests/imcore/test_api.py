@@ -8,6 +8,7 @@ the tests whose docstring says "(direct fan-out)" apply each message's increment
 """
 
 import json
+from unittest.mock import ANY
 
 import pytest
 
@@ -130,7 +131,12 @@ def test_signup_login_and_call(db):
     token = login.json()["token"]
     response = shared_client().get("/api/v1/unread", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200, response.content
-    assert response.json() == {"badge": 0, "conversations": {}, "mentions": {}}
+    assert response.json() == {
+        "badge": 0,
+        "conversations": {},
+        "mentions": {},
+        "badge_version": ANY,
+    }
 
 
 # ---- POST /devices -----------------------------------------------------------------------
@@ -682,10 +688,14 @@ def test_read_returns_counts(make_member):
     assert bob.unread() == {"badge": 4, "conversations": {str(gid): 3, str(did): 1}, "mentions": {}}
     response = bob.post(f"/conversations/{gid}/read", {"seq": 2})
     assert response.status_code == 200, response.content
-    assert response.json() == {"unread": 1, "badge": 2}
+    assert response.json() == {"unread": 1, "badge": 2, "badge_version": ANY}
     assert bob.unread() == {"badge": 2, "conversations": {str(gid): 1, str(did): 1}, "mentions": {}}
     assert listing_of(bob, gid)["last_read_seq"] == 2
-    assert bob.post(f"/conversations/{did}/read", {"seq": 1}).json() == {"unread": 0, "badge": 1}
+    assert bob.post(f"/conversations/{did}/read", {"seq": 1}).json() == {
+        "unread": 0,
+        "badge": 1,
+        "badge_version": ANY,
+    }
     assert counter_mismatches() == []
 
 
@@ -694,11 +704,15 @@ def test_read_never_moves_back(make_member):
     alice, bob = make_member("alice"), make_member("bob")
     gid = create_group(alice, bob)
     send_and_fanout(alice, gid, 4)
-    assert bob.post(f"/conversations/{gid}/read", {"seq": 3}).json() == {"unread": 1, "badge": 1}
+    assert bob.post(f"/conversations/{gid}/read", {"seq": 3}).json() == {
+        "unread": 1,
+        "badge": 1,
+        "badge_version": ANY,
+    }
     for seq in (1, 0, 2):
         response = bob.post(f"/conversations/{gid}/read", {"seq": seq})
         assert response.status_code == 200, response.content
-        assert response.json() == {"unread": 1, "badge": 1}
+        assert response.json() == {"unread": 1, "badge": 1, "badge_version": ANY}
     assert listing_of(bob, gid)["last_read_seq"] == 3
     assert Membership.objects.get(conversation_id=gid, user=bob.user).last_read_seq == 3
     assert counter_mismatches() == []
@@ -716,13 +730,17 @@ def test_read_beyond_last_seq(make_member):
 
 
 def test_read_same_seq_twice_is_idempotent(make_member):
-    """Marking the same seq read twice answers the same, changes nothing (direct fan-out)."""
+    """Marking the same seq read twice answers the same counts, changes nothing (direct
+    fan-out)."""
     alice, bob = make_member("alice"), make_member("bob")
     gid = create_group(alice, bob)
     send_and_fanout(alice, gid, 3)
     first = bob.post(f"/conversations/{gid}/read", {"seq": 2}).json()
     before = snapshot([alice, bob])
-    assert bob.post(f"/conversations/{gid}/read", {"seq": 2}).json() == first
+    again = bob.post(f"/conversations/{gid}/read", {"seq": 2}).json()
+    # the same counts; the version may have moved past the first read's own entry, never back
+    assert again.pop("badge_version") >= first.pop("badge_version")
+    assert again == first
     assert snapshot([alice, bob]) == before
 
 
@@ -739,17 +757,31 @@ def test_mute_and_unmute(make_member):
     assert bob.unread()["badge"] == 5
     muted = bob.post(f"/conversations/{gid}/mute", {"muted": True})
     assert muted.status_code == 200, muted.content
-    assert muted.json() == {"conversation_id": gid, "muted": True, "unread": 3, "badge": 2}
+    assert muted.json() == {
+        "conversation_id": gid,
+        "muted": True,
+        "unread": 3,
+        "badge": 2,
+        "badge_version": ANY,
+    }
     assert bob.unread() == {"badge": 2, "conversations": {str(gid): 3, str(did): 2}, "mentions": {}}
     assert listing_of(bob, gid)["muted"] is True
     # Muting again changes nothing.
     again = bob.post(f"/conversations/{gid}/mute", {"muted": True})
-    assert again.json() == muted.json()
+    first, repeat = muted.json(), again.json()
+    assert repeat.pop("badge_version") >= first.pop("badge_version")  # (after the mute's entry)
+    assert repeat == first
     # A message while muted counts in the conversation but not in the badge.
     send_and_fanout(alice, gid, 1, prefix="muted")
     assert bob.unread() == {"badge": 2, "conversations": {str(gid): 4, str(did): 2}, "mentions": {}}
     unmuted = bob.post(f"/conversations/{gid}/mute", {"muted": False})
-    assert unmuted.json() == {"conversation_id": gid, "muted": False, "unread": 4, "badge": 6}
+    assert unmuted.json() == {
+        "conversation_id": gid,
+        "muted": False,
+        "unread": 4,
+        "badge": 6,
+        "badge_version": ANY,
+    }
     assert listing_of(bob, gid)["muted"] is False
     assert counter_mismatches() == []
 
@@ -762,7 +794,11 @@ def test_read_while_muted(make_member):
     send_and_fanout(alice, gid, 3)
     send_and_fanout(alice, did, 1, prefix="dm")
     bob.post(f"/conversations/{gid}/mute", {"muted": True})
-    assert bob.post(f"/conversations/{gid}/read", {"seq": 2}).json() == {"unread": 1, "badge": 1}
+    assert bob.post(f"/conversations/{gid}/read", {"seq": 2}).json() == {
+        "unread": 1,
+        "badge": 1,
+        "badge_version": ANY,
+    }
     unmuted = bob.post(f"/conversations/{gid}/mute", {"muted": False}).json()
     assert (unmuted["unread"], unmuted["badge"]) == (1, 2)
     assert counter_mismatches() == []
@@ -859,7 +895,11 @@ def test_group_round_trip_with_worker(transactional_db, celery_worker, make_memb
         message="the worker did not count the messages",
     )
     assert alice.unread() == {"badge": 0, "conversations": {str(gid): 0}, "mentions": {}}
-    assert bob.post(f"/conversations/{gid}/read", {"seq": 2}).json() == {"unread": 1, "badge": 1}
+    assert bob.post(f"/conversations/{gid}/read", {"seq": 2}).json() == {
+        "unread": 1,
+        "badge": 1,
+        "badge_version": ANY,
+    }
     muted = carol.post(f"/conversations/{gid}/mute", {"muted": True}).json()
     assert (muted["unread"], muted["badge"]) == (3, 0)
     bob.send(gid, "reply", client_msg_id="w-reply")

@@ -28,6 +28,8 @@ CALLS = [
     ("history", "GET", "/conversations/{c}/messages", None),
     ("read", "POST", "/conversations/{c}/read", lambda i: {"seq": 1}),
     ("mute", "POST", "/conversations/{c}/mute", lambda i: {"muted": True}),
+    ("recall", "DELETE", "/conversations/{c}/messages/1", None),
+    ("edit", "PATCH", "/conversations/{c}/messages/1", lambda i: {"body": "edited"}),
 ]
 SCOPED = [c for c in CALLS if "{c}" in c[2]]
 

@@ -1,0 +1,75 @@
+"""The cost of a recall beside a send (issue 15), in a group of ``--members`` (5,000) in
+channel mode and on the aggregation pipeline: Redis commands (scripts' inner commands
+included) and ms until every member's count shows it (a recall's writes are done when the
+call returns; every member is then checked). The pipeline's send is timed with an in-process
+flush: in service its count shows within the Timer interval plus that flush.
+
+    python bench/recall.py [--members 5000] [--paths channel,pipeline]
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import common
+from bench.storm import COUNTERS_PORT, calls, make_group, make_users, reset_stats
+
+
+def measure(fn) -> tuple[float, int]:
+    """(ms, Redis commands) of ``fn()``."""
+    reset_stats()
+    started = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - started) * 1000
+    return ms, sum(calls(COUNTERS_PORT).values())
+
+
+def run(path: str, members: int) -> str:
+    from counters.selectors import counters_get
+    from delivery.pipeline import delivery_drain
+    from imcore import services
+    from imcore.models import User
+
+    common.reset_data()
+    group = make_group(path, make_users(members, f"recall-{path}"))
+    sender, cid = User.objects.get(pk=group.sender_id), group.conversation_id
+
+    def send(i: int):
+        services.message_send(sender=sender, conversation=cid, body="x", client_msg_id=f"r{i}")
+        delivery_drain()  # (channel mode: nothing to drain)
+
+    send(0)
+    send_ms, send_cmds = measure(lambda: send(1))
+    recall_ms, recall_cmds = measure(
+        lambda: services.message_recall(actor=sender, conversation_id=cid, seq=2)
+    )
+    wrong = [
+        u
+        for u in User.objects.filter(username__startswith="recall-").values_list("pk", flat=True)
+        if u != sender.pk and counters_get(user_id=u).conversations[cid] != 1
+    ]
+    assert not wrong, f"{len(wrong)} members do not show the recall"
+    return (
+        f"| {path} | {members:,} | {send_cmds:,} | {send_ms:,.1f} | {recall_cmds:,} "
+        f"| {recall_ms:,.1f} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--members", type=int, default=5000)
+    parser.add_argument("--paths", default="channel,pipeline")
+    args = parser.parse_args()
+    common.setup_django()
+    print(
+        "| path | members | send: Redis cmds | send: ms to visible | recall: Redis cmds "
+        "| recall: ms to visible |\n| --- | ---: | ---: | ---: | ---: | ---: |"
+    )
+    for path in args.paths.split(","):
+        print(run(path, args.members), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Every badge imcore hands out carries ``badge_version`` (issue 15): ``GET /unread``, the read
+and mute answers, ``/sync`` (and its gap snapshot) and the Matrix push payload
+(``counts.badge_version``). Across interleaved reads, sends, recalls, syncs and pushes, the
+version of the badges one user gets never goes down, and the newest badge is the truth."""
+
+import random
+import time
+
+import pytest
+
+from counters.selectors import counters_truth
+from delivery.pipeline import delivery_drain
+from offline import push
+from tests.offline.conftest import pull
+from tests.offline.test_push import Gateway, with_pushkey
+from tests.offline.test_sync import group
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def gateway(settings):
+    g = Gateway()
+    settings.PUSH_BACKEND = "matrix"
+    settings.PUSH_GATEWAY_URL = g.url
+    settings.PUSH_INTERVAL_S = 0.001
+    yield g
+    g.server.shutdown()
+
+
+def test_the_badge_version_never_goes_down(gateway, make_member, second_device):
+    """A random interleaving of the calls that hand out a badge and of the changes that move
+    it: the versions the user sees, in the order they were handed out, never go down."""
+    alice, bob = make_member("alice"), make_member("bob")
+    tablet = with_pushkey(second_device(alice, "tablet"), "tablet-key")
+    cid = group(bob, alice)
+    rng = random.Random(15)
+    seen: list[tuple[str, int, int]] = []  # (where, version, badge)
+    sent: list[int] = []
+    for step in range(40):
+        kind = rng.choice(["send", "send", "unread", "read", "mute", "sync", "push", "recall"])
+        if kind == "send":
+            sent.append(bob.send(cid, f"m{step}", client_msg_id=f"bv-{step}")["seq"])
+            delivery_drain()
+        elif kind == "recall" and sent:
+            assert bob.delete(f"/conversations/{cid}/messages/{sent.pop()}").status_code == 200
+        elif kind == "unread":
+            answer = alice.get("/unread").json()
+            seen.append(("unread", answer["badge_version"], answer["badge"]))
+        elif kind == "read" and sent:
+            answer = alice.post(f"/conversations/{cid}/read", {"seq": rng.choice(sent)}).json()
+            seen.append(("read", answer["badge_version"], answer["badge"]))
+        elif kind == "mute":
+            answer = alice.post(f"/conversations/{cid}/mute", {"muted": rng.random() < 0.3})
+            answer = answer.json()
+            seen.append(("mute", answer["badge_version"], answer["badge"]))
+        elif kind == "sync":
+            page = pull(tablet, 0)
+            seen.append(("sync", page["badge_version"], page["badge"]))
+        elif kind == "push":
+            push.push_badge_changed(user_ids=[alice.id], alert=False)
+            time.sleep(0.005)
+            before = len(gateway.pushes("tablet-key"))
+            push.push_send_due()
+            for p in gateway.pushes("tablet-key")[before:]:
+                seen.append(("push", p["counts"]["badge_version"], p["counts"]["unread"]))
+    kinds = {where for where, _, _ in seen}
+    assert {"unread", "read", "mute", "sync", "push"} <= kinds, kinds
+    versions = [v for _, v, _ in seen]
+    assert versions == sorted(versions), seen
+    assert versions[-1] > versions[0]
+    final = alice.get("/unread").json()
+    assert final["badge_version"] >= versions[-1]
+    assert final["badge"] == counters_truth(user_id=alice.id).badge
