@@ -5,7 +5,6 @@ local 3-master cluster in the same run: per node commands/s and CPU per message 
     python bench/cluster.py [--members 5000] [--seconds 10] [--sends 300] [--ports 7141-7143]
 """
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -89,16 +88,10 @@ def node_rows(results: list[dict], part: str) -> list[list]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--members", type=int, default=5000)
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--sends", type=int, default=300)
-    parser.add_argument("--ports", default="7141-7143")
-    args = common.parse(parser, QUICK)
+    args = common.parse(__doc__, QUICK, members=5000, seconds=10.0, sends=300, ports="7141-7143")
     from django.conf import settings
 
-    with common.broker_stopped_after():
-        common.setup_django()
+    with common.section():
         machine = common.machine()
         results = [run("single", [storm.COUNTERS_PORT], args)]
         cluster = redis_cluster.LocalCluster(redis_cluster._ports(args.ports))

@@ -3,11 +3,13 @@ redis-server on its own port is the broker, so each side's commands count apart)
 started and measured with psutil, the statistics of the tables, the machine's description,
 and the result files (markdown, JSON and matplotlib PNGs)."""
 
+import argparse
 import contextlib
 import datetime
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -137,9 +139,6 @@ def make_devices(user_ids: list[int], **fields) -> list[tuple[int, str]]:
     return [(d.pk, t) for d, t in zip(rows, tokens, strict=True)]
 
 
-# ---- processes (psutil) --------------------------------------------------------------------
-
-
 class Proc:
     """A command in a session of its own, its output in a temporary log; :meth:`cpu` and
     :meth:`rss` cover it and its descendants (psutil), :meth:`stop` the whole group."""
@@ -257,9 +256,6 @@ def cpu_of(process: psutil.Process) -> float:
     return 0.0
 
 
-# ---- Redis ---------------------------------------------------------------------------------
-
-
 def redis_info(port: int | None = None) -> dict:
     import redis
 
@@ -277,15 +273,38 @@ def redis_cpu(info: dict) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-def parse(parser, quick: str):
-    """The section's flags; ``--quick`` stands for ``quick`` (smoke sizes, one run each, a
-    few minutes, not for comparison), put before the command line's own flags, which win."""
-    parser.add_argument("--quick", action="store_true", help=f"the same as {quick}")
+def parse(doc: str, quick: str, **options) -> argparse.Namespace:
+    """The section's flags, ``name=default`` or ``name=(default, help)``: the default's type (a
+    list: comma-separated), ``False``: a switch. ``--quick`` stands for ``quick`` (smoke sizes,
+    one run each, not for comparison), put before the command line's own flags, which win."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"smoke sizes: {quick or 'each'}")
+    for name, spec in options.items():
+        default, *about = spec if isinstance(spec, tuple) else (spec,)
+        flag, help = "--" + name.replace("_", "-"), "; ".join([*about, "default: %(default)s"])
+        if default is False:
+            parser.add_argument(flag, action="store_true", help=about[0] if about else None)
+            continue
+        kind = type(default)
+        if kind is list:
+            kind = list_of(type(default[0]))
+        parser.add_argument(flag, type=kind, default=default, help=help)
     argv = sys.argv[1:]
     return parser.parse_args([*quick.split(), *argv] if "--quick" in argv else argv)
 
 
-# ---- statistics and description --------------------------------------------------------------
+def list_of(item: type):
+    return lambda text: [item(x) for x in text.split(",") if x]
+
+
+@contextlib.contextmanager
+def section():
+    """A section's run: SIGTERM exits (so ``finally`` blocks stop what they started), the broker
+    and the database up and migrated, the broker stopped at the end if this run started it."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with broker_stopped_after():
+        setup_django()
+        yield
 
 
 def median(values) -> float:
@@ -362,9 +381,6 @@ def table(head: list[str], rows: list[list]) -> list[str]:
         "| --- |" + " ---: |" * (len(head) - 1),
         *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
     ]
-
-
-# ---- result files --------------------------------------------------------------------------
 
 
 def results_stem(name: str) -> Path:

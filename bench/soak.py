@@ -1,22 +1,13 @@
-"""``make bench-soak``: the Procfile's stack (``bin/stack.py``: web, worker, beat, flower) under
-steady locust load (``bench/locustfile_soak.py``) for ``--minutes``, with ``--sockets`` idle
-WebSockets. A probe finds the capacity (sends/s, no wait); the soak runs the mix at ``--load``
-of it, sampling every process's RSS (psutil), Redis ``used_memory``, PostgreSQL sessions and
-open sockets. After draining it checks every answered send is stored, ``last_seq`` and every
-unread count. A memory series passes when its highest value over the last ``--window-minutes``
-is at most ``--limit-percent`` above its start; exits 1 on any failure.
+"""``make bench-soak``: the Procfile's stack (``bin/stack.py``) under steady locust load
+(``bench/locustfile_soak.py``) with idle WebSockets; memory sampled, every send, ``last_seq``
+and unread count checked after draining; exits 1 on growth or any failure (README)."""
 
-    python bench/soak.py [--minutes 10] [--load 0.8] [--users 32] [--sockets 500]
-"""
-
-import argparse
 import contextlib
 import csv
 import datetime
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -230,30 +221,31 @@ def plot(samples: list[dict], series: list[str]) -> str:
 def markdown(args, r: dict) -> str:
     short = {k: k.replace(" RSS MiB", "").replace("used_memory ", "") for k in r["series"]}
     c = r["checks"]
-    lines = [
-        f"# Soak, {r['date']}, {r['host']}\n\nMachine: {r['machine']}; shared with other work."
-        f" Stack: `bin/stack.py {' '.join(Stack.names)}` (the Procfile). Probe: "
+    lines = common.header(
+        "Soak",
+        f"{r['machine']}; shared with other work",
+        f"Stack: `bin/stack.py {' '.join(Stack.names)}` (the Procfile). Probe: "
         f"{r['capacity']:.1f} sends/s at saturation ({args.probe_users} locust users, no wait)."
         f" Soak: {args.minutes} min at {args.load:.0%} of it, {r['target_rps']:.1f} tasks/s (a sync"
         f" pull and its ack are one task; {r['requests'] / args.minutes / 60:.1f} requests/s)"
         f" from {args.users} locust users in {args.groups} groups of {args.members}"
         " (send 4 : unread 2 : sync pull+ack 2 : history 1 : "
         f"mark read 1), {args.sockets} idle authenticated WebSockets. RSS and used_memory in "
-        f"MiB; requests and errors in the minute before the row.\n",
-        "| min | " + " | ".join(short.values()) + " | requests | errors |",
-        "| ---: " * (len(r["series"]) + 3) + "|",
-    ]
-    for i, row in enumerate(r["minutes"]):
-        cells = [f"{row.get(k, float('nan')):.1f}" if "MiB" in k else str(row[k]) for k in short]
-        lines.append(f"| {i} | {' | '.join(cells)} | {row['requests']} | {row['errors']} |")
-    lines += [
-        f"\nGrowth over the last {r['window']} min (limit {args.limit_percent:g} %):\n",
-        "| series | growth | result |",
-        "| --- | ---: | --- |",
-    ]
-    for g in r["growth"]:
-        pct = "n/a" if g["growth_pct"] is None else f"{g['growth_pct']:+.1f} %"
-        lines.append(f"| {short[g['series']]} | {pct} | {'PASS' if g['pass'] else 'FAIL'} |")
+        f"MiB; requests and errors in the minute before the row.",
+    )
+    rows = [
+        [i, *(f"{row.get(k, float('nan')):.1f}" if "MiB" in k else row[k] for k in short),
+         row["requests"], row["errors"]]
+        for i, row in enumerate(r["minutes"])
+    ]  # fmt: skip
+    lines += common.table(["min", *short.values(), "requests", "errors"], rows)
+    lines += ["", f"Growth over the last {r['window']} min (limit {args.limit_percent:g} %):", ""]
+    rows = [
+        [short[g["series"]], "n/a" if g["growth_pct"] is None else f"{g['growth_pct']:+.1f} %",
+         "PASS" if g["pass"] else "FAIL"]
+        for g in r["growth"]
+    ]  # fmt: skip
+    lines += common.table(["series", "growth", "result"], rows)
     lines.append(
         f"\nRequests {r['requests']}, errors {r['errors']} (locust failures {r['failures']}, "
         f"sockets lost {r['sockets_lost']}, 5xx {r['server_5xx']} of {r['access_lines']} lines "
@@ -315,22 +307,15 @@ def soak(args, work: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=int, default=10)
-    parser.add_argument("--load", type=float, default=0.8, help="share of the capacity")
-    parser.add_argument("--probe-seconds", type=int, default=20)
-    parser.add_argument("--probe-users", type=int, default=16)
-    parser.add_argument("--users", type=int, default=32, help="senders (locust users)")
-    parser.add_argument("--groups", type=int, default=4)
-    parser.add_argument("--members", type=int, default=10, help="members of each group")
-    parser.add_argument("--sockets", type=int, default=500)
-    parser.add_argument("--sample-seconds", type=int, default=10, choices=(5, 10, 15, 20, 30, 60))
-    parser.add_argument("--window-minutes", type=int, default=5)
-    parser.add_argument("--limit-percent", type=float, default=5.0)
-    args = common.parse(parser, QUICK)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the stack too
-    with common.broker_stopped_after(), tempfile.TemporaryDirectory() as work:
-        common.setup_django()
+    args = common.parse(
+        __doc__, QUICK, minutes=10, load=(0.8, "share of the capacity"), probe_seconds=20,
+        probe_users=16, users=(32, "senders (locust users)"), groups=4,
+        members=(10, "members of each group"), sockets=500,
+        sample_seconds=(10, "a divisor of 60"), window_minutes=5, limit_percent=5.0,
+    )  # fmt: skip
+    if 60 % args.sample_seconds:
+        sys.exit("--sample-seconds takes a divisor of 60")
+    with common.section(), tempfile.TemporaryDirectory() as work:
         r = soak(args, Path(work))
     hist, minutes, previous = r["history"], r["samples"][:: 60 // args.sample_seconds], (0, 0)
     for row in minutes:  # requests and failures in the minute up to each row
