@@ -1,7 +1,6 @@
-"""What every benchmark section shares: its own PostgreSQL database and Redis (a second
-redis-server on its own port is the broker, so each side's commands count apart), processes
-started and measured with psutil, the statistics of the tables, the machine's description,
-and the result files (markdown, JSON and matplotlib PNGs)."""
+"""What the benchmark sections share: their database, Redis and broker (a redis-server of its
+own, so each side's commands count apart), processes measured with psutil, flags, statistics,
+the machine's description, and the result files (markdown, JSON, matplotlib PNGs)."""
 
 import argparse
 import contextlib
@@ -16,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import psutil
@@ -122,8 +122,11 @@ def make_users(n: int, tag: str) -> list[int]:
     return [u.pk for u in User.objects.bulk_create(users, batch_size=5000)]
 
 
-def make_devices(user_ids: list[int], **fields) -> list[tuple[int, str]]:
-    """A device each, bulk-inserted with the token hash a login would store; [(pk, token)]."""
+Device = namedtuple("Device", "pk user_id token")
+
+
+def make_devices(user_ids: list[int], **fields) -> list[Device]:
+    """A device each, bulk-inserted with the token hash a login would store."""
     import secrets
 
     from imcore.models import Device
@@ -136,7 +139,7 @@ def make_devices(user_ids: list[int], **fields) -> list[tuple[int, str]]:
         )
         for u, t in zip(user_ids, tokens, strict=True)
     )
-    return [(d.pk, t) for d, t in zip(rows, tokens, strict=True)]
+    return [Device(d.pk, d.user_id, t) for d, t in zip(rows, tokens, strict=True)]
 
 
 class Proc:
@@ -157,25 +160,14 @@ class Proc:
         self.pid = self.proc.pid
 
     def tree(self) -> list[psutil.Process]:
-        with contextlib.suppress(psutil.Error):
-            return [self.proc, *self.proc.children(recursive=True)]
-        return []
+        return tree(self.proc)
 
     def cpu(self) -> float:
-        """User+system CPU seconds of the live tree (the children each reaped included)."""
-        total = 0.0
-        for p in self.tree():
-            with contextlib.suppress(psutil.Error):
-                total += sum(p.cpu_times()[:4])
-        return total
+        return cpu_of(self.proc)
 
     def rss(self) -> int:
         """Bytes resident, the whole tree."""
-        total = 0
-        for p in self.tree():
-            with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
-        return total
+        return int(tree_sum(self.proc, lambda p: p.memory_info().rss))
 
     def log_tail(self) -> str:
         return Path(self.log.name).read_text(errors="replace")[-4000:]
@@ -208,6 +200,14 @@ class Proc:
                 self.proc.wait()
         with self.log:
             return Path(self.log.name).read_text(errors="replace")
+
+
+def server(argv: str) -> Proc:
+    """``argv`` (``{port}`` in it: a free port) once its API answers."""
+    port = free_port()
+    proc = Proc(argv.format(port=port, python=sys.executable).split(), port)
+    proc.wait_http()
+    return proc
 
 
 def shell(command: str, port: int = 0, **env) -> Proc:
@@ -245,15 +245,24 @@ def postmaster() -> psutil.Process:
         return psutil.Process(cursor.fetchone()[0]).parent()
 
 
-def cpu_of(process: psutil.Process) -> float:
-    """CPU seconds of a process, the children it reaped and its live descendants."""
+def tree(process: psutil.Process) -> list[psutil.Process]:
     with contextlib.suppress(psutil.Error):
-        total = sum(process.cpu_times()[:4])
-        for child in process.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                total += sum(child.cpu_times()[:2])
-        return total
-    return 0.0
+        return [process, *process.children(recursive=True)]
+    return []
+
+
+def tree_sum(process: psutil.Process, measure) -> float:
+    """``measure`` summed over a process and its live descendants (the gone ones left out)."""
+    total = 0.0
+    for p in tree(process):
+        with contextlib.suppress(psutil.Error):
+            total += measure(p)
+    return total
+
+
+def cpu_of(process: psutil.Process) -> float:
+    """User+system CPU seconds of a process tree, each with the children it reaped."""
+    return tree_sum(process, lambda p: sum(p.cpu_times()[:4]))
 
 
 def redis_info(port: int | None = None) -> dict:

@@ -40,13 +40,11 @@ class Holder:
         async def one(idx: int, token: str) -> None:
             async with sem:
                 try:
+                    auth = {"Authorization": f"Bearer {token}"}
                     ws = await connect(
-                        self.url,
-                        additional_headers={"Authorization": f"Bearer {token}"},
-                        ping_interval=None,
-                        open_timeout=60,
+                        self.url, additional_headers=auth, ping_interval=None, open_timeout=60,
                         max_size=None,
-                    )
+                    )  # fmt: skip
                     self.take(idx, await asyncio.wait_for(ws.recv(), 60))
                 except Exception as exc:
                     reasons.setdefault(repr(exc)[:160], []).append(idx)
@@ -151,7 +149,7 @@ def setup(n_users: int, members: int) -> dict:
 
     common.reset_data(broker=False)
     ids = common.make_users(n_users, "push")
-    tokens = [t for _, t in common.make_devices(ids)]
+    tokens = [d.token for d in common.make_devices(ids)]
     sender = User.objects.get(pk=ids[0])
     conversation, _ = services.conversation_create(
         creator=sender, kind="group", member_ids=ids[:members], title="push bench"
@@ -162,13 +160,10 @@ def setup(n_users: int, members: int) -> dict:
 
 
 def start_server() -> common.Proc:
-    port = common.free_port()
-    argv = f"{sys.executable} -m uvicorn imcore.asgi:application --port {port} --log-level warning"
-    server = common.Proc(
-        [*argv.split(), "--ws-ping-interval", "20", "--ws-ping-timeout", "20"], port
+    return common.server(
+        "{python} -m uvicorn imcore.asgi:application --port {port} --log-level warning "
+        "--ws-ping-interval 20 --ws-ping-timeout 20"
     )
-    server.wait_http()
-    return server
 
 
 def snapshot(server: common.Proc, idle_s: float) -> dict:
@@ -232,6 +227,7 @@ def latency(data, holders: Holders, server, messages: int, interval: float, drai
         time.sleep(0.25)
     stamps = [(s, t) for r in replies for s, v in r["stamps"].items() for t in v.values()]
     lat = [(t - commits[s]) * 1000 for s, t in stamps]
+    print(f"  latency p99 {common.percentile(lat, 99):.0f} ms", flush=True)
     return {
         "messages": len(seqs), "expected": expected, "delivered": len(lat),
         "missing": expected - len(lat),
@@ -240,14 +236,6 @@ def latency(data, holders: Holders, server, messages: int, interval: float, drai
         "max_ms": max(lat, default=float("nan")), "send_ms": common.median(send_ms),
         "drain_ms": common.median(drain_ms) if drain else None, "server_cpu_s": server.cpu() - cpu0,
     }  # fmt: skip
-
-
-def runs(data, holders, server, args, drain: bool) -> list[dict]:
-    out = []
-    for _ in range(args.runs):
-        out.append(latency(data, holders, server, args.messages, args.interval, drain))
-        print(f"  latency p99 {out[-1]['p99_ms']:.0f} ms", flush=True)
-    return out
 
 
 IDLE_HEAD = ["sockets", "opened in s", "failed (after a retry)", "server RSS MiB", "KiB / socket",
@@ -326,11 +314,16 @@ def main() -> None:
             status = holders.ask("status")
             missing = sorted(set(range(args.members)) - {i for s in status for i in s["open"]})
             holders.open(data["tokens"], missing, args.concurrency)
-            lat["drain after each send, here (no Timer)"] = runs(data, holders, server, args, True)
+            run = (data, holders, server, args.messages, args.interval)
+            lat["drain after each send, here (no Timer)"] = [
+                latency(*run, drain=True) for _ in range(args.runs)
+            ]
             if not args.no_celery:
                 procs = common.start_worker()
                 try:
-                    lat["Celery worker + beat (Timer)"] = runs(data, holders, server, args, False)
+                    lat["Celery worker + beat (Timer)"] = [
+                        latency(*run, drain=False) for _ in range(args.runs)
+                    ]
                 finally:
                     for p in procs:
                         p.stop()

@@ -74,7 +74,7 @@ def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
     senders = User.objects.filter(pk__in=ids[::members]).order_by("pk")
     out = []
     devices = common.make_devices(ids[::members])
-    for i, (sender, (_, token)) in enumerate(zip(senders, devices, strict=True)):
+    for i, (sender, device) in enumerate(zip(senders, devices, strict=True)):
         group = ids[i * members : (i + 1) * members]
         conversation, _ = services.conversation_create(
             creator=sender, kind="group", member_ids=group, title=f"g{i}"
@@ -84,7 +84,7 @@ def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
                 services.message_send(
                     sender=sender, conversation=conversation, body=BODY, client_msg_id=f"s{n}"
                 )
-        out.append({"user": sender.pk, "token": token, "cid": conversation.pk})
+        out.append({"user": sender.pk, "token": device.token, "cid": conversation.pk})
     delivery_drain(timeout=120)
     counters_reconcile(user_ids=ids)
     for c in out:
@@ -206,7 +206,7 @@ def measure(port, clients, call, args, procs: dict, tag: str) -> dict:
         time.sleep(0.2)
 
     def cpu() -> dict[str, float]:
-        return {side: sum(p.cpu() if hasattr(p, "log") else common.cpu_of(p) for p in ps)
+        return {side: sum(common.cpu_of(getattr(p, "proc", p)) for p in ps)
                 for side, ps in procs.items()}  # fmt: skip
 
     before = cpu()

@@ -59,7 +59,7 @@ def seed(args) -> tuple[list[dict], list[str], list[int]]:
     groups, senders = args.groups, args.users // args.groups
     size = max(args.members, senders)
     ids = common.make_users(groups * size + args.sockets, "soak")
-    tokens = dict(zip(ids, (t for _, t in common.make_devices(ids)), strict=True))
+    tokens = {d.user_id: d.token for d in common.make_devices(ids)}
     members, devices = ids[: groups * size], []
     for g in range(groups):
         group = members[g * size : (g + 1) * size]

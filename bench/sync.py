@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import timeit
-from collections import Counter, namedtuple
+from collections import Counter
 from pathlib import Path
 
 import requests
@@ -25,8 +25,7 @@ from django.utils import timezone
 from counters.services import counters_reconcile
 from delivery.pipeline import delivery_drain
 from imcore import services
-from imcore.models import Conversation, User
-from imcore.models import Device as DeviceRow
+from imcore.models import Conversation, Device, User
 from offline import keys, store
 from offline.services import offline_flush_acks, offline_prepare_device, offline_record_messages
 
@@ -67,16 +66,6 @@ def counted_wsgi(environ, start_response):
         return application(environ, start)
 
 
-def start_server() -> common.Proc:
-    port = common.free_port()
-    argv = f"{sys.executable} -m gunicorn bench.sync:counted_wsgi --bind 127.0.0.1:{port}"
-    server = common.Proc(
-        [*argv.split(), *["--workers", "2", "--threads", "4", "--log-level", "warning"]], port
-    )
-    server.wait_http()
-    return server
-
-
 class Http(requests.Session):
     """One keep-alive connection (a device's)."""
 
@@ -90,14 +79,6 @@ class Http(requests.Session):
         if r.status_code != 200:
             raise RuntimeError(f"{path} answered {r.status_code}: {r.text[:300]}")
         return r.json(), len(r.content), Counter(json.loads(r.headers[SQL_HEADER]))
-
-
-Device = namedtuple("Device", "pk user_id token")
-
-
-def make_devices(user_ids: list[int], **fields) -> list[Device]:
-    pairs = common.make_devices(user_ids, **fields)
-    return [Device(pk, u, t) for u, (pk, t) in zip(user_ids, pairs, strict=True)]
 
 
 def send_messages(conversation_id: int, sender_ids: list[int], n: int, tag: str) -> None:
@@ -133,7 +114,7 @@ def setup(args) -> dict:
     send_messages(conversation.pk, others, args.catchup_messages, "catchup")
     delivery_drain()
     out["catchup"] = {
-        "device": make_devices([reader], acked_version=joined)[0],
+        "device": common.make_devices([reader], acked_version=joined)[0],
         "since": joined,
         "state": sync_state(reader),
     }
@@ -152,7 +133,7 @@ def setup(args) -> dict:
     state = sync_state(gap_user)
     if state.get("floor", 0) <= 0:
         raise RuntimeError(f"the gap user's floor is not above 0: {state}")
-    out["gap"] = {"device": make_devices([gap_user])[0], "state": state}
+    out["gap"] = {"device": common.make_devices([gap_user])[0], "state": state}
 
     # 3 and 4. one big group (its members are loaded in Redis by their join entries).
     big = common.make_users(args.big_group, "big")
@@ -166,14 +147,14 @@ def setup(args) -> dict:
     if len(ack_users) < sets * args.ack_devices:
         raise RuntimeError("--big-group is too small for the ack runs")
     seen = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
-    devices = make_devices(ack_users, last_seen_at=seen)
+    devices = common.make_devices(ack_users, last_seen_at=seen)
     out["ack"] = {
         "devices": [devices[i * args.ack_devices : (i + 1) * args.ack_devices] for i in range(sets)]
     }
     return out
 
 
-def pull_until_done(http: Http, device: Device, since: int, limit: int) -> dict:
+def pull_until_done(http: Http, device: common.Device, since: int, limit: int) -> dict:
     """Pull pages until has_more is false; what it took."""
     trips, entries, nbytes, missing, sql, versions = 0, 0, 0, 0, Counter(), []
     gap, conversations, t0 = False, 0, time.perf_counter()
@@ -199,21 +180,20 @@ def pull_until_done(http: Http, device: Device, since: int, limit: int) -> dict:
             "ok": ok}  # fmt: skip
 
 
-def run_pulls(http: Http, device: Device, since: int, limit: int, mode: str, runs: int) -> dict:
+def run_pulls(http: Http, device, since: int, limit: int, mode: str, runs: int) -> dict:
     """``runs`` timed pulls after 2 untimed ones, each on a fresh connection, after dropping
     (cold) or preparing (prepared) the device's package, and marking the device seen (as its
     login would, so the pull sends no prepare task); the runs summarized."""
 
     results, prepares, prepared_as = [], [], set()
     for _ in range(2 + runs):
-        store.client().delete(
-            *(k(device.user_id, device.pk) for k in (keys.package, keys.snapshot))
-        )
+        package = [k(device.user_id, device.pk) for k in (keys.package, keys.snapshot)]
+        store.client().delete(*package)
         if mode == "prepared":
             t0 = time.perf_counter()
             prepared_as.add(offline_prepare_device(device_pk=device.pk))
             prepares.append((time.perf_counter() - t0) * 1000)
-        DeviceRow.objects.filter(pk=device.pk).update(last_seen_at=timezone.now())
+        Device.objects.filter(pk=device.pk).update(last_seen_at=timezone.now())
         http.close()
         results.append(pull_until_done(http, device, since, limit))
     results, prepares = results[2:], prepares[2:]
@@ -226,16 +206,14 @@ def run_pulls(http: Http, device: Device, since: int, limit: int, mode: str, run
     }  # fmt: skip
 
 
-def measure_catchup(http: Http, data: dict, args) -> list[dict]:
-    device, since = data["device"], data["since"]
-    n = data["state"]["cur"] - since
-    out = []
+def measure_pulls(http: Http, data: dict, since: int, limits: list[int], args) -> list[dict]:
+    """Pulls from ``since``, cold and prepared, at each page limit."""
+    n, out = data["state"]["cur"] - since, []
     for mode in ("cold", "prepared"):
-        for limit in (settings.SYNC_PAGE_MAX, 200):
-            s = run_pulls(http, device, since, limit, mode, args.runs)
-            s["expected_round_trips"] = -(-n // limit) if n else 1
-            out.append(s)
-            print(f"  catch-up {mode} limit={limit}: {common.spread(s['ms'])} ms", flush=True)
+        for limit in limits:
+            s = run_pulls(http, data["device"], since, limit, mode, args.runs)
+            out.append(s | {"expected_round_trips": -(-n // limit) if n else 1})
+            print(f"  since={since} {mode} limit={limit}: {common.spread(s['ms'])} ms", flush=True)
     return out
 
 
@@ -245,14 +223,6 @@ def measure_sweep(http: Http, data: dict, args) -> list[dict]:
     for n in [n for n in args.sweep if n <= cur - data["since"]]:
         s = run_pulls(http, data["device"], cur - n, settings.SYNC_PAGE_MAX, "cold", args.runs)
         out.append(s | {"behind": n})
-    return out
-
-
-def measure_gap(http: Http, data: dict, args) -> list[dict]:
-    out = []
-    for mode in ("cold", "prepared"):
-        out.append(run_pulls(http, data["device"], 0, settings.SYNC_PAGE_MAX, mode, args.runs))
-        print(f"  gap {mode}: {common.spread(out[-1]['ms'])} ms", flush=True)
     return out
 
 
@@ -343,7 +313,7 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
     cid, top = big["conversation_id"], big["seq"] + args.acks_per_device
     users = [d.user_id for devices in data["devices"] for d in devices]
     written = offline_record_messages([(uid, [(cid, top, 0)]) for uid in users])
-    table = DeviceRow._meta.db_table
+    table = Device._meta.db_table
     stat0 = n_tup_upd(table)
     runs = []
     intervals = ack_intervals(args)
@@ -371,7 +341,7 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
             calls[0] += 1
             offline_flush_acks()
         flushed.update(last)
-        rows = DeviceRow.objects.filter(pk__in=[d.pk for d in devices])
+        rows = Device.objects.filter(pk__in=[d.pk for d in devices])
         acked = dict(rows.values_list("pk", "acked_version"))
         last = args.acks_per_device - 1
         wrong = sum(1 for d in devices if acked[d.pk] != written[d.user_id][0] + last)
@@ -524,15 +494,19 @@ def main() -> None:
         print("setting up…", flush=True)
         data = setup(args)
         connection.close()  # not held open across the server's start
-        server = start_server()
+        server = common.server(
+            "{python} -m gunicorn bench.sync:counted_wsgi --bind 127.0.0.1:{port} --workers 2 "
+            "--threads 4 --log-level warning"
+        )
         http, res = Http(server.port), {}
         try:
             machine = common.machine()
             n = data["catchup"]["state"]["cur"] - data["catchup"]["since"]
-            catchup = measure_catchup(http, data["catchup"], args)
+            limits = [settings.SYNC_PAGE_MAX, 200]
+            catchup = measure_pulls(http, data["catchup"], data["catchup"]["since"], limits, args)
             res["catchup"] = {"entries_behind": n, "results": catchup}
             res["sweep"] = measure_sweep(http, data["catchup"], args)
-            gap = measure_gap(http, data["gap"], args)
+            gap = measure_pulls(http, data["gap"], 0, [settings.SYNC_PAGE_MAX], args)
             res["gap"] = {"state": data["gap"]["state"], "results": gap}
             res["writes"] = measure_entry_writes(data["big"], args)
             res["acks"] = measure_acks(http, data["ack"], data["big"], args)
