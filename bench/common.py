@@ -157,7 +157,6 @@ class Proc:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        self.pid = self.proc.pid
 
     def tree(self) -> list[psutil.Process]:
         return tree(self.proc)
@@ -169,16 +168,14 @@ class Proc:
         """Bytes resident, the whole tree."""
         return int(tree_sum(self.proc, lambda p: p.memory_info().rss))
 
-    def log_tail(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-4000:]
-
     def wait_http(self, settle: float = 0, timeout: float = 60) -> None:
         """Until the API answers 401 (unauthenticated) on ``self.port``, then ``settle`` s."""
         import requests
 
         def ready() -> bool:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.proc.args} exited:\n{self.log_tail()}")
+                tail = Path(self.log.name).read_text(errors="replace")[-4000:]
+                raise RuntimeError(f"{self.proc.args} exited:\n{tail}")
             with contextlib.suppress(requests.RequestException):
                 url = f"http://127.0.0.1:{self.port}/api/v1/unread"
                 return requests.get(url, timeout=5).status_code == 401
@@ -192,11 +189,11 @@ class Proc:
         returns the output."""
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, 15) if group else self.proc.terminate()
+                os.killpg(self.proc.pid, 15) if group else self.proc.terminate()
             try:
                 self.proc.wait(30)
             except psutil.TimeoutExpired:
-                os.killpg(self.pid, 9)
+                os.killpg(self.proc.pid, 9)
                 self.proc.wait()
         with self.log:
             return Path(self.log.name).read_text(errors="replace")
@@ -210,26 +207,17 @@ def server(argv: str) -> Proc:
     return proc
 
 
-def shell(command: str, port: int = 0, **env) -> Proc:
-    """A Procfile command line, run as ``/bin/sh -c 'exec …'``."""
-    return Proc(["/bin/sh", "-c", f"exec {command}"], port, **env)
-
-
-def celery(*args: str, **env) -> Proc:
-    return Proc(
-        [sys.executable, "-m", "celery", "-A", "imcore", *args, "--loglevel", "WARNING"], **env
-    )
-
-
-def start_worker(beat: bool = True, **env) -> list[Proc]:
+def start_worker(**env) -> list[Proc]:
     """A Celery worker (prefork, 2 processes) on both queues and beat; once it answers."""
     from imcore.celery import app
 
-    worker = ["worker", "--queues", "default,counters", "--concurrency", "2", "--without-gossip"]
-    procs = [celery(*worker, "--without-mingle", **env)]
-    if beat:
-        schedule = f"{tempfile.gettempdir()}/imcore-bench-beat-{os.getpid()}"
-        procs.append(celery("beat", "--schedule", schedule, **env))
+    celery = f"{sys.executable} -m celery -A imcore --loglevel WARNING"
+    schedule = f"{tempfile.gettempdir()}/imcore-bench-beat-{os.getpid()}"
+    procs = [
+        Proc(f"{celery} worker --queues default,counters --concurrency 2 --without-gossip "
+             "--without-mingle".split(), **env),
+        Proc(f"{celery} beat --schedule {schedule}".split(), **env),
+    ]  # fmt: skip
     with app.connection_for_write() as conn:
         wait_for(lambda: app.control.ping(timeout=0.5, connection=conn), 60, "the Celery worker")
     time.sleep(2.5)  # let beat tick once and the worker settle

@@ -63,7 +63,8 @@ def start(commands: dict[str, str], port: int = 0) -> tuple[list[common.Proc], P
         import stack
 
         run_dir = stack.prepare_run_dir(env)
-    return [common.shell(c, port, **env) for c in commands.values()], run_dir
+    procs = [common.Proc(["/bin/sh", "-c", f"exec {c}"], port, **env) for c in commands.values()]
+    return procs, run_dir
 
 
 def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
@@ -213,12 +214,8 @@ def measure(port, clients, call, args, procs: dict, tag: str) -> dict:
     result = wrk(port, clients, call, args.seconds, tag)
     after, done = cpu(), max(result["ok"], 1)
     ms = {side: (after[side] - before[side]) * 1000 / done for side in procs}
-    return {
-        **result,
-        "call": call,
-        "clients": len(clients),
-        "cpu_ms": ms | {"total": sum(ms.values())},
-    }
+    cpu_ms = ms | {"total": sum(ms.values())}
+    return {**result, "call": call, "clients": len(clients), "cpu_ms": cpu_ms}
 
 
 def run(args) -> dict:

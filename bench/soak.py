@@ -177,13 +177,8 @@ def check_data(acked: set[str], member_ids: list[int]) -> dict:
     unread_off = [
         u for u in member_ids if counters_peek(user_id=u) != counters_truth_from_rows(truth[u])
     ]
-    return {
-        "acked": len(acked),
-        "stored": len(stored),
-        "lost": len(acked - stored),
-        "last_seq_off": seq_off,
-        "unread_off_users": unread_off,
-    }
+    return {"acked": len(acked), "stored": len(stored), "lost": len(acked - stored),
+            "last_seq_off": seq_off, "unread_off_users": unread_off}  # fmt: skip
 
 
 def growth(rows: list[dict], key: str, window: int, limit: float) -> dict:
@@ -265,10 +260,8 @@ def soak(args, work: Path) -> dict:
         stack.wait_all()
         sockets = push.Holders(stack.port, 1)
         failures = sockets.open(idle_tokens, range(len(idle_tokens)), 50)["reasons"]
-        servers = {
-            "Redis": redis.Redis.from_url(common.ENV["REDIS_URL"]),
-            "broker": redis.Redis(port=common.BROKER_PORT),
-        }
+        servers = {"Redis": redis.Redis.from_url(common.ENV["REDIS_URL"]),
+                   "broker": redis.Redis(port=common.BROKER_PORT)}  # fmt: skip
         probe, run = work / "probe.json", work / "soak.json"
         probe.write_text(json.dumps({"tag": "probe", "devices": devices}))
         run.write_text(json.dumps({"tag": "soak", "devices": devices}))
@@ -293,17 +286,13 @@ def soak(args, work: Path) -> dict:
             sockets.stop()
         log = stack.stop(group=False)  # bin/stack.py stops its processes, as for `make run`
     return {
-        "capacity": capacity,
-        "samples": samples,
-        "history": history(run),
-        "checks": checks,
-        "sockets_open": sockets_open,
-        "socket_failures": failures,
+        "capacity": capacity, "samples": samples, "history": history(run), "checks": checks,
+        "sockets_open": sockets_open, "socket_failures": failures,
         "access_lines": len(re.findall(r'HTTP/1\.1" \d\d\d', log)),
         "server_5xx": len(re.findall(r'HTTP/1\.1" 5\d\d', log)),
         "tracebacks": log.count("Traceback"),
         "first_traceback": log[log.find("Traceback") :][:2000] if "Traceback" in log else None,
-    }
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -331,17 +320,11 @@ def main() -> None:
     c = r["checks"]
     bad = c["lost"] or c["last_seq_off"] or c["unread_off_users"] or r["errors"]
     r |= {
-        "date": datetime.date.today().isoformat(),
-        "host": os.uname().nodename,
-        "machine": common.machine(),
-        "target_rps": args.load * r["capacity"],
-        "args": vars(args),
-        "series": series,
-        "minutes": minutes,
-        "window": window,
-        "requests": hist[-1][1],
+        "date": datetime.date.today().isoformat(), "host": os.uname().nodename,
+        "machine": common.machine(), "target_rps": args.load * r["capacity"], "args": vars(args),
+        "series": series, "minutes": minutes, "window": window, "requests": hist[-1][1],
         "pass": all(g["pass"] for g in r["growth"]) and not bad,
-    }
+    }  # fmt: skip
     common.write_results("soak", markdown(args, r) + "\n\n" + plot(r["samples"], series), r)
     sys.exit(0 if r["pass"] else 1)
 

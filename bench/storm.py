@@ -142,11 +142,9 @@ def send(groups: list[tuple[int, int]], rate: float, seconds: float, start: floa
                 conversation_id=cid, seq=seq, sender_id=sid, mode=convs[cid].mode
             )
         else:
+            cmid = f"{start}-{cid}-{k}"
             seq = services.message_send(
-                sender=senders[sid],
-                conversation=convs[cid],
-                body="x",
-                client_msg_id=f"{start}-{cid}-{k}",
+                sender=senders[sid], conversation=convs[cid], body="x", client_msg_id=cmid
             )[0].seq
         out.append((cid, seq, time.perf_counter()))
     connections.close_all()
