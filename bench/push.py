@@ -284,7 +284,8 @@ def plot(steps: list[dict]) -> str:
     xs = [s["sockets"] for s in steps]
     rss.plot(xs, [s["rss"] / 2**20 for s in steps], marker="o", label="server RSS")
     rss.set(xlabel="idle authenticated sockets (count)", ylabel="server RSS (MiB)", ylim=(0, None))
-    per.plot(xs[1:], [s["kb_per_socket"] for s in steps[1:]], marker="o", label="growth / socket")
+    per_socket = [s["kb_per_socket"] for s in steps[1:]]
+    per.plot(xs[1:], per_socket, marker="o", label="RSS growth / socket")
     per.set(xlabel="idle authenticated sockets (count)", ylabel="memory per socket (KiB)")
     per.set_ylim(0, None)
     return common.save_figure(fig, "push")
