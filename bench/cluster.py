@@ -1,24 +1,18 @@
 """``make bench-cluster``: the S1 storm (one group, 10 messages/s, aggregation pipeline; storm.py's
 processes) and the send path (``message_send``, two members), on the single Redis, then on a
-local 3-master cluster in the same run: per node commands/s and CPU per message (INFO).
+local 3-master cluster in the same run: per node commands/s and CPU per message (INFO)."""
 
-    python bench/cluster.py [--members 5000] [--seconds 10] [--sends 300] [--ports 7141-7143]
-"""
-
-import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent / d) for d in ("", "bin")]
+import redis_cluster
+
 from bench import common, storm
 
 QUICK = "--members 200 --seconds 2 --sends 50"  # --quick: smoke sizes
-
-spec = importlib.util.spec_from_file_location("rc", common.ROOT / "bin" / "redis_cluster.py")
-redis_cluster = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(redis_cluster)
 
 
 def snapshot(ports: list[int]) -> dict[int, tuple[int, float]]:
@@ -56,25 +50,21 @@ def run(store: str, ports: list[int], args) -> dict:
         time.sleep(1.5)  # the last batch's apply
         window, n = time.time() - t0, len(sent)
         out["storm"] = {
-            "messages": n,
-            "nodes": per_node(before, snapshot(ports), window, n),
+            "messages": n, "nodes": per_node(before, snapshot(ports), window, n),
             "worker_cpu_ms_per_msg": (sum(p.cpu() for p in procs) - cpu0) * 1000 / n,
             "sender_cpu_ms_per_msg": sender_cpu * 1000 / n,
-        }
-    conv, sender = (
-        Conversation.objects.get(pk=pair.conversation_id),
-        User.objects.get(pk=pair.sender_id),
-    )
+        }  # fmt: skip
+    conv = Conversation.objects.get(pk=pair.conversation_id)
+    sender = User.objects.get(pk=pair.sender_id)
     before, cpu0, t0 = snapshot(ports), time.process_time(), time.time()
     for i in range(args.sends):
         services.message_send(sender=sender, conversation=conv, body="x", client_msg_id=f"p{i}")
     window = time.time() - t0
     out["send"] = {
-        "messages": args.sends,
-        "per_s": args.sends / window,
+        "messages": args.sends, "per_s": args.sends / window,
         "nodes": per_node(before, snapshot(ports), window, args.sends),
         "process_cpu_ms_per_msg": (time.process_time() - cpu0) * 1000 / args.sends,
-    }
+    }  # fmt: skip
     return out
 
 
