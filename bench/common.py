@@ -129,12 +129,12 @@ def make_devices(user_ids: list[int], **fields) -> list[Device]:
     """A device each, bulk-inserted with the token hash a login would store."""
     import secrets
 
-    from imcore.models import Device
+    from imcore import models
     from imcore.services import token_hash
 
     tokens = [secrets.token_urlsafe(32) for _ in user_ids]
-    rows = Device.objects.bulk_create(
-        Device(
+    rows = models.Device.objects.bulk_create(
+        models.Device(
             user_id=u, device_id=f"bench-{u}", platform="web", token_hash=token_hash(t), **fields
         )
         for u, t in zip(user_ids, tokens, strict=True)
