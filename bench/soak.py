@@ -38,7 +38,8 @@ QUICK = (  # --quick: smoke sizes, one run each
 MIB = 1024 * 1024
 LOCUSTFILE = Path(__file__).with_name("locustfile_soak.py")
 # A process's role: the first of these its command line holds (its parent's, for a pool).
-ROLES = ("nginx", "gunicorn", "uvicorn", "spawn_main", "flower", "beat", "worker")
+ROLES = ("nginx", "granian", "gunicorn", "uvicorn", "spawn_main", "flower", "beat", "worker")
+POOLS = ("granian", "gunicorn", "worker")  # their workers are children of their own kind
 
 
 def process_role(proc: psutil.Process) -> str | None:
@@ -46,10 +47,7 @@ def process_role(proc: psutil.Process) -> str | None:
         return next((r for r in ROLES if r in " ".join(p.cmdline())), None)
 
     mine = None if proc.name() in ("sh", "dash", "bash") else role(proc)
-    # gunicorn's workers and Celery's prefork pool: children of their own kind
-    return (
-        f"{mine} child" if mine in ("gunicorn", "worker") and role(proc.parent()) == mine else mine
-    )
+    return f"{mine} child" if mine in POOLS and role(proc.parent()) == mine else mine
 
 
 def seed(args) -> tuple[list[dict], list[str], list[int]]:
@@ -87,15 +85,14 @@ class Stack(common.Proc):
     def wait_all(self) -> None:
         self.wait_http()
 
-        def started() -> bool:  # both web workers booted, uvicorn up, the worker answers
+        def started() -> bool:  # the app answers (above), uvicorn up, the worker answers
             text = Path(self.log.name).read_text(errors="replace")
-            up = text.count("Booting worker") >= 2 and "startup complete" in text
-            return up and bool(app.control.ping(timeout=1))
+            return "startup complete" in text and bool(app.control.ping(timeout=1))
 
         common.wait_for(started, 60, "the stack")
 
     def processes(self) -> dict[str, psutil.Process]:
-        """The stack's processes by role and number (``gunicorn child 1``…)."""
+        """The stack's processes by role and number (``granian child 1``…)."""
         found: dict[str, list[psutil.Process]] = {}
         for proc in sorted(self.tree()[1:], key=lambda p: p.pid):
             with contextlib.suppress(psutil.Error):
