@@ -211,12 +211,12 @@ def start_worker(**env) -> list[Proc]:
     """A Celery worker (prefork, 2 processes) on both queues and beat; once it answers."""
     from imcore.celery import app
 
-    celery = f"{sys.executable} -m celery -A imcore --loglevel WARNING"
+    celery = f"{sys.executable} -m celery -A imcore"  # then the command, then its options
     schedule = f"{tempfile.gettempdir()}/imcore-bench-beat-{os.getpid()}"
     procs = [
         Proc(f"{celery} worker --queues default,counters --concurrency 2 --without-gossip "
-             "--without-mingle".split(), **env),
-        Proc(f"{celery} beat --schedule {schedule}".split(), **env),
+             "--without-mingle --loglevel WARNING".split(), **env),
+        Proc(f"{celery} beat --schedule {schedule} --loglevel WARNING".split(), **env),
     ]  # fmt: skip
     with app.connection_for_write() as conn:
         wait_for(lambda: app.control.ping(timeout=0.5, connection=conn), 60, "the Celery worker")
