@@ -1,13 +1,6 @@
-"""``make bench``: every section in one run, gathered into ``bench/results/<date>-<host>.md``.
+"""``make bench``: every section in its own process (each with its own ``--quick``), their
+markdown joined into ``bench/results/<date>-<host>.md`` under one header."""
 
-Each section (``strategies``, ``storm``, ``send``, ``sync``, ``push``) runs as its own process,
-starting and stopping what it needs, and writes ``<section>-<date>-<host>.md``, ``.json`` and
-its plot (PNG); this joins their markdown, which links the plots, under one header.
-
-    python bench/all.py [--only strategies,send] [--skip push] [--quick]
-"""
-
-import argparse
 import datetime
 import os
 import re
@@ -37,17 +30,12 @@ def run_section(name: str, quick: bool) -> tuple[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"among {', '.join(SECTIONS)}")
-    parser.add_argument("--skip", default="")
-    parser.add_argument("--quick", action="store_true", help="smoke sizes, one run each")
-    args = parser.parse_args()
-    names = [n for n in args.only.split(",") if n and n not in args.skip.split(",")]
+    args = common.parse(__doc__, "", only=(list(SECTIONS), "sections"), skip=[""])
+    names = [n for n in args.only if n not in args.skip]
     if set(names) - set(SECTIONS):
-        parser.error(f"unknown sections {sorted(set(names) - set(SECTIONS))}")
+        sys.exit(f"unknown sections {sorted(set(names) - set(SECTIONS))}")
     os.environ.setdefault("BENCH_DATE", datetime.date.today().isoformat())
-    with common.broker_stopped_after():
-        common.setup_django()
+    with common.section():
         machine = common.machine()
         done = {name: run_section(name, args.quick) for name in names}
     took = sum(t for _, t in done.values())

@@ -1,23 +1,18 @@
 """``make bench-cluster``: the S1 storm (one group, 10 messages/s, aggregation pipeline; storm.py's
 processes) and the send path (``message_send``, two members), on the single Redis, then on a
-local 3-master cluster in the same run: per node commands/s and CPU per message (INFO).
+local 3-master cluster in the same run: per node commands/s and CPU per message (INFO)."""
 
-    python bench/cluster.py [--members 5000] [--seconds 10] [--sends 300] [--ports 7141-7143]
-"""
-
-import argparse
-import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent / d) for d in ("", "bin")]
+import redis_cluster
+
 from bench import common, storm
 
-spec = importlib.util.spec_from_file_location("rc", common.ROOT / "bin" / "redis_cluster.py")
-redis_cluster = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(redis_cluster)
+QUICK = "--members 200 --seconds 2 --sends 50"  # --quick: smoke sizes
 
 
 def snapshot(ports: list[int]) -> dict[int, tuple[int, float]]:
@@ -39,12 +34,12 @@ def run(store: str, ports: list[int], args) -> dict:
     from imcore.models import Conversation, User
 
     common.reset_data()
-    ids = storm.make_users(args.members, f"{store}-s1")
+    ids = common.make_users(args.members, f"{store}-s1")
     s1 = storm.make_group("pipeline", ids)
-    pair = storm.make_group("pipeline", storm.make_users(2, f"{store}-pair"), reconcile=False)
+    pair = storm.make_group("pipeline", common.make_users(2, f"{store}-pair"), reconcile=False)
     out = {"store": store}
     with storm.stack("pipeline", senders=1) as (procs, pool):
-        before, cpu0, t0 = snapshot(ports), sum(map(common.group_cpu_seconds, procs)), time.time()
+        before, cpu0, t0 = snapshot(ports), sum(p.cpu() for p in procs), time.time()
         start = time.perf_counter() + 0.3
         [(sent, sender_cpu)] = pool.starmap(
             storm.send, [([(s1.conversation_id, s1.sender_id)], 10, args.seconds, start, False)]
@@ -55,69 +50,62 @@ def run(store: str, ports: list[int], args) -> dict:
         time.sleep(1.5)  # the last batch's apply
         window, n = time.time() - t0, len(sent)
         out["storm"] = {
-            "messages": n,
-            "nodes": per_node(before, snapshot(ports), window, n),
-            "worker_cpu_ms_per_msg": (sum(map(common.group_cpu_seconds, procs)) - cpu0) * 1000 / n,
+            "messages": n, "nodes": per_node(before, snapshot(ports), window, n),
+            "worker_cpu_ms_per_msg": (sum(p.cpu() for p in procs) - cpu0) * 1000 / n,
             "sender_cpu_ms_per_msg": sender_cpu * 1000 / n,
-        }
-    conv, sender = (
-        Conversation.objects.get(pk=pair.conversation_id),
-        User.objects.get(pk=pair.sender_id),
-    )
+        }  # fmt: skip
+    conv = Conversation.objects.get(pk=pair.conversation_id)
+    sender = User.objects.get(pk=pair.sender_id)
     before, cpu0, t0 = snapshot(ports), time.process_time(), time.time()
     for i in range(args.sends):
         services.message_send(sender=sender, conversation=conv, body="x", client_msg_id=f"p{i}")
     window = time.time() - t0
     out["send"] = {
-        "messages": args.sends,
-        "per_s": args.sends / window,
+        "messages": args.sends, "per_s": args.sends / window,
         "nodes": per_node(before, snapshot(ports), window, args.sends),
         "process_cpu_ms_per_msg": (time.process_time() - cpu0) * 1000 / args.sends,
-    }
+    }  # fmt: skip
     return out
 
 
-def table(results: list[dict], part: str) -> str:
-    rows = [
-        "| store | node | commands/s | commands / msg | Redis CPU ms / msg |\n|---|--:|--:|--:|--:|"
-    ]
-    for r in results:
-        rows += [
-            f"| {r['store']} | {n['port']} | {n['cmds_per_s']:,.0f} | {n['cmds_per_msg']:,.1f} "
-            f"| {n['cpu_ms_per_msg']:.3f} |"
-            for n in r[part]["nodes"]
-        ]
-    return "\n".join(rows)
+def node_rows(results: list[dict], part: str) -> list[list]:
+    return [
+        [r["store"], n["port"], f"{n['cmds_per_s']:,.0f}", f"{n['cmds_per_msg']:,.1f}",
+         f"{n['cpu_ms_per_msg']:.3f}"]
+        for r in results
+        for n in r[part]["nodes"]
+    ]  # fmt: skip
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--members", type=int, default=5000)
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--sends", type=int, default=300)
-    parser.add_argument("--ports", default="7141-7143")
-    args = parser.parse_args()
-    lo, _, hi = args.ports.partition("-")
-    ports = list(range(int(lo), int(hi) + 1))
-    common.setup_django()
+    args = common.parse(__doc__, QUICK, members=5000, seconds=10.0, sends=300, ports="7141-7143")
     from django.conf import settings
 
-    with common.broker_stopped_after():
+    with common.section():
+        machine = common.machine()
         results = [run("single", [storm.COUNTERS_PORT], args)]
-        cluster = redis_cluster.LocalCluster(ports).start()
+        cluster = redis_cluster.LocalCluster(redis_cluster._ports(args.ports))
         try:
+            cluster.start()
             settings.REDIS_CLUSTER_NODES = cluster.nodes.split(",")
             os.environ["REDIS_CLUSTER_NODES"] = cluster.nodes  # the worker and the senders
-            results.append(run("cluster", ports, args))
+            results.append(run("cluster", cluster.ports, args))
         finally:
             cluster.stop()
-    lines = [
-        f"# Redis Cluster beside a single Redis, {time.strftime('%Y-%m-%d %H:%M')}",
-        f"{os.cpu_count()} cores shared by every node and process; broker not counted.",
+    head = ["store", "node", "commands/s", "commands / msg", "Redis CPU ms / msg"]
+    lines = common.header(
+        "Redis Cluster beside a single Redis", machine, "Every node and process shares the "
+        "machine's cores; broker not counted."
+    )  # fmt: skip
+    lines += [
         f"## S1 storm: {args.members:,} members, 10 msg/s, {args.seconds:g} s, pipeline",
-        table(results, "storm"),
+        "",
+        *common.table(head, node_rows(results, "storm")),
+        "",
         "## Send path: `message_send`, two-member group",
-        table(results, "send"),
+        "",
+        *common.table(head, node_rows(results, "send")),
+        "",
     ]
     lines += [
         f"- {r['store']}: S1 worker CPU {r['storm']['worker_cpu_ms_per_msg']:.1f} ms/msg, "
@@ -125,8 +113,7 @@ def main() -> None:
         f"{r['send']['per_s']:.0f} sends/s, {r['send']['process_cpu_ms_per_msg']:.2f} ms CPU/send"
         for r in results
     ]
-    md = "\n\n".join(lines)
-    common.write_results("cluster", md, {"results": results, "args": vars(args)})
+    common.write_results("cluster", "\n".join(lines), {"results": results, "args": vars(args)})
 
 
 if __name__ == "__main__":

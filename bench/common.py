@@ -1,19 +1,21 @@
-"""What every benchmark section shares: its own PostgreSQL database and Redis (a second
-redis-server on its own port is the broker, so each side's commands count apart), processes
-started and measured with psutil, the statistics of the tables, the machine's description,
-and the result files (markdown, JSON and matplotlib PNGs)."""
+"""What the benchmark sections share: their database, Redis and broker (a redis-server of its
+own, so each side's commands count apart), processes measured with psutil, flags, statistics,
+the machine's description, and the result files (markdown, JSON, matplotlib PNGs)."""
 
+import argparse
 import contextlib
 import datetime
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import psutil
@@ -120,24 +122,24 @@ def make_users(n: int, tag: str) -> list[int]:
     return [u.pk for u in User.objects.bulk_create(users, batch_size=5000)]
 
 
-def make_devices(user_ids: list[int], **fields) -> list[tuple[int, str]]:
-    """A device each, bulk-inserted with the token hash a login would store; [(pk, token)]."""
+Device = namedtuple("Device", "pk user_id token")
+
+
+def make_devices(user_ids: list[int], **fields) -> list[Device]:
+    """A device each, bulk-inserted with the token hash a login would store."""
     import secrets
 
-    from imcore.models import Device
+    from imcore import models
     from imcore.services import token_hash
 
     tokens = [secrets.token_urlsafe(32) for _ in user_ids]
-    rows = Device.objects.bulk_create(
-        Device(
+    rows = models.Device.objects.bulk_create(
+        models.Device(
             user_id=u, device_id=f"bench-{u}", platform="web", token_hash=token_hash(t), **fields
         )
         for u, t in zip(user_ids, tokens, strict=True)
     )
-    return [(d.pk, t) for d, t in zip(rows, tokens, strict=True)]
-
-
-# ---- processes (psutil) --------------------------------------------------------------------
+    return [Device(d.pk, d.user_id, t) for d, t in zip(rows, tokens, strict=True)]
 
 
 class Proc:
@@ -155,31 +157,16 @@ class Proc:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        self.pid = self.proc.pid
 
     def tree(self) -> list[psutil.Process]:
-        with contextlib.suppress(psutil.Error):
-            return [self.proc, *self.proc.children(recursive=True)]
-        return []
+        return tree(self.proc)
 
     def cpu(self) -> float:
-        """User+system CPU seconds of the live tree (the children each reaped included)."""
-        total = 0.0
-        for p in self.tree():
-            with contextlib.suppress(psutil.Error):
-                total += sum(p.cpu_times()[:4])
-        return total
+        return cpu_of(self.proc)
 
     def rss(self) -> int:
         """Bytes resident, the whole tree."""
-        total = 0
-        for p in self.tree():
-            with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
-        return total
-
-    def log_tail(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-4000:]
+        return int(tree_sum(self.proc, lambda p: p.memory_info().rss))
 
     def wait_http(self, settle: float = 0, timeout: float = 60) -> None:
         """Until the API answers 401 (unauthenticated) on ``self.port``, then ``settle`` s."""
@@ -187,7 +174,8 @@ class Proc:
 
         def ready() -> bool:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.proc.args} exited:\n{self.log_tail()}")
+                tail = Path(self.log.name).read_text(errors="replace")[-4000:]
+                raise RuntimeError(f"{self.proc.args} exited:\n{tail}")
             with contextlib.suppress(requests.RequestException):
                 url = f"http://127.0.0.1:{self.port}/api/v1/unread"
                 return requests.get(url, timeout=5).status_code == 401
@@ -201,36 +189,35 @@ class Proc:
         returns the output."""
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, 15) if group else self.proc.terminate()
+                os.killpg(self.proc.pid, 15) if group else self.proc.terminate()
             try:
                 self.proc.wait(30)
             except psutil.TimeoutExpired:
-                os.killpg(self.pid, 9)
+                os.killpg(self.proc.pid, 9)
                 self.proc.wait()
         with self.log:
             return Path(self.log.name).read_text(errors="replace")
 
 
-def shell(command: str, port: int = 0, **env) -> Proc:
-    """A Procfile command line, run as ``/bin/sh -c 'exec …'``."""
-    return Proc(["/bin/sh", "-c", f"exec {command}"], port, **env)
+def server(argv: str) -> Proc:
+    """``argv`` (``{port}`` in it: a free port) once its API answers."""
+    port = free_port()
+    proc = Proc(argv.format(port=port, python=sys.executable).split(), port)
+    proc.wait_http()
+    return proc
 
 
-def celery(*args: str, **env) -> Proc:
-    return Proc(
-        [sys.executable, "-m", "celery", "-A", "imcore", *args, "--loglevel", "WARNING"], **env
-    )
-
-
-def start_worker(beat: bool = True, **env) -> list[Proc]:
+def start_worker(**env) -> list[Proc]:
     """A Celery worker (prefork, 2 processes) on both queues and beat; once it answers."""
     from imcore.celery import app
 
-    worker = ["worker", "--queues", "default,counters", "--concurrency", "2", "--without-gossip"]
-    procs = [celery(*worker, "--without-mingle", **env)]
-    if beat:
-        schedule = f"{tempfile.gettempdir()}/imcore-bench-beat-{os.getpid()}"
-        procs.append(celery("beat", "--schedule", schedule, **env))
+    celery = f"{sys.executable} -m celery -A imcore"  # then the command, then its options
+    schedule = f"{tempfile.gettempdir()}/imcore-bench-beat-{os.getpid()}"
+    procs = [
+        Proc(f"{celery} worker --queues default,counters --concurrency 2 --without-gossip "
+             "--without-mingle --loglevel WARNING".split(), **env),
+        Proc(f"{celery} beat --schedule {schedule} --loglevel WARNING".split(), **env),
+    ]  # fmt: skip
     with app.connection_for_write() as conn:
         wait_for(lambda: app.control.ping(timeout=0.5, connection=conn), 60, "the Celery worker")
     time.sleep(2.5)  # let beat tick once and the worker settle
@@ -246,18 +233,24 @@ def postmaster() -> psutil.Process:
         return psutil.Process(cursor.fetchone()[0]).parent()
 
 
-def cpu_of(process: psutil.Process) -> float:
-    """CPU seconds of a process, the children it reaped and its live descendants."""
+def tree(process: psutil.Process) -> list[psutil.Process]:
     with contextlib.suppress(psutil.Error):
-        total = sum(process.cpu_times()[:4])
-        for child in process.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                total += sum(child.cpu_times()[:2])
-        return total
-    return 0.0
+        return [process, *process.children(recursive=True)]
+    return []
 
 
-# ---- Redis ---------------------------------------------------------------------------------
+def tree_sum(process: psutil.Process, measure) -> float:
+    """``measure`` summed over a process and its live descendants (the gone ones left out)."""
+    total = 0.0
+    for p in tree(process):
+        with contextlib.suppress(psutil.Error):
+            total += measure(p)
+    return total
+
+
+def cpu_of(process: psutil.Process) -> float:
+    """User+system CPU seconds of a process tree, each with the children it reaped."""
+    return tree_sum(process, lambda p: sum(p.cpu_times()[:4]))
 
 
 def redis_info(port: int | None = None) -> dict:
@@ -277,15 +270,38 @@ def redis_cpu(info: dict) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-def parse(parser, quick: str):
-    """The section's flags; ``--quick`` stands for ``quick`` (smoke sizes, one run each, a
-    few minutes, not for comparison), put before the command line's own flags, which win."""
-    parser.add_argument("--quick", action="store_true", help=f"the same as {quick}")
+def parse(doc: str, quick: str, **options) -> argparse.Namespace:
+    """The section's flags, ``name=default`` or ``name=(default, help)``: the default's type (a
+    list: comma-separated), ``False``: a switch. ``--quick`` stands for ``quick`` (smoke sizes,
+    one run each, not for comparison), put before the command line's own flags, which win."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"smoke sizes: {quick or 'each'}")
+    for name, spec in options.items():
+        default, *about = spec if isinstance(spec, tuple) else (spec,)
+        flag, help = "--" + name.replace("_", "-"), "; ".join([*about, "default: %(default)s"])
+        if default is False:
+            parser.add_argument(flag, action="store_true", help=about[0] if about else None)
+            continue
+        kind = type(default)
+        if kind is list:
+            kind = list_of(type(default[0]))
+        parser.add_argument(flag, type=kind, default=default, help=help)
     argv = sys.argv[1:]
     return parser.parse_args([*quick.split(), *argv] if "--quick" in argv else argv)
 
 
-# ---- statistics and description --------------------------------------------------------------
+def list_of(item: type):
+    return lambda text: [item(x) for x in text.split(",") if x]
+
+
+@contextlib.contextmanager
+def section():
+    """A section's run: SIGTERM exits (so ``finally`` blocks stop what they started), the broker
+    and the database up and migrated, the broker stopped at the end if this run started it."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with broker_stopped_after():
+        setup_django()
+        yield
 
 
 def median(values) -> float:
@@ -362,9 +378,6 @@ def table(head: list[str], rows: list[list]) -> list[str]:
         "| --- |" + " ---: |" * (len(head) - 1),
         *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
     ]
-
-
-# ---- result files --------------------------------------------------------------------------
 
 
 def results_stem(name: str) -> Path:

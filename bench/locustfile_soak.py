@@ -1,10 +1,6 @@
-"""Locust users of ``bench/soak.py`` (``make bench-soak``); one device each, from the JSON
-file named by ``SOAK_DATA`` (``tag``, ``devices``: ``token``, ``user_id``, ``conversation``).
-
-``ProbeDevice`` only sends, with no wait (the capacity probe). ``SoakDevice`` runs the mix at
-``SOAK_RATE_PER_USER`` tasks/s (locust's ``constant_throughput``): send 4, unread 2, sync pull
-(and ack) 2, history read 1, mark read 1. Every ``client_msg_id`` answered 200/201 is written
-to ``SOAK_ACKED`` when locust quits, so the soak can find each one in PostgreSQL."""
+"""Locust users of ``bench/soak.py``, a device each from ``SOAK_DATA``: ``ProbeDevice`` sends
+with no wait (the capacity probe), ``SoakDevice`` runs the mix at ``SOAK_RATE_PER_USER`` tasks/s.
+Every ``client_msg_id`` answered 200/201 goes to ``SOAK_ACKED`` when locust quits."""
 
 import itertools
 import json

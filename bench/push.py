@@ -1,32 +1,12 @@
-"""``make bench-push``: live sync over the WebSocket ``/ws/v1/sync`` through one real uvicorn
-process (``imcore.asgi``, as the Procfile's ``ws``, without nginx):
+"""``make bench-push``: live sync over ``/ws/v1/sync`` on one uvicorn process: idle sockets
+(RSS, threads, fds, idle CPU per step), then commit -> frame latency for ``--members`` devices
+of one group, drained here and with a Celery worker + beat. Sockets: ``websockets`` clients
+held by spawned processes (:class:`Holders`)."""
 
-1. idle sockets: authenticated devices connect in steps (``--steps``) and stay idle; after
-   each, the server's RSS, RSS per socket (growth since 0 sockets / sockets), threads, fds
-   (psutil) and its CPU over ``--idle-seconds`` of idling (20 s: one period of the server's
-   pings and presence refreshes). Steps stop when one fails or takes over ``--slow-step`` s;
-2. delivery latency: ``--members`` devices of one group online, a member sends
-   ``--messages`` messages ``--interval`` s apart with ``message_send``; latency = the
-   frame's arrival (``time.time()`` in the socket holder) - the commit, over every (message,
-   device) pair. Twice: ``delivery_drain()`` after each send here (no Timer), and a real
-   Celery worker + beat running the pipeline with its Timer.
-
-The sockets are ``websockets`` clients held by ``--clients`` spawned processes (``Holders``),
-``--concurrency`` handshakes in flight each, failed ones retried once. Same machine, so the
-clocks agree.
-
-    python bench/push.py [--steps 0,1000,2000,4000] [--members 1000] [--messages 20]
-                         [--interval 0.5] [--runs 2] [--idle-seconds 20] [--clients 2]
-
-Writes bench/results/push-<date>-<host>.md, .json and .png (memory against idle sockets).
-"""
-
-import argparse
 import asyncio
 import json
 import multiprocessing
 import resource
-import signal
 import sys
 import time
 from pathlib import Path
@@ -45,8 +25,6 @@ from imcore.models import User
 # --quick: smoke sizes, one run each
 QUICK = "--runs 1 --members 100 --messages 3 --steps 0,100,200 --idle-seconds 3"
 
-# ---- the socket holders (spawned processes) --------------------------------------------------
-
 
 class Holder:
     """Many sockets in one asyncio loop; each stamps when a message's frame arrives."""
@@ -62,13 +40,11 @@ class Holder:
         async def one(idx: int, token: str) -> None:
             async with sem:
                 try:
+                    auth = {"Authorization": f"Bearer {token}"}
                     ws = await connect(
-                        self.url,
-                        additional_headers={"Authorization": f"Bearer {token}"},
-                        ping_interval=None,
-                        open_timeout=60,
+                        self.url, additional_headers=auth, ping_interval=None, open_timeout=60,
                         max_size=None,
-                    )
+                    )  # fmt: skip
                     self.take(idx, await asyncio.wait_for(ws.recv(), 60))
                 except Exception as exc:
                     reasons.setdefault(repr(exc)[:160], []).append(idx)
@@ -168,15 +144,12 @@ class Holders:
                 p.kill()
 
 
-# ---- set-up and the server -----------------------------------------------------------------
-
-
 def setup(n_users: int, members: int) -> dict:
     """``n_users`` users with one device each; the first ``members`` in one group."""
 
     common.reset_data(broker=False)
     ids = common.make_users(n_users, "push")
-    tokens = [t for _, t in common.make_devices(ids)]
+    tokens = [d.token for d in common.make_devices(ids)]
     sender = User.objects.get(pk=ids[0])
     conversation, _ = services.conversation_create(
         creator=sender, kind="group", member_ids=ids[:members], title="push bench"
@@ -187,16 +160,10 @@ def setup(n_users: int, members: int) -> dict:
 
 
 def start_server() -> common.Proc:
-    port = common.free_port()
-    argv = f"{sys.executable} -m uvicorn imcore.asgi:application --port {port} --log-level warning"
-    server = common.Proc(
-        [*argv.split(), "--ws-ping-interval", "20", "--ws-ping-timeout", "20"], port
+    return common.server(
+        "{python} -m uvicorn imcore.asgi:application --port {port} --log-level warning "
+        "--ws-ping-interval 20 --ws-ping-timeout 20"
     )
-    server.wait_http()
-    return server
-
-
-# ---- 1. idle sockets -----------------------------------------------------------------------
 
 
 def snapshot(server: common.Proc, idle_s: float) -> dict:
@@ -227,9 +194,6 @@ def measure_idle(server, holders: Holders, tokens: list[str], args) -> list[dict
         if opened["failed"] or step["open"] != n or opened["seconds"] > args.slow_step:
             break
     return steps
-
-
-# ---- 2. delivery latency -------------------------------------------------------------------
 
 
 def latency(data, holders: Holders, server, messages: int, interval: float, drain: bool) -> dict:
@@ -263,6 +227,7 @@ def latency(data, holders: Holders, server, messages: int, interval: float, drai
         time.sleep(0.25)
     stamps = [(s, t) for r in replies for s, v in r["stamps"].items() for t in v.values()]
     lat = [(t - commits[s]) * 1000 for s, t in stamps]
+    print(f"  latency p99 {common.percentile(lat, 99):.0f} ms", flush=True)
     return {
         "messages": len(seqs), "expected": expected, "delivered": len(lat),
         "missing": expected - len(lat),
@@ -273,15 +238,8 @@ def latency(data, holders: Holders, server, messages: int, interval: float, drai
     }  # fmt: skip
 
 
-def runs(data, holders, server, args, drain: bool) -> list[dict]:
-    out = []
-    for _ in range(args.runs):
-        out.append(latency(data, holders, server, args.messages, args.interval, drain))
-        print(f"  latency p99 {out[-1]['p99_ms']:.0f} ms", flush=True)
-    return out
-
-
-# ---- report --------------------------------------------------------------------------------
+IDLE_HEAD = ["sockets", "opened in s", "failed (after a retry)", "server RSS MiB", "KiB / socket",
+             "server CPU idle, % of a core", "threads", "fds", "holder RSS MiB"]  # fmt: skip
 
 
 def report(steps: list[dict], lat: dict, args, description: str) -> str:
@@ -297,20 +255,7 @@ def report(steps: list[dict], lat: dict, args, description: str) -> str:
     lines = [
         "### 1. Idle authenticated sockets on one uvicorn process",
         "",
-        *common.table(
-            [
-                "sockets",
-                "opened in s",
-                "failed (after a retry)",
-                "server RSS MiB",
-                "KiB / socket",
-                "server CPU idle, % of a core",
-                "threads",
-                "fds",
-                "holder RSS MiB",
-            ],
-            rows,
-        ),
+        *common.table(IDLE_HEAD, rows),
         "",
         f"Server: {description}. Idle CPU over {args.idle_seconds:g} s after each step (one "
         "period of pings and presence refreshes); KiB / socket = RSS growth since 0 sockets / "
@@ -339,37 +284,26 @@ def plot(steps: list[dict]) -> str:
     xs = [s["sockets"] for s in steps]
     rss.plot(xs, [s["rss"] / 2**20 for s in steps], marker="o", label="server RSS")
     rss.set(xlabel="idle authenticated sockets (count)", ylabel="server RSS (MiB)", ylim=(0, None))
-    per.plot(
-        xs[1:], [s["kb_per_socket"] for s in steps[1:]], marker="o", label="RSS growth / socket"
-    )
-    per.set(
-        xlabel="idle authenticated sockets (count)",
-        ylabel="memory per socket (KiB)",
-        ylim=(0, None),
-    )
+    per_socket = [s["kb_per_socket"] for s in steps[1:]]
+    per.plot(xs[1:], per_socket, marker="o", label="RSS growth / socket")
+    per.set(xlabel="idle authenticated sockets (count)", ylabel="memory per socket (KiB)")
+    per.set_ylim(0, None)
     return common.save_figure(fig, "push")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    parser.add_argument("--steps", type=ints, default=[0, 1000, 2000, 4000])
-    parser.add_argument("--members", type=int, default=1000, help="devices online in item 2")
-    parser.add_argument("--messages", type=int, default=20, help="messages per latency run")
-    parser.add_argument("--interval", type=float, default=0.5, help="seconds between messages")
-    parser.add_argument("--runs", type=int, default=3, help="latency runs per pipeline")
-    parser.add_argument("--idle-seconds", type=float, default=20, help="idle window a step")
-    parser.add_argument("--clients", type=int, default=2, help="socket holder processes")
-    parser.add_argument("--concurrency", type=int, default=100, help="handshakes per holder")
-    parser.add_argument("--slow-step", type=float, default=90, help="stop the steps past this")
-    parser.add_argument("--no-celery", action="store_true", help="skip the Celery variant")
-    args = common.parse(parser, QUICK)
+    args = common.parse(
+        __doc__, QUICK, steps=[0, 1000, 2000, 4000],
+        members=(1000, "devices online for the latency"),
+        messages=(20, "messages per latency run"), interval=(0.5, "seconds between messages"),
+        runs=(3, "latency runs per pipeline"), idle_seconds=(20.0, "idle window a step"),
+        clients=(2, "socket holder processes"), concurrency=(100, "handshakes per holder"),
+        slow_step=(90.0, "stop the steps past this"), no_celery=(False, "no Celery variant"),
+    )  # fmt: skip
     args.steps = sorted(set(args.steps) | {0})
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops every process too
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the server and holders inherit
-    with common.broker_stopped_after():
-        common.setup_django()
+    with common.section():
         machine = common.machine()
         data = setup(max(*args.steps, args.members), args.members)
         server, holders, lat = start_server(), None, {}
@@ -381,11 +315,16 @@ def main() -> None:
             status = holders.ask("status")
             missing = sorted(set(range(args.members)) - {i for s in status for i in s["open"]})
             holders.open(data["tokens"], missing, args.concurrency)
-            lat["drain after each send, here (no Timer)"] = runs(data, holders, server, args, True)
+            run = (data, holders, server, args.messages, args.interval)
+            lat["drain after each send, here (no Timer)"] = [
+                latency(*run, drain=True) for _ in range(args.runs)
+            ]
             if not args.no_celery:
                 procs = common.start_worker()
                 try:
-                    lat["Celery worker + beat (Timer)"] = runs(data, holders, server, args, False)
+                    lat["Celery worker + beat (Timer)"] = [
+                        latency(*run, drain=False) for _ in range(args.runs)
+                    ]
                 finally:
                     for p in procs:
                         p.stop()
@@ -396,9 +335,8 @@ def main() -> None:
     description = f"`{' '.join(server.proc.args[1:])}`"
     lines = common.header("Push benchmark (live sync over WebSocket)", machine)
     lines += [report(steps, lat, args, description), "", plot(steps)]
-    common.write_results(
-        "push", "\n".join(lines), {"args": vars(args), "idle": steps, "latency": lat}
-    )
+    data = {"args": vars(args), "idle": steps, "latency": lat}
+    common.write_results("push", "\n".join(lines), data)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,10 @@
-"""``make bench-send``: the hot API calls over real HTTP, each server configuration side by side,
-against pgbench single-row INSERTs on the same PostgreSQL in the same minute.
+"""``make bench-send``: the hot API calls over real HTTP (wrk, a Lua script giving each client
+its token), the server before issue 14 (``asgi``) beside the Procfile's web front
+(``procfile``), CPU per request by process (psutil), against pgbench single-row INSERTs."""
 
-Calls: send (``POST …/messages``, a unique ``client_msg_id`` each), ``GET /unread``, mark-read,
-``GET /conversations`` and ``GET /sync`` of 100 entries; client *i* is a device of its own user
-sending into its own group. Configurations: ``asgi`` (uvicorn, 2 workers: the server before
-issue 14) and ``procfile`` (the Procfile's web entries, read by honcho). The Procfile's Celery
-worker and beat run under both. Load: wrk (C, one thread and keep-alive connection a client,
-so the 2 cores stay the server's; a short Lua script gives each client its token). CPU per
-request by process: psutil. The ratio divides the send at ``--at`` clients by pgbench's INSERT.
-
-    python bench/send.py [--configs asgi,procfile] [--clients 1,4,16,64] [--at 16]
-                         [--seconds 8] [--warmup 2] [--members 10]
-
-Writes bench/results/send-<date>-<host>.md, .json and .png (requests/s against clients).
-"""
-
-import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -78,10 +63,8 @@ def start(commands: dict[str, str], port: int = 0) -> tuple[list[common.Proc], P
         import stack
 
         run_dir = stack.prepare_run_dir(env)
-    return [common.shell(c, port, **env) for c in commands.values()], run_dir
-
-
-# ---- data ----------------------------------------------------------------------------------
+    procs = [common.Proc(["/bin/sh", "-c", f"exec {c}"], port, **env) for c in commands.values()]
+    return procs, run_dir
 
 
 def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
@@ -92,7 +75,7 @@ def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
     senders = User.objects.filter(pk__in=ids[::members]).order_by("pk")
     out = []
     devices = common.make_devices(ids[::members])
-    for i, (sender, (_, token)) in enumerate(zip(senders, devices, strict=True)):
+    for i, (sender, device) in enumerate(zip(senders, devices, strict=True)):
         group = ids[i * members : (i + 1) * members]
         conversation, _ = services.conversation_create(
             creator=sender, kind="group", member_ids=group, title=f"g{i}"
@@ -102,7 +85,7 @@ def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
                 services.message_send(
                     sender=sender, conversation=conversation, body=BODY, client_msg_id=f"s{n}"
                 )
-        out.append({"user": sender.pk, "token": token, "cid": conversation.pk})
+        out.append({"user": sender.pk, "token": device.token, "cid": conversation.pk})
     delivery_drain(timeout=120)
     counters_reconcile(user_ids=ids)
     for c in out:
@@ -138,8 +121,6 @@ def statement(sql: str) -> str:
     table = re.search(r"\b(imcore_\w+)", sql.replace('"', ""))
     return " ".join(filter(None, [sql.split()[0], table and table.group(1)]))
 
-
-# ---- load: wrk and pgbench -----------------------------------------------------------------
 
 # Each wrk thread (one a client) takes its client's token; done() prints wrk's own counts and
 # HdrHistogram percentiles, non-2xx answers included as errors.
@@ -218,9 +199,6 @@ def pgbench_insert(clients: int, seconds: float) -> dict:
     return {"rate": float(tps.group(1))}
 
 
-# ---- the run -------------------------------------------------------------------------------
-
-
 def measure(port, clients, call, args, procs: dict, tag: str) -> dict:
     """wrk's warm-up, the pipeline drained, then the timed wrk with each side's CPU."""
     wrk(port, clients, call, args.warmup, f"w{tag}")
@@ -229,23 +207,18 @@ def measure(port, clients, call, args, procs: dict, tag: str) -> dict:
         time.sleep(0.2)
 
     def cpu() -> dict[str, float]:
-        return {side: sum(p.cpu() if hasattr(p, "log") else common.cpu_of(p) for p in ps)
+        return {side: sum(common.cpu_of(getattr(p, "proc", p)) for p in ps)
                 for side, ps in procs.items()}  # fmt: skip
 
     before = cpu()
     result = wrk(port, clients, call, args.seconds, tag)
     after, done = cpu(), max(result["ok"], 1)
     ms = {side: (after[side] - before[side]) * 1000 / done for side in procs}
-    return {
-        **result,
-        "call": call,
-        "clients": len(clients),
-        "cpu_ms": ms | {"total": sum(ms.values())},
-    }
+    cpu_ms = ms | {"total": sum(ms.values())}
+    return {**result, "call": call, "clients": len(clients), "cpu_ms": cpu_ms}
 
 
 def run(args) -> dict:
-    common.setup_django()
     print("seeding…", flush=True)
     clients = seed(max(args.clients), args.members, args.at)
     counts, machine, pm = per_send_counts(clients[-1]), common.machine(), common.postmaster()
@@ -341,21 +314,15 @@ def plot(args, report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="asgi,procfile")
-    parser.add_argument("--clients", default="1,4,16,64")
-    parser.add_argument("--at", type=int, default=16, help="clients of the other calls")
-    parser.add_argument("--seconds", type=float, default=8)
-    parser.add_argument("--warmup", type=float, default=2)
-    parser.add_argument("--members", type=int, default=10)
-    args = common.parse(parser, QUICK)
-    args.configs = args.configs.split(",")
-    args.clients = sorted({int(c) for c in args.clients.split(",")} | {args.at})
+    args = common.parse(
+        __doc__, QUICK, configs=["asgi", "procfile"], clients=[1, 4, 16, 64],
+        at=(16, "clients of the other calls"), seconds=8.0, warmup=2.0, members=10,
+    )  # fmt: skip
+    args.clients = sorted({*args.clients, args.at})
     for tool in ("wrk", "pgbench"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is missing (make bench-tools installs it)")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with common.broker_stopped_after():
+    with common.section():
         report = run(args)
     common.write_results("send", markdown(args, report, plot(args, report)), report)
 

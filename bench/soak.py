@@ -1,22 +1,13 @@
-"""``make bench-soak``: the Procfile's stack (``bin/stack.py``: web, worker, beat, flower) under
-steady locust load (``bench/locustfile_soak.py``) for ``--minutes``, with ``--sockets`` idle
-WebSockets. A probe finds the capacity (sends/s, no wait); the soak runs the mix at ``--load``
-of it, sampling every process's RSS (psutil), Redis ``used_memory``, PostgreSQL sessions and
-open sockets. After draining it checks every answered send is stored, ``last_seq`` and every
-unread count. A memory series passes when its highest value over the last ``--window-minutes``
-is at most ``--limit-percent`` above its start; exits 1 on any failure.
+"""``make bench-soak``: the Procfile's stack (``bin/stack.py``) under steady locust load
+(``bench/locustfile_soak.py``) with idle WebSockets; memory sampled, every send, ``last_seq``
+and unread count checked after draining; exits 1 on growth or any failure (README)."""
 
-    python bench/soak.py [--minutes 10] [--load 0.8] [--users 32] [--sockets 500]
-"""
-
-import argparse
 import contextlib
 import csv
 import datetime
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,7 +38,8 @@ QUICK = (  # --quick: smoke sizes, one run each
 MIB = 1024 * 1024
 LOCUSTFILE = Path(__file__).with_name("locustfile_soak.py")
 # A process's role: the first of these its command line holds (its parent's, for a pool).
-ROLES = ("nginx", "gunicorn", "uvicorn", "spawn_main", "flower", "beat", "worker")
+ROLES = ("nginx", "granian", "gunicorn", "uvicorn", "spawn_main", "flower", "beat", "worker")
+POOLS = ("granian", "gunicorn", "worker")  # their workers are children of their own kind
 
 
 def process_role(proc: psutil.Process) -> str | None:
@@ -55,10 +47,7 @@ def process_role(proc: psutil.Process) -> str | None:
         return next((r for r in ROLES if r in " ".join(p.cmdline())), None)
 
     mine = None if proc.name() in ("sh", "dash", "bash") else role(proc)
-    # gunicorn's workers and Celery's prefork pool: children of their own kind
-    return (
-        f"{mine} child" if mine in ("gunicorn", "worker") and role(proc.parent()) == mine else mine
-    )
+    return f"{mine} child" if mine in POOLS and role(proc.parent()) == mine else mine
 
 
 def seed(args) -> tuple[list[dict], list[str], list[int]]:
@@ -68,7 +57,7 @@ def seed(args) -> tuple[list[dict], list[str], list[int]]:
     groups, senders = args.groups, args.users // args.groups
     size = max(args.members, senders)
     ids = common.make_users(groups * size + args.sockets, "soak")
-    tokens = dict(zip(ids, (t for _, t in common.make_devices(ids)), strict=True))
+    tokens = {d.user_id: d.token for d in common.make_devices(ids)}
     members, devices = ids[: groups * size], []
     for g in range(groups):
         group = members[g * size : (g + 1) * size]
@@ -96,15 +85,14 @@ class Stack(common.Proc):
     def wait_all(self) -> None:
         self.wait_http()
 
-        def started() -> bool:  # both web workers booted, uvicorn up, the worker answers
+        def started() -> bool:  # the app answers (above), uvicorn up, the worker answers
             text = Path(self.log.name).read_text(errors="replace")
-            up = text.count("Booting worker") >= 2 and "startup complete" in text
-            return up and bool(app.control.ping(timeout=1))
+            return "startup complete" in text and bool(app.control.ping(timeout=1))
 
         common.wait_for(started, 60, "the stack")
 
     def processes(self) -> dict[str, psutil.Process]:
-        """The stack's processes by role and number (``gunicorn child 1``…)."""
+        """The stack's processes by role and number (``granian child 1``…)."""
         found: dict[str, list[psutil.Process]] = {}
         for proc in sorted(self.tree()[1:], key=lambda p: p.pid):
             with contextlib.suppress(psutil.Error):
@@ -186,13 +174,8 @@ def check_data(acked: set[str], member_ids: list[int]) -> dict:
     unread_off = [
         u for u in member_ids if counters_peek(user_id=u) != counters_truth_from_rows(truth[u])
     ]
-    return {
-        "acked": len(acked),
-        "stored": len(stored),
-        "lost": len(acked - stored),
-        "last_seq_off": seq_off,
-        "unread_off_users": unread_off,
-    }
+    return {"acked": len(acked), "stored": len(stored), "lost": len(acked - stored),
+            "last_seq_off": seq_off, "unread_off_users": unread_off}  # fmt: skip
 
 
 def growth(rows: list[dict], key: str, window: int, limit: float) -> dict:
@@ -230,30 +213,31 @@ def plot(samples: list[dict], series: list[str]) -> str:
 def markdown(args, r: dict) -> str:
     short = {k: k.replace(" RSS MiB", "").replace("used_memory ", "") for k in r["series"]}
     c = r["checks"]
-    lines = [
-        f"# Soak, {r['date']}, {r['host']}\n\nMachine: {r['machine']}; shared with other work."
-        f" Stack: `bin/stack.py {' '.join(Stack.names)}` (the Procfile). Probe: "
+    lines = common.header(
+        "Soak",
+        f"{r['machine']}; shared with other work",
+        f"Stack: `bin/stack.py {' '.join(Stack.names)}` (the Procfile). Probe: "
         f"{r['capacity']:.1f} sends/s at saturation ({args.probe_users} locust users, no wait)."
         f" Soak: {args.minutes} min at {args.load:.0%} of it, {r['target_rps']:.1f} tasks/s (a sync"
         f" pull and its ack are one task; {r['requests'] / args.minutes / 60:.1f} requests/s)"
         f" from {args.users} locust users in {args.groups} groups of {args.members}"
         " (send 4 : unread 2 : sync pull+ack 2 : history 1 : "
         f"mark read 1), {args.sockets} idle authenticated WebSockets. RSS and used_memory in "
-        f"MiB; requests and errors in the minute before the row.\n",
-        "| min | " + " | ".join(short.values()) + " | requests | errors |",
-        "| ---: " * (len(r["series"]) + 3) + "|",
-    ]
-    for i, row in enumerate(r["minutes"]):
-        cells = [f"{row.get(k, float('nan')):.1f}" if "MiB" in k else str(row[k]) for k in short]
-        lines.append(f"| {i} | {' | '.join(cells)} | {row['requests']} | {row['errors']} |")
-    lines += [
-        f"\nGrowth over the last {r['window']} min (limit {args.limit_percent:g} %):\n",
-        "| series | growth | result |",
-        "| --- | ---: | --- |",
-    ]
-    for g in r["growth"]:
-        pct = "n/a" if g["growth_pct"] is None else f"{g['growth_pct']:+.1f} %"
-        lines.append(f"| {short[g['series']]} | {pct} | {'PASS' if g['pass'] else 'FAIL'} |")
+        f"MiB; requests and errors in the minute before the row.",
+    )
+    rows = [
+        [i, *(f"{row.get(k, float('nan')):.1f}" if "MiB" in k else row[k] for k in short),
+         row["requests"], row["errors"]]
+        for i, row in enumerate(r["minutes"])
+    ]  # fmt: skip
+    lines += common.table(["min", *short.values(), "requests", "errors"], rows)
+    lines += ["", f"Growth over the last {r['window']} min (limit {args.limit_percent:g} %):", ""]
+    rows = [
+        [short[g["series"]], "n/a" if g["growth_pct"] is None else f"{g['growth_pct']:+.1f} %",
+         "PASS" if g["pass"] else "FAIL"]
+        for g in r["growth"]
+    ]  # fmt: skip
+    lines += common.table(["series", "growth", "result"], rows)
     lines.append(
         f"\nRequests {r['requests']}, errors {r['errors']} (locust failures {r['failures']}, "
         f"sockets lost {r['sockets_lost']}, 5xx {r['server_5xx']} of {r['access_lines']} lines "
@@ -273,10 +257,8 @@ def soak(args, work: Path) -> dict:
         stack.wait_all()
         sockets = push.Holders(stack.port, 1)
         failures = sockets.open(idle_tokens, range(len(idle_tokens)), 50)["reasons"]
-        servers = {
-            "Redis": redis.Redis.from_url(common.ENV["REDIS_URL"]),
-            "broker": redis.Redis(port=common.BROKER_PORT),
-        }
+        servers = {"Redis": redis.Redis.from_url(common.ENV["REDIS_URL"]),
+                   "broker": redis.Redis(port=common.BROKER_PORT)}  # fmt: skip
         probe, run = work / "probe.json", work / "soak.json"
         probe.write_text(json.dumps({"tag": "probe", "devices": devices}))
         run.write_text(json.dumps({"tag": "soak", "devices": devices}))
@@ -301,36 +283,25 @@ def soak(args, work: Path) -> dict:
             sockets.stop()
         log = stack.stop(group=False)  # bin/stack.py stops its processes, as for `make run`
     return {
-        "capacity": capacity,
-        "samples": samples,
-        "history": history(run),
-        "checks": checks,
-        "sockets_open": sockets_open,
-        "socket_failures": failures,
+        "capacity": capacity, "samples": samples, "history": history(run), "checks": checks,
+        "sockets_open": sockets_open, "socket_failures": failures,
         "access_lines": len(re.findall(r'HTTP/1\.1" \d\d\d', log)),
         "server_5xx": len(re.findall(r'HTTP/1\.1" 5\d\d', log)),
         "tracebacks": log.count("Traceback"),
         "first_traceback": log[log.find("Traceback") :][:2000] if "Traceback" in log else None,
-    }
+    }  # fmt: skip
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=int, default=10)
-    parser.add_argument("--load", type=float, default=0.8, help="share of the capacity")
-    parser.add_argument("--probe-seconds", type=int, default=20)
-    parser.add_argument("--probe-users", type=int, default=16)
-    parser.add_argument("--users", type=int, default=32, help="senders (locust users)")
-    parser.add_argument("--groups", type=int, default=4)
-    parser.add_argument("--members", type=int, default=10, help="members of each group")
-    parser.add_argument("--sockets", type=int, default=500)
-    parser.add_argument("--sample-seconds", type=int, default=10, choices=(5, 10, 15, 20, 30, 60))
-    parser.add_argument("--window-minutes", type=int, default=5)
-    parser.add_argument("--limit-percent", type=float, default=5.0)
-    args = common.parse(parser, QUICK)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the stack too
-    with common.broker_stopped_after(), tempfile.TemporaryDirectory() as work:
-        common.setup_django()
+    args = common.parse(
+        __doc__, QUICK, minutes=10, load=(0.8, "share of the capacity"), probe_seconds=20,
+        probe_users=16, users=(32, "senders (locust users)"), groups=4,
+        members=(10, "members of each group"), sockets=500,
+        sample_seconds=(10, "a divisor of 60"), window_minutes=5, limit_percent=5.0,
+    )  # fmt: skip
+    if 60 % args.sample_seconds:
+        sys.exit("--sample-seconds takes a divisor of 60")
+    with common.section(), tempfile.TemporaryDirectory() as work:
         r = soak(args, Path(work))
     hist, minutes, previous = r["history"], r["samples"][:: 60 // args.sample_seconds], (0, 0)
     for row in minutes:  # requests and failures in the minute up to each row
@@ -346,17 +317,11 @@ def main() -> None:
     c = r["checks"]
     bad = c["lost"] or c["last_seq_off"] or c["unread_off_users"] or r["errors"]
     r |= {
-        "date": datetime.date.today().isoformat(),
-        "host": os.uname().nodename,
-        "machine": common.machine(),
-        "target_rps": args.load * r["capacity"],
-        "args": vars(args),
-        "series": series,
-        "minutes": minutes,
-        "window": window,
-        "requests": hist[-1][1],
+        "date": datetime.date.today().isoformat(), "host": os.uname().nodename,
+        "machine": common.machine(), "target_rps": args.load * r["capacity"], "args": vars(args),
+        "series": series, "minutes": minutes, "window": window, "requests": hist[-1][1],
         "pass": all(g["pass"] for g in r["growth"]) and not bad,
-    }
+    }  # fmt: skip
     common.write_results("soak", markdown(args, r) + "\n\n" + plot(r["samples"], series), r)
     sys.exit(0 if r["pass"] else 1)
 

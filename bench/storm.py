@@ -1,21 +1,7 @@
 """``make bench-storm``: a large group's messages through channel mode, the aggregation pipeline
-and the per-message fan-out (issue 13), on one Celery worker (prefork, 2) + beat per path.
+and the per-message fan-out (issue 13): cost per message by group size, commit -> unread
+visible, the ceiling in groups, commit -> live delivery. README, Benchmarks, says more."""
 
-1. Cost per message for groups of 500, 5,000, 50,000 members at 10 messages/s: Redis commands
-   (INFO commandstats deltas, the counters server and the broker apart) and script calls;
-2. commit -> unread visible: one member polls ``counters_get`` all along, p50 / p99;
-3. ceiling: more groups of 5,000 at 10 messages/s until the stack falls behind (p99 > 1 s,
-   queue growth, senders late), channel mode (``message_send``, then
-   ``delivery_message_committed`` alone) and the pipeline; the plot: latency against groups;
-4. commit -> live delivery to 1,000 devices online (``bench/push.py``'s server and sockets).
-
-Senders are spawned processes pacing ``message_send``; CPU from psutil.
-
-    python bench/storm.py [--sizes 500,5000,50000] [--paths channel,pipeline,fanout]
-        [--max-groups 128] [--no-ceiling] [--live 1000]
-"""
-
-import argparse
 import contextlib
 import multiprocessing
 import sys
@@ -156,11 +142,9 @@ def send(groups: list[tuple[int, int]], rate: float, seconds: float, start: floa
                 conversation_id=cid, seq=seq, sender_id=sid, mode=convs[cid].mode
             )
         else:
+            cmid = f"{start}-{cid}-{k}"
             seq = services.message_send(
-                sender=senders[sid],
-                conversation=convs[cid],
-                body="x",
-                client_msg_id=f"{start}-{cid}-{k}",
+                sender=senders[sid], conversation=convs[cid], body="x", client_msg_id=cmid
             )[0].seq
         out.append((cid, seq, time.perf_counter()))
     connections.close_all()
@@ -376,27 +360,21 @@ def plot(runs: list[dict], ceiling: dict, members: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add = parser.add_argument
-    add("--sizes", default="500,5000,50000", help="group sizes of phase 1, comma-separated")
-    add("--rate", type=float, default=10, help="messages a second per group")
-    add("--seconds", type=float, default=3, help="phase 1 run length")
-    add("--latency-seconds", type=float, default=10, help="run length at 5,000 members")
-    add("--paths", default=",".join(PATHS), help=f"among {', '.join(PATHS)}")
-    add("--fanout-budget", type=int, default=150_000, help="fan-out: messages x members a run")
-    add("--senders", type=int, default=4, help="sender processes in the ceiling")
-    add("--members", type=int, default=5000, help="members of a ceiling group")
-    add("--step-seconds", type=float, default=5)
-    add("--max-groups", type=int, default=128)
-    add("--no-ceiling", action="store_true")
-    add("--live", type=int, default=1000, help="devices online in the live phase (0: none)")
-    add("--live-messages", type=int, default=20)
-    add("--live-interval", type=float, default=0.5, help="seconds between live messages")
-    args = common.parse(parser, QUICK)
-    args.sizes = [int(s) for s in args.sizes.split(",")]
-    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    args = common.parse(
+        __doc__, QUICK,
+        sizes=([500, 5000, 50000], "group sizes of phase 1"),
+        rate=(10.0, "messages a second per group"), seconds=(3.0, "phase 1 run length"),
+        latency_seconds=(10.0, f"run length at {LATENCY_SIZE:,} members"),
+        paths=(list(PATHS), f"among {', '.join(PATHS)}"),
+        fanout_budget=(150_000, "fan-out: messages x members a run"),
+        senders=(4, "sender processes in the ceiling"),
+        members=(5000, "members of a ceiling group"), step_seconds=5.0, max_groups=128,
+        no_ceiling=False, live=(1000, "devices online in the live phase (0: none)"),
+        live_messages=20, live_interval=(0.5, "seconds between live messages"),
+    )  # fmt: skip
+    paths = args.paths
     if not paths or set(paths) - set(PATHS):
-        parser.error(f"--paths takes some of {', '.join(PATHS)}")
+        sys.exit(f"--paths takes some of {', '.join(PATHS)}")
     began = time.perf_counter()
     common.setup_django()
     interval = settings.COUNTERS_FLUSH_INTERVAL

@@ -1,18 +1,7 @@
-"""``make bench-strategies``: the counter consistency strategies under contention, beside the
-machine's limit, ``redis-benchmark`` on the same Redis in the same run.
+"""``make bench-strategies``: the counter strategies under contention (forked processes count
+messages for the same members, seqs interleaved so the truth is known), beside
+``redis-benchmark`` INCR and EVALSHA of the ``inc`` script on the same Redis: the limit."""
 
-Processes play fan-out workers of one group: each message is a new seq in one of its
-conversations, counted for every member with one ``inc_many`` (as ``counters.fanout_message``).
-All count the same members at once, so ``watch`` retries, ``lock`` waits, ``naive`` loses
-updates. Process ``p`` sends seqs ``p+1, p+1+P, …``, so the truth is known without PostgreSQL
-(each conversation's top is the highest seq sent); the drift is the hashes' distance from it.
-``redis-benchmark`` runs INCR and EVALSHA of the strategies' own ``inc`` script, without and
-with pipelining; the pipelined EVALSHA is the limit each rate is divided by.
-
-    python bench/strategies.py [--runs 3] [--seconds 5] [--processes 4] [--members 50]
-"""
-
-import argparse
 import csv
 import io
 import multiprocessing
@@ -115,9 +104,6 @@ def run_strategy(name: str, args) -> dict:
     }  # fmt: skip
 
 
-# ---- the machine's limit: redis-benchmark on the same Redis --------------------------------
-
-
 def redis_target() -> list[str]:
     url = urlparse(common.ENV["REDIS_URL"])
     db = (url.path or "/0").lstrip("/") or "0"
@@ -158,9 +144,6 @@ def run_limits(n: int) -> dict[str, float]:
         for label, cmd in limit_commands().items()
         for c, p in LIMIT_SHAPES
     }
-
-
-# ---- the report ----------------------------------------------------------------------------
 
 
 def report(runs: list[dict], args, took: float) -> tuple[str, dict]:
@@ -216,37 +199,23 @@ def report(runs: list[dict], args, took: float) -> tuple[str, dict]:
     return "\n".join(lines), data
 
 
-def parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=5)
-    parser.add_argument("--processes", type=int, default=4)
-    parser.add_argument("--members", type=int, default=50)
-    parser.add_argument("--conversations", type=int, default=4)
-    parser.add_argument(
-        "--limit-requests", type=int, default=200_000, help="redis-benchmark requests per run"
-    )
-    parser.add_argument("--strategies", type=lambda s: s.split(","), default=STRATEGIES)
-    args = common.parse(parser, QUICK)
-    unknown = set(args.strategies) - set(STRATEGIES)
-    if unknown:
-        parser.error(f"unknown strategies: {sorted(unknown)}")
-    return args
-
-
 def main() -> None:
-    args = parse()
-    common.setup_django()
-    started = time.monotonic()
-    runs = []
-    for i in range(args.runs):
-        run = {"strategies": {}}
-        for name in args.strategies:
-            run["strategies"][name] = run_strategy(name, args)
-            print(f"run {i + 1}/{args.runs} {name}: {run['strategies'][name]}", file=sys.stderr)
-        run["limits"] = run_limits(args.limit_requests)
-        print(f"run {i + 1}/{args.runs} limits: {run['limits']}", file=sys.stderr)
-        runs.append(run)
+    args = common.parse(
+        __doc__, QUICK, runs=3, seconds=5.0, processes=4, members=50, conversations=4,
+        limit_requests=(200_000, "redis-benchmark requests per run"), strategies=STRATEGIES,
+    )  # fmt: skip
+    if set(args.strategies) - set(STRATEGIES):
+        sys.exit(f"--strategies takes some of {', '.join(STRATEGIES)}")
+    started, runs = time.monotonic(), []
+    with common.section():
+        for i in range(args.runs):
+            run = {"strategies": {}}
+            for name in args.strategies:
+                run["strategies"][name] = run_strategy(name, args)
+                print(f"run {i + 1}/{args.runs} {name}: {run['strategies'][name]}", file=sys.stderr)
+            run["limits"] = run_limits(args.limit_requests)
+            print(f"run {i + 1}/{args.runs} limits: {run['limits']}", file=sys.stderr)
+            runs.append(run)
     markdown, data = report(runs, args, time.monotonic() - started)
     data["runs"] = runs
     common.write_results("strategies", markdown, data)

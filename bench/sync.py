@@ -1,25 +1,15 @@
-"""``make bench-sync``: multi-device sync through a real gunicorn (2 workers x 4 threads, as the
-Procfile), one keep-alive ``requests.Session``, SQL counted per request by :func:`counted_wsgi`:
+"""``make bench-sync``: multi-device sync through gunicorn (2 workers x 4 threads, as the
+Procfile) with SQL counted per request (:func:`counted_wsgi`): catch-up, gap snapshot, entry
+writes of one message to a big group, PostgreSQL writes per 1,000 acks."""
 
-1. catch-up of N entries of a small group, ``limit=SYNC_PAGE_MAX`` and 200, cold and prepared
-   (``offline_prepare_device`` run here), and cold against entries behind (``--sweep``, the plot);
-2. gap: ``since=0`` behind the floor, 50 conversations' snapshot, cold and prepared;
-3. entry writes of one message to a 5,000-member group beside a PostgreSQL row per member;
-4. PostgreSQL writes per 1,000 acks over HTTP, flushed as Celery beat would, or once after.
-
-    python bench/sync.py [--runs 5] [--catchup-messages 1000] [--sweep 100,250,500,1000]
-"""
-
-import argparse
 import contextlib
 import datetime
-import signal
+import json
 import sys
 import threading
 import time
 import timeit
-from collections import namedtuple
-from dataclasses import asdict, dataclass
+from collections import Counter
 from pathlib import Path
 
 import requests
@@ -35,8 +25,7 @@ from django.utils import timezone
 from counters.services import counters_reconcile
 from delivery.pipeline import delivery_drain
 from imcore import services
-from imcore.models import Conversation, User
-from imcore.models import Device as DeviceRow
+from imcore.models import Conversation, Device, User
 from offline import keys, store
 from offline.services import offline_flush_acks, offline_prepare_device, offline_record_messages
 
@@ -46,47 +35,21 @@ QUICK = "--runs 1 --catchup-messages 100 --sweep 25,50,100 --big-group 500"
 SQL_HEADER = "X-Bench-SQL"
 
 
-# ---- SQL counting (this process and, through the header, the server) ---------------------
-
-
-@dataclass
-class SqlCount:
-    """Statements run through one Django connection; ``rows`` = rows the UPDATEs changed."""
-
-    queries: int = 0
-    updates: int = 0
-    rows: int = 0
-    last_seen: int = 0  # UPDATEs that write last_seen_at
-    last_seen_rows: int = 0
-
-    def __call__(self, execute, sql, params, many, context):
-        result = execute(sql, params, many, context)
-        self.queries += 1
-        if sql.lstrip()[:6].upper() == "UPDATE":
-            rows = max(context["cursor"].rowcount, 0)
-            self.updates += 1
-            self.rows += rows
-            if "last_seen_at" in sql:
-                self.last_seen += 1
-                self.last_seen_rows += rows
-        return result
-
-    def header(self) -> str:
-        return f"{self.queries} {self.updates} {self.rows} {self.last_seen} {self.last_seen_rows}"
-
-    @classmethod
-    def parse(cls, value: str | None) -> "SqlCount":
-        return cls(*(int(v) for v in value.split())) if value else cls()
-
-    def add(self, other: "SqlCount") -> None:
-        for name, value in asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
-
-
 @contextlib.contextmanager
 def sql_counted():
-    count = SqlCount()
-    with connection.execute_wrapper(count):
+    """A Counter of the statements run through Django's connection: ``queries``, ``updates``
+    and the ``rows`` they changed, ``last_seen`` (UPDATEs of last_seen_at) and their rows."""
+    count = Counter()
+
+    def wrapper(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        count["queries"] += 1
+        if sql.lstrip()[:6].upper() == "UPDATE":
+            rows, seen = max(context["cursor"].rowcount, 0), "last_seen_at" in sql
+            count.update(updates=1, rows=rows, last_seen=seen, last_seen_rows=rows * seen)
+        return result
+
+    with connection.execute_wrapper(wrapper):
         yield count
 
 
@@ -98,22 +61,9 @@ def counted_wsgi(environ, start_response):
     with sql_counted() as count:
 
         def start(status, headers, exc_info=None):
-            return start_response(status, [*headers, (SQL_HEADER, count.header())], exc_info)
+            return start_response(status, [*headers, (SQL_HEADER, json.dumps(count))], exc_info)
 
         return application(environ, start)
-
-
-# ---- the server and the client -------------------------------------------------------------
-
-
-def start_server() -> common.Proc:
-    port = common.free_port()
-    argv = f"{sys.executable} -m gunicorn bench.sync:counted_wsgi --bind 127.0.0.1:{port}"
-    server = common.Proc(
-        [*argv.split(), *["--workers", "2", "--threads", "4", "--log-level", "warning"]], port
-    )
-    server.wait_http()
-    return server
 
 
 class Http(requests.Session):
@@ -123,25 +73,12 @@ class Http(requests.Session):
         super().__init__()
         self.base = f"http://127.0.0.1:{port}"
 
-    def call(
-        self, method: str, path: str, token: str, payload=None
-    ) -> tuple[dict, int, "SqlCount"]:
+    def call(self, method: str, path: str, token: str, payload=None) -> tuple[dict, int, Counter]:
         auth = {"Authorization": f"Bearer {token}"}
         r = self.request(method, self.base + path, json=payload, headers=auth)
         if r.status_code != 200:
             raise RuntimeError(f"{path} answered {r.status_code}: {r.text[:300]}")
-        return r.json(), len(r.content), SqlCount.parse(r.headers.get(SQL_HEADER))
-
-
-# ---- data ----------------------------------------------------------------------------------
-
-
-Device = namedtuple("Device", "pk user_id token")
-
-
-def make_devices(user_ids: list[int], **fields) -> list[Device]:
-    pairs = common.make_devices(user_ids, **fields)
-    return [Device(pk, u, t) for u, (pk, t) in zip(user_ids, pairs, strict=True)]
+        return r.json(), len(r.content), Counter(json.loads(r.headers[SQL_HEADER]))
 
 
 def send_messages(conversation_id: int, sender_ids: list[int], n: int, tag: str) -> None:
@@ -177,7 +114,7 @@ def setup(args) -> dict:
     send_messages(conversation.pk, others, args.catchup_messages, "catchup")
     delivery_drain()
     out["catchup"] = {
-        "device": make_devices([reader], acked_version=joined)[0],
+        "device": common.make_devices([reader], acked_version=joined)[0],
         "since": joined,
         "state": sync_state(reader),
     }
@@ -196,7 +133,7 @@ def setup(args) -> dict:
     state = sync_state(gap_user)
     if state.get("floor", 0) <= 0:
         raise RuntimeError(f"the gap user's floor is not above 0: {state}")
-    out["gap"] = {"device": make_devices([gap_user])[0], "state": state}
+    out["gap"] = {"device": common.make_devices([gap_user])[0], "state": state}
 
     # 3 and 4. one big group (its members are loaded in Redis by their join entries).
     big = common.make_users(args.big_group, "big")
@@ -210,26 +147,23 @@ def setup(args) -> dict:
     if len(ack_users) < sets * args.ack_devices:
         raise RuntimeError("--big-group is too small for the ack runs")
     seen = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
-    devices = make_devices(ack_users, last_seen_at=seen)
+    devices = common.make_devices(ack_users, last_seen_at=seen)
     out["ack"] = {
         "devices": [devices[i * args.ack_devices : (i + 1) * args.ack_devices] for i in range(sets)]
     }
     return out
 
 
-# ---- measurements --------------------------------------------------------------------------
-
-
-def pull_until_done(http: Http, device: Device, since: int, limit: int) -> dict:
+def pull_until_done(http: Http, device: common.Device, since: int, limit: int) -> dict:
     """Pull pages until has_more is false; what it took."""
-    trips, entries, nbytes, missing, sql, versions = 0, 0, 0, 0, SqlCount(), []
+    trips, entries, nbytes, missing, sql, versions = 0, 0, 0, 0, Counter(), []
     gap, conversations, t0 = False, 0, time.perf_counter()
     while True:
         page, size, count = http.call(
             "GET", f"/api/v1/sync?since={since}&limit={limit}", device.token
         )
         trips, nbytes = trips + 1, nbytes + size
-        sql.add(count)
+        sql.update(count)
         entries += len(page["entries"])
         versions += [e["version"] for e in page["entries"]]
         missing += sum(1 for e in page["entries"] if e["type"] == "message" and not e["message"])
@@ -242,25 +176,24 @@ def pull_until_done(http: Http, device: Device, since: int, limit: int) -> dict:
             break
     ok = versions == sorted(set(versions)) and not missing and since == page["latest_version"]
     return {"ms": (time.perf_counter() - t0) * 1000, "round_trips": trips, "entries": entries,
-            "kb": nbytes / 1024, "sql": sql.queries, "gap": gap, "conversations": conversations,
+            "kb": nbytes / 1024, "sql": sql["queries"], "gap": gap, "conversations": conversations,
             "ok": ok}  # fmt: skip
 
 
-def run_pulls(http: Http, device: Device, since: int, limit: int, mode: str, runs: int) -> dict:
+def run_pulls(http: Http, device, since: int, limit: int, mode: str, runs: int) -> dict:
     """``runs`` timed pulls after 2 untimed ones, each on a fresh connection, after dropping
     (cold) or preparing (prepared) the device's package, and marking the device seen (as its
     login would, so the pull sends no prepare task); the runs summarized."""
 
     results, prepares, prepared_as = [], [], set()
     for _ in range(2 + runs):
-        store.client().delete(
-            *(k(device.user_id, device.pk) for k in (keys.package, keys.snapshot))
-        )
+        package = [k(device.user_id, device.pk) for k in (keys.package, keys.snapshot)]
+        store.client().delete(*package)
         if mode == "prepared":
             t0 = time.perf_counter()
             prepared_as.add(offline_prepare_device(device_pk=device.pk))
             prepares.append((time.perf_counter() - t0) * 1000)
-        DeviceRow.objects.filter(pk=device.pk).update(last_seen_at=timezone.now())
+        Device.objects.filter(pk=device.pk).update(last_seen_at=timezone.now())
         http.close()
         results.append(pull_until_done(http, device, since, limit))
     results, prepares = results[2:], prepares[2:]
@@ -273,16 +206,14 @@ def run_pulls(http: Http, device: Device, since: int, limit: int, mode: str, run
     }  # fmt: skip
 
 
-def measure_catchup(http: Http, data: dict, args) -> list[dict]:
-    device, since = data["device"], data["since"]
-    n = data["state"]["cur"] - since
-    out = []
+def measure_pulls(http: Http, data: dict, since: int, limits: list[int], args) -> list[dict]:
+    """Pulls from ``since``, cold and prepared, at each page limit."""
+    n, out = data["state"]["cur"] - since, []
     for mode in ("cold", "prepared"):
-        for limit in (settings.SYNC_PAGE_MAX, 200):
-            s = run_pulls(http, device, since, limit, mode, args.runs)
-            s["expected_round_trips"] = -(-n // limit) if n else 1
-            out.append(s)
-            print(f"  catch-up {mode} limit={limit}: {common.spread(s['ms'])} ms", flush=True)
+        for limit in limits:
+            s = run_pulls(http, data["device"], since, limit, mode, args.runs)
+            out.append(s | {"expected_round_trips": -(-n // limit) if n else 1})
+            print(f"  since={since} {mode} limit={limit}: {common.spread(s['ms'])} ms", flush=True)
     return out
 
 
@@ -292,14 +223,6 @@ def measure_sweep(http: Http, data: dict, args) -> list[dict]:
     for n in [n for n in args.sweep if n <= cur - data["since"]]:
         s = run_pulls(http, data["device"], cur - n, settings.SYNC_PAGE_MAX, "cold", args.runs)
         out.append(s | {"behind": n})
-    return out
-
-
-def measure_gap(http: Http, data: dict, args) -> list[dict]:
-    out = []
-    for mode in ("cold", "prepared"):
-        out.append(run_pulls(http, data["device"], 0, settings.SYNC_PAGE_MAX, mode, args.runs))
-        print(f"  gap {mode}: {common.spread(out[-1]['ms'])} ms", flush=True)
     return out
 
 
@@ -362,7 +285,7 @@ def n_tup_upd(table: str) -> int:
         return int(cursor.fetchone()[0])
 
 
-def periodic_flush(stop: threading.Event, interval: float, count: SqlCount, calls: list[int]):
+def periodic_flush(stop: threading.Event, interval: float, count: Counter, calls: list[int]):
     """What Celery beat does with ``offline.flush_acks``: flush every ``interval`` seconds."""
 
     try:
@@ -370,14 +293,14 @@ def periodic_flush(stop: threading.Event, interval: float, count: SqlCount, call
             while not stop.wait(interval):
                 calls[0] += 1
                 offline_flush_acks()
-        count.add(mine)
+        count.update(mine)
     finally:
         connection.close()
 
 
 def ack_intervals(args) -> list[float]:
     """Flush modes of the ack runs: seconds between flushes while acks arrive (0: none)."""
-    if args.ack_flush_interval is not None:
+    if args.ack_flush_interval >= 0:
         return [args.ack_flush_interval]
     return [settings.SYNC_ACK_FLUSH_INTERVAL_S, 0.0]
 
@@ -390,13 +313,13 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
     cid, top = big["conversation_id"], big["seq"] + args.acks_per_device
     users = [d.user_id for devices in data["devices"] for d in devices]
     written = offline_record_messages([(uid, [(cid, top, 0)]) for uid in users])
-    table = DeviceRow._meta.db_table
+    table = Device._meta.db_table
     stat0 = n_tup_upd(table)
     runs = []
     intervals = ack_intervals(args)
     for i, devices in enumerate(data["devices"]):
         interval = intervals[i // args.runs]
-        server, flushed, stop, calls = SqlCount(), SqlCount(), threading.Event(), [0]
+        server, flushed, stop, calls = Counter(), Counter(), threading.Event(), [0]
         flusher = threading.Thread(target=periodic_flush, args=(stop, interval, flushed, calls))
         if interval > 0:
             flusher.start()
@@ -407,7 +330,7 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
                 for d in devices:
                     first, _ = written[d.user_id]
                     ack = {"version": first + k}
-                    server.add(http.call("POST", "/api/v1/sync/ack", d.token, ack)[2])
+                    server.update(http.call("POST", "/api/v1/sync/ack", d.token, ack)[2])
                     sent += 1
             http_s = time.perf_counter() - t0
         finally:
@@ -417,19 +340,19 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
         with sql_counted() as last:
             calls[0] += 1
             offline_flush_acks()
-        flushed.add(last)
-        rows = DeviceRow.objects.filter(pk__in=[d.pk for d in devices])
+        flushed.update(last)
+        rows = Device.objects.filter(pk__in=[d.pk for d in devices])
         acked = dict(rows.values_list("pk", "acked_version"))
         last = args.acks_per_device - 1
         wrong = sum(1 for d in devices if acked[d.pk] != written[d.user_id][0] + last)
         runs.append({
             "flush_interval_s": interval, "acks": sent, "http_ms": http_s * 1000,
-            "flush_calls": calls[0], "ack_updates": flushed.updates, "ack_rows": flushed.rows,
-            "last_seen_updates": server.last_seen, "last_seen_rows": server.last_seen_rows,
-            "other_server_updates": server.updates - server.last_seen,
-            "server_queries": server.queries, "wrong_acked_version": wrong,
+            "flush_calls": calls[0], "ack_updates": flushed["updates"], "ack_rows": flushed["rows"],
+            "last_seen_updates": server["last_seen"], "last_seen_rows": server["last_seen_rows"],
+            "other_server_updates": server["updates"] - server["last_seen"],
+            "server_queries": server["queries"], "wrong_acked_version": wrong,
         })  # fmt: skip
-        print(f"  acks (flush every {interval:g} s): {flushed.updates} UPDATEs", flush=True)
+        print(f"  acks (flush every {interval:g} s): {flushed['updates']} UPDATEs", flush=True)
     # pg_stat: the counts of the server's backends arrive within about a second of idling.
     expected = sum(r["ack_rows"] + r["last_seen_rows"] for r in runs)
     deadline, delta, previous = time.monotonic() + 15, 0, -1
@@ -440,9 +363,6 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
         previous = delta
         time.sleep(1)
     return {"runs": runs, "pg_stat_n_tup_upd": delta}
-
-
-# ---- report --------------------------------------------------------------------------------
 
 
 def one(values: list) -> str:
@@ -562,38 +482,31 @@ def plot(sweep: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="timed runs of each measurement")
-    parser.add_argument("--catchup-messages", type=int, default=1000)
-    parser.add_argument("--sweep", default="100,250,500,1000", help="entries behind, plotted")
-    parser.add_argument("--group-members", type=int, default=4)
-    parser.add_argument("--gap-conversations", type=int, default=50)
-    parser.add_argument("--gap-messages", type=int, default=20, help="per gap conversation")
-    parser.add_argument("--big-group", type=int, default=5000)
-    parser.add_argument("--ack-devices", type=int, default=100)
-    parser.add_argument("--acks-per-device", type=int, default=10)
-    parser.add_argument(
-        "--ack-flush-interval", type=float, default=None,
-        help="seconds between ack flushes while acks arrive (0: one flush after the last ack); "
-        "default: both SYNC_ACK_FLUSH_INTERVAL_S (as Celery beat) and 0",
+    args = common.parse(
+        __doc__, QUICK, runs=(5, "timed runs of each measurement"), catchup_messages=1000,
+        sweep=([100, 250, 500, 1000], "entries behind, plotted"), group_members=4,
+        gap_conversations=50, gap_messages=(20, "per gap conversation"), big_group=5000,
+        ack_devices=100, acks_per_device=10,
+        ack_flush_interval=(-1.0, "seconds between ack flushes while acks arrive (0: one flush "
+                            "after the last ack; -1: both SYNC_ACK_FLUSH_INTERVAL_S and 0)"),
     )  # fmt: skip
-    args = common.parse(parser, QUICK)
-    args.sweep = [int(n) for n in args.sweep.split(",")]
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops gunicorn too
-    with common.broker_stopped_after():
-        common.setup_django()
+    with common.section():
         print("setting up…", flush=True)
         data = setup(args)
         connection.close()  # not held open across the server's start
-        server = start_server()
+        server = common.server(
+            "{python} -m gunicorn bench.sync:counted_wsgi --bind 127.0.0.1:{port} --workers 2 "
+            "--threads 4 --log-level warning"
+        )
         http, res = Http(server.port), {}
         try:
             machine = common.machine()
             n = data["catchup"]["state"]["cur"] - data["catchup"]["since"]
-            catchup = measure_catchup(http, data["catchup"], args)
+            limits = [settings.SYNC_PAGE_MAX, 200]
+            catchup = measure_pulls(http, data["catchup"], data["catchup"]["since"], limits, args)
             res["catchup"] = {"entries_behind": n, "results": catchup}
             res["sweep"] = measure_sweep(http, data["catchup"], args)
-            gap = measure_gap(http, data["gap"], args)
+            gap = measure_pulls(http, data["gap"], 0, [settings.SYNC_PAGE_MAX], args)
             res["gap"] = {"state": data["gap"]["state"], "results": gap}
             res["writes"] = measure_entry_writes(data["big"], args)
             res["acks"] = measure_acks(http, data["ack"], data["big"], args)
