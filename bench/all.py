@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
-SECTIONS = ("strategies", "storm", "send", "sync", "push")  # each with its own --quick
+SECTIONS = ("strategies", "storm", "recall", "send", "sync", "push")  # each with its own --quick
 
 
 def run_section(name: str, quick: bool) -> tuple[str, float]:

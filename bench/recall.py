@@ -7,33 +7,36 @@ flush: in service its count shows within the Timer interval plus that flush.
     python bench/recall.py [--members 5000] [--paths channel,pipeline]
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
+import redis
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
-from bench.storm import COUNTERS_PORT, calls, make_group, make_users, reset_stats
+from bench.storm import COUNTERS_PORT, calls, make_group
+
+QUICK = "--members 200"
 
 
 def measure(fn) -> tuple[float, int]:
     """(ms, Redis commands) of ``fn()``."""
-    reset_stats()
+    redis.Redis(port=COUNTERS_PORT).config_resetstat()
     started = time.perf_counter()
     fn()
     ms = (time.perf_counter() - started) * 1000
     return ms, sum(calls(COUNTERS_PORT).values())
 
 
-def run(path: str, members: int) -> str:
+def run(path: str, members: int) -> list:
     from counters.selectors import counters_get
     from delivery.pipeline import delivery_drain
     from imcore import services
     from imcore.models import User
 
     common.reset_data()
-    group = make_group(path, make_users(members, f"recall-{path}"))
+    group = make_group(path, common.make_users(members, f"recall-{path}"))
     sender, cid = User.objects.get(pk=group.sender_id), group.conversation_id
 
     def send(i: int):
@@ -51,24 +54,32 @@ def run(path: str, members: int) -> str:
         if u != sender.pk and counters_get(user_id=u).conversations[cid] != 1
     ]
     assert not wrong, f"{len(wrong)} members do not show the recall"
-    return (
-        f"| {path} | {members:,} | {send_cmds:,} | {send_ms:,.1f} | {recall_cmds:,} "
-        f"| {recall_ms:,.1f} |"
-    )
+    return [
+        path,
+        f"{members:,}",
+        f"{send_cmds:,}",
+        f"{send_ms:,.1f}",
+        f"{recall_cmds:,}",
+        f"{recall_ms:,.1f}",
+    ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--members", type=int, default=5000)
-    parser.add_argument("--paths", default="channel,pipeline")
-    args = parser.parse_args()
-    common.setup_django()
-    print(
-        "| path | members | send: Redis cmds | send: ms to visible | recall: Redis cmds "
-        "| recall: ms to visible |\n| --- | ---: | ---: | ---: | ---: | ---: |"
-    )
-    for path in args.paths.split(","):
-        print(run(path, args.members), flush=True)
+    args = common.parse(__doc__, QUICK, members=5000, paths="channel,pipeline")
+    with common.section():
+        machine = common.machine()
+        rows = [run(path, args.members) for path in args.paths.split(",")]
+    head = [
+        "path",
+        "members",
+        "send: Redis cmds",
+        "send: ms to visible",
+        "recall: Redis cmds",
+        "recall: ms to visible",
+    ]
+    lines = [*common.header("A recall beside a send", machine), *common.table(head, rows)]
+    print("\n".join(lines))
+    common.write_results("recall", "\n".join(lines), {"machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":
