@@ -65,10 +65,7 @@ def counters_truth_mentions(*, user_ids: list[int]) -> dict[tuple[int, int], lis
     the user or everyone. One query: the GIN index on ``mentions`` finds the personal ones,
     the partial index on ``mention_all`` the others (mentions are rare, so neither scans the
     unread messages themselves)."""
-    if not user_ids:
-        return {}
-    message, membership = Message._meta.db_table, Membership._meta.db_table
-    sql = f"""
+    sql = """
         SELECT mb.user_id, msg.conversation_id, msg.seq
           FROM {message} msg
           JOIN {membership} mb
@@ -86,21 +83,13 @@ def counters_truth_mentions(*, user_ids: list[int]) -> dict[tuple[int, int], lis
            AND msg.sender_id <> mb.user_id AND NOT msg.deleted
          ORDER BY 1, 2, 3
     """
-    found: dict[tuple[int, int], list[int]] = defaultdict(list)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, {"users": list(user_ids)})
-        for user_id, cid, seq in cursor.fetchall():
-            found[user_id, cid].append(seq)
-    return found
+    return _seqs_by_membership(sql, user_ids)
 
 
 def counters_truth_recalled(*, user_ids: list[int]) -> dict[tuple[int, int], list[int]]:
     """The recalled seqs above each active membership's read pointer of the given users, by
     ``(user id, conversation id)`` (recalls are rare: the partial index finds them)."""
-    if not user_ids:
-        return {}
-    message, membership = Message._meta.db_table, Membership._meta.db_table
-    sql = f"""
+    sql = """
         SELECT mb.user_id, msg.conversation_id, msg.seq
           FROM {membership} mb
           JOIN {message} msg
@@ -109,6 +98,17 @@ def counters_truth_recalled(*, user_ids: list[int]) -> dict[tuple[int, int], lis
          WHERE mb.user_id = ANY(%(users)s::bigint[]) AND mb.left_at IS NULL
          ORDER BY 1, 2, 3
     """
+    return _seqs_by_membership(sql, user_ids)
+
+
+def _seqs_by_membership(sql: str, user_ids: list[int]) -> dict[tuple[int, int], list[int]]:
+    """Rows ``(user id, conversation id, seq)`` of ``sql`` (its ``{message}`` and
+    ``{membership}`` the tables, run with ``%(users)s``), the seqs grouped by ``(user id,
+    conversation id)``."""
+    if not user_ids:
+        return {}
+    tables = {"message": Message._meta.db_table, "membership": Membership._meta.db_table}
+    sql = sql.format(**tables)
     found: dict[tuple[int, int], list[int]] = defaultdict(list)
     with connection.cursor() as cursor:
         cursor.execute(sql, {"users": list(user_ids)})

@@ -57,3 +57,19 @@ def counter_mismatches(user_ids=None) -> list[str]:
         if any(n < 0 for n in held.conversations.values()) or held.badge < 0:
             problems.append(f"user {user_id}: negative count {held}")
     return problems
+
+
+def send(member, cid, body="hi", **fields) -> int:
+    """A member's send through the API (201 expected, its ``client_msg_id`` made of the
+    member, the conversation and the body); returns the seq."""
+    payload = {"body": body, "client_msg_id": f"m-{member.id}-{cid}-{body}", **fields}
+    response = member.post(f"/conversations/{cid}/messages", payload)
+    assert response.status_code == 201, response.content
+    return response.json()["seq"]
+
+
+def read(member, cid, seq) -> dict:
+    """A member's mark-read through the API (200 expected); returns the answer."""
+    response = member.post(f"/conversations/{cid}/read", {"seq": seq})
+    assert response.status_code == 200, response.content
+    return response.json()

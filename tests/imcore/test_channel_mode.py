@@ -16,35 +16,14 @@ from imcore.models import Conversation, Device
 from offline import push, store
 from offline import store as push_store
 from tests.conftest import running_worker, wait_until
-from tests.helpers import commandstats, counter_mismatches
+from tests.helpers import commandstats, counter_mismatches, read, send
 from tests.offline.test_sync import group
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture
-def large(settings):
-    """Groups of 5 members or more are large; they go back under 4."""
-    settings.LARGE_GROUP_MIN_MEMBERS = 5
-    settings.LARGE_GROUP_EXIT_MEMBERS = 3
-    return settings
-
-
 def mode(cid: int) -> str:
     return Conversation.objects.values_list("mode", flat=True).get(pk=cid)
-
-
-def send(member, cid, body="hi", **fields):
-    payload = {"body": body, "client_msg_id": f"m-{member.id}-{body}", **fields}
-    response = member.post(f"/conversations/{cid}/messages", payload)
-    assert response.status_code == 201, response.content
-    return response.json()["seq"]
-
-
-def read(member, cid, seq):
-    response = member.post(f"/conversations/{cid}/read", {"seq": seq})
-    assert response.status_code == 200, response.content
-    return response.json()
 
 
 def mute(member, cid, muted=True):

@@ -13,33 +13,12 @@ from counters.redis import get_redis
 from delivery.pipeline import delivery_drain
 from delivery.services import delivery_convert
 from imcore.models import Conversation, Message
-from tests.helpers import counter_mismatches
+from tests.helpers import counter_mismatches, read, send
 from tests.offline.test_sync import group
 
 from .state import assert_error
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def large(settings):
-    """Groups of 5 members or more are large; they go back under 4."""
-    settings.LARGE_GROUP_MIN_MEMBERS = 5
-    settings.LARGE_GROUP_EXIT_MEMBERS = 3
-    return settings
-
-
-def send(member, cid, body="hi", **fields):
-    payload = {"body": body, "client_msg_id": f"m-{member.id}-{cid}-{body}", **fields}
-    response = member.post(f"/conversations/{cid}/messages", payload)
-    assert response.status_code == 201, response.content
-    return response.json()["seq"]
-
-
-def read(member, cid, seq):
-    response = member.post(f"/conversations/{cid}/read", {"seq": seq})
-    assert response.status_code == 200, response.content
-    return response.json()
 
 
 def recall(member, cid, seq, token=None):
