@@ -165,27 +165,36 @@ def _evalsha_all(client: redis.Redis, calls: Sequence[ScriptCall]) -> list:
 
 
 def execute(pipe) -> list:
-    """``pipe.execute()`` for a pipeline that mixes script calls (``Script(..., client=pipe)``)
-    with plain commands. A plain ``Pipeline`` loads missing scripts itself; a cluster pipeline
-    does not, so a master that lacks a script (a replica promoted by a failover, a restarted
-    node) answers NOSCRIPT: the scripts are then loaded on every master and the calls that did
-    not run are sent again (a NOSCRIPT call ran nothing)."""
-    if not isinstance(pipe, RedisCluster):
-        return pipe.execute()
-    stack = [(c.args, c.options) for c in pipe._execution_strategy.command_queue]
-    client = get_redis()
+    """``pipe.execute()`` for a pipeline that mixes script calls (queued by :func:`run_script`
+    as plain EVALSHA) with plain commands. redis-py's own pipelined ``Script`` asks ``SCRIPT
+    EXISTS`` before every execution, a round trip more each time (and a cluster pipeline does
+    not load scripts at all). Here a master that lacks a script (after a restart, a flush or a
+    failover) answers NOSCRIPT, which means that call ran nothing: the scripts are loaded (on
+    every master) and every command from the first such call on is sent again, in order, but
+    the script calls that did run. So the plain commands queued after a script call must be
+    reads or idempotent writes (they are: an ``HGETALL`` of what the script wrote). The first
+    error is raised after every call has run."""
+    if getattr(pipe, "transaction", False) and not isinstance(pipe, RedisCluster):
+        return pipe.execute()  # a MULTI: redis-py loads its scripts before it
+    stack = _queue(pipe)
     results = pipe.execute(raise_on_error=False)
     missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
     if missing:
+        client = get_redis()
         for sha in {stack[i][0][1] for i in missing}:
             source = _SOURCES.get(sha)
             if source is None:
                 raise results[missing[0]]
-            client.script_load(source)
+            client.script_load(source)  # on a cluster, on every master
+        redo = [
+            i
+            for i in range(missing[0], len(stack))
+            if i in missing or str(stack[i][0][0]).upper() != "EVALSHA"
+        ]
         again = client.pipeline(transaction=False)
-        for i in missing:
+        for i in redo:
             again.execute_command(*stack[i][0], **stack[i][1])
-        for i, result in zip(missing, again.execute(raise_on_error=False), strict=True):
+        for i, result in zip(redo, again.execute(raise_on_error=False), strict=True):
             results[i] = result
     for result in results:
         if isinstance(result, Exception):
@@ -193,11 +202,20 @@ def execute(pipe) -> list:
     return results
 
 
+def _queue(pipe) -> list[tuple[tuple, dict]]:
+    """The commands queued on a pipeline, ``(args, options)`` each, before it runs."""
+    if isinstance(pipe, ClusterPipeline):
+        return [(c.args, c.options) for c in pipe._execution_strategy.command_queue]
+    return list(pipe.command_stack)
+
+
 def run_script(script: Script, *, keys: Sequence[str], args: Sequence, client=None):
-    """``script(keys=..., args=..., client=...)``, which redis-py refuses on a cluster
-    pipeline (its ``evalsha`` is blocked there): queued as a plain EVALSHA, routed by its keys'
-    slot; :func:`execute` answers a NOSCRIPT."""
-    if isinstance(client, ClusterPipeline):
+    """``script(keys=..., args=..., client=...)``; on a non-transactional pipeline (of a single
+    Redis or a cluster) it is queued as a plain EVALSHA, routed on a cluster by its keys' slot,
+    and :func:`execute` answers a NOSCRIPT."""
+    if isinstance(client, ClusterPipeline) or (
+        isinstance(client, redis.client.Pipeline) and not client.transaction
+    ):
         return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
     return script(keys=keys, args=args, client=client)
 

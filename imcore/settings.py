@@ -113,10 +113,15 @@ DATABASES = {
     )
 }
 # Server-side binding: psycopg sends the parameters apart from the statement, instead of
-# quoting each one into the SQL text in Python, and prepares a statement it has run 5 times
-# (prepare_threshold), so PostgreSQL plans it once per connection.
+# quoting each one into the SQL text in Python. With it, psycopg prepares a statement it has
+# run DATABASE_PREPARE_THRESHOLD (5) times on a connection, so PostgreSQL parses and plans it
+# once per pooled connection: half of PostgreSQL's CPU for a send (Django turns this off by
+# default for transaction-mode poolers such as PgBouncer; set 0 behind one).
 if os.environ.get("DATABASE_SERVER_SIDE_BINDING", "1") == "1":
     DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = True
+    DATABASES["default"]["OPTIONS"]["prepare_threshold"] = (
+        env_int("DATABASE_PREPARE_THRESHOLD", 5) or None
+    )
 if DATABASE_POOL_MAX:
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 0,  # a process that never queries (or idles) holds no session
