@@ -106,7 +106,7 @@ def message_fields(message: Message) -> dict:
     caller to encode). A recalled message is a tombstone: ``deleted`` true, ``body`` empty,
     no mentions. ``edited_at`` only once edited."""
     return {
-        "id": message.pk,
+        "id": message.id,
         "conversation_id": message.conversation_id,
         "seq": message.seq,
         "sender_id": message.sender_id,

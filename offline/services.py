@@ -144,10 +144,13 @@ def offline_device_seen(*, device: Device, prepare: bool = True) -> bool:
     longer than ``SYNC_AWAY_AFTER_S`` (or never seen) came back: its offline package is
     prepared by a task, so the pages it pulls next are cheap reads. Returns whether it came
     back."""
-    now = timezone.now()
-    pending = store.seen_touch(device_pk=device.pk)
-    last = max((t for t in (device.last_seen_at, _from_ms(pending)) if t is not None), default=None)
-    came_back = last is None or now - last > timedelta(seconds=settings.SYNC_AWAY_AFTER_S)
+    now, away = timezone.now(), timedelta(seconds=settings.SYNC_AWAY_AFTER_S)
+    pending = _from_ms(store.seen_touch(device_pk=device.pk))
+    if pending is not None and now - pending <= away:
+        return False  # seen lately: PostgreSQL's last-seen time is not needed
+    seen = (selectors.device_field(device, "last_seen_at"), pending)
+    last = max((t for t in seen if t is not None), default=None)
+    came_back = last is None or now - last > away
     if came_back and prepare:
         offline_request_prepare(device_pk=device.pk)
     return came_back
@@ -381,7 +384,7 @@ def sync_ack(*, device: Device, version: int) -> int:
             logger.warning(
                 "could not send flush_acks; the periodic flush takes them", exc_info=True
             )
-    return max(device.acked_version, highest, selectors.device_acked_version(device))
+    return max(highest, selectors.device_acked_version(device))
 
 
 def offline_flush_acks() -> int:

@@ -3,6 +3,7 @@ runs): a device that comes back by a pull after ``SYNC_AWAY_AFTER_S`` gets its p
 prepared, a burst of acks reaching ``SYNC_ACK_FLUSH_THRESHOLD`` is flushed at once, and an ack
 flusher yields while another one holds the flush lock."""
 
+import json
 import time
 from datetime import timedelta
 
@@ -14,6 +15,7 @@ from django.utils import timezone
 from delivery.pipeline import delivery_drain
 from imcore.models import Device
 from offline import keys, services, store
+from offline.apis import rendered
 from offline.tasks import flush_acks
 from tests.conftest import broker_idle, running_worker, wait_until
 from tests.counters.test_aggregator_edges import tasks_run
@@ -120,3 +122,32 @@ def test_an_ack_flusher_yields_while_another_holds_the_lock(worker, make_member)
     flush_acks.delay()
     wait_until(lambda: Device.objects.get(pk=pk).acked_version == latest)
     assert not store.client().exists(keys.ACKS_PENDING, keys.ACKS_INFLIGHT)
+
+
+def test_a_rendered_page_leaves_out_every_none_at_every_depth():
+    """``rendered`` takes shortcuts for the entries' usual shapes; every ``None`` still goes,
+    as ninja's ``exclude_none`` would drop it (lists keep theirs), whatever the entry."""
+    message = {"id": 1, "seq": 2, "body": "b", "mentions": [3], "edited_at": None}
+    page = {
+        "entries": [
+            {"version": 1, "type": "message", "conversation_id": 5, "seq": 2, "message": message},
+            {"version": 2, "type": "message", "conversation_id": 5, "seq": 3, "message": None},
+            {"version": 3, "type": "join", "conversation_id": 5, "title": None,
+             "members": [{"id": 1, "name": None}, None]},
+            {"version": 4, "type": "read", "conversation_id": 5, "seq": None},
+            {"version": 5, "type": "recall", "conversation_id": 5, "seq": 2,
+             "message": {**message}},
+        ],
+        "latest_version": 5,
+        "snapshot": None,
+        "channels": [{"conversation_id": 7, "last_seq": None}],
+    }  # fmt: skip
+
+    def without_none(value):
+        if isinstance(value, dict):
+            return {k: without_none(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list):
+            return [without_none(v) for v in value]
+        return value
+
+    assert json.loads(rendered(page).content) == without_none(page)
