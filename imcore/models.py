@@ -91,7 +91,8 @@ class Membership(models.Model):
     rejoin reuses it; ``rev`` grows on every join, leave and mute change and lets the counter
     store apply those changes in commit order whatever order they reach Redis in."""
 
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    # No index of its own: membership_unique (user, conversation) serves look-ups by user.
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, db_index=False)
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE)
     last_read_seq = models.BigIntegerField(default=0)
     muted = models.BooleanField(default=False)
@@ -112,7 +113,6 @@ class Membership(models.Model):
                 condition=Q(left_at__isnull=True),
                 name="membership_active_idx",
             ),
-            models.Index(fields=["user"], name="membership_user_idx"),
         ]
 
     def __str__(self) -> str:
@@ -124,9 +124,12 @@ class Membership(models.Model):
 
 
 class Message(models.Model):
-    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE)
+    # Neither foreign key has an index of its own: the unique constraints below lead with
+    # each (conversation, seq; sender, client_msg_id), and every send wrote two more index
+    # entries for nothing (issue 14).
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, db_index=False)
     seq = models.BigIntegerField()
-    sender = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT)
+    sender = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, db_index=False)
     client_msg_id = models.CharField(max_length=64)
     body = models.TextField()
     created_at = models.DateTimeField(auto_now_add=True)
