@@ -44,7 +44,7 @@ from counters.services import (
     counters_send_done,
 )
 from imcore.models import Conversation, Membership, Message
-from offline.push import push_badge_changed
+from offline.push import push_badge_changed, push_devices_badge_changed
 from offline.services import (
     offline_channel_members_changed,
     offline_channel_message,
@@ -250,15 +250,24 @@ def delivery_fanout(
 
 
 def delivery_read_moved(
-    *, user_id: int, conversation_id: int, seq: int, last_seq: int
+    *,
+    user_id: int,
+    conversation_id: int,
+    seq: int,
+    last_seq: int,
+    push_devices: list[int] | None = None,
 ) -> tuple[int, int]:
     """A committed mark-read: the counters move at once, the user's other devices get a
-    ``read`` entry and a silent badge push. Returns ``(unread, badge)``."""
+    ``read`` entry and a silent badge push (to ``push_devices``, the user's devices with a
+    pushkey, when the caller read them already). Returns ``(unread, badge)``."""
     counts = counters_mark_read(
         user_id=user_id, conversation_id=conversation_id, read_seq=seq, last_seq=last_seq
     )
     offline_record_read(user_id=user_id, conversation_id=conversation_id, seq=seq)
-    push_badge_changed(user_ids=[user_id], alert=False)
+    if push_devices is None:
+        push_badge_changed(user_ids=[user_id], alert=False)
+    else:
+        push_devices_badge_changed(devices=[(pk, user_id) for pk in push_devices], alert=False)
     return counts
 
 

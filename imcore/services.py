@@ -752,7 +752,8 @@ SELECT (SELECT last_seq FROM conversation),
        EXISTS (SELECT 1 FROM moved),
        EXISTS (SELECT 1 FROM imcore_membership
                WHERE user_id = %(user)s AND conversation_id = %(conversation)s
-                 AND left_at IS NULL)
+                 AND left_at IS NULL),
+       ARRAY(SELECT id FROM imcore_device WHERE user_id = %(user)s AND pushkey <> '')
 """
 
 
@@ -764,17 +765,22 @@ def conversation_read(
     the user's version read once the read is committed, before the counters move (the badge
     reflects every change up to it). One SQL statement (:data:`_READ_SQL`): a conversation
     the user is not an active member of is not found (404), a ``seq`` beyond its last seq is
-    a 400, and neither changes anything."""
+    a 400, and neither changes anything. It also lists the user's devices with a pushkey, for
+    the silent badge push (a round trip less than asking again)."""
     with connection.cursor() as cursor:
         cursor.execute(_READ_SQL, {"user": user_id, "conversation": conversation_id, "seq": seq})
-        last_seq, moved, member = cursor.fetchone()
+        last_seq, moved, member, push_devices = cursor.fetchone()
     if not member and not moved:
         raise NotFound(f"conversation {conversation_id} not found")
     if not moved:
         raise BadRequest(f"seq {seq} is beyond the conversation's last seq {last_seq}")
     version = (badge_version(user_id),) if versioned else ()
     counts = delivery_read_moved(
-        user_id=user_id, conversation_id=conversation_id, seq=seq, last_seq=last_seq
+        user_id=user_id,
+        conversation_id=conversation_id,
+        seq=seq,
+        last_seq=last_seq,
+        push_devices=push_devices,
     )
     return *counts, *version
 

@@ -108,6 +108,11 @@ def push_badge_changed(*, user_ids: Iterable[int], alert: bool) -> int:
             [user_ids],
         )
         devices = cursor.fetchall()
+    return push_devices_badge_changed(devices=devices, alert=alert)
+
+
+def push_devices_badge_changed(*, devices: list[tuple[int, int]], alert: bool) -> int:
+    """:func:`push_badge_changed` for these ``(device pk, user id)`` with a pushkey."""
     if not devices:
         return 0
     online = store.presence_online({uid for _, uid in devices})
