@@ -5,11 +5,11 @@ from typing import Annotated, Literal
 import orjson
 from django.conf import settings
 from django.http import HttpResponse
-from ninja import Field, Query, Router, Schema
+from ninja import Field, Query, Router
 from ninja.responses import NinjaJSONEncoder
 from pydantic import BeforeValidator
 
-from imcore.apis import BIGINT_MAX, Body, integral, responses
+from imcore.apis import BIGINT_MAX, Body, Out, integral, responses
 
 from . import services
 
@@ -20,7 +20,7 @@ router = Router(tags=["sync"])
 Version = Annotated[int, Field(ge=0, le=BIGINT_MAX), BeforeValidator(integral)]
 
 
-class SyncMessageOut(Schema):
+class SyncMessageOut(Out):
     id: int
     conversation_id: int
     seq: int
@@ -36,7 +36,7 @@ class SyncMessageOut(Schema):
     edited_at: str | None = None
 
 
-class SyncEntryOut(Schema):
+class SyncEntryOut(Out):
     """One entry. Every type has ``version``, ``type`` and ``conversation_id``; then
     ``message``: ``seq``, ``message`` (null only if the message row is gone);
     ``read``: ``seq`` (the user read up to it on some device);
@@ -57,7 +57,7 @@ class SyncEntryOut(Schema):
     muted: bool | None = None
 
 
-class SnapshotConversationOut(Schema):
+class SnapshotConversationOut(Out):
     conversation_id: int
     kind: str
     title: str
@@ -69,14 +69,14 @@ class SnapshotConversationOut(Schema):
     messages: list[SyncMessageOut]
 
 
-class SnapshotOut(Schema):
+class SnapshotOut(Out):
     latest_version: int
     badge: int
     badge_version: int
     conversations: list[SnapshotConversationOut]
 
 
-class SyncChannelOut(Schema):
+class SyncChannelOut(Out):
     """A channel-mode (large) group of the user: its counters now. Its messages write no
     entries; read them with the history call."""
 
@@ -87,7 +87,7 @@ class SyncChannelOut(Schema):
     unread_mentions: int
 
 
-class SyncOut(Schema):
+class SyncOut(Out):
     entries: list[SyncEntryOut]
     latest_version: int
     has_more: bool
@@ -177,7 +177,7 @@ class AckIn(Body):
     version: Version
 
 
-class AckOut(Schema):
+class AckOut(Out):
     acked_version: int
 
 
