@@ -9,7 +9,7 @@ from django.contrib.auth.password_validation import (
     get_default_password_validators,
     password_validators_help_texts,
 )
-from ninja import Field, Path, Query, Router, Schema, Status
+from ninja import Field, Path, Query, Router, Status
 from pydantic import BaseModel, BeforeValidator, ConfigDict, field_validator
 
 from counters.selectors import counters_get
@@ -57,7 +57,7 @@ class Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
-class Body(Schema):
+class Body(BaseModel):
     """A JSON request body: types are strict (``"5"`` is not a number) and unknown fields are
     refused, so a typo cannot pass as a no-op."""
 
