@@ -7,7 +7,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -19,6 +18,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import psutil
+import pyperf
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -68,7 +68,7 @@ def wait_for(ready, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start in {timeout:g} s")
+            raise RuntimeError(f"{what}: not ready in {timeout:g} s")
         time.sleep(0.2)
 
 
@@ -142,86 +142,139 @@ def make_devices(user_ids: list[int], **fields) -> list[Device]:
     return [Device(d.pk, d.user_id, t) for d, t in zip(rows, tokens, strict=True)]
 
 
-class Proc:
-    """A command in a session of its own, its output in a temporary log; :meth:`cpu` and
-    :meth:`rss` cover it and its descendants (psutil), :meth:`stop` the whole group."""
+# The benchmark's own Celery worker (prefork, 2 processes, both queues) and beat, in Procfile form.
+WORKER = {
+    "worker": "celery -A imcore worker --queues default,counters --concurrency 2 "
+    "--without-gossip --without-mingle --loglevel WARNING",
+    "beat": f"celery -A imcore beat --schedule {tempfile.gettempdir()}/imcore-bench-beat-"
+    f"{os.getpid()} --loglevel WARNING",
+}
 
-    def __init__(self, argv: list[str], port: int = 0, **env):
-        self.port = port
-        self.log = tempfile.NamedTemporaryFile(prefix="imcore-bench-", suffix=".log")  # noqa: SIM115
-        self.proc = psutil.Popen(
-            argv,
-            cwd=ROOT,
-            env={**os.environ, **ENV, **{k: str(v) for k, v in env.items()}},
-            start_new_session=True,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
+
+class Stack:
+    """Procfile entries run by ``bin/stack.py`` (honcho's Manager, as ``make run``) on a free
+    ``$IMCORE_PORT``; :meth:`cpu` and :meth:`rss` cover its programs (psutil), honcho left out."""
+
+    def __init__(self, entries: dict[str, str], **env):
+        self.port, self.names = free_port(), list(entries)
+        self.procfile = tempfile.NamedTemporaryFile("w", suffix=".procfile")  # noqa: SIM115
+        self.procfile.write(
+            "".join(f"{k}: exec {v.removeprefix('exec ')}\n" for k, v in entries.items())
         )
+        self.procfile.flush()
+        self.log = tempfile.NamedTemporaryFile(prefix="imcore-bench-", suffix=".log")  # noqa: SIM115
+        path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+        env = {"IMCORE_HOST": "127.0.0.1", "IMCORE_PORT": self.port, "PATH": path, **env}
+        argv = [sys.executable, "bin/stack.py", "--no-colour", "-f", self.procfile.name]
+        self.proc = psutil.Popen(
+            argv, cwd=ROOT, env={**os.environ, **ENV, **{k: str(v) for k, v in env.items()}},
+            start_new_session=True, stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
 
-    def tree(self) -> list[psutil.Process]:
-        return tree(self.proc)
+    def text(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
 
-    def cpu(self) -> float:
-        return cpu_of(self.proc)
-
-    def rss(self) -> int:
-        """Bytes resident, the whole tree."""
-        return int(tree_sum(self.proc, lambda p: p.memory_info().rss))
-
-    def wait_http(self, settle: float = 0, timeout: float = 60) -> None:
-        """Until the API answers 401 (unauthenticated) on ``self.port``, then ``settle`` s."""
+    def wait(self, http: bool) -> None:
+        """Until the API answers 401 on the port (``http``), uvicorn of a ``ws`` entry is up
+        and a ``worker`` answers a ping."""
         import requests
+
+        from imcore.celery import app
 
         def ready() -> bool:
             if self.proc.poll() is not None:
-                tail = Path(self.log.name).read_text(errors="replace")[-4000:]
-                raise RuntimeError(f"{self.proc.args} exited:\n{tail}")
+                raise RuntimeError(f"bin/stack.py {self.names} exited:\n{self.text()[-4000:]}")
             with contextlib.suppress(requests.RequestException):
                 url = f"http://127.0.0.1:{self.port}/api/v1/unread"
-                return requests.get(url, timeout=5).status_code == 401
+                if http and requests.get(url, timeout=5).status_code != 401:
+                    return False
+                if "ws" in self.names and "startup complete" not in self.text():
+                    return False
+                return "worker" not in self.names or bool(app.control.ping(timeout=1))
             return False
 
-        wait_for(ready, timeout, f"{self.proc.args[:3]}")
-        time.sleep(settle)
+        wait_for(ready, 90, f"bin/stack.py {self.names}")
 
-    def stop(self, group: bool = True) -> str:
-        """SIGTERM to the group (or the process alone), SIGKILL to the group after 30 s;
-        returns the output."""
+    def programs(self) -> list[psutil.Process]:
+        """The stack's processes, bin/stack.py and honcho's forks of it left out."""
+        return [p for p in tree(self.proc) if not is_honcho(p)]
+
+    def find(self, word: str) -> psutil.Process:
+        """The first program whose command line holds ``word``."""
+        return next(p for p in self.programs() if word in " ".join(p.cmdline()))
+
+    def cpu(self) -> float:
+        return cpu_of(*self.programs())
+
+    def rss(self) -> int:
+        """Bytes resident, every program."""
+        return int(sum(p.memory_info().rss for p in self.programs() if p.is_running()))
+
+    def stop(self) -> str:
+        """SIGTERM to bin/stack.py (it stops the programs, SIGKILL after 20 s), SIGKILL to the
+        group after 40 s; returns the output."""
         if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, 15) if group else self.proc.terminate()
+            self.proc.terminate()
             try:
-                self.proc.wait(30)
+                self.proc.wait(40)
             except psutil.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
-        with self.log:
-            return Path(self.log.name).read_text(errors="replace")
+        with self.log, self.procfile:
+            self.output = self.text()
+        return self.output
 
 
-def server(argv: str) -> Proc:
-    """``argv`` (``{port}`` in it: a free port) once its API answers."""
-    port = free_port()
-    proc = Proc(argv.format(port=port, python=sys.executable).split(), port)
-    proc.wait_http()
-    return proc
+def is_honcho(p: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return "bin/stack.py" in " ".join(p.cmdline())
+    return True
 
 
-def start_worker(**env) -> list[Proc]:
-    """A Celery worker (prefork, 2 processes) on both queues and beat; once it answers."""
+def procfile(*names: str) -> dict[str, str]:
+    """The Procfile's entries ``names``, read by honcho's parser."""
+    from honcho.environ import parse_procfile
+
+    entries = parse_procfile((ROOT / "Procfile").read_text()).processes
+    return {name: entries[name] for name in names}
+
+
+@contextlib.contextmanager
+def stack(entries: dict[str, str], http: bool = True, settle: float = 0, **env):
+    """A :class:`Stack` once it answers (then ``settle`` s), stopped at the end."""
+    running = Stack(entries, **env)
+    try:
+        running.wait(http)
+        time.sleep(settle)
+        yield running
+    finally:
+        running.stop()
+
+
+def drain(timeout: float = 60) -> None:
+    """Until the counter pipeline and the broker's queues are empty; raises past ``timeout``."""
+    from delivery.pipeline import shard_lengths
     from imcore.celery import app
 
-    celery = f"{sys.executable} -m celery -A imcore"  # then the command, then its options
-    schedule = f"{tempfile.gettempdir()}/imcore-bench-beat-{os.getpid()}"
-    procs = [
-        Proc(f"{celery} worker --queues default,counters --concurrency 2 --without-gossip "
-             "--without-mingle --loglevel WARNING".split(), **env),
-        Proc(f"{celery} beat --schedule {schedule} --loglevel WARNING".split(), **env),
-    ]  # fmt: skip
     with app.connection_for_write() as conn:
-        wait_for(lambda: app.control.ping(timeout=0.5, connection=conn), 60, "the Celery worker")
-    time.sleep(2.5)  # let beat tick once and the worker settle
-    return procs
+        broker = conn.default_channel.client
+        empty = lambda: not sum(shard_lengths()) + broker.llen("default") + broker.llen("counters")  # noqa: E731
+        wait_for(empty, timeout, "the queues' drain")
+
+
+def send_messages(conversation_id: int, sender_ids: list[int], n: int, tag: str) -> None:
+    """``n`` messages through ``message_send``, the senders in turn."""
+    from imcore import services
+    from imcore.models import Conversation, User
+
+    conversation = Conversation.objects.get(pk=conversation_id)
+    senders = [User.objects.get(pk=uid) for uid in sender_ids]
+    for i in range(n):
+        body = f"{tag} message {i}: " + "lorem ipsum dolor sit amet " * 2
+        sender, cmid = senders[i % len(senders)], f"{tag}-{conversation_id}-{i}"
+        services.message_send(
+            sender=sender, conversation=conversation, body=body, client_msg_id=cmid
+        )
 
 
 def postmaster() -> psutil.Process:
@@ -239,18 +292,14 @@ def tree(process: psutil.Process) -> list[psutil.Process]:
     return []
 
 
-def tree_sum(process: psutil.Process, measure) -> float:
-    """``measure`` summed over a process and its live descendants (the gone ones left out)."""
+def cpu_of(*processes: psutil.Process) -> float:
+    """User+system CPU seconds of the processes, each with the children it reaped; the gone
+    ones left out."""
     total = 0.0
-    for p in tree(process):
+    for p in processes:
         with contextlib.suppress(psutil.Error):
-            total += measure(p)
+            total += sum(p.cpu_times()[:4])
     return total
-
-
-def cpu_of(process: psutil.Process) -> float:
-    """User+system CPU seconds of a process tree, each with the children it reaped."""
-    return tree_sum(process, lambda p: sum(p.cpu_times()[:4]))
 
 
 def redis_info(port: int | None = None) -> dict:
@@ -304,19 +353,64 @@ def section():
         yield
 
 
-def median(values) -> float:
+def metadata() -> dict:
+    """The machine's description as pyperf collects it (CPU model and count, host, Python,
+    platform, load), once a process."""
+    global METADATA
+    if not METADATA:
+        run = pyperf.Run([1.0], metadata={"name": "machine"})  # collect_metadata: pyperf's own
+        METADATA = pyperf.Benchmark([run]).get_metadata()
+    return METADATA
+
+
+METADATA: dict = {}
+SUITE: dict[str, pyperf.Benchmark] = {}  # this section's, written to <stem>.pyperf.json
+
+
+def record(name: str, values) -> pyperf.Benchmark | None:
+    """A pyperf Benchmark of ``values`` (one run each; a name ending in `` ms`` is kept in
+    seconds), in the section's suite; None when a value is not positive (pyperf's rule)."""
+    values = [float(v) for v in values if v is not None]
+    if not values or min(values) <= 0:
+        return None
+    ms = name.endswith(" ms")
+    meta = {**metadata(), "name": name, "unit": "second" if ms else "integer"}
+    runs = [
+        pyperf.Run([v / 1000 if ms else v], metadata=meta, collect_metadata=False) for v in values
+    ]
+    SUITE[name] = pyperf.Benchmark(runs)
+    return SUITE[name]
+
+
+def median(values, name: str = "") -> float:
+    """The median (pyperf's, recorded as ``name`` when given)."""
     values = [v for v in values if v is not None]
-    return statistics.median(values) if values else float("nan")
+    bench = record(name, values) if name else None
+    if bench is None:
+        return statistics.median(values) if values else float("nan")
+    return bench.median() * (1000 if name.endswith(" ms") else 1)
 
 
-def spread(values, fmt: str = "{:.1f}") -> str:
-    """``median (min..max)`` of several runs, or the one value when they all agree."""
+def spread(name: str, values, fmt: str = "{:.1f}") -> str:
+    """``median (min..max)`` of several runs (recorded as ``name``), or the one value when
+    they all agree."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
-    if min(values) == max(values):
-        return fmt.format(values[0])
-    return f"{fmt.format(median(values))} ({fmt.format(min(values))}..{fmt.format(max(values))})"
+    mid, low, high = (fmt.format(v) for v in (median(values, name), min(values), max(values)))
+    return mid if low == high else f"{mid} ({low}..{high})"
+
+
+def timed(name: str, fn, runs: int, per: int = 1) -> list[float]:
+    """ms of ``fn()`` (over ``per`` items), ``runs`` times after one warm-up; recorded as
+    ``name``."""
+    ms = []
+    for _ in range(runs + 1):
+        started = time.perf_counter()
+        fn()
+        ms.append((time.perf_counter() - started) * 1000 / per)
+    record(name, ms[1:])
+    return ms[1:]
 
 
 def percentile(values, q: float) -> float:
@@ -325,24 +419,20 @@ def percentile(values, q: float) -> float:
     return float(numpy.percentile(values, q, method="nearest")) if len(values) else float("nan")
 
 
-def cpu_model() -> str:
-    info = Path("/proc/cpuinfo").read_text().splitlines()
-    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
-    return names[0] if names else platform.processor()
-
-
 def machine() -> str:
     from django.db import connection
 
     with connection.cursor() as cursor:
         cursor.execute("show server_version")
         pg = cursor.fetchone()[0].split()[0]
-    cpu = cpu_model()
-    return (
-        f"{psutil.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-        f"Redis {redis_info()['redis_version']}, PostgreSQL {pg}, "
-        f"Python {platform.python_version()}, local services"
-    )
+    return f"{host()}, Redis {redis_info()['redis_version']}, PostgreSQL {pg}, local services"
+
+
+def host() -> str:
+    m = metadata()
+    memory = psutil.virtual_memory().total / 2**30
+    cpu, python = m["cpu_model_name"], m["python_version"].split()[0]
+    return f"{m['hostname']}: {m['cpu_count']} cores ({cpu}), {memory:.0f} GiB, Python {python}"
 
 
 def code_state() -> dict:
@@ -396,9 +486,7 @@ def figure(name: str, title: str, panels: int = 1, size=(7, 4.5)):
     from matplotlib import pyplot as plt
 
     fig, axes = plt.subplots(panels, 1, figsize=(size[0], size[1] * panels), squeeze=False)
-    memory = psutil.virtual_memory().total / 2**30
-    host = f"{socket.gethostname()}: {psutil.cpu_count()} cores, {memory:.0f} GiB, {cpu_model()}"
-    fig.suptitle(f"{title}\n{host}", fontsize=10)
+    fig.suptitle(f"{title}\n{host()}", fontsize=10)
     return fig, list(axes[:, 0])
 
 
@@ -421,6 +509,8 @@ def write_results(name: str, markdown: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     Path(f"{stem}.md").write_text(markdown.rstrip() + "\n")
     Path(f"{stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    if SUITE:
+        pyperf.BenchmarkSuite(list(SUITE.values())).dump(f"{stem}.pyperf.json", replace=True)
     print(markdown)
-    print(f"\nWritten: {stem}.md and .json")
+    print(f"\nWritten: {stem}.md, .json" + (" and .pyperf.json" if SUITE else ""))
     return stem

@@ -12,8 +12,6 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from honcho.environ import parse_procfile
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
@@ -24,7 +22,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from counters.services import counters_reconcile
-from delivery.pipeline import delivery_drain, shard_lengths
+from delivery.pipeline import delivery_drain
 from imcore import services
 from imcore.models import User
 from offline import store
@@ -44,27 +42,6 @@ ASGI = (
     "uvicorn imcore.asgi:application --host 127.0.0.1 --port $IMCORE_PORT --workers 2 "
     "--ws-ping-interval 20 --ws-ping-timeout 20"
 )
-
-
-def procfile() -> dict[str, str]:
-    """The Procfile's ``name: command`` entries, read by honcho."""
-    entries = parse_procfile((common.ROOT / "Procfile").read_text()).processes
-    return {name: command.removeprefix("exec ") for name, command in entries.items()}
-
-
-def start(commands: dict[str, str], port: int = 0) -> tuple[list[common.Proc], Path | None]:
-    """The commands on ``port``; the Procfile's web front gets its run directory (nginx's
-    configuration) from bin/stack.py, as ``make run`` does."""
-    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-    env = {"IMCORE_HOST": "127.0.0.1", "IMCORE_PORT": str(port), "PATH": path}
-    run_dir = None
-    if any("IMCORE_RUN_DIR" in c for c in commands.values()):
-        sys.path.insert(0, str(common.ROOT / "bin"))
-        import stack
-
-        run_dir = stack.prepare_run_dir(env)
-    procs = [common.Proc(["/bin/sh", "-c", f"exec {c}"], port, **env) for c in commands.values()]
-    return procs, run_dir
 
 
 def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
@@ -122,45 +99,13 @@ def statement(sql: str) -> str:
     return " ".join(filter(None, [sql.split()[0], table and table.group(1)]))
 
 
-# Each wrk thread (one a client) takes its client's token; done() prints wrk's own counts and
-# HdrHistogram percentiles, non-2xx answers included as errors.
-WRK_LUA = r"""
-local clients, call, tag = { %(clients)s }, "%(call)s", "%(tag)s"
-local threads, count = {}, 0
-function setup(thread)
-  count = count + 1; thread:set("index", count); table.insert(threads, thread)
-end
-function init(args)
-  c = clients[(index - 1) %% #clients + 1]; n, bad = 0, 0
-  wrk.headers["Authorization"] = "Bearer " .. c[1]; wrk.headers["Content-Type"] = "application/json"
-end
-function request()
-  n = n + 1
-  local conv = "/api/v1/conversations/" .. c[2]
-  if call == "send" then return wrk.format("POST", conv .. "/messages", nil,
-      '{"body":"%(body)s","client_msg_id":"' .. tag .. "-" .. index .. "-" .. n .. '"}')
-  elseif call == "read" then return wrk.format("POST", conv .. "/read", nil, '{"seq":1}')
-  elseif call == "sync" then return wrk.format("GET", "/api/v1/sync?limit=100&since=" .. c[3]) end
-  return wrk.format("GET", "/api/v1/" .. call)
-end
-function response(status) if status > 299 then bad = bad + 1 end end
-function done(s, latency)
-  local b = 0; for _, t in ipairs(threads) do b = b + t:get("bad") end
-  local e = s.errors
-  io.write(string.format("BENCH %%d %%d %%d %%d %%d\n", s.duration, s.requests - b,
-    b + e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(99)))
-end
-"""
-
-
 def wrk(port: int, clients: list[dict], call: str, seconds: float, tag: str) -> dict:
-    lua_clients = ", ".join(f'{{"{c["token"]}", {c["cid"]}, {c["since"]}}}' for c in clients)
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
-        lua.write(WRK_LUA % {"clients": lua_clients, "call": call, "tag": tag, "body": BODY})
-        lua.flush()
-        n, url = len(clients), f"http://127.0.0.1:{port}"
-        argv = f"wrk -t{n} -c{n} -d{max(1, round(seconds))}s --timeout 10s -s {lua.name} {url}"
-        out = subprocess.run(argv.split(), capture_output=True, text=True)
+    """wrk with bench/send.lua, a thread and a connection per client."""
+    each = ";".join(f"{c['token']},{c['cid']},{c['since']}" for c in clients)
+    env = {"BENCH_CALL": call, "BENCH_TAG": tag, "BENCH_BODY": BODY, "BENCH_CLIENTS": each}
+    n, url, lua = len(clients), f"http://127.0.0.1:{port}", Path(__file__).with_suffix(".lua")
+    argv = f"wrk -t{n} -c{n} -d{max(1, round(seconds))}s --timeout 10s -s {lua} {url}"
+    out = subprocess.run(argv.split(), capture_output=True, text=True, env={**os.environ, **env})
     line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH ")), None)
     if line is None:
         raise RuntimeError(f"wrk failed:\n{out.stdout}\n{out.stderr}")
@@ -169,7 +114,7 @@ def wrk(port: int, clients: list[dict], call: str, seconds: float, tag: str) -> 
     return {"rate": rate, "ok": ok, "errors": errors, "p50_ms": p50 / 1000, "p99_ms": p99 / 1000}
 
 
-def pgbench_insert(clients: int, seconds: float) -> dict:
+def pgbench_insert(clients: int, seconds: float) -> float:
     """pgbench ``-M simple``: single-row INSERTs into a copy of the message table."""
     with connection.cursor() as cursor:
         cursor.execute("DROP TABLE IF EXISTS bench_message")
@@ -196,65 +141,44 @@ def pgbench_insert(clients: int, seconds: float) -> dict:
     tps = re.search(r"tps = ([\d.]+)", out.stdout)
     if tps is None:
         raise RuntimeError(f"pgbench failed:\n{out.stdout}\n{out.stderr}")
-    return {"rate": float(tps.group(1))}
+    print(f"  pgbench INSERT: {tps.group(1)} tx/s", flush=True)
+    return float(tps.group(1))
 
 
 def measure(port, clients, call, args, procs: dict, tag: str) -> dict:
-    """wrk's warm-up, the pipeline drained, then the timed wrk with each side's CPU."""
+    """wrk's warm-up, the queues drained, then the timed wrk with each side's CPU."""
     wrk(port, clients, call, args.warmup, f"w{tag}")
-    deadline = time.monotonic() + 60
-    while sum(shard_lengths()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-    def cpu() -> dict[str, float]:
-        return {side: sum(common.cpu_of(getattr(p, "proc", p)) for p in ps)
-                for side, ps in procs.items()}  # fmt: skip
-
-    before = cpu()
+    common.drain()
+    before = {side: cpu() for side, cpu in procs.items()}
     result = wrk(port, clients, call, args.seconds, tag)
-    after, done = cpu(), max(result["ok"], 1)
-    ms = {side: (after[side] - before[side]) * 1000 / done for side in procs}
-    cpu_ms = ms | {"total": sum(ms.values())}
-    return {**result, "call": call, "clients": len(clients), "cpu_ms": cpu_ms}
+    done = max(result["ok"], 1)
+    ms = {side: (cpu() - before[side]) * 1000 / done for side, cpu in procs.items()}
+    return {**result, "call": call, "clients": len(clients), "cpu_ms": ms}
 
 
 def run(args) -> dict:
     print("seeding…", flush=True)
     clients = seed(max(args.clients), args.members, args.at)
     counts, machine, pm = per_send_counts(clients[-1]), common.machine(), common.postmaster()
-    entries = procfile()
-    web_entries = {k: v for k, v in entries.items() if k not in ("worker", "beat", "flower")}
-    known = {"asgi": {"web": ASGI}, "procfile": web_entries}
-    configs = {k: known[k] for k in args.configs}
-    celery, _ = start({k: entries[k] for k in ("worker", "beat")})
+    known = {"asgi": {"web": ASGI}, "procfile": common.procfile("web", "app", "ws")}
     results: dict[str, list[dict]] = {}
-    pg: dict[str, dict] = {}
-    try:
-        for name, commands in configs.items():
-            port = common.free_port()
-            web, run_dir = start(commands, port)
-            procs = {"web": web, "postgres": [pm], "celery": celery}
-            try:
-                web[0].wait_http(settle=2)  # every worker process up
+    pg: dict[str, float] = {}
+    with common.stack(common.procfile("worker", "beat"), http=False) as celery:
+        for name in args.configs:
+            with common.stack(known[name], settle=2) as web:
+                postgres = lambda: common.cpu_of(*common.tree(pm))  # noqa: E731
+                procs = {"web": web.cpu, "postgres": postgres, "celery": celery.cpu}
                 for call in CALLS:
                     for n in args.clients if call in SWEPT else [args.at]:
                         tag = f"{name}-{call}-{n}-{time.monotonic_ns()}"
-                        row = measure(port, clients[:n], call, args, procs, tag)
+                        row = measure(web.port, clients[:n], call, args, procs, tag)
                         results.setdefault(name, []).append(row)
                         print(f"  {name} {call} {n}: {row['rate']:.0f}/s", flush=True)
                         if call == "send" and n == args.at:
                             pg[name] = pgbench_insert(n, args.seconds)
-                            print(f"  pgbench INSERT: {pg[name]['rate']:.0f}/s", flush=True)
-            finally:
-                for p in web:
-                    p.stop()
-                if run_dir:
-                    shutil.rmtree(run_dir, ignore_errors=True)
-    finally:
-        for p in celery:
-            p.stop()
-    report = {"machine": machine, "configs": configs, "per_send": counts, "results": results}
-    return report | {"pgbench_insert": pg}
+    configs = {k: known[k] for k in args.configs}
+    return {"machine": machine, "configs": configs, "per_send": counts, "results": results,
+            "pgbench_insert": pg}  # fmt: skip
 
 
 def markdown(args, report: dict, plot: str) -> str:
@@ -263,36 +187,28 @@ def markdown(args, report: dict, plot: str) -> str:
         for name, cmds in report["configs"].items()
     )
     lines = common.header(
-        "Hot API calls over HTTP",
-        report["machine"],
-        f"Load: wrk, one thread and one keep-alive connection per client, {args.seconds:g} s "
-        f"after {args.warmup:g} s of warm-up; pgbench `-M simple` single-row INSERT at {args.at} "
-        f"clients right after each configuration's send at {args.at}.",
-        "",
-        f"Configurations: {configs}",
-    )
+        "Hot API calls over HTTP", report["machine"],
+        f"wrk, a thread and a keep-alive connection per client, {args.seconds:g} s after "
+        f"{args.warmup:g} s of warm-up. Configurations (Procfile entries): {configs}. CPU: psutil.",
+    )  # fmt: skip
     rows = []
     for name, results in report["results"].items():
-        pg = report["pgbench_insert"].get(name, {}).get("rate")
+        pg = report["pgbench_insert"].get(name)
         for r in results:
-            c = r["cpu_ms"]
-            at = r["call"] == "send" and r["clients"] == args.at and pg
+            c, at = r["cpu_ms"], r["call"] == "send" and r["clients"] == args.at and pg
             rows.append([
                 name, CALLS[r["call"]], r["clients"], f"{r['rate']:,.0f}", f"{r['p50_ms']:.1f}",
                 f"{r['p99_ms']:.1f}", r["errors"],
-                f"{c['web']:.2f} / {c['postgres']:.2f} / {c['celery']:.2f} / {c['total']:.2f}",
-                f"{r['rate'] / pg:.3f}" if at else "",
+                " / ".join(f"{v:.2f}" for v in [*c.values(), sum(c.values())]),
+                f"{r['rate'] / pg:.3f} of {pg:,.0f}" if at else "",
             ])  # fmt: skip
     head = ["configuration", "call", "clients", "requests/s", "p50 ms", "p99 ms", "errors"]
-    lines += common.table(
-        [*head, "CPU ms / request: web / PostgreSQL / Celery / total", "/ pgbench INSERT"], rows
-    )
-    for name, pg in report["pgbench_insert"].items():
-        lines.append(f"\npgbench single-row INSERT beside `{name}`: {pg['rate']:,.0f} tx/s.")
+    lines += common.table([*head, "CPU ms / request: web / PostgreSQL / Celery / total",
+                           "ratio to pgbench single-row INSERT tx/s"], rows)  # fmt: skip
     per = report["per_send"]
     lines += [
         "",
-        f"One send (Django's test client, in-process): {len(per['sql'])} SQL statements "
+        f"One send (Django's test client): {len(per['sql'])} SQL statements "
         f"({'; '.join(per['sql'])}), {len(per['redis'])} Redis commands "
         f"({', '.join(per['redis'])}).",
         "",

@@ -25,9 +25,7 @@ from django.db import connection
 
 from counters.selectors import counters_peek, counters_truth_from_rows, counters_truth_rows
 from counters.services import counters_reconcile
-from delivery.pipeline import shard_lengths
 from imcore import services
-from imcore.celery import app
 from imcore.models import User
 
 QUICK = (  # --quick: smoke sizes, one run each
@@ -38,6 +36,7 @@ QUICK = (  # --quick: smoke sizes, one run each
 MIB = 1024 * 1024
 LOCUSTFILE = Path(__file__).with_name("locustfile_soak.py")
 # A process's role: the first of these its command line holds (its parent's, for a pool).
+NAMES = ("web", "app", "ws", "worker", "beat", "flower")  # the Procfile's entries
 ROLES = ("nginx", "granian", "gunicorn", "uvicorn", "spawn_main", "flower", "beat", "worker")
 POOLS = ("granian", "gunicorn", "worker")  # their workers are children of their own kind
 
@@ -72,33 +71,14 @@ def seed(args) -> tuple[list[dict], list[str], list[int]]:
     return devices, [tokens[u] for u in ids[groups * size :]], members
 
 
-class Stack(common.Proc):
-    """The Procfile's processes under ``bin/stack.py`` (honcho, as ``make run``)."""
-
-    names = ("web", "app", "ws", "worker", "beat", "flower")
-
-    def __init__(self):
-        port, flower, path = common.free_port(), common.free_port(), Path(sys.executable).parent
-        env = {"IMCORE_PORT": port, "FLOWER_PORT": flower, "PATH": f"{path}:{os.environ['PATH']}"}
-        super().__init__([sys.executable, "bin/stack.py", *self.names], port, **env)
-
-    def wait_all(self) -> None:
-        self.wait_http()
-
-        def started() -> bool:  # the app answers (above), uvicorn up, the worker answers
-            text = Path(self.log.name).read_text(errors="replace")
-            return "startup complete" in text and bool(app.control.ping(timeout=1))
-
-        common.wait_for(started, 60, "the stack")
-
-    def processes(self) -> dict[str, psutil.Process]:
-        """The stack's processes by role and number (``granian child 1``…)."""
-        found: dict[str, list[psutil.Process]] = {}
-        for proc in sorted(self.tree()[1:], key=lambda p: p.pid):
-            with contextlib.suppress(psutil.Error):
-                if role := process_role(proc):
-                    found.setdefault(role, []).append(proc)
-        return {f"{r} {i}": p for r, ps in sorted(found.items()) for i, p in enumerate(ps, 1)}
+def processes(stack: common.Stack) -> dict[str, psutil.Process]:
+    """The stack's processes by role and number (``granian child 1``…)."""
+    found: dict[str, list[psutil.Process]] = {}
+    for proc in sorted(stack.programs(), key=lambda p: p.pid):
+        with contextlib.suppress(psutil.Error):
+            if role := process_role(proc):
+                found.setdefault(role, []).append(proc)
+    return {f"{r} {i}": p for r, ps in sorted(found.items()) for i, p in enumerate(ps, 1)}
 
 
 def locust(port: int, data: Path, user: str, users: int, seconds: int, rate: float = 0):
@@ -130,9 +110,9 @@ def history(data: Path) -> list[tuple[int, int, int]]:
         ]
 
 
-def sample(stack: Stack, sockets: push.Holders, redis_servers: dict) -> dict:
+def sample(stack: common.Stack, sockets: push.Holders, redis_servers: dict) -> dict:
     row = {"time": time.time(), "load avg 1 min": round(os.getloadavg()[0], 1)}
-    for name, proc in stack.processes().items():
+    for name, proc in processes(stack).items():
         with contextlib.suppress(psutil.Error):
             row[f"{name} RSS MiB"] = proc.memory_info().rss / MIB
     for name, server in redis_servers.items():
@@ -145,17 +125,6 @@ def sample(stack: Stack, sockets: push.Holders, redis_servers: dict) -> dict:
         row["PostgreSQL connections"] = cursor.fetchone()[0]
     row["sockets open"] = len(sockets.ask("status")[0]["open"])
     return row
-
-
-def drain(timeout: float = 120) -> None:
-    """Until the counter pipeline and the broker's queues are empty."""
-    deadline = time.monotonic() + timeout
-    with app.connection_for_write() as conn:
-        broker = conn.default_channel.client
-        while sum(shard_lengths()) or broker.llen("default") + broker.llen("counters"):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the queues did not drain")
-            time.sleep(0.5)
 
 
 def check_data(acked: set[str], member_ids: list[int]) -> dict:
@@ -214,37 +183,28 @@ def markdown(args, r: dict) -> str:
     short = {k: k.replace(" RSS MiB", "").replace("used_memory ", "") for k in r["series"]}
     c = r["checks"]
     lines = common.header(
-        "Soak",
-        f"{r['machine']}; shared with other work",
-        f"Stack: `bin/stack.py {' '.join(Stack.names)}` (the Procfile). Probe: "
-        f"{r['capacity']:.1f} sends/s at saturation ({args.probe_users} locust users, no wait)."
-        f" Soak: {args.minutes} min at {args.load:.0%} of it, {r['target_rps']:.1f} tasks/s (a sync"
-        f" pull and its ack are one task; {r['requests'] / args.minutes / 60:.1f} requests/s)"
-        f" from {args.users} locust users in {args.groups} groups of {args.members}"
-        " (send 4 : unread 2 : sync pull+ack 2 : history 1 : "
-        f"mark read 1), {args.sockets} idle authenticated WebSockets. RSS and used_memory in "
-        f"MiB; requests and errors in the minute before the row.",
-    )
+        "Soak", r["machine"],
+        f"`bin/stack.py` ({', '.join(NAMES)}); probe {r['capacity']:.1f} sends/s; "
+        f"{args.minutes} min at {args.load:.0%} of it from {args.users} locust users, "
+        f"{args.sockets} idle WebSockets. MiB; requests and errors of the minute before the row.",
+    )  # fmt: skip
     rows = [
         [i, *(f"{row.get(k, float('nan')):.1f}" if "MiB" in k else row[k] for k in short),
          row["requests"], row["errors"]]
         for i, row in enumerate(r["minutes"])
     ]  # fmt: skip
-    lines += common.table(["min", *short.values(), "requests", "errors"], rows)
-    lines += ["", f"Growth over the last {r['window']} min (limit {args.limit_percent:g} %):", ""]
+    lines += [*common.table(["min", *short.values(), "requests", "errors"], rows), ""]
     rows = [
         [short[g["series"]], "n/a" if g["growth_pct"] is None else f"{g['growth_pct']:+.1f} %",
          "PASS" if g["pass"] else "FAIL"]
         for g in r["growth"]
     ]  # fmt: skip
-    lines += common.table(["series", "growth", "result"], rows)
+    lines += common.table([f"growth, last {r['window']} min", "growth", "result"], rows)
     lines.append(
-        f"\nRequests {r['requests']}, errors {r['errors']} (locust failures {r['failures']}, "
-        f"sockets lost {r['sockets_lost']}, 5xx {r['server_5xx']} of {r['access_lines']} lines "
-        f"in the server's access log, tracebacks logged {r['tracebacks']}). Sends "
-        f"answered {c['acked']}, stored {c['stored']}, lost {c['lost']}; conversations with "
-        f"last_seq off: {len(c['last_seq_off'])}; users whose unread counts differ from the "
-        f"truth after draining: {len(c['unread_off_users'])}. **{'PASS' if r['pass'] else 'FAIL'}**"
+        f"\nErrors {r['errors']} of {r['requests']} requests (locust {r['failures']}, sockets "
+        f"lost {r['sockets_lost']}, 5xx {r['server_5xx']}, tracebacks {r['tracebacks']}). Sends "
+        f"answered {c['acked']}, lost {c['lost']}; last_seq off {len(c['last_seq_off'])}, unread "
+        f"off {len(c['unread_off_users'])} users. **{'PASS' if r['pass'] else 'FAIL'}**"
     )
     return "\n".join(lines)
 
@@ -252,36 +212,34 @@ def markdown(args, r: dict) -> str:
 def soak(args, work: Path) -> dict:
     """Seed, start the stack and the sockets, probe, soak, drain, check; the raw results."""
     devices, idle_tokens, member_ids = seed(args)
-    stack, sockets = Stack(), None
-    try:
-        stack.wait_all()
+    env = {"FLOWER_PORT": common.free_port()}
+    with common.stack(common.procfile(*NAMES), **env) as stack:
         sockets = push.Holders(stack.port, 1)
-        failures = sockets.open(idle_tokens, range(len(idle_tokens)), 50)["reasons"]
-        servers = {"Redis": redis.Redis.from_url(common.ENV["REDIS_URL"]),
-                   "broker": redis.Redis(port=common.BROKER_PORT)}  # fmt: skip
-        probe, run = work / "probe.json", work / "soak.json"
-        probe.write_text(json.dumps({"tag": "probe", "devices": devices}))
-        run.write_text(json.dumps({"tag": "soak", "devices": devices}))
-        locust(stack.port, probe, "ProbeDevice", args.probe_users, args.probe_seconds).wait()
-        hist = history(probe)
-        start = next(h for h in hist if h[0] >= hist[0][0] + 5)
-        capacity = (hist[-1][1] - start[1]) / max(hist[-1][0] - start[0], 1)
-        seconds = args.minutes * 60
-        load = locust(stack.port, run, "SoakDevice", args.users, seconds, args.load * capacity)
-        t0, samples = time.time(), []
-        for k in range(seconds // args.sample_seconds + 1):
-            time.sleep(max(0.0, t0 + k * args.sample_seconds - time.time()))
-            samples.append(sample(stack, sockets, servers))
-        load.wait()
-        sockets_open = len(sockets.ask("status")[0]["open"])
-        sockets.stop()
-        drain()
+        try:
+            failures = sockets.open(idle_tokens, range(len(idle_tokens)), 50)["reasons"]
+            servers = {"Redis": redis.Redis.from_url(common.ENV["REDIS_URL"]),
+                       "broker": redis.Redis(port=common.BROKER_PORT)}  # fmt: skip
+            probe, run = work / "probe.json", work / "soak.json"
+            probe.write_text(json.dumps({"tag": "probe", "devices": devices}))
+            run.write_text(json.dumps({"tag": "soak", "devices": devices}))
+            locust(stack.port, probe, "ProbeDevice", args.probe_users, args.probe_seconds).wait()
+            hist = history(probe)
+            start = next(h for h in hist if h[0] >= hist[0][0] + 5)
+            capacity = (hist[-1][1] - start[1]) / max(hist[-1][0] - start[0], 1)
+            seconds = args.minutes * 60
+            load = locust(stack.port, run, "SoakDevice", args.users, seconds, args.load * capacity)
+            t0, samples = time.time(), []
+            for k in range(seconds // args.sample_seconds + 1):
+                time.sleep(max(0.0, t0 + k * args.sample_seconds - time.time()))
+                samples.append(sample(stack, sockets, servers))
+            load.wait()
+            sockets_open = len(sockets.ask("status")[0]["open"])
+        finally:
+            sockets.stop()
+        common.drain(120)
         acked = {line for f in work.glob("*.acked") for line in f.read_text().split()}
         checks = check_data(acked, member_ids)
-    finally:
-        if sockets:
-            sockets.stop()
-        log = stack.stop(group=False)  # bin/stack.py stops its processes, as for `make run`
+    log = stack.output
     return {
         "capacity": capacity, "samples": samples, "history": history(run), "checks": checks,
         "sockets_open": sockets_open, "socket_failures": failures,
