@@ -29,36 +29,27 @@ def per_node(before, after, seconds: float, n: int) -> list[dict]:
 
 
 def run(store: str, ports: list[int], args) -> dict:
-    from delivery.pipeline import shard_lengths
-    from imcore import services
-    from imcore.models import Conversation, User
-
     common.reset_data()
     ids = common.make_users(args.members, f"{store}-s1")
     s1 = storm.make_group("pipeline", ids)
     pair = storm.make_group("pipeline", common.make_users(2, f"{store}-pair"), reconcile=False)
     out = {"store": store}
     with storm.stack("pipeline", senders=1) as (procs, pool):
-        before, cpu0, t0 = snapshot(ports), sum(p.cpu() for p in procs), time.time()
+        before, cpu0, t0 = snapshot(ports), procs.cpu(), time.time()
         start = time.perf_counter() + 0.3
         [(sent, sender_cpu)] = pool.starmap(
             storm.send, [([(s1.conversation_id, s1.sender_id)], 10, args.seconds, start, False)]
         )
-        deadline = time.monotonic() + storm.DRAIN_TIMEOUT_S
-        while any(shard_lengths()) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        common.drain(storm.DRAIN_TIMEOUT_S)
         time.sleep(1.5)  # the last batch's apply
         window, n = time.time() - t0, len(sent)
         out["storm"] = {
             "messages": n, "nodes": per_node(before, snapshot(ports), window, n),
-            "worker_cpu_ms_per_msg": (sum(p.cpu() for p in procs) - cpu0) * 1000 / n,
+            "worker_cpu_ms_per_msg": (procs.cpu() - cpu0) * 1000 / n,
             "sender_cpu_ms_per_msg": sender_cpu * 1000 / n,
         }  # fmt: skip
-    conv = Conversation.objects.get(pk=pair.conversation_id)
-    sender = User.objects.get(pk=pair.sender_id)
     before, cpu0, t0 = snapshot(ports), time.process_time(), time.time()
-    for i in range(args.sends):
-        services.message_send(sender=sender, conversation=conv, body="x", client_msg_id=f"p{i}")
+    common.send_messages(pair.conversation_id, [pair.sender_id], args.sends, "p")
     window = time.time() - t0
     out["send"] = {
         "messages": args.sends, "per_s": args.sends / window,

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
 common.django_setup()  # the imports below need Django's settings
+from django.conf import settings
 from django.db import connection
 
 from counters.services import counters_reconcile
@@ -159,19 +160,17 @@ def setup(n_users: int, members: int) -> dict:
     return {"sender": sender, "conversation": conversation, "tokens": tokens, "members": members}
 
 
-def start_server() -> common.Proc:
-    return common.server(
-        "{python} -m uvicorn imcore.asgi:application --port {port} --log-level warning "
-        "--ws-ping-interval 20 --ws-ping-timeout 20"
-    )
+SERVER = (
+    "uvicorn imcore.asgi:application --host 127.0.0.1 --port $IMCORE_PORT --log-level warning "
+    "--ws-ping-interval 20 --ws-ping-timeout 20"
+)
 
 
-def snapshot(server: common.Proc, idle_s: float) -> dict:
+def snapshot(server: common.Stack, idle_s: float) -> dict:
     """Idle ``idle_s`` seconds: the server's CPU over them, then its RSS, threads and fds."""
     cpu0, t0 = server.cpu(), time.perf_counter()
     time.sleep(idle_s)
-    cpu, wall = server.cpu() - cpu0, time.perf_counter() - t0
-    p = server.proc
+    cpu, wall, p = server.cpu() - cpu0, time.perf_counter() - t0, server.find("uvicorn")
     return {"rss": server.rss(), "idle_cpu_pct": 100 * cpu / wall, "threads": p.num_threads(),
             "fds": p.num_fds()}  # fmt: skip
 
@@ -242,7 +241,7 @@ IDLE_HEAD = ["sockets", "opened in s", "failed (after a retry)", "server RSS MiB
              "server CPU idle, % of a core", "threads", "fds", "holder RSS MiB"]  # fmt: skip
 
 
-def report(steps: list[dict], lat: dict, args, description: str) -> str:
+def report(steps: list[dict], lat: dict, args) -> str:
     rows = []
     for s in steps:
         rows.append([
@@ -257,9 +256,8 @@ def report(steps: list[dict], lat: dict, args, description: str) -> str:
         "",
         *common.table(IDLE_HEAD, rows),
         "",
-        f"Server: {description}. Idle CPU over {args.idle_seconds:g} s after each step (one "
-        "period of pings and presence refreshes); KiB / socket = RSS growth since 0 sockets / "
-        "sockets." + (f" Failed handshakes: {reasons}." if reasons else ""),
+        f"Idle CPU over {args.idle_seconds:g} s after each step; KiB / socket: RSS growth "
+        "since 0 sockets / sockets." + (f" Failed handshakes: {reasons}." if reasons else ""),
         "",
         f"### 2. Delivery latency: commit → frame at the device, {args.members:,} devices online "
         f"in one group, messages {args.interval:g} s apart",
@@ -269,12 +267,14 @@ def report(steps: list[dict], lat: dict, args, description: str) -> str:
     for name, rs in lat.items():
         rows.append([
             name, f"{len(rs)} x {rs[0]['messages']}",
-            *(common.spread([r[k] for r in rs], "{:.0f}") for k in ("p50_ms", "p99_ms", "max_ms")),
+            *(common.spread(f"{name} {k[:-3]} ms", [r[k] for r in rs], "{:.0f}")
+              for k in ("p50_ms", "p99_ms", "max_ms")),
             f"{sum(r['missing'] for r in rs):,} of {sum(r['expected'] for r in rs):,}",
             sum(r["duplicates"] for r in rs),
-            *(common.spread([r[k] for r in rs]) for k in ("send_ms", "drain_ms", "server_cpu_s")),
+            *(common.spread(f"{name} {k.replace('_', ' ')}", [r[k] for r in rs])
+              for k in ("send_ms", "drain_ms", "server_cpu_s")),
         ])  # fmt: skip
-    head = ["pipeline", "runs x messages", "p50 ms", "p99 ms", "max ms", "missing", "duplicates"]
+    head = ["path", "runs x messages", "p50 ms", "p99 ms", "max ms", "missing", "duplicates"]
     lines += common.table([*head, "message_send ms", "drain ms", "server CPU s / run"], rows)
     return "\n".join(lines)
 
@@ -291,6 +291,19 @@ def plot(steps: list[dict]) -> str:
     return common.save_figure(fig, "push")
 
 
+def channel_group(data: dict) -> dict:
+    """The same members in a group of their own in channel mode, their sockets reopened so
+    they follow it."""
+    settings.LARGE_GROUP_MIN_MEMBERS, before = 2, settings.LARGE_GROUP_MIN_MEMBERS
+    ids = list(User.objects.order_by("pk").values_list("pk", flat=True)[: data["members"]])
+    conversation, _ = services.conversation_create(
+        creator=data["sender"], kind="group", member_ids=ids, title="push channel"
+    )
+    settings.LARGE_GROUP_MIN_MEMBERS = before
+    counters_reconcile(user_ids=ids)
+    return data | {"conversation": conversation}
+
+
 def main() -> None:
     args = common.parse(
         __doc__, QUICK, steps=[0, 1000, 2000, 4000],
@@ -302,41 +315,39 @@ def main() -> None:
     )  # fmt: skip
     args.steps = sorted(set(args.steps) | {0})
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the server and holders inherit
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the holders inherit it
+    lat, members = {}, list(range(args.members))
     with common.section():
         machine = common.machine()
         data = setup(max(*args.steps, args.members), args.members)
-        server, holders, lat = start_server(), None, {}
-        try:
+        with common.stack({"server": SERVER}) as server:
             holders = Holders(server.port, args.clients)
-            steps = measure_idle(server, holders, data["tokens"], args)
-            held = max(s["sockets"] for s in steps)
-            holders.ask("close", idx=list(range(args.members, held)))
-            status = holders.ask("status")
-            missing = sorted(set(range(args.members)) - {i for s in status for i in s["open"]})
-            holders.open(data["tokens"], missing, args.concurrency)
-            run = (data, holders, server, args.messages, args.interval)
-            lat["drain after each send, here (no Timer)"] = [
-                latency(*run, drain=True) for _ in range(args.runs)
-            ]
-            if not args.no_celery:
-                procs = common.start_worker()
-                try:
-                    lat["Celery worker + beat (Timer)"] = [
-                        latency(*run, drain=False) for _ in range(args.runs)
-                    ]
-                finally:
-                    for p in procs:
-                        p.stop()
-        finally:
-            if holders:
+            try:
+                steps = measure_idle(server, holders, data["tokens"], args)
+                holders.ask("close", idx=list(range(max(s["sockets"] for s in steps))))
+                holders.open(data["tokens"], members, args.concurrency)
+                run = (holders, server, args.messages, args.interval)
+                lat["pipeline, drained after each send here"] = [
+                    latency(data, *run, drain=True) for _ in range(args.runs)
+                ]
+                if not args.no_celery:
+                    with common.stack(common.WORKER, http=False):
+                        lat["pipeline, Celery worker + beat (Timer)"] = [
+                            latency(data, *run, drain=False) for _ in range(args.runs)
+                        ]
+                channel = channel_group(data)
+                holders.ask("close", idx=members)
+                holders.open(data["tokens"], members, args.concurrency)
+                lat["channel mode (the send's own relay)"] = [
+                    latency(channel, *run, drain=False) for _ in range(args.runs)
+                ]
+            finally:
                 holders.stop()
-            server.stop()
-    description = f"`{' '.join(server.proc.args[1:])}`"
-    lines = common.header("Push benchmark (live sync over WebSocket)", machine)
-    lines += [report(steps, lat, args, description), "", plot(steps)]
-    data = {"args": vars(args), "idle": steps, "latency": lat}
-    common.write_results("push", "\n".join(lines), data)
+    lines = common.header("Push: live sync over WebSocket", machine, f"Server: `{SERVER}`.")
+    lines += [report(steps, lat, args), "", plot(steps)]
+    common.write_results(
+        "push", "\n".join(lines), {"args": vars(args), "idle": steps, "latency": lat}
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """``make bench-storm``: a large group's messages through channel mode, the aggregation pipeline
 and the per-message fan-out (issue 13): cost per message by group size, commit -> unread
-visible, the ceiling in groups, commit -> live delivery. README, Benchmarks, says more."""
+visible, the ceiling in groups (commit -> live delivery is in push.py). README, Benchmarks."""
 
 import contextlib
 import multiprocessing
@@ -32,7 +32,7 @@ from imcore.models import Conversation, User
 
 QUICK = (  # --quick: smoke sizes, one run each
     "--sizes 500,5000 --seconds 2 --latency-seconds 3 --members 500 --max-groups 2 "
-    "--step-seconds 2 --senders 2 --live 100 --live-messages 3"
+    "--step-seconds 2 --senders 2"
 )
 
 # The Redis server of the counters, sync and channel layer: its INFO is what the figures count.
@@ -65,15 +65,14 @@ def stack(path: str, senders: int):
     """A Celery worker and beat for ``path``, and ``senders`` sender processes (spawned: a
     forked one would share the parent's pooled PostgreSQL connections)."""
     settings.DELIVERY_WRITE_PATH = "fanout" if path == "fanout" else "pipeline"
-    procs = common.start_worker(DELIVERY_WRITE_PATH=settings.DELIVERY_WRITE_PATH)
+    env = {"DELIVERY_WRITE_PATH": settings.DELIVERY_WRITE_PATH}
     ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(senders, initializer=sender_setup, initargs=(settings.DELIVERY_WRITE_PATH,))
-    try:
-        yield procs, pool
-    finally:
-        pool.terminate()
-        for proc in procs:
-            proc.stop()
+    with common.stack(common.WORKER, http=False, settle=2.5, **env) as workers:
+        pool = ctx.Pool(senders, initializer=sender_setup, initargs=(settings.DELIVERY_WRITE_PATH,))
+        try:
+            yield workers, pool
+        finally:
+            pool.terminate()
 
 
 def sender_setup(write_path: str) -> None:
@@ -191,7 +190,7 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     for port in (COUNTERS_PORT, common.BROKER_PORT):
         redis.Redis(port=port).config_resetstat()
     info0 = [common.redis_info(p) for p in (COUNTERS_PORT, common.BROKER_PORT)]
-    cpu0 = [sum(p.cpu() for p in procs), machine_busy()]
+    cpu0 = [procs.cpu(), machine_busy()]
     start = time.perf_counter() + 0.3
     pairs = [[(g.conversation_id, g.sender_id) for g in c] for c in chunks]
     work = [(p, rate, seconds, start, direct) for p in pairs]
@@ -214,7 +213,7 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     idle = time.perf_counter() - sent_at
     window = time.perf_counter() - start
     info1 = [common.redis_info(p) for p in (COUNTERS_PORT, common.BROKER_PORT)]
-    cpu1 = [sum(p.cpu() for p in procs), machine_busy()]
+    cpu1 = [procs.cpu(), machine_busy()]
     counted = calls(COUNTERS_PORT) - own - seen_cost
     broker = calls(common.BROKER_PORT) - own_broker
     n = len(commits)
@@ -315,28 +314,6 @@ def ceiling_row(r: dict) -> list:
     ]  # fmt: skip
 
 
-def live_phase(args) -> dict:
-    """Commit -> live delivery: ``--live`` members of one channel-mode group online (one
-    device and socket each, ``bench/push.py``'s server and socket holders); a member sends
-    ``--live-messages`` messages; no Celery: the relay is the send's own."""
-
-    from bench import push
-
-    settings.LARGE_GROUP_MIN_MEMBERS = 2  # push.setup's group starts in channel mode
-    live = push.setup(args.live, args.live)
-    server, holders = push.start_server(), None
-    try:
-        holders = push.Holders(server.port, 2)
-        opened = holders.open(live["tokens"], range(args.live), concurrency=100)
-        r = push.latency(live, holders, server, args.live_messages, args.live_interval, drain=False)
-    finally:
-        if holders:
-            holders.stop()
-        server.stop()
-    print(f"  live: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms", flush=True)
-    return r | {"opened": opened["opened"]}
-
-
 def plot(runs: list[dict], ceiling: dict, members: int) -> str:
     fig, (cost, lat) = common.figure("storm", "Storm: cost per message; latency against groups", 2)
     for path, label in PATHS.items():
@@ -359,6 +336,19 @@ def plot(runs: list[dict], ceiling: dict, members: int) -> str:
     return common.save_figure(fig, "storm")
 
 
+COST_ROWS = [  # the one-group table: (row, key, format)
+    ("messages sent", "messages", "{:,.0f}"),
+    ("Redis commands / message (counters, sync, channel layer)", "cmds_per_msg", "{:,.1f}"),
+    ("of which script calls (EVALSHA) / message", "evalsha_per_msg", "{:,.1f}"),
+    ("broker commands / message", "broker_per_msg", "{:,.1f}"),
+    ("commit → unread visible p50 ms", "p50_ms", "{:,.0f}"),
+    ("commit → unread visible p99 ms", "p99_ms", "{:,.0f}"),
+    ("all work done after the last send, s", "idle_s", "{:.1f}"),
+]
+CEILING_HEAD = ["groups", "sent/s (target)", "p50 / p99 ms", "idle after s", "peak queue",
+                "CPU s: senders / Redis / workers / rest", "machine busy", "verdict"]  # fmt: skip
+
+
 def main() -> None:
     args = common.parse(
         __doc__, QUICK,
@@ -369,89 +359,48 @@ def main() -> None:
         fanout_budget=(150_000, "fan-out: messages x members a run"),
         senders=(4, "sender processes in the ceiling"),
         members=(5000, "members of a ceiling group"), step_seconds=5.0, max_groups=128,
-        no_ceiling=False, live=(1000, "devices online in the live phase (0: none)"),
-        live_messages=20, live_interval=(0.5, "seconds between live messages"),
+        no_ceiling=False,
     )  # fmt: skip
     paths = args.paths
     if not paths or set(paths) - set(PATHS):
         sys.exit(f"--paths takes some of {', '.join(PATHS)}")
-    began = time.perf_counter()
-    common.setup_django()
-    interval = settings.COUNTERS_FLUSH_INTERVAL
-    lines = common.header(
-        "Storm benchmark: channel mode, pipeline, fan-out",
-        common.machine(),
-        f"Stack: 1 Celery worker (prefork, 2 processes) + beat; pipeline: "
-        f"{settings.COUNTERS_SHARDS} shards, Timer {interval:g} s; strategy "
-        f"`{settings.COUNTERS_STRATEGY}`. Sends: `message_send` in-process (no HTTP), "
-        f"{args.rate:g} messages/s per group. Machine busy is all of its CPU (psutil).",
-    )
-    runs = cost_phase(args, paths, stack)
-    by = {(r["path"], r["members"]): r for r in runs}
-    rows = []
-    for label, key, fmt in [
-        ("messages sent", "messages", "{:,.0f}"),
-        ("Redis commands / message (counters, sync, channel layer)", "cmds_per_msg", "{:,.1f}"),
-        ("of which script calls (EVALSHA) / message", "evalsha_per_msg", "{:,.1f}"),
-        ("broker commands / message", "broker_per_msg", "{:,.1f}"),
-        ("commit → unread visible p50 ms", "p50_ms", "{:,.0f}"),
-        ("commit → unread visible p99 ms", "p99_ms", "{:,.0f}"),
-        ("all work done after the last send, s", "idle_s", "{:.1f}"),
-    ]:
-        for path in paths:
-            cells = [fmt.format(by[path, s][key]) if (path, s) in by else "-" for s in args.sizes]
-            rows.append([f"{label}: {PATHS[path]}", *cells])
-    channel = by.get(("channel", LATENCY_SIZE)) or next(r for r in runs)
-    lines += [
-        "## One group: cost per message and commit → unread visible",
-        "",
-        *common.table(["path", *(f"{s:,} members" for s in args.sizes)], rows),
-        "",
-        f"Commands: INFO commandstats deltas until the write path is idle (inside scripts "
-        f"included, the observer's taken out). Latency: one member polls `counters_get` every "
-        f"~2 ms. {PATHS[channel['path']]} at {channel['members']:,} members, commands per message: "
-        + ", ".join(f"{k} {v:g}" for k, v in channel["by_command"].items())
-        + ".",
-        "",
-    ]
-    data = {"machine": lines[2], "args": vars(args), "runs": runs, "ceiling": {}}
-    if not args.no_ceiling:
+    with common.section():
+        interval = settings.COUNTERS_FLUSH_INTERVAL
+        lines = common.header(
+            "Storm: channel mode, pipeline, fan-out", common.machine(),
+            f"1 Celery worker (prefork, 2) + beat; {settings.COUNTERS_SHARDS} shards, Timer "
+            f"{interval:g} s; in-process `message_send`, {args.rate:g} messages/s per group.",
+        )  # fmt: skip
+        runs = cost_phase(args, paths, stack)
+        by = {(r["path"], r["members"]): r for r in runs}
+        rows = [
+            [f"{label}: {PATHS[path]}",
+             *(fmt.format(by[path, n][key]) if (path, n) in by else "-" for n in args.sizes)]
+            for label, key, fmt in COST_ROWS
+            for path in paths
+        ]  # fmt: skip
         lines += [
-            f"## Ceiling: groups of {args.members:,} members at {args.rate:g} messages/s each",
+            "## One group: cost per message and commit → unread visible",
             "",
-            f"{args.senders} sender processes; {args.step_seconds:g} s a step. Keeps up: p99 ≤ 1 "
-            "s, no queue growth, senders on time. CPU s: senders / Redis / worker+beat / the rest.",
+            *common.table(["path", *(f"{n:,} members" for n in args.sizes)], rows),
+            "",
+            "Commands: INFO commandstats until the write path is idle; latency: a member polls "
+            "`counters_get` every ~2 ms.",
         ]
-        head = ["groups", "sent/s (target)", "p50 / p99 ms", "idle after s", "peak queue"]
-        head += ["CPU s", "machine busy", "verdict"]
-        for path in [p for p in ("channel", "pipeline") if p in paths]:
+        data = {"machine": lines[2], "args": vars(args), "runs": runs, "ceiling": {}}
+        for path in [p for p in ("channel", "pipeline") if p in paths and not args.no_ceiling]:
             for how, steps in ceiling_phase(args, path, stack, interval).items():
                 name = f"{PATHS[path]}, " + ("message_send" if how == "send" else "committed alone")
                 strict, loose = best(steps, set()), best(steps, {"p99 > 1 s"})
                 data["ceiling"][name] = {"steps": steps, "best": strict, "drains": loose}
-                lines += ["", f"{name}:", "", *common.table(head, [ceiling_row(r) for r in steps])]
-                lines += ["", f"Kept up with {strict} group(s); without queue growth: {loose}."]
-    if args.live:
-        r = data["live"] = live_phase(args)
-        lines += [
-            "",
-            f"## Commit → live delivery, channel mode, {r['opened']:,} devices online",
-            "",
-            f"{r['messages']} messages {args.live_interval:g} s apart; delivered "
-            f"{r['delivered']:,} of {r['expected']:,}: p50 {r['p50_ms']:.0f} ms, p99 "
-            f"{r['p99_ms']:.0f} ms, max {r['max_ms']:.0f} ms; {r['duplicates']} duplicates; "
-            f"uvicorn CPU {r['server_cpu_s']:.1f} s.",
-        ]
-    data["elapsed_s"] = elapsed = time.perf_counter() - began
-    lines += [
-        "",
-        f"Total run time: {elapsed / 60:.1f} min.",
-        "",
-        plot(runs, data["ceiling"], args.members),
-    ]
+                lines += ["", f"## Ceiling, {name}: groups of {args.members:,} at {args.rate:g} "
+                          f"messages/s, {args.step_seconds:g} s a step", ""]  # fmt: skip
+                lines += common.table(CEILING_HEAD, [ceiling_row(r) for r in steps])
+                lines += ["", f"Keeps up (p99 ≤ 1 s, no queue growth, senders on time) with "
+                          f"{strict} group(s); without queue growth: {loose}."]  # fmt: skip
+    lines += ["", plot(runs, data["ceiling"], args.members)]
     common.write_results("storm", "\n".join(lines), data)
 
 
 if __name__ == "__main__":
-    with common.broker_stopped_after():
-        main()
+    main()

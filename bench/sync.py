@@ -5,10 +5,10 @@ writes of one message to a big group, PostgreSQL writes per 1,000 acks."""
 import contextlib
 import datetime
 import json
+import statistics
 import sys
 import threading
 import time
-import timeit
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from django.utils import timezone
 from counters.services import counters_reconcile
 from delivery.pipeline import delivery_drain
 from imcore import services
-from imcore.models import Conversation, Device, User
+from imcore.models import Device, User
 from offline import keys, store
 from offline.services import offline_flush_acks, offline_prepare_device, offline_record_messages
 
@@ -81,17 +81,6 @@ class Http(requests.Session):
         return r.json(), len(r.content), Counter(json.loads(r.headers[SQL_HEADER]))
 
 
-def send_messages(conversation_id: int, sender_ids: list[int], n: int, tag: str) -> None:
-    conversation = Conversation.objects.get(pk=conversation_id)
-    senders = [User.objects.get(pk=uid) for uid in sender_ids]
-    for i in range(n):
-        body = f"{tag} message {i}: " + "lorem ipsum dolor sit amet " * 2
-        sender, cmid = senders[i % len(senders)], f"{tag}-{conversation_id}-{i}"
-        services.message_send(
-            sender=sender, conversation=conversation, body=body, client_msg_id=cmid
-        )
-
-
 def sync_state(user_id: int) -> dict[str, int]:
     raw = store.client().hgetall(keys.state(user_id))
     return {k: int(raw[k]) for k in ("cur", "floor", "bound") if k in raw}
@@ -111,7 +100,7 @@ def setup(args) -> dict:
     reader = ids[1]
     joined = sync_state(reader)["cur"]
     others = [uid for uid in ids if uid != reader]
-    send_messages(conversation.pk, others, args.catchup_messages, "catchup")
+    common.send_messages(conversation.pk, others, args.catchup_messages, "catchup")
     delivery_drain()
     out["catchup"] = {
         "device": common.make_devices([reader], acked_version=joined)[0],
@@ -127,7 +116,7 @@ def setup(args) -> dict:
         conversation, _ = services.conversation_create(
             creator=user, kind="direct", member_ids=[partner]
         )
-        send_messages(conversation.pk, [partner], args.gap_messages, "gap")
+        common.send_messages(conversation.pk, [partner], args.gap_messages, "gap")
     counters_reconcile(user_ids=[gap_user, *partners])
     delivery_drain()
     state = sync_state(gap_user)
@@ -213,7 +202,9 @@ def measure_pulls(http: Http, data: dict, since: int, limits: list[int], args) -
         for limit in limits:
             s = run_pulls(http, data["device"], since, limit, mode, args.runs)
             out.append(s | {"expected_round_trips": -(-n // limit) if n else 1})
-            print(f"  since={since} {mode} limit={limit}: {common.spread(s['ms'])} ms", flush=True)
+            print(
+                f"  since={since} {mode} limit={limit}: {common.median(s['ms']):.0f} ms", flush=True
+            )
     return out
 
 
@@ -267,10 +258,10 @@ def measure_entry_writes(data: dict, args) -> dict:
     out = []
     try:
         for name, fn, k, trips in paths:
-            secs = [t / k for t in timeit.repeat(fn, number=1, repeat=args.runs + 1)[1:]]
-            ms, rate = [t * 1000 for t in secs], [n / t for t in secs]
+            ms = common.timed(f"entry writes: {name} ms", fn, args.runs, per=k)
+            rate = [n / t * 1000 for t in ms]
             out.append({"path": name, "ms": ms, "versions_per_s": rate, "round_trips": trips})
-            print(f"  {name}: {common.spread(ms)} ms", flush=True)
+            print(f"  {name}: {common.median(ms):.1f} ms", flush=True)
     finally:
         with connection.cursor() as cursor:
             cursor.execute(f"DROP TABLE {table}")
@@ -392,90 +383,68 @@ def checks(res: dict, args) -> list[str]:
 def tables(res: dict, args) -> list[str]:
     catchup, gap, w, a = res["catchup"], res["gap"], res["writes"], res["acks"]
 
-    def prep(s: dict) -> str:
-        return common.spread(s["prepare_ms"]) if s["prepare_ms"] else "-"
+    def ms(s: dict, what: str = "ms") -> str:
+        name = f"{s.get('behind', s['mode'])} limit={s['limit']} {what}"
+        return common.spread(name, s[what.replace(" ", "_")]) if s[what.replace(" ", "_")] else "-"
 
     rows = [
         [s["mode"], s["limit"], f"{one(s['round_trips'])} ({s['expected_round_trips']})",
-         one(s["entries"]), common.spread(s["ms"]),
-         f"{common.median(s['ms']) / s['round_trips'][0]:.1f}", one(s["sql"]), f"{s['kb']:.0f}",
-         prep(s)]
-        for s in catchup["results"]
+         one(s["entries"]), ms(s), one(s["sql"]), f"{s['kb']:.0f}", ms(s, "prepare ms")]
+        for s in catchup["results"] + gap["results"]
     ]  # fmt: skip
     lines = [
-        f"### 1. Catch-up: a device {catchup['entries_behind']:,} entries behind "
-        f"({args.catchup_messages:,} messages to a group of {args.group_members})",
+        f"### 1. Catch-up ({catchup['entries_behind']:,} entries behind) and gap (since=0 behind "
+        f"the floor {gap['state']['floor']:,}, {args.gap_conversations} conversations): the "
+        "last rows",
         "",
         *common.table(["package", "limit", "round trips (expected)", "entries", "total ms",
-                       "ms / round trip", "server SQL queries", "response KB", "prepare ms"], rows),
+                       "server SQL queries", "response KB", "prepare ms"], rows),
         "",
         "Cold, against entries behind: "
-        + ", ".join(f"{s['behind']:,}: {common.spread(s['ms'])} ms" for s in res["sweep"]) + ".",
+        + ", ".join(f"{s['behind']:,}: {ms(s)} ms" for s in res["sweep"]) + ".",
         "",
-        f"### 2. Gap: since=0 behind the floor ({gap['state']['floor']:,}; latest "
-        f"{gap['state']['cur']:,}), {args.gap_conversations} conversations x "
-        f"{args.gap_messages} messages",
+        f"### 2. Versions for one message to a {w['members']:,}-member group",
         "",
-    ]  # fmt: skip
-    rows = [
-        [s["mode"], one(s["round_trips"]), one(s["conversations"]), common.spread(s["ms"]),
-         one(s["sql"]), f"{s['kb']:.0f}", prep(s)]
-        for s in gap["results"]
-    ]  # fmt: skip
-    lines += common.table(["snapshot", "round trips", "conversations", "total ms",
-                           "server SQL queries", "response KB", "prepare ms"], rows)  # fmt: skip
-    rows = [
-        [p["path"], common.spread(p["ms"]), f"{common.median(p['versions_per_s']):,.0f}",
-         p["round_trips"]]
-        for p in w["paths"]
-    ]  # fmt: skip
-    lines += [
+        *common.table(["path", "ms / message", "versions / s", "round trips to the store"], [
+            [p["path"], common.spread(f"entry writes: {p['path']} ms", p["ms"]),
+             f"{common.median(p['versions_per_s']):,.0f}", p["round_trips"]] for p in w["paths"]
+        ]),
         "",
-        f"### 3. Versions for one message to a {w['members']:,}-member group",
-        "",
-        *common.table(["path", "ms / message", "versions (entries) / s",
-                       "round trips to the store"], rows),
-        "",
-        f"### 4. PostgreSQL writes per {a['runs'][0]['acks']:,} acks ({args.ack_devices} devices x "
-        f"{args.acks_per_device} acks over HTTP, round-robin; fresh devices each run)",
+        f"### 3. PostgreSQL writes per {a['runs'][0]['acks']:,} acks ({args.ack_devices} devices x "
+        f"{args.acks_per_device} acks over HTTP, fresh devices each run)",
         "",
     ]  # fmt: skip
     rows = []
     for interval in dict.fromkeys(r["flush_interval_s"] for r in a["runs"]):
         mine = [r for r in a["runs"] if r["flush_interval_s"] == interval]
-        col = lambda k, mine=mine: common.spread([r[k] for r in mine], "{:.0f}")  # noqa: E731
+
+        def col(k: str, mine=mine, i=interval) -> str:
+            return common.spread(f"acks {i:g} s {k}", [r[k] for r in mine], "{:.0f}")
+
         rows.append([
-            f"every {interval:g} s (as beat) + once after" if interval else "once, after the last",
-            col("acks"), common.spread([r["http_ms"] / 1000 for r in mine], "{:.2f}"),
-            col("flush_calls"), col("ack_updates"), col("ack_rows"),
+            f"every {interval:g} s + once after" if interval else "once, after the last",
+            col("acks"), col("http_ms"), col("flush_calls"), col("ack_updates"), col("ack_rows"),
             f"{col('last_seen_updates')} ({col('last_seen_rows')})", col("other_server_updates"),
             col("server_queries"),
         ])  # fmt: skip
-    lines += common.table(["ack flush", "acks sent", "HTTP s", "flushes run",
-                           "flush UPDATE statements (acks + last seen)", "rows they updated",
+    lines += common.table(["ack flush", "acks sent", "HTTP ms", "flushes run",
+                           "flush UPDATEs (acks + last seen)", "rows they updated",
                            "UPDATEs from the requests (rows)", "other UPDATEs",
                            "server SQL queries"], rows)  # fmt: skip
     problems = checks(res, args)
-    lines += [
+    counted = sum(r["ack_rows"] + r["last_seen_rows"] for r in a["runs"])
+    return [
+        *lines,
         "",
-        f"pg_stat_user_tables.n_tup_upd of imcore_device over the runs: "
-        f"{a['pg_stat_n_tup_upd']:,} (counted: "
-        f"{sum(r['ack_rows'] + r['last_seen_rows'] for r in a['runs']):,}).",
-        "",
-        "Checks: " + ("; ".join(problems) if problems else "all passed (entries, round trips, "
-        "order, bodies, snapshots, acked versions)."),
-        "",
-        f"Settings: SYNC_PAGE_MAX {settings.SYNC_PAGE_MAX}, OFFLINE_MAX_ENTRIES "
-        f"{settings.OFFLINE_MAX_ENTRIES}, SYNC_ACK_FLUSH_INTERVAL_S "
-        f"{settings.SYNC_ACK_FLUSH_INTERVAL_S}.",
-    ]  # fmt: skip
-    return lines
+        f"n_tup_upd of imcore_device: {a['pg_stat_n_tup_upd']:,} (counted {counted:,}). Checks: "
+        + ("; ".join(problems) if problems else "all passed."),
+    ]
 
 
 def plot(sweep: list[dict]) -> str:
     fig, (ax,) = common.figure("sync", "Catch-up: one device pulls until has_more is false")
     xs = [s["behind"] for s in sweep]
-    ax.plot(xs, [common.median(s["ms"]) for s in sweep], marker="o", label="cold, median")
+    ax.plot(xs, [statistics.median(s["ms"]) for s in sweep], marker="o", label="cold, median")
     ax.fill_between(xs, [min(s["ms"]) for s in sweep], [max(s["ms"]) for s in sweep], alpha=0.2)
     ax.set(xlabel="entries behind (count)", ylabel="catch-up time (ms)", ylim=(0, None))
     return common.save_figure(fig, "sync")
@@ -490,16 +459,15 @@ def main() -> None:
         ack_flush_interval=(-1.0, "seconds between ack flushes while acks arrive (0: one flush "
                             "after the last ack; -1: both SYNC_ACK_FLUSH_INTERVAL_S and 0)"),
     )  # fmt: skip
+    gunicorn = (
+        "gunicorn bench.sync:counted_wsgi --bind 127.0.0.1:$IMCORE_PORT --workers 2 --threads 4"
+    )
     with common.section():
         print("setting up…", flush=True)
-        data = setup(args)
+        data, res = setup(args), {}
         connection.close()  # not held open across the server's start
-        server = common.server(
-            "{python} -m gunicorn bench.sync:counted_wsgi --bind 127.0.0.1:{port} --workers 2 "
-            "--threads 4 --log-level warning"
-        )
-        http, res = Http(server.port), {}
-        try:
+        with common.stack({"server": f"{gunicorn} --log-level warning"}) as server:
+            http = Http(server.port)
             machine = common.machine()
             n = data["catchup"]["state"]["cur"] - data["catchup"]["since"]
             limits = [settings.SYNC_PAGE_MAX, 200]
@@ -510,11 +478,8 @@ def main() -> None:
             res["gap"] = {"state": data["gap"]["state"], "results": gap}
             res["writes"] = measure_entry_writes(data["big"], args)
             res["acks"] = measure_acks(http, data["ack"], data["big"], args)
-        finally:
             http.close()
-            server.stop()
-    server = "Server: gunicorn `bench.sync:counted_wsgi`, 2 workers x 4 threads."
-    lines = common.header("Sync benchmark", machine, server, f"Figures: median of {args.runs}.")
+    lines = common.header("Sync", machine, f"`{gunicorn}`; median (min..max) of {args.runs}.")
     lines += [*tables(res, args), "", plot(res["sweep"])]
     common.write_results("sync", "\n".join(lines), {"args": vars(args), **res})
 
