@@ -20,12 +20,13 @@ from bench.storm import COUNTERS_PORT, calls, make_group
 QUICK = "--members 200"
 
 
-def measure(fn) -> tuple[float, int]:
-    """(ms, Redis commands) of ``fn()``."""
+def measure(name: str, fn) -> tuple[float, int]:
+    """(ms, Redis commands) of ``fn()``; the ms recorded as ``name``."""
     redis.Redis(port=COUNTERS_PORT).config_resetstat()
     started = time.perf_counter()
     fn()
     ms = (time.perf_counter() - started) * 1000
+    common.record(name, [ms])
     return ms, sum(calls(COUNTERS_PORT).values())
 
 
@@ -44,24 +45,14 @@ def run(path: str, members: int) -> list:
         delivery_drain()  # (channel mode: nothing to drain)
 
     send(0)
-    send_ms, send_cmds = measure(lambda: send(1))
-    recall_ms, recall_cmds = measure(
-        lambda: services.message_recall(actor=sender, conversation_id=cid, seq=2)
-    )
-    wrong = [
-        u
-        for u in User.objects.filter(username__startswith="recall-").values_list("pk", flat=True)
-        if u != sender.pk and counters_get(user_id=u).conversations[cid] != 1
-    ]
+    send_ms, send_cmds = measure(f"{path} send ms", lambda: send(1))
+    recall = lambda: services.message_recall(actor=sender, conversation_id=cid, seq=2)  # noqa: E731
+    recall_ms, recall_cmds = measure(f"{path} recall ms", recall)
+    ids = User.objects.filter(username__startswith="recall-").values_list("pk", flat=True)
+    wrong = [u for u in ids if u != sender.pk and counters_get(user_id=u).conversations[cid] != 1]
     assert not wrong, f"{len(wrong)} members do not show the recall"
-    return [
-        path,
-        f"{members:,}",
-        f"{send_cmds:,}",
-        f"{send_ms:,.1f}",
-        f"{recall_cmds:,}",
-        f"{recall_ms:,.1f}",
-    ]
+    return [path, f"{members:,}", f"{send_cmds:,}", f"{send_ms:,.1f}", f"{recall_cmds:,}",
+            f"{recall_ms:,.1f}"]  # fmt: skip
 
 
 def main() -> None:
@@ -69,16 +60,9 @@ def main() -> None:
     with common.section():
         machine = common.machine()
         rows = [run(path, args.members) for path in args.paths.split(",")]
-    head = [
-        "path",
-        "members",
-        "send: Redis cmds",
-        "send: ms to visible",
-        "recall: Redis cmds",
-        "recall: ms to visible",
-    ]
+    head = ["path", "members", "send: Redis cmds", "send: ms to visible", "recall: Redis cmds",
+            "recall: ms to visible"]  # fmt: skip
     lines = [*common.header("A recall beside a send", machine), *common.table(head, rows)]
-    print("\n".join(lines))
     common.write_results("recall", "\n".join(lines), {"machine": machine, "rows": rows})
 
 

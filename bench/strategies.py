@@ -146,56 +146,46 @@ def run_limits(n: int) -> dict[str, float]:
     }
 
 
+COLUMNS = {  # head: (what of a run, format); ``limit`` is the limit's ops/s, ``s`` the seconds
+    "updates/s": (lambda r, limit, s: r["updates_per_s"], "{:,.0f}"),
+    "ratio to the limit": (lambda r, limit, s: r["updates_per_s"] / limit, "{:.3f}"),
+    "Redis commands / update": (lambda r, limit, s: r["redis_commands"] / r["updates"], "{:.1f}"),
+    "Redis CPU, % of a core": (lambda r, limit, s: 100 * r["redis_cpu_s"] / s, "{:.0f}"),
+    "client CPU µs / update": (lambda r, limit, s: 1e6 * r["client_cpu_s"] / r["updates"],
+                               "{:.1f}"),
+    "retries or lock waits / 1,000 updates": (
+        lambda r, limit, s: 1000 * r["retries"] / r["updates"], "{:.1f}"),
+    "lock wait s": (lambda r, limit, s: r["lock_wait_s"], "{:.1f}"),
+    "members left wrong": (lambda r, limit, s: r["members_wrong"], "{:.0f}"),
+    "badge drift (sum of errors)": (lambda r, limit, s: r["badge_error"], "{:,.0f}"),
+}  # fmt: skip
+
+
 def report(runs: list[dict], args, took: float) -> tuple[str, dict]:
     limit_key = f"EVALSHA inc -c {LIMIT_SHAPES[-1][0]} -P {LIMIT_SHAPES[-1][1]}"
     limits = {k: [r["limits"][k] for r in runs] for k in runs[0]["limits"]}
-    limit = common.median(limits[limit_key])
+    limit = common.median(limits[limit_key], limit_key)
     data: dict = {"args": vars(args), "limit_key": limit_key, "limits": limits, "strategies": {}}
     rows = []
     for name in args.strategies:
         rs = data["strategies"][name] = [r["strategies"][name] for r in runs]
-
-        def col(f, fmt: str, rs=rs) -> str:
-            return common.spread([f(r) for r in rs], fmt)
-
-        rows.append([
-            f"`{name}`", col(lambda r: r["updates_per_s"], "{:,.0f}"),
-            col(lambda r: r["updates_per_s"] / limit, "{:.3f}"),
-            col(lambda r: r["redis_commands"] / r["updates"], "{:.1f}"),
-            col(lambda r: 100 * r["redis_cpu_s"] / args.seconds, "{:.0f}"),
-            col(lambda r: 1e6 * r["client_cpu_s"] / r["updates"], "{:.1f}"),
-            col(lambda r: 1000 * r["retries"] / r["updates"], "{:.1f}"),
-            col(lambda r: r["lock_wait_s"], "{:.1f}"),
-            col(lambda r: r["members_wrong"], "{:.0f}") + f" of {args.members}",
-            col(lambda r: r["badge_error"], "{:,.0f}"),
-        ])  # fmt: skip
+        rows.append([f"`{name}`", *(
+            common.spread(f"{name}: {head}", [f(r, limit, args.seconds) for r in rs], fmt)
+            for head, (f, fmt) in COLUMNS.items()
+        )])  # fmt: skip
     lines = common.header(
-        "Counter strategies under contention",
-        common.machine(),
-        f"Workload: {args.processes} processes count messages for the same {args.members} "
-        f"members in {args.conversations} conversations, {args.seconds:g} s a run; an update is "
-        f"one member's count of one message. Median (min..max) of {args.runs} runs, "
-        f"interleaved with redis-benchmark. Run took {took:.0f} s.",
-    )
-    lines += common.table(
-        ["strategy", "updates/s", "ratio to the limit", "Redis commands / update",
-         "Redis CPU, % of a core", "client CPU µs / update",
-         "retries (watch) or lock waits, per 1,000 updates", "lock wait s",
-         "members left wrong", "badge drift (sum of errors)"], rows,
+        "Counter strategies under contention", common.machine(),
+        f"{args.processes} processes count messages for the same {args.members} members in "
+        f"{args.conversations} conversations, {args.seconds:g} s a run (an update: one member's "
+        f"count of one message); median (min..max) of {args.runs} runs; {took:.0f} s in all.",
     )  # fmt: skip
-    shapes = [k.split(" -c ") for k in limits]
-    rows = [[f"{label}{' (the limit)' if f'{label} -c {rest}' == limit_key else ''}",
-             *rest.split(" -P "), common.spread(limits[f"{label} -c {rest}"], "{:,.0f}")]
-            for label, rest in shapes]  # fmt: skip
-    lines += ["", "`redis-benchmark` on the same Redis in the same run (the EVALSHA limit's random "
-              "seq mostly takes the script's no-op branch: an upper bound):", ""]  # fmt: skip
-    lines += common.table(["redis-benchmark", "clients", "pipeline", "ops/s"], rows)
-    rates = {
-        n: common.median([r["updates_per_s"] for r in rs]) for n, rs in data["strategies"].items()
-    }
-    over = [n for n, rate in rates.items() if rate > limit]
-    if over:
-        lines += ["", f"**Above the limit: {', '.join(over)}**: check the redis-benchmark shapes."]
+    lines += common.table(["strategy", *COLUMNS], rows)
+    rows = [
+        [k + (" (the limit)" if k == limit_key else ""), common.spread(k, v, "{:,.0f}")]
+        for k, v in limits.items()
+    ]
+    lines += ["", "redis-benchmark on the same Redis, same run (EVALSHA: an upper bound):", ""]
+    lines += common.table(["redis-benchmark", "ops/s"], rows)
     return "\n".join(lines), data
 
 

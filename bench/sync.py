@@ -388,16 +388,17 @@ def tables(res: dict, args) -> list[str]:
         return common.spread(name, s[what.replace(" ", "_")]) if s[what.replace(" ", "_")] else "-"
 
     rows = [
-        [s["mode"], s["limit"], f"{one(s['round_trips'])} ({s['expected_round_trips']})",
-         one(s["entries"]), ms(s), one(s["sql"]), f"{s['kb']:.0f}", ms(s, "prepare ms")]
+        [f"{'gap' if s['gap'] else 'catch-up'}, {s['mode']}", s["limit"],
+         one(s["round_trips"]) + ("" if s["gap"] else f" ({s['expected_round_trips']})"),
+         f"{one(s['conversations'])} conversations" if s["gap"] else one(s["entries"]), ms(s),
+         one(s["sql"]), f"{s['kb']:.0f}", ms(s, "prepare ms")]
         for s in catchup["results"] + gap["results"]
     ]  # fmt: skip
     lines = [
         f"### 1. Catch-up ({catchup['entries_behind']:,} entries behind) and gap (since=0 behind "
-        f"the floor {gap['state']['floor']:,}, {args.gap_conversations} conversations): the "
-        "last rows",
+        f"the floor {gap['state']['floor']:,})",
         "",
-        *common.table(["package", "limit", "round trips (expected)", "entries", "total ms",
+        *common.table(["pull, package", "limit", "round trips (expected)", "entries", "total ms",
                        "server SQL queries", "response KB", "prepare ms"], rows),
         "",
         "Cold, against entries behind: "
