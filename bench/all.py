@@ -12,21 +12,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
-SECTIONS = ("strategies", "storm", "recall", "send", "sync", "push")  # each with its own --quick
+SECTIONS = ("strategies", "storm", "recall", "send", "sync", "push", "soak")  # each with --quick
+FULL = {"soak": ["--minutes", "2"]}  # a short soak: its memory plot, not its 10-minute verdict
 
 
 def run_section(name: str, quick: bool) -> tuple[str, float]:
     """Run one section; its markdown, H1 made the numbered H2 and the rest one level down."""
-    command = [sys.executable, f"bench/{name}.py", *(["--quick"] if quick else [])]
+    command = [sys.executable, f"bench/{name}.py", *(["--quick"] if quick else FULL.get(name, []))]
     print(f"\n=== {' '.join(command[1:])}", file=sys.stderr, flush=True)
     started = time.monotonic()
     # The sections print their progress on stderr and their markdown on stdout.
     code = subprocess.run(command, cwd=common.ROOT, stdout=subprocess.DEVNULL).returncode
     took, md = time.monotonic() - started, Path(f"{common.results_stem(name)}.md")
-    if code or not md.exists() or md.stat().st_mtime < time.time() - took - 1:
+    if not md.exists() or md.stat().st_mtime < time.time() - took - 1:
         return f"**Failed**: `{' '.join(command[1:])}` exited {code}.", took
     body = md.read_text().strip().split("\n", 1)[1]  # without its own H1
-    return re.sub(r"^(#{2,5}) ", r"#\1 ", body, flags=re.M), took
+    exited = f"\n\n`{' '.join(command[1:])}` exited {code}." if code else ""  # the soak's verdict
+    return re.sub(r"^(#{2,5}) ", r"#\1 ", body, flags=re.M) + exited, took
 
 
 def main() -> None:
