@@ -44,21 +44,6 @@ def django_setup() -> None:
     __import__("django").setup()
 
 
-def setup_django() -> None:
-    """The broker and the database up and migrated."""
-    django_setup()
-    if not broker_up():
-        server = f"redis-server --port {BROKER_PORT} --bind 127.0.0.1 --daemonize yes"
-        subprocess.run([*server.split(), "--save", "", "--appendonly", "no"], check=True)
-        wait_for(broker_up, 5, "the benchmark broker")
-    # createdb fails when the database exists: that is fine.
-    db = ENV["DATABASE_URL"].rsplit("/", 1)[1]
-    subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", db], capture_output=True)
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0)
-
-
 def broker_up() -> bool:
     ping = ["redis-cli", "-p", str(BROKER_PORT), "ping"]
     return subprocess.run(ping, capture_output=True).returncode == 0
@@ -70,20 +55,6 @@ def wait_for(ready, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what}: not ready in {timeout:g} s")
         time.sleep(0.2)
-
-
-@contextlib.contextmanager
-def broker_stopped_after():
-    """Stop the broker at the end (an error or a kill included) if this run started it."""
-    was_up = broker_up()
-    try:
-        yield
-    finally:
-        if not was_up and broker_up():
-            import redis
-
-            with contextlib.suppress(redis.ConnectionError):
-                redis.Redis(port=BROKER_PORT).shutdown(nosave=True)
 
 
 def free_port() -> int:
@@ -142,6 +113,28 @@ def make_devices(user_ids: list[int], **fields) -> list[Device]:
     return [Device(d.pk, d.user_id, t) for d, t in zip(rows, tokens, strict=True)]
 
 
+def make_group(ids: list[int], title: str, channel: bool | None = None, reconcile: bool = True):
+    """A group of ``ids`` (the first creates it), in channel mode or not (None: by the
+    settings), every member's counters loaded from PostgreSQL unless ``reconcile`` is off."""
+    from django.conf import settings
+
+    from counters.services import counters_reconcile
+    from imcore import services
+    from imcore.models import User
+
+    before = settings.LARGE_GROUP_MIN_MEMBERS
+    if channel is not None:
+        settings.LARGE_GROUP_MIN_MEMBERS = 2 if channel else 10**9
+    creator = User.objects.get(pk=ids[0])
+    group, _ = services.conversation_create(
+        creator=creator, kind="group", member_ids=ids, title=title
+    )
+    settings.LARGE_GROUP_MIN_MEMBERS = before
+    if reconcile:
+        counters_reconcile(user_ids=ids)
+    return group
+
+
 # The benchmark's own Celery worker (prefork, 2 processes, both queues) and beat, in Procfile form.
 WORKER = {
     "worker": "celery -A imcore worker --queues default,counters --concurrency 2 "
@@ -163,41 +156,41 @@ class Stack:
         )
         self.procfile.flush()
         self.log = tempfile.NamedTemporaryFile(prefix="imcore-bench-", suffix=".log")  # noqa: SIM115
-        path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-        env = {"IMCORE_HOST": "127.0.0.1", "IMCORE_PORT": self.port, "PATH": path, **env}
-        argv = [sys.executable, "bin/stack.py", "--no-colour", "-f", self.procfile.name]
+        env |= {"IMCORE_HOST": "127.0.0.1", "IMCORE_PORT": self.port,
+                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
         self.proc = psutil.Popen(
-            argv, cwd=ROOT, env={**os.environ, **ENV, **{k: str(v) for k, v in env.items()}},
+            [sys.executable, "bin/stack.py", "--no-colour", "-f", self.procfile.name], cwd=ROOT,
+            env={**os.environ, **ENV, **{k: str(v) for k, v in env.items()}},
             start_new_session=True, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
     def text(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 
-    def wait(self, http: bool) -> None:
-        """Until the API answers 401 on the port (``http``), uvicorn of a ``ws`` entry is up
-        and a ``worker`` answers a ping."""
+    def ready(self, http: bool) -> bool:
+        """The API answers 401 on the port (``http``), uvicorn of a ``ws`` entry is up, a
+        ``worker`` answers a ping."""
         import requests
 
         from imcore.celery import app
 
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bin/stack.py {self.names} exited:\n{self.text()[-4000:]}")
-            with contextlib.suppress(requests.RequestException):
-                url = f"http://127.0.0.1:{self.port}/api/v1/unread"
-                if http and requests.get(url, timeout=5).status_code != 401:
-                    return False
-                if "ws" in self.names and "startup complete" not in self.text():
-                    return False
-                return "worker" not in self.names or bool(app.control.ping(timeout=1))
-            return False
-
-        wait_for(ready, 90, f"bin/stack.py {self.names}")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"bin/stack.py {self.names} exited:\n{self.text()[-4000:]}")
+        with contextlib.suppress(requests.RequestException):
+            url = f"http://127.0.0.1:{self.port}/api/v1/unread"
+            return (
+                (not http or requests.get(url, timeout=5).status_code == 401)
+                and ("ws" not in self.names or "startup complete" in self.text())
+                and ("worker" not in self.names or bool(app.control.ping(timeout=1)))
+            )
+        return False
 
     def programs(self) -> list[psutil.Process]:
         """The stack's processes, bin/stack.py and honcho's forks of it left out."""
-        return [p for p in tree(self.proc) if not is_honcho(p)]
+        with contextlib.suppress(psutil.Error):
+            everyone = self.proc.children(recursive=True)
+            return [p for p in everyone if "bin/stack.py" not in " ".join(p.cmdline())]
+        return []
 
     def find(self, word: str) -> psutil.Process:
         """The first program whose command line holds ``word``."""
@@ -207,28 +200,19 @@ class Stack:
         return cpu_of(*self.programs())
 
     def rss(self) -> int:
-        """Bytes resident, every program."""
         return int(sum(p.memory_info().rss for p in self.programs() if p.is_running()))
 
     def stop(self) -> str:
         """SIGTERM to bin/stack.py (it stops the programs, SIGKILL after 20 s), SIGKILL to the
-        group after 40 s; returns the output."""
-        if self.proc.poll() is None:
+        group after 40 s; the output."""
+        with contextlib.suppress(psutil.Error, subprocess.TimeoutExpired):
             self.proc.terminate()
-            try:
-                self.proc.wait(40)
-            except psutil.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
+            self.proc.wait(40)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, 9)
         with self.log, self.procfile:
             self.output = self.text()
         return self.output
-
-
-def is_honcho(p: psutil.Process) -> bool:
-    with contextlib.suppress(psutil.Error):
-        return "bin/stack.py" in " ".join(p.cmdline())
-    return True
 
 
 def procfile(*names: str) -> dict[str, str]:
@@ -244,7 +228,7 @@ def stack(entries: dict[str, str], http: bool = True, settle: float = 0, **env):
     """A :class:`Stack` once it answers (then ``settle`` s), stopped at the end."""
     running = Stack(entries, **env)
     try:
-        running.wait(http)
+        wait_for(lambda: running.ready(http), 90, f"bin/stack.py {running.names}")
         time.sleep(settle)
         yield running
     finally:
@@ -284,12 +268,6 @@ def postmaster() -> psutil.Process:
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         return psutil.Process(cursor.fetchone()[0]).parent()
-
-
-def tree(process: psutil.Process) -> list[psutil.Process]:
-    with contextlib.suppress(psutil.Error):
-        return [process, *process.children(recursive=True)]
-    return []
 
 
 def cpu_of(*processes: psutil.Process) -> float:
@@ -346,11 +324,26 @@ def list_of(item: type):
 @contextlib.contextmanager
 def section():
     """A section's run: SIGTERM exits (so ``finally`` blocks stop what they started), the broker
-    and the database up and migrated, the broker stopped at the end if this run started it."""
+    and the database up and migrated; the broker stopped at the end if this run started it."""
+    from django.core.management import call_command
+
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with broker_stopped_after():
-        setup_django()
+    django_setup()
+    started = not broker_up()
+    if started:
+        server = f"redis-server --port {BROKER_PORT} --bind 127.0.0.1 --daemonize yes"
+        subprocess.run([*server.split(), "--save", "", "--appendonly", "no"], check=True)
+        wait_for(broker_up, 5, "the benchmark broker")
+    db = ENV["DATABASE_URL"].rsplit("/", 1)[1]  # createdb fails when it exists: that is fine
+    subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", db], capture_output=True)
+    call_command("migrate", verbosity=0)
+    try:
         yield
+    finally:
+        if started:
+            subprocess.run(
+                ["redis-cli", "-p", str(BROKER_PORT), "shutdown", "nosave"], capture_output=True
+            )
 
 
 def metadata() -> dict:
@@ -435,27 +428,20 @@ def host() -> str:
     return f"{m['hostname']}: {m['cpu_count']} cores ({cpu}), {memory:.0f} GiB, Python {python}"
 
 
-def code_state() -> dict:
-    """The commit, and the files outside bench/ that differ from it."""
+def header(title: str, machine_text: str, *notes: str) -> list[str]:
+    """The H1, the machine and the code (the commit, and files outside bench/ it differs in)."""
 
     def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.rstrip()
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     changed = git("status", "--porcelain", "-uno", "--", ".", ":(exclude)bench").splitlines()
-    return {
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "subject": git("log", "-1", "--format=%s"),
-        "changed": sorted(line[3:] for line in changed),
-    }
-
-
-def header(title: str, machine_text: str, *notes: str) -> list[str]:
-    code = code_state()
-    local = f", with local changes to {', '.join(code['changed'])}" if code["changed"] else ""
+    local = (
+        f", with local changes to {', '.join(sorted(c[3:] for c in changed))}" if changed else ""
+    )
     return [
         f"# {title}, {datetime.datetime.now():%Y-%m-%d %H:%M}, {socket.gethostname()}",
         "",
-        f"Machine: {machine_text}. Code: {code['commit']} ({code['subject']}){local}.",
+        f"Machine: {machine_text}. Code: {git('rev-parse', '--short', 'HEAD')}{local}.",
         *notes,
         "",
     ]

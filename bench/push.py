@@ -15,10 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
 common.django_setup()  # the imports below need Django's settings
-from django.conf import settings
-from django.db import connection
 
-from counters.services import counters_reconcile
 from delivery.pipeline import delivery_drain
 from imcore import services
 from imcore.models import User
@@ -146,18 +143,15 @@ class Holders:
 
 
 def setup(n_users: int, members: int) -> dict:
-    """``n_users`` users with one device each; the first ``members`` in one group."""
-
+    """``n_users`` users with one device each; the first ``members`` in a group on the
+    pipeline (and, after the idle steps, in one in channel mode)."""
     common.reset_data(broker=False)
     ids = common.make_users(n_users, "push")
     tokens = [d.token for d in common.make_devices(ids)]
+    groups = {"pipeline": common.make_group(ids[:members], "push", channel=False)}
     sender = User.objects.get(pk=ids[0])
-    conversation, _ = services.conversation_create(
-        creator=sender, kind="group", member_ids=ids[:members], title="push bench"
-    )
-    counters_reconcile(user_ids=ids[:members])
-    connection.close()  # not held open across the server's start
-    return {"sender": sender, "conversation": conversation, "tokens": tokens, "members": members}
+    return {"sender": sender, "groups": groups, "tokens": tokens, "members": members,
+            "ids": ids[:members]}  # fmt: skip
 
 
 SERVER = (
@@ -195,17 +189,19 @@ def measure_idle(server, holders: Holders, tokens: list[str], args) -> list[dict
     return steps
 
 
-def latency(data, holders: Holders, server, messages: int, interval: float, drain: bool) -> dict:
-    """Send ``messages`` messages ``interval`` s apart (each drained here with ``drain``);
-    wait until every device got each, or nothing arrived for 3 s (at most 20 s)."""
-    cid, commits, send_ms, drain_ms = data["conversation"].pk, {}, [], []
+def latency(data, holders, server, messages: int, interval: float, drain=False, channel=False):
+    """Send ``messages`` messages ``interval`` s apart to the pipeline's group (each drained
+    here with ``drain``) or the channel-mode one; wait until every device got each, or nothing
+    arrived for 3 s (at most 20 s)."""
+    conversation = data["groups"]["channel" if channel else "pipeline"]
+    cid, commits, send_ms, drain_ms = conversation.pk, {}, [], []
     dup0 = sum(r["duplicates"] for r in holders.ask("status"))
     cpu0, start, tag = server.cpu(), time.perf_counter(), time.monotonic_ns()
     for k in range(messages):
         time.sleep(max(0.0, start + k * interval - time.perf_counter()))
         t0 = time.perf_counter()
         message, _ = services.message_send(
-            sender=data["sender"], conversation=data["conversation"], body=f"push {k}",
+            sender=data["sender"], conversation=conversation, body=f"push {k}",
             client_msg_id=f"push-{tag}-{k}",
         )  # fmt: skip
         commits[message.seq] = time.time()
@@ -291,19 +287,6 @@ def plot(steps: list[dict]) -> str:
     return common.save_figure(fig, "push")
 
 
-def channel_group(data: dict) -> dict:
-    """The same members in a group of their own in channel mode, their sockets reopened so
-    they follow it."""
-    settings.LARGE_GROUP_MIN_MEMBERS, before = 2, settings.LARGE_GROUP_MIN_MEMBERS
-    ids = list(User.objects.order_by("pk").values_list("pk", flat=True)[: data["members"]])
-    conversation, _ = services.conversation_create(
-        creator=data["sender"], kind="group", member_ids=ids, title="push channel"
-    )
-    settings.LARGE_GROUP_MIN_MEMBERS = before
-    counters_reconcile(user_ids=ids)
-    return data | {"conversation": conversation}
-
-
 def main() -> None:
     args = common.parse(
         __doc__, QUICK, steps=[0, 1000, 2000, 4000],
@@ -316,7 +299,7 @@ def main() -> None:
     args.steps = sorted(set(args.steps) | {0})
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the holders inherit it
-    lat, members = {}, list(range(args.members))
+    lat = {}
     with common.section():
         machine = common.machine()
         data = setup(max(*args.steps, args.members), args.members)
@@ -324,23 +307,22 @@ def main() -> None:
             holders = Holders(server.port, args.clients)
             try:
                 steps = measure_idle(server, holders, data["tokens"], args)
-                holders.ask("close", idx=list(range(max(s["sockets"] for s in steps))))
-                holders.open(data["tokens"], members, args.concurrency)
-                run = (holders, server, args.messages, args.interval)
+                # the members' sockets (re)opened once they are in the channel-mode group too
+                holders.ask("close", idx=list(range(steps[-1]["sockets"])))
+                data["groups"]["channel"] = common.make_group(data["ids"], "push channel", True)
+                holders.open(data["tokens"], range(args.members), args.concurrency)
+                run = (data, holders, server, args.messages, args.interval)
                 lat["pipeline, drained after each send here"] = [
-                    latency(data, *run, drain=True) for _ in range(args.runs)
+                    latency(*run, drain=True) for _ in range(args.runs)
+                ]
+                lat["channel mode (the send's own relay)"] = [
+                    latency(*run, channel=True) for _ in range(args.runs)
                 ]
                 if not args.no_celery:
                     with common.stack(common.WORKER, http=False):
                         lat["pipeline, Celery worker + beat (Timer)"] = [
-                            latency(data, *run, drain=False) for _ in range(args.runs)
+                            latency(*run) for _ in range(args.runs)
                         ]
-                channel = channel_group(data)
-                holders.ask("close", idx=members)
-                holders.open(data["tokens"], members, args.concurrency)
-                lat["channel mode (the send's own relay)"] = [
-                    latency(channel, *run, drain=False) for _ in range(args.runs)
-                ]
             finally:
                 holders.stop()
     lines = common.header("Push: live sync over WebSocket", machine, f"Server: `{SERVER}`.")

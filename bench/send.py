@@ -54,9 +54,7 @@ def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
     devices = common.make_devices(ids[::members])
     for i, (sender, device) in enumerate(zip(senders, devices, strict=True)):
         group = ids[i * members : (i + 1) * members]
-        conversation, _ = services.conversation_create(
-            creator=sender, kind="group", member_ids=group, title=f"g{i}"
-        )
+        conversation = common.make_group(group, f"g{i}", reconcile=False)
         if i < sync_clients:
             for n in range(101):
                 services.message_send(
@@ -166,7 +164,7 @@ def run(args) -> dict:
     with common.stack(common.procfile("worker", "beat"), http=False) as celery:
         for name in args.configs:
             with common.stack(known[name], settle=2) as web:
-                postgres = lambda: common.cpu_of(*common.tree(pm))  # noqa: E731
+                postgres = lambda: common.cpu_of(pm, *pm.children(recursive=True))  # noqa: E731
                 procs = {"web": web.cpu, "postgres": postgres, "celery": celery.cpu}
                 for call in CALLS:
                     for n in args.clients if call in SWEPT else [args.at]:

@@ -25,8 +25,6 @@ from django.db import connection
 
 from counters.selectors import counters_peek, counters_truth_from_rows, counters_truth_rows
 from counters.services import counters_reconcile
-from imcore import services
-from imcore.models import User
 
 QUICK = (  # --quick: smoke sizes, one run each
     "--minutes 1 --probe-seconds 8 --probe-users 4 --users 8 --groups 2 --members 4 "
@@ -60,9 +58,7 @@ def seed(args) -> tuple[list[dict], list[str], list[int]]:
     members, devices = ids[: groups * size], []
     for g in range(groups):
         group = members[g * size : (g + 1) * size]
-        conversation, _ = services.conversation_create(
-            creator=User.objects.get(pk=group[0]), kind="group", member_ids=group, title=f"g{g}"
-        )
+        conversation = common.make_group(group, f"g{g}", reconcile=False)
         devices += [
             {"token": tokens[u], "user_id": u, "conversation": conversation.pk}
             for u in group[:senders]

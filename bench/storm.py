@@ -4,6 +4,7 @@ visible, the ceiling in groups (commit -> live delivery is in push.py). README, 
 
 import contextlib
 import multiprocessing
+import os
 import sys
 import threading
 import time
@@ -24,7 +25,6 @@ from django.db import connections
 from counters import keys
 from counters.redis import get_redis
 from counters.selectors import counters_get
-from counters.services import counters_reconcile
 from delivery import keys as delivery_keys
 from delivery.services import delivery_message_committed
 from imcore import services
@@ -47,37 +47,25 @@ Group = namedtuple("Group", "conversation_id sender_id observer_id members")
 
 
 def make_group(path: str, ids: list[int], reconcile: bool = True) -> Group:
-    """A group of ``ids`` (the first sends, the second observes) in the path's mode; with
-    ``reconcile`` every member's counters are loaded from PostgreSQL, as in production."""
-
-    settings.LARGE_GROUP_MIN_MEMBERS = 2 if path == "channel" else 10**9
-    conversation, _ = services.conversation_create(
-        creator=User.objects.get(pk=ids[0]), kind="group", member_ids=ids, title=path
-    )
+    """A group of ``ids`` (the first sends, the second observes) in the path's mode."""
+    conversation = common.make_group(ids, path, path == "channel", reconcile)
     assert (conversation.mode == Conversation.Mode.CHANNEL) == (path == "channel")
-    if reconcile:
-        counters_reconcile(user_ids=ids)
     return Group(conversation.pk, ids[0], ids[1], len(ids))
 
 
 @contextlib.contextmanager
 def stack(path: str, senders: int):
     """A Celery worker and beat for ``path``, and ``senders`` sender processes (spawned: a
-    forked one would share the parent's pooled PostgreSQL connections)."""
-    settings.DELIVERY_WRITE_PATH = "fanout" if path == "fanout" else "pipeline"
-    env = {"DELIVERY_WRITE_PATH": settings.DELIVERY_WRITE_PATH}
-    ctx = multiprocessing.get_context("spawn")
-    with common.stack(common.WORKER, http=False, settle=2.5, **env) as workers:
-        pool = ctx.Pool(senders, initializer=sender_setup, initargs=(settings.DELIVERY_WRITE_PATH,))
+    forked one would share the parent's pooled PostgreSQL connections); both read the path
+    from the environment."""
+    path = os.environ["DELIVERY_WRITE_PATH"] = "fanout" if path == "fanout" else "pipeline"
+    settings.DELIVERY_WRITE_PATH = path
+    with common.stack(common.WORKER, http=False, settle=2.5) as workers:
+        pool = multiprocessing.get_context("spawn").Pool(senders)
         try:
             yield workers, pool
         finally:
             pool.terminate()
-
-
-def sender_setup(write_path: str) -> None:
-    """A sender process (spawned: Django set up by this module's import) on ``write_path``."""
-    settings.DELIVERY_WRITE_PATH = write_path
 
 
 def calls(port: int) -> Counter:
@@ -160,9 +148,8 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     """Send for ``seconds``, wait until the observers saw every message and the write path is
     idle; the costs of that whole window."""
     procs, pool = stack
-    watch: dict[int, list[int]] = {}
-    for g in groups:
-        watch.setdefault(g.observer_id, []).append(g.conversation_id)
+    watch = {g.observer_id: [h.conversation_id for h in groups if h.observer_id == g.observer_id]
+             for g in groups}  # fmt: skip
     cost = {u: read_cost(u) for u in watch}
     last = {c: counters_get(user_id=u).conversations.get(c, 0) for u in watch for c in watch[u]}
     seen: dict[tuple[int, int], float] = {}
@@ -186,14 +173,14 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
             peak[0] = max(peak[0], held(own, own_broker))
             time.sleep(0.05)
 
-    chunks = [groups[i::senders] for i in range(min(senders, len(groups)))]
-    for port in (COUNTERS_PORT, common.BROKER_PORT):
+    ports = (COUNTERS_PORT, common.BROKER_PORT)
+    for port in ports:
         redis.Redis(port=port).config_resetstat()
-    info0 = [common.redis_info(p) for p in (COUNTERS_PORT, common.BROKER_PORT)]
-    cpu0 = [procs.cpu(), machine_busy()]
+    info0, cpu0 = [common.redis_info(p) for p in ports], [procs.cpu(), machine_busy()]
     start = time.perf_counter() + 0.3
-    pairs = [[(g.conversation_id, g.sender_id) for g in c] for c in chunks]
-    work = [(p, rate, seconds, start, direct) for p in pairs]
+    chunks = [groups[i::senders] for i in range(min(senders, len(groups)))]
+    work = [([(g.conversation_id, g.sender_id) for g in c], rate, seconds, start, direct)
+            for c in chunks]  # fmt: skip
     result = pool.starmap_async(send, work, chunksize=1)
     threads = [threading.Thread(target=t, daemon=True) for t in (observe, sample)]
     for t in threads:
@@ -210,19 +197,15 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
         t.join()
     while time.monotonic() < deadline and held(own, own_broker):  # the rest of the members
         time.sleep(0.05)
-    idle = time.perf_counter() - sent_at
-    window = time.perf_counter() - start
-    info1 = [common.redis_info(p) for p in (COUNTERS_PORT, common.BROKER_PORT)]
-    cpu1 = [procs.cpu(), machine_busy()]
+    idle, window = time.perf_counter() - sent_at, time.perf_counter() - start
+    info1, cpu1 = [common.redis_info(p) for p in ports], [procs.cpu(), machine_busy()]
     counted = calls(COUNTERS_PORT) - own - seen_cost
     broker = calls(common.BROKER_PORT) - own_broker
     n = len(commits)
     # In channel mode the count is raised inside the send (its on_commit), so it may show
     # before message_send returns: those count as 0 ms.
     latencies = [max(0.0, seen[k] - t) for k, t in commits.items() if k in seen]
-    redis_s = sum(
-        common.redis_cpu(b) - common.redis_cpu(a) for a, b in zip(info0, info1, strict=True)
-    )
+    redis_s = sum(common.redis_cpu(b) - common.redis_cpu(a) for a, b in zip(info0, info1))  # noqa: B905
     return {
         "path": path, "groups": len(groups), "members": groups[0].members, "messages": n,
         "target_rate": rate * len(groups), "rate": n / (sent_at - start),
@@ -241,14 +224,9 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
 
 def falls_behind(r: dict, interval: float) -> list[str]:
     """Why a ceiling step did not keep up (empty: it did)."""
-    why = []
-    if r["rate"] < 0.95 * r["target_rate"]:
-        why.append("senders behind")
-    if r["idle_s"] > 2 * interval + 1 or r["unseen"]:
-        why.append("queue growth")
-    if r["p99_ms"] > 1000:
-        why.append("p99 > 1 s")
-    return why
+    return [why for why, bad in [("senders behind", r["rate"] < 0.95 * r["target_rate"]),
+            ("queue growth", r["idle_s"] > 2 * interval + 1 or r["unseen"]),
+            ("p99 > 1 s", r["p99_ms"] > 1000)] if bad]  # fmt: skip
 
 
 def cost_phase(args, paths: list[str], stacks) -> list[dict]:
@@ -320,19 +298,16 @@ def plot(runs: list[dict], ceiling: dict, members: int) -> str:
         pts = sorted((r["members"], r["cmds_per_msg"]) for r in runs if r["path"] == path)
         if pts:
             cost.plot(*zip(*pts, strict=True), marker="o", label=label)
-    cost.set(xscale="log", yscale="log", xlabel="members of the group")
-    cost.set(ylabel="Redis commands per message (count)")
+    cost.set(xscale="log", yscale="log", xlabel="members of the group (count)",
+             ylabel="Redis commands per message (count)")  # fmt: skip
     for name, c in ceiling.items():
-        steps = c["steps"]
         for q, style in (("p50_ms", "--"), ("p99_ms", "-")):
-            label = f"{name}, {q[:3]}"
-            lat.plot(
-                [r["groups"] for r in steps], [r[q] for r in steps], style, marker="o", label=label
-            )
+            xy = [(r["groups"], r[q]) for r in c["steps"]]
+            lat.plot(*zip(*xy, strict=True), style, marker="o", label=f"{name}, {q[:3]}")
     lat.set_xscale("log", base=2)
     lat.set_yscale("symlog", linthresh=1)
-    lat.set(xlabel=f"groups of {members:,} members at 10 messages/s each", ylim=(0, None))
-    lat.set(ylabel="commit → unread visible (ms)")
+    lat.set(xlabel=f"groups of {members:,} members at 10 messages/s each (count)", ylim=(0, None),
+            ylabel="commit → unread visible (ms)")  # fmt: skip
     return common.save_figure(fig, "storm")
 
 

@@ -93,10 +93,7 @@ def setup(args) -> dict:
 
     # 1. catch-up: one small group; its second member's device last synced after the join.
     ids = common.make_users(args.group_members, "catchup")
-    conversation, _ = services.conversation_create(
-        creator=User.objects.get(pk=ids[0]), kind="group", member_ids=ids, title="catch-up"
-    )
-    counters_reconcile(user_ids=ids)
+    conversation = common.make_group(ids, "catch-up")
     reader = ids[1]
     joined = sync_state(reader)["cur"]
     others = [uid for uid in ids if uid != reader]
@@ -126,9 +123,7 @@ def setup(args) -> dict:
 
     # 3 and 4. one big group (its members are loaded in Redis by their join entries).
     big = common.make_users(args.big_group, "big")
-    conversation, _ = services.conversation_create(
-        creator=User.objects.get(pk=big[0]), kind="group", member_ids=big, title="big"
-    )
+    conversation = common.make_group(big, "big", reconcile=False)
     out["big"] = {"conversation_id": conversation.pk, "members": big}
     # Fresh devices for every run of every flush mode: never acked, last seen an hour ago.
     sets = len(ack_intervals(args)) * args.runs
