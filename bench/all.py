@@ -41,23 +41,17 @@ def main() -> None:
         machine = common.machine()
         done = {name: run_section(name, args.quick) for name in names}
     took = sum(t for _, t in done.values())
-    lines = common.header(
-        "imcore benchmarks",
-        machine,
-        f"`make bench{' BENCH_ARGS=--quick' if args.quick else ''}` took {took / 60:.0f} min: "
-        + ", ".join(f"{name} {t / 60:.1f} min" for name, (_, t) in done.items())
-        + ". Everything shares the machine's cores.",
-    )
+    each = ", ".join(f"{name} {t / 60:.1f} min" for name, (_, t) in done.items())
+    run = f"`make bench{' BENCH_ARGS=--quick' if args.quick else ''}`"
+    lines = common.header("imcore benchmarks", machine, f"{run} took {took / 60:.0f} min: {each}.")
     if args.quick:
         lines += ["**Quick run (smoke sizes): these figures are not for comparison.**", ""]
     for number, (name, (body, _)) in enumerate(done.items(), 1):
         lines += [f"## {number}. {name}", "", body, ""]
-    data = {
-        "machine": machine,
-        "quick": args.quick,
-        "seconds": {n: t for n, (_, t) in done.items()},
-    }
-    common.write_results("", "\n".join(lines), data)
+    seconds = {n: t for n, (_, t) in done.items()}
+    common.write_results(
+        "", "\n".join(lines), {"machine": machine, "quick": args.quick, "seconds": seconds}
+    )
     failed = [name for name, (body, _) in done.items() if body.startswith("**Failed**")]
     if failed:
         sys.exit(f"sections failed: {', '.join(failed)}")

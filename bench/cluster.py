@@ -21,11 +21,9 @@ def snapshot(ports: list[int]) -> dict[int, tuple[int, float]]:
 
 
 def per_node(before, after, seconds: float, n: int) -> list[dict]:
-    delta = {p: (after[p][0] - before[p][0], after[p][1] - before[p][1]) for p in before}
-    return [
-        {"port": p, "cmds_per_s": c / seconds, "cmds_per_msg": c / n, "cpu_ms_per_msg": u * 1e3 / n}
-        for p, (c, u) in delta.items()
-    ]
+    delta = {p: (after[p][0] - c, after[p][1] - u) for p, (c, u) in before.items()}
+    return [{"port": p, "cmds_per_s": c / seconds, "cmds_per_msg": c / n,
+             "cpu_ms_per_msg": u * 1e3 / n} for p, (c, u) in delta.items()]  # fmt: skip
 
 
 def run(store: str, ports: list[int], args) -> dict:
@@ -59,15 +57,6 @@ def run(store: str, ports: list[int], args) -> dict:
     return out
 
 
-def node_rows(results: list[dict], part: str) -> list[list]:
-    return [
-        [r["store"], n["port"], f"{n['cmds_per_s']:,.0f}", f"{n['cmds_per_msg']:,.1f}",
-         f"{n['cpu_ms_per_msg']:.3f}"]
-        for r in results
-        for n in r[part]["nodes"]
-    ]  # fmt: skip
-
-
 def main() -> None:
     args = common.parse(__doc__, QUICK, members=5000, seconds=10.0, sends=300, ports="7141-7143")
     from django.conf import settings
@@ -84,20 +73,15 @@ def main() -> None:
         finally:
             cluster.stop()
     head = ["store", "node", "commands/s", "commands / msg", "Redis CPU ms / msg"]
-    lines = common.header(
-        "Redis Cluster beside a single Redis", machine, "Every node and process shares the "
-        "machine's cores; broker not counted."
-    )  # fmt: skip
-    lines += [
-        f"## S1 storm: {args.members:,} members, 10 msg/s, {args.seconds:g} s, pipeline",
-        "",
-        *common.table(head, node_rows(results, "storm")),
-        "",
-        "## Send path: `message_send`, two-member group",
-        "",
-        *common.table(head, node_rows(results, "send")),
-        "",
-    ]
+    lines = common.header("Redis Cluster beside a single Redis", machine, "Broker not counted.")
+    for part, title in [
+        ("storm", f"S1 storm: {args.members:,} members, 10 msg/s, {args.seconds:g} s, pipeline"),
+        ("send", "Send path: `message_send`, two-member group"),
+    ]:
+        rows = [[r["store"], n["port"], f"{n['cmds_per_s']:,.0f}", f"{n['cmds_per_msg']:,.1f}",
+                 f"{n['cpu_ms_per_msg']:.3f}"]
+                for r in results for n in r[part]["nodes"]]  # fmt: skip
+        lines += [f"## {title}", "", *common.table(head, rows), ""]
     lines += [
         f"- {r['store']}: S1 worker CPU {r['storm']['worker_cpu_ms_per_msg']:.1f} ms/msg, "
         f"sender {r['storm']['sender_cpu_ms_per_msg']:.1f} ms/msg; send path "

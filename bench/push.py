@@ -4,6 +4,7 @@ of one group, drained here and with a Celery worker + beat. Sockets: ``websocket
 held by spawned processes (:class:`Holders`)."""
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import resource
@@ -39,10 +40,8 @@ class Holder:
             async with sem:
                 try:
                     auth = {"Authorization": f"Bearer {token}"}
-                    ws = await connect(
-                        self.url, additional_headers=auth, ping_interval=None, open_timeout=60,
-                        max_size=None,
-                    )  # fmt: skip
+                    ws = await connect(self.url, additional_headers=auth, ping_interval=None,
+                                       open_timeout=60, max_size=None)  # fmt: skip
                     self.take(idx, await asyncio.wait_for(ws.recv(), 60))
                 except Exception as exc:
                     reasons.setdefault(repr(exc)[:160], []).append(idx)
@@ -55,11 +54,9 @@ class Holder:
 
     def take(self, idx: int, raw) -> None:
         frame, now = json.loads(raw), time.time()
-        keys = []
-        if frame.get("type") == "sync":
-            messages = [e for e in frame["entries"] if e["type"] == "message"]
-            keys = [(e["conversation_id"], e["seq"]) for e in messages]
-        elif frame.get("type") == "channel":  # a channel-mode group's message, relayed
+        keys = [(e["conversation_id"], e["seq"]) for e in frame.get("entries", ())
+                if frame["type"] == "sync" and e["type"] == "message"]  # fmt: skip
+        if frame.get("type") == "channel":  # a channel-mode group's message, relayed
             keys = [(frame["conversation_id"], frame["last_seq"])]
         for key in keys:
             mine = self.receipts.setdefault(key, {})
@@ -67,11 +64,9 @@ class Holder:
             mine.setdefault(idx, now)
 
     async def read(self, idx: int, ws) -> None:
-        try:
+        with contextlib.suppress(Exception):
             async for raw in ws:
                 self.take(idx, raw)
-        except Exception:
-            pass
 
     async def close(self, idx: list[int]) -> dict:
         socks = [self.socks.pop(i) for i in idx if i in self.socks]
@@ -79,12 +74,11 @@ class Holder:
         return {}
 
     async def status(self) -> dict:
-        import psutil
         from websockets.protocol import State
 
         live = [i for i, ws in self.socks.items() if ws.state is State.OPEN]
-        rss = psutil.Process().memory_info().rss
-        return {"open": live, "rss": rss, "duplicates": self.duplicates}
+        return {"open": live, "rss": common.psutil.Process().memory_info().rss,
+                "duplicates": self.duplicates}  # fmt: skip
 
     async def stamps(self, cid: int, seqs: list[int]) -> dict:
         return {"stamps": {s: self.receipts.get((cid, s), {}) for s in seqs}}
@@ -135,11 +129,10 @@ class Holders:
 
     def stop(self) -> None:
         for (a, _), p in zip(self.pipes, self.procs, strict=True):
-            if p.is_alive():
+            with contextlib.suppress(OSError):
                 a.send(None)
-                p.join(15)
-            if p.is_alive():
-                p.kill()
+            p.join(15)
+            p.kill()
 
 
 def setup(n_users: int, members: int) -> dict:
@@ -200,13 +193,9 @@ def latency(data, holders, server, messages: int, interval: float, drain=False, 
     for k in range(messages):
         time.sleep(max(0.0, start + k * interval - time.perf_counter()))
         t0 = time.perf_counter()
-        message, _ = services.message_send(
-            sender=data["sender"], conversation=conversation, body=f"push {k}",
-            client_msg_id=f"push-{tag}-{k}",
-        )  # fmt: skip
-        commits[message.seq] = time.time()
-        t1 = time.perf_counter()
-        send_ms.append((t1 - t0) * 1000)
+        message = {"sender": data["sender"], "body": f"push {k}", "client_msg_id": f"p{tag}-{k}"}
+        commits[services.message_send(conversation=conversation, **message)[0].seq] = time.time()
+        send_ms.append(((t1 := time.perf_counter()) - t0) * 1000)
         if drain:
             delivery_drain()
             drain_ms.append((time.perf_counter() - t1) * 1000)
@@ -276,14 +265,12 @@ def report(steps: list[dict], lat: dict, args) -> str:
 
 
 def plot(steps: list[dict]) -> str:
-    fig, (rss, per) = common.figure("push", "Memory of idle WebSockets, one uvicorn process", 2)
-    xs = [s["sockets"] for s in steps]
-    rss.plot(xs, [s["rss"] / 2**20 for s in steps], marker="o", label="server RSS")
-    rss.set(xlabel="idle authenticated sockets (count)", ylabel="server RSS (MiB)", ylim=(0, None))
-    per_socket = [s["kb_per_socket"] for s in steps[1:]]
-    per.plot(xs[1:], per_socket, marker="o", label="RSS growth / socket")
-    per.set(xlabel="idle authenticated sockets (count)", ylabel="memory per socket (KiB)")
-    per.set_ylim(0, None)
+    fig, axes = common.figure("push", "Memory of idle WebSockets, one uvicorn process", 2)
+    panels = [("rss", 2**20, "server RSS (MiB)"), ("kb_per_socket", 1, "RSS growth / socket (KiB)")]
+    for ax, (key, scale, label) in zip(axes, panels, strict=True):
+        xy = [(s["sockets"], s[key] / scale) for s in steps if s[key] is not None]
+        ax.plot(*zip(*xy, strict=True), marker="o", label=label)
+        ax.set(xlabel="idle authenticated sockets (count)", ylabel=label, ylim=(0, None))
     return common.save_figure(fig, "push")
 
 

@@ -11,6 +11,7 @@ import tempfile
 import time
 import urllib.parse
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
@@ -24,7 +25,6 @@ from django.test.utils import CaptureQueriesContext
 from counters.services import counters_reconcile
 from delivery.pipeline import delivery_drain
 from imcore import services
-from imcore.models import User
 from offline import store
 
 QUICK = "--clients 1,16 --seconds 3 --warmup 1"  # --quick: smoke sizes, one run each
@@ -49,18 +49,13 @@ def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
     hold 101 sync entries past ``since``. Every user's counters are loaded."""
     common.reset_data()
     ids = common.make_users(clients * members, "u")
-    senders = User.objects.filter(pk__in=ids[::members]).order_by("pk")
     out = []
-    devices = common.make_devices(ids[::members])
-    for i, (sender, device) in enumerate(zip(senders, devices, strict=True)):
-        group = ids[i * members : (i + 1) * members]
-        conversation = common.make_group(group, f"g{i}", reconcile=False)
-        if i < sync_clients:
-            for n in range(101):
-                services.message_send(
-                    sender=sender, conversation=conversation, body=BODY, client_msg_id=f"s{n}"
-                )
-        out.append({"user": sender.pk, "token": device.token, "cid": conversation.pk})
+    for i, device in enumerate(common.make_devices(ids[::members])):
+        group = common.make_group(ids[i * members : (i + 1) * members], f"g{i}", reconcile=False)
+        for n in range(101 if i < sync_clients else 0):
+            message = {"sender": group.created_by, "body": BODY, "client_msg_id": f"s{n}"}
+            services.message_send(conversation=group, **message)
+        out.append({"user": device.user_id, "token": device.token, "cid": group.pk})
     delivery_drain(timeout=120)
     counters_reconcile(user_ids=ids)
     for c in out:
@@ -76,17 +71,13 @@ def per_send_counts(client: dict) -> dict:
         calls.append(str(args[0]))
         return original(self, *args, **kwargs)
 
-    redis.Redis.execute_command = counted
-    try:
-        with CaptureQueriesContext(connection) as queries:
-            response = Client().post(
-                f"/api/v1/conversations/{client['cid']}/messages",
-                {"body": BODY, "client_msg_id": "counted"},
-                content_type="application/json",
-                headers={"Authorization": f"Bearer {client['token']}"},
-            )
-    finally:
-        redis.Redis.execute_command = original
+    path, auth = f"/api/v1/conversations/{client['cid']}/messages", f"Bearer {client['token']}"
+    with (
+        mock.patch.object(redis.Redis, "execute_command", counted),
+        CaptureQueriesContext(connection) as queries,
+    ):
+        body = {"body": BODY, "client_msg_id": "counted"}
+        response = Client().post(path, body, "application/json", headers={"Authorization": auth})
     assert response.status_code == 201, response.content
     return {"sql": [statement(q["sql"]) for q in queries.captured_queries], "redis": calls}
 
@@ -122,13 +113,13 @@ def pgbench_insert(clients: int, seconds: float) -> float:
         cid, uid = cursor.fetchone()
     connection.close()
     url = urllib.parse.urlsplit(common.ENV["DATABASE_URL"])
-    script = (
-        "INSERT INTO bench_message (conversation_id, seq, sender_id, client_msg_id, body, "
-        f"created_at, mentions, mention_all) VALUES ({cid}, nextval('bench_message_seq'), {uid}, "
-        f"'pg-' || currval('bench_message_seq'), '{BODY}', now(), '{{}}', false) RETURNING id;\n"
-    )
     with tempfile.NamedTemporaryFile("w", suffix=".sql") as f:
-        f.write(script)
+        f.write(
+            "INSERT INTO bench_message (conversation_id, seq, sender_id, client_msg_id, body, "
+            f"created_at, mentions, mention_all) VALUES ({cid}, nextval('bench_message_seq'), "
+            f"{uid}, 'pg-' || currval('bench_message_seq'), '{BODY}', now(), '{{}}', false) "
+            "RETURNING id;\n"
+        )
         f.flush()
         argv = (
             f"pgbench -h {url.hostname} -p {url.port or 5432} -U {url.username or 'postgres'} -n "

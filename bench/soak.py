@@ -33,18 +33,9 @@ QUICK = (  # --quick: smoke sizes, one run each
 
 MIB = 1024 * 1024
 LOCUSTFILE = Path(__file__).with_name("locustfile_soak.py")
-# A process's role: the first of these its command line holds (its parent's, for a pool).
 NAMES = ("web", "app", "ws", "worker", "beat", "flower")  # the Procfile's entries
 ROLES = ("nginx", "granian", "gunicorn", "uvicorn", "spawn_main", "flower", "beat", "worker")
 POOLS = ("granian", "gunicorn", "worker")  # their workers are children of their own kind
-
-
-def process_role(proc: psutil.Process) -> str | None:
-    def role(p: psutil.Process) -> str | None:
-        return next((r for r in ROLES if r in " ".join(p.cmdline())), None)
-
-    mine = None if proc.name() in ("sh", "dash", "bash") else role(proc)
-    return f"{mine} child" if mine in POOLS and role(proc.parent()) == mine else mine
 
 
 def seed(args) -> tuple[list[dict], list[str], list[int]]:
@@ -68,12 +59,17 @@ def seed(args) -> tuple[list[dict], list[str], list[int]]:
 
 
 def processes(stack: common.Stack) -> dict[str, psutil.Process]:
-    """The stack's processes by role and number (``granian child 1``…)."""
+    """The stack's processes by role and number (``granian child 1``…): a role is the first of
+    ROLES its command line holds; a pool's workers are children of their own kind."""
     found: dict[str, list[psutil.Process]] = {}
     for proc in sorted(stack.programs(), key=lambda p: p.pid):
         with contextlib.suppress(psutil.Error):
-            if role := process_role(proc):
-                found.setdefault(role, []).append(proc)
+            mine, parent = (next((r for r in ROLES if r in " ".join(p.cmdline())), None)
+                            for p in (proc, proc.parent()))  # fmt: skip
+            if mine and proc.name() not in ("sh", "dash", "bash"):
+                found.setdefault(
+                    f"{mine} child" if mine in POOLS and parent == mine else mine, []
+                ).append(proc)
     return {f"{r} {i}": p for r, ps in sorted(found.items()) for i, p in enumerate(ps, 1)}
 
 
@@ -86,14 +82,14 @@ def locust(port: int, data: Path, user: str, users: int, seconds: int, rate: flo
         f"--stop-timeout 30 --host http://127.0.0.1:{port} --csv {stem} --csv-full-history "
         "--only-summary --loglevel WARNING"
     )
-    env = {"SOAK_DATA": str(data), "SOAK_ACKED": f"{stem}.acked"}
+    env = {
+        "SOAK_DATA": str(data),
+        "SOAK_ACKED": f"{stem}.acked",
+        "SOAK_RATE_PER_USER": str(rate / users),
+    }
     with open(f"{stem}.log", "w") as log:
-        return subprocess.Popen(
-            [sys.executable, *argv.split()],
-            env={**os.environ, **env, "SOAK_RATE_PER_USER": str(rate / users)},
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
+        return subprocess.Popen([sys.executable, *argv.split()], env={**os.environ, **env},
+                                stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
 
 
 def history(data: Path) -> list[tuple[int, int, int]]:
@@ -114,10 +110,8 @@ def sample(stack: common.Stack, sockets: push.Holders, redis_servers: dict) -> d
     for name, server in redis_servers.items():
         row[f"{name} used_memory MiB"] = server.info("memory")["used_memory"] / MIB
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        cursor.execute(f"{sql} AND pid <> pg_backend_pid()")
         row["PostgreSQL connections"] = cursor.fetchone()[0]
     row["sockets open"] = len(sockets.ask("status")[0]["open"])
     return row
@@ -148,12 +142,13 @@ def growth(rows: list[dict], key: str, window: int, limit: float) -> dict:
     rows, before = rows[-1 - window :], rows[: -1 - window]
     if not rows[0].get(key) or any(r.get(key) is None for r in rows):
         return {"series": key, "growth_pct": None, "pass": False}
-    pct = (max(r[key] for r in rows) - rows[0][key]) / rows[0][key] * 100
+    top = max(r[key] for r in rows)
+    pct = (top - rows[0][key]) / rows[0][key] * 100
     if key == "PostgreSQL connections":  # pools: fail only on a new high in the window
         return {
             "series": key,
             "growth_pct": pct,
-            "pass": pct <= 0 or max(r[key] for r in rows) <= max(r[key] for r in before),
+            "pass": pct <= 0 or top <= max(r[key] for r in before),
         }
     return {"series": key, "growth_pct": pct, "pass": pct <= limit}
 

@@ -190,25 +190,13 @@ def run_pulls(http: Http, device, since: int, limit: int, mode: str, runs: int) 
     }  # fmt: skip
 
 
-def measure_pulls(http: Http, data: dict, since: int, limits: list[int], args) -> list[dict]:
-    """Pulls from ``since``, cold and prepared, at each page limit."""
-    n, out = data["state"]["cur"] - since, []
-    for mode in ("cold", "prepared"):
-        for limit in limits:
-            s = run_pulls(http, data["device"], since, limit, mode, args.runs)
-            out.append(s | {"expected_round_trips": -(-n // limit) if n else 1})
-            print(
-                f"  since={since} {mode} limit={limit}: {common.median(s['ms']):.0f} ms", flush=True
-            )
-    return out
-
-
-def measure_sweep(http: Http, data: dict, args) -> list[dict]:
-    """Cold catch-up from ``cur - n`` for each ``n`` of ``--sweep`` (the plot's points)."""
-    cur, out = data["state"]["cur"], []
-    for n in [n for n in args.sweep if n <= cur - data["since"]]:
-        s = run_pulls(http, data["device"], cur - n, settings.SYNC_PAGE_MAX, "cold", args.runs)
-        out.append(s | {"behind": n})
+def measure_pulls(http: Http, data: dict, since: list[int], limits, modes, runs: int) -> list:
+    """Pulls from each of ``since``, in each mode (cold, prepared), at each page limit."""
+    out, cur = [], data["state"]["cur"]
+    for mode, limit, start in [(m, x, s) for m in modes for x in limits for s in since]:
+        s, n = run_pulls(http, data["device"], start, limit, mode, runs), cur - start
+        out.append(s | {"behind": n, "expected_round_trips": -(-n // limit) or 1})
+        print(f"  since={start} {mode} limit={limit}: {common.median(s['ms']):.0f} ms", flush=True)
     return out
 
 
@@ -375,11 +363,18 @@ def checks(res: dict, args) -> list[str]:
     return problems + ([f"acks: {wrong} devices with a wrong acked_version"] if wrong else [])
 
 
+ACK_COLUMNS = {"acks sent": "acks", "HTTP ms": "http_ms", "flushes run": "flush_calls",
+               "flush UPDATEs (acks + last seen)": "ack_updates", "rows they updated": "ack_rows",
+               "last_seen UPDATEs from the requests": "last_seen_updates",
+               "their rows": "last_seen_rows", "other UPDATEs": "other_server_updates",
+               "server SQL queries": "server_queries"}  # fmt: skip
+
+
 def tables(res: dict, args) -> list[str]:
     catchup, gap, w, a = res["catchup"], res["gap"], res["writes"], res["acks"]
 
     def ms(s: dict, what: str = "ms") -> str:
-        name = f"{s.get('behind', s['mode'])} limit={s['limit']} {what}"
+        name = f"{'gap' if s['gap'] else 'catch-up'} {s['behind']} {s['mode']} {s['limit']} {what}"
         return common.spread(name, s[what.replace(" ", "_")]) if s[what.replace(" ", "_")] else "-"
 
     rows = [
@@ -414,19 +409,10 @@ def tables(res: dict, args) -> list[str]:
     for interval in dict.fromkeys(r["flush_interval_s"] for r in a["runs"]):
         mine = [r for r in a["runs"] if r["flush_interval_s"] == interval]
 
-        def col(k: str, mine=mine, i=interval) -> str:
-            return common.spread(f"acks {i:g} s {k}", [r[k] for r in mine], "{:.0f}")
-
-        rows.append([
-            f"every {interval:g} s + once after" if interval else "once, after the last",
-            col("acks"), col("http_ms"), col("flush_calls"), col("ack_updates"), col("ack_rows"),
-            f"{col('last_seen_updates')} ({col('last_seen_rows')})", col("other_server_updates"),
-            col("server_queries"),
-        ])  # fmt: skip
-    lines += common.table(["ack flush", "acks sent", "HTTP ms", "flushes run",
-                           "flush UPDATEs (acks + last seen)", "rows they updated",
-                           "UPDATEs from the requests (rows)", "other UPDATEs",
-                           "server SQL queries"], rows)  # fmt: skip
+        cells = (common.spread(f"acks {interval:g} s {k}", [r[k] for r in mine], "{:.0f}")
+                 for k in ACK_COLUMNS.values())  # fmt: skip
+        rows.append([f"every {interval:g} s, + once after" if interval else "once, after", *cells])
+    lines += common.table(["ack flush", *ACK_COLUMNS], rows)
     problems = checks(res, args)
     counted = sum(r["ack_rows"] + r["last_seen_rows"] for r in a["runs"])
     return [
@@ -465,12 +451,13 @@ def main() -> None:
         with common.stack({"server": f"{gunicorn} --log-level warning"}) as server:
             http = Http(server.port)
             machine = common.machine()
-            n = data["catchup"]["state"]["cur"] - data["catchup"]["since"]
-            limits = [settings.SYNC_PAGE_MAX, 200]
-            catchup = measure_pulls(http, data["catchup"], data["catchup"]["since"], limits, args)
+            c, page, both = data["catchup"], settings.SYNC_PAGE_MAX, ("cold", "prepared")
+            n = c["state"]["cur"] - c["since"]
+            catchup = measure_pulls(http, c, [c["since"]], [page, 200], both, args.runs)
             res["catchup"] = {"entries_behind": n, "results": catchup}
-            res["sweep"] = measure_sweep(http, data["catchup"], args)
-            gap = measure_pulls(http, data["gap"], 0, [settings.SYNC_PAGE_MAX], args)
+            behind = [c["state"]["cur"] - b for b in args.sweep if b <= n]
+            res["sweep"] = measure_pulls(http, c, behind, [page], ["cold"], args.runs)
+            gap = measure_pulls(http, data["gap"], [0], [page], both, args.runs)
             res["gap"] = {"state": data["gap"]["state"], "results": gap}
             res["writes"] = measure_entry_writes(data["big"], args)
             res["acks"] = measure_acks(http, data["ack"], data["big"], args)
