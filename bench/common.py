@@ -1,6 +1,7 @@
 """What the benchmark sections share: their database, Redis and broker (a redis-server of its
-own, so each side's commands count apart), processes measured with psutil, flags, statistics,
-the machine's description, and the result files (markdown, JSON, matplotlib PNGs)."""
+own, so each side's commands count apart), seed data, processes (bin/stack.py, measured with
+psutil), flags, statistics and machine metadata (pyperf), and the result files (markdown, JSON,
+pyperf JSON, matplotlib PNGs)."""
 
 import argparse
 import contextlib
@@ -25,16 +26,22 @@ RESULTS = ROOT / "bench" / "results"
 BROKER_PORT = int(os.environ.get("BENCH_BROKER_PORT", "6390"))
 ENV = {
     "DJANGO_SETTINGS_MODULE": "imcore.settings",
-    "DATABASE_URL": os.environ.get(
-        "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/imcore_bench"
-    ),
+    "DATABASE_URL": os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/imcore_bench"),
     "REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/8"),
     "CELERY_BROKER_URL": f"redis://127.0.0.1:{BROKER_PORT}/0",
     "COUNTERS_RECONCILE_INTERVAL_S": "0",
     "LOG_LEVEL": "WARNING",
-}
+}  # fmt: skip
 # Commands of the benchmark's own observer and bookkeeping, left out of the counts.
 NOT_COUNTED = {"cmdstat_hmget", "cmdstat_info", "cmdstat_config|resetstat", "cmdstat_llen"}
+# The benchmark's own Celery worker (prefork, 2 processes, both queues) and beat (Procfile form).
+WORKER = {
+    "worker": "celery -A imcore worker --queues default,counters --concurrency 2 --without-gossip "
+    "--without-mingle --loglevel WARNING",
+    "beat": f"celery -A imcore beat --schedule {tempfile.gettempdir()}/imcore-bench-beat-"
+    f"{os.getpid()} --loglevel WARNING",
+}  # fmt: skip
+Device = namedtuple("Device", "pk user_id token")
 
 
 def django_setup() -> None:
@@ -44,17 +51,41 @@ def django_setup() -> None:
     __import__("django").setup()
 
 
-def broker_up() -> bool:
-    ping = ["redis-cli", "-p", str(BROKER_PORT), "ping"]
-    return subprocess.run(ping, capture_output=True).returncode == 0
-
-
 def wait_for(ready, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what}: not ready in {timeout:g} s")
         time.sleep(0.2)
+
+
+def broker_up() -> bool:
+    ping = ["redis-cli", "-p", str(BROKER_PORT), "ping"]
+    return subprocess.run(ping, capture_output=True).returncode == 0
+
+
+@contextlib.contextmanager
+def section():
+    """A section's run: SIGTERM exits (so ``finally`` blocks stop what they started), the broker
+    and the database up and migrated; the broker stopped at the end if this run started it."""
+    from django.core.management import call_command
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    django_setup()
+    started = not broker_up()
+    if started:
+        server = f"redis-server --port {BROKER_PORT} --bind 127.0.0.1 --daemonize yes"
+        subprocess.run([*server.split(), "--save", "", "--appendonly", "no"], check=True)
+        wait_for(broker_up, 5, "the benchmark broker")
+    db = ENV["DATABASE_URL"].rsplit("/", 1)[1]  # createdb fails when it exists: that is fine
+    subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", db], capture_output=True)
+    call_command("migrate", verbosity=0)
+    try:
+        yield
+    finally:
+        if started:
+            shutdown = ["redis-cli", "-p", str(BROKER_PORT), "shutdown", "nosave"]
+            subprocess.run(shutdown, capture_output=True)
 
 
 def free_port() -> int:
@@ -70,12 +101,10 @@ def reset_data(broker: bool = True) -> None:
     from counters.redis import get_redis
     from imcore.celery import app
 
+    tables = "message membership device conversation user_groups user_user_permissions user"
     with connection.cursor() as cursor:
-        cursor.execute(
-            "TRUNCATE imcore_message, imcore_membership, imcore_device, imcore_conversation, "
-            "imcore_user_groups, imcore_user_user_permissions, django_admin_log, imcore_user "
-            "RESTART IDENTITY CASCADE"
-        )
+        names = ", ".join(f"imcore_{t}" for t in tables.split())
+        cursor.execute(f"TRUNCATE {names}, django_admin_log RESTART IDENTITY CASCADE")
     get_redis().flushdb()
     if broker:
         with app.connection_for_write() as conn:
@@ -88,34 +117,28 @@ def make_users(n: int, tag: str) -> list[int]:
 
     from imcore.models import User
 
-    unusable = make_password(None)
-    users = (User(username=f"{tag}-{i}", password=unusable) for i in range(n))
+    users = (User(username=f"{tag}-{i}", password=make_password(None)) for i in range(n))
     return [u.pk for u in User.objects.bulk_create(users, batch_size=5000)]
-
-
-Device = namedtuple("Device", "pk user_id token")
 
 
 def make_devices(user_ids: list[int], **fields) -> list[Device]:
     """A device each, bulk-inserted with the token hash a login would store."""
     import secrets
 
-    from imcore import models
+    from imcore.models import Device as Model
     from imcore.services import token_hash
 
     tokens = [secrets.token_urlsafe(32) for _ in user_ids]
-    rows = models.Device.objects.bulk_create(
-        models.Device(
-            user_id=u, device_id=f"bench-{u}", platform="web", token_hash=token_hash(t), **fields
-        )
+    rows = Model.objects.bulk_create(
+        Model(user_id=u, device_id=f"bench-{u}", platform="web", token_hash=token_hash(t), **fields)
         for u, t in zip(user_ids, tokens, strict=True)
     )
     return [Device(d.pk, d.user_id, t) for d, t in zip(rows, tokens, strict=True)]
 
 
 def make_group(ids: list[int], title: str, channel: bool | None = None, reconcile: bool = True):
-    """A group of ``ids`` (the first creates it), in channel mode or not (None: by the
-    settings), every member's counters loaded from PostgreSQL unless ``reconcile`` is off."""
+    """A group of ``ids`` (the first creates it), in channel mode or not (None: as the settings
+    say), every member's counters loaded from PostgreSQL unless ``reconcile`` is off."""
     from django.conf import settings
 
     from counters.services import counters_reconcile
@@ -135,13 +158,30 @@ def make_group(ids: list[int], title: str, channel: bool | None = None, reconcil
     return group
 
 
-# The benchmark's own Celery worker (prefork, 2 processes, both queues) and beat, in Procfile form.
-WORKER = {
-    "worker": "celery -A imcore worker --queues default,counters --concurrency 2 "
-    "--without-gossip --without-mingle --loglevel WARNING",
-    "beat": f"celery -A imcore beat --schedule {tempfile.gettempdir()}/imcore-bench-beat-"
-    f"{os.getpid()} --loglevel WARNING",
-}
+def send_messages(conversation_id: int, sender_ids: list[int], n: int, tag: str) -> None:
+    """``n`` messages through ``message_send``, the senders in turn."""
+    from imcore import services
+    from imcore.models import Conversation, User
+
+    conversation = Conversation.objects.get(pk=conversation_id)
+    senders = [User.objects.get(pk=uid) for uid in sender_ids]
+    for i in range(n):
+        body = f"{tag} message {i}: " + "lorem ipsum dolor sit amet " * 2
+        message = {"sender": senders[i % len(senders)], "body": body}
+        services.message_send(
+            conversation=conversation, client_msg_id=f"{tag}-{conversation_id}-{i}", **message
+        )
+
+
+def drain(timeout: float = 60) -> None:
+    """Until the counter pipeline and the broker's queues are empty; raises past ``timeout``."""
+    from delivery.pipeline import shard_lengths
+    from imcore.celery import app
+
+    with app.connection_for_write() as conn:
+        broker = conn.default_channel.client
+        empty = lambda: not sum(shard_lengths()) + broker.llen("default") + broker.llen("counters")  # noqa: E731
+        wait_for(empty, timeout, "the queues' drain")
 
 
 class Stack:
@@ -156,8 +196,11 @@ class Stack:
         )
         self.procfile.flush()
         self.log = tempfile.NamedTemporaryFile(prefix="imcore-bench-", suffix=".log")  # noqa: SIM115
-        env |= {"IMCORE_HOST": "127.0.0.1", "IMCORE_PORT": self.port,
-                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
+        env |= {
+            "IMCORE_HOST": "127.0.0.1",
+            "IMCORE_PORT": self.port,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        }
         self.proc = psutil.Popen(
             [sys.executable, "bin/stack.py", "--no-colour", "-f", self.procfile.name], cwd=ROOT,
             env={**os.environ, **ENV, **{k: str(v) for k, v in env.items()}},
@@ -235,32 +278,6 @@ def stack(entries: dict[str, str], http: bool = True, settle: float = 0, **env):
         running.stop()
 
 
-def drain(timeout: float = 60) -> None:
-    """Until the counter pipeline and the broker's queues are empty; raises past ``timeout``."""
-    from delivery.pipeline import shard_lengths
-    from imcore.celery import app
-
-    with app.connection_for_write() as conn:
-        broker = conn.default_channel.client
-        empty = lambda: not sum(shard_lengths()) + broker.llen("default") + broker.llen("counters")  # noqa: E731
-        wait_for(empty, timeout, "the queues' drain")
-
-
-def send_messages(conversation_id: int, sender_ids: list[int], n: int, tag: str) -> None:
-    """``n`` messages through ``message_send``, the senders in turn."""
-    from imcore import services
-    from imcore.models import Conversation, User
-
-    conversation = Conversation.objects.get(pk=conversation_id)
-    senders = [User.objects.get(pk=uid) for uid in sender_ids]
-    for i in range(n):
-        body = f"{tag} message {i}: " + "lorem ipsum dolor sit amet " * 2
-        sender, cmid = senders[i % len(senders)], f"{tag}-{conversation_id}-{i}"
-        services.message_send(
-            sender=sender, conversation=conversation, body=body, client_msg_id=cmid
-        )
-
-
 def postmaster() -> psutil.Process:
     """The PostgreSQL server's main process: the parent of this session's backend."""
     from django.db import connection
@@ -308,65 +325,36 @@ def parse(doc: str, quick: str, **options) -> argparse.Namespace:
         flag, help = "--" + name.replace("_", "-"), "; ".join([*about, "default: %(default)s"])
         if default is False:
             parser.add_argument(flag, action="store_true", help=about[0] if about else None)
-            continue
-        kind = type(default)
-        if kind is list:
-            kind = list_of(type(default[0]))
-        parser.add_argument(flag, type=kind, default=default, help=help)
+        else:
+            kind = type(default[0]) if isinstance(default, list) else type(default)
+            each = (
+                (lambda text, k=kind: [k(x) for x in text.split(",") if x])
+                if isinstance(default, list)
+                else kind
+            )
+            parser.add_argument(flag, type=each, default=default, help=help)
     argv = sys.argv[1:]
     return parser.parse_args([*quick.split(), *argv] if "--quick" in argv else argv)
-
-
-def list_of(item: type):
-    return lambda text: [item(x) for x in text.split(",") if x]
-
-
-@contextlib.contextmanager
-def section():
-    """A section's run: SIGTERM exits (so ``finally`` blocks stop what they started), the broker
-    and the database up and migrated; the broker stopped at the end if this run started it."""
-    from django.core.management import call_command
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    django_setup()
-    started = not broker_up()
-    if started:
-        server = f"redis-server --port {BROKER_PORT} --bind 127.0.0.1 --daemonize yes"
-        subprocess.run([*server.split(), "--save", "", "--appendonly", "no"], check=True)
-        wait_for(broker_up, 5, "the benchmark broker")
-    db = ENV["DATABASE_URL"].rsplit("/", 1)[1]  # createdb fails when it exists: that is fine
-    subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", db], capture_output=True)
-    call_command("migrate", verbosity=0)
-    try:
-        yield
-    finally:
-        if started:
-            subprocess.run(
-                ["redis-cli", "-p", str(BROKER_PORT), "shutdown", "nosave"], capture_output=True
-            )
-
-
-def metadata() -> dict:
-    """The machine's description as pyperf collects it (CPU model and count, host, Python,
-    platform, load), once a process."""
-    global METADATA
-    if not METADATA:
-        run = pyperf.Run([1.0], metadata={"name": "machine"})  # collect_metadata: pyperf's own
-        METADATA = pyperf.Benchmark([run]).get_metadata()
-    return METADATA
 
 
 METADATA: dict = {}
 SUITE: dict[str, pyperf.Benchmark] = {}  # this section's, written to <stem>.pyperf.json
 
 
+def metadata() -> dict:
+    """The machine as pyperf describes it (CPU model and count, host, Python, platform, load)."""
+    if not METADATA:
+        run = pyperf.Run([1.0], metadata={"name": "machine"})  # collect_metadata: pyperf's own
+        METADATA.update(pyperf.Benchmark([run]).get_metadata())
+    return METADATA
+
+
 def record(name: str, values) -> pyperf.Benchmark | None:
     """A pyperf Benchmark of ``values`` (one run each; a name ending in `` ms`` is kept in
     seconds), in the section's suite; None when a value is not positive (pyperf's rule)."""
-    values = [float(v) for v in values if v is not None]
+    values, ms = [float(v) for v in values if v is not None], name.endswith(" ms")
     if not values or min(values) <= 0:
         return None
-    ms = name.endswith(" ms")
     meta = {**metadata(), "name": name, "unit": "second" if ms else "integer"}
     runs = [
         pyperf.Run([v / 1000 if ms else v], metadata=meta, collect_metadata=False) for v in values
@@ -378,10 +366,9 @@ def record(name: str, values) -> pyperf.Benchmark | None:
 def median(values, name: str = "") -> float:
     """The median (pyperf's, recorded as ``name`` when given)."""
     values = [v for v in values if v is not None]
-    bench = record(name, values) if name else None
-    if bench is None:
-        return statistics.median(values) if values else float("nan")
-    return bench.median() * (1000 if name.endswith(" ms") else 1)
+    if bench := record(name, values) if name else None:
+        return bench.median() * (1000 if name.endswith(" ms") else 1)
+    return statistics.median(values) if values else float("nan")
 
 
 def spread(name: str, values, fmt: str = "{:.1f}") -> str:
@@ -395,8 +382,7 @@ def spread(name: str, values, fmt: str = "{:.1f}") -> str:
 
 
 def timed(name: str, fn, runs: int, per: int = 1) -> list[float]:
-    """ms of ``fn()`` (over ``per`` items), ``runs`` times after one warm-up; recorded as
-    ``name``."""
+    """ms of ``fn()`` (per one of ``per`` items), ``runs`` times after a warm-up; recorded."""
     ms = []
     for _ in range(runs + 1):
         started = time.perf_counter()
@@ -412,6 +398,12 @@ def percentile(values, q: float) -> float:
     return float(numpy.percentile(values, q, method="nearest")) if len(values) else float("nan")
 
 
+def host() -> str:
+    m, memory = metadata(), psutil.virtual_memory().total / 2**30
+    cpu, python = m["cpu_model_name"], m["python_version"].split()[0]
+    return f"{m['hostname']}: {m['cpu_count']} cores ({cpu}), {memory:.0f} GiB, Python {python}"
+
+
 def machine() -> str:
     from django.db import connection
 
@@ -419,13 +411,6 @@ def machine() -> str:
         cursor.execute("show server_version")
         pg = cursor.fetchone()[0].split()[0]
     return f"{host()}, Redis {redis_info()['redis_version']}, PostgreSQL {pg}, local services"
-
-
-def host() -> str:
-    m = metadata()
-    memory = psutil.virtual_memory().total / 2**30
-    cpu, python = m["cpu_model_name"], m["python_version"].split()[0]
-    return f"{m['hostname']}: {m['cpu_count']} cores ({cpu}), {memory:.0f} GiB, Python {python}"
 
 
 def header(title: str, machine_text: str, *notes: str) -> list[str]:
@@ -438,13 +423,9 @@ def header(title: str, machine_text: str, *notes: str) -> list[str]:
     local = (
         f", with local changes to {', '.join(sorted(c[3:] for c in changed))}" if changed else ""
     )
-    return [
-        f"# {title}, {datetime.datetime.now():%Y-%m-%d %H:%M}, {socket.gethostname()}",
-        "",
-        f"Machine: {machine_text}. Code: {git('rev-parse', '--short', 'HEAD')}{local}.",
-        *notes,
-        "",
-    ]
+    when = f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {socket.gethostname()}"
+    code = f"Code: {git('rev-parse', '--short', 'HEAD') or 'not a git checkout'}{local}."
+    return [f"# {title}, {when}", "", f"Machine: {machine_text}. {code}", *notes, ""]
 
 
 def table(head: list[str], rows: list[list]) -> list[str]:
@@ -457,11 +438,10 @@ def table(head: list[str], rows: list[list]) -> list[str]:
 
 
 def results_stem(name: str) -> Path:
-    """``bench/results/<name>-<date>-<host>`` (``<date>-<host>`` for the whole ``make bench``)."""
-    prefix = f"{name}-" if name else ""
-    # make bench sets BENCH_DATE once, so a run past midnight keeps one date for its sections.
+    """``bench/results/<name>-<date>-<host>`` (``<date>-<host>`` for the whole ``make bench``,
+    which sets BENCH_DATE once, so a run past midnight keeps one date for its sections)."""
     day = os.environ.get("BENCH_DATE") or datetime.date.today().isoformat()
-    return RESULTS / f"{prefix}{day}-{socket.gethostname()}"
+    return RESULTS / f"{name}{'-' if name else ''}{day}-{socket.gethostname()}"
 
 
 def figure(name: str, title: str, panels: int = 1, size=(7, 4.5)):
@@ -476,27 +456,26 @@ def figure(name: str, title: str, panels: int = 1, size=(7, 4.5)):
     return fig, list(axes[:, 0])
 
 
-def save_figure(fig, name: str, suffix: str = "") -> str:
-    """Write ``<stem><suffix>.png``; returns the markdown that shows it."""
+def save_figure(fig, name: str) -> str:
+    """Write ``<stem>.png``; returns the markdown that shows it."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     for ax in fig.axes:
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    png = Path(f"{results_stem(name)}{suffix}.png")
+    png = Path(f"{results_stem(name)}.png")
     fig.savefig(png, dpi=100, bbox_inches="tight")
     return f"![{fig._suptitle.get_text().splitlines()[0]}]({png.name})"
 
 
 def write_results(name: str, markdown: str, data: dict) -> Path:
-    """Write ``<stem>.md`` and ``<stem>.json`` and print the markdown; returns the stem. Every
-    section ends with this, so ``bench/all.py`` gathers a run's sections from the files."""
+    """Write ``<stem>.md``, ``.json`` and (pyperf's) ``.pyperf.json``, print the markdown;
+    returns the stem. ``bench/all.py`` gathers a run's sections from these files."""
     stem = results_stem(name)
     RESULTS.mkdir(parents=True, exist_ok=True)
     Path(f"{stem}.md").write_text(markdown.rstrip() + "\n")
     Path(f"{stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     if SUITE:
         pyperf.BenchmarkSuite(list(SUITE.values())).dump(f"{stem}.pyperf.json", replace=True)
-    print(markdown)
-    print(f"\nWritten: {stem}.md, .json" + (" and .pyperf.json" if SUITE else ""))
+    print(markdown, f"\nWritten: {stem}.md, .json" + (" and .pyperf.json" if SUITE else ""))
     return stem
