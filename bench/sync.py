@@ -4,6 +4,7 @@ writes of one message to a big group, PostgreSQL writes per 1,000 acks."""
 
 import contextlib
 import datetime
+import itertools
 import json
 import statistics
 import sys
@@ -94,26 +95,19 @@ def setup(args) -> dict:
     # 1. catch-up: one small group; its second member's device last synced after the join.
     ids = common.make_users(args.group_members, "catchup")
     conversation = common.make_group(ids, "catch-up")
-    reader = ids[1]
-    joined = sync_state(reader)["cur"]
-    others = [uid for uid in ids if uid != reader]
-    common.send_messages(conversation.pk, others, args.catchup_messages, "catchup")
+    reader, joined = ids[1], sync_state(ids[1])["cur"]
+    common.send_messages(conversation.pk, [ids[0], *ids[2:]], args.catchup_messages, "catchup")
     delivery_drain()
-    out["catchup"] = {
-        "device": common.make_devices([reader], acked_version=joined)[0],
-        "since": joined,
-        "state": sync_state(reader),
-    }
+    device = common.make_devices([reader], acked_version=joined)[0]
+    out["catchup"] = {"device": device, "since": joined, "state": sync_state(reader)}
 
     # 2. gap: one user in N direct conversations, each with M messages from the other side;
     # more entries than OFFLINE_MAX_ENTRIES, so the floor is above 0 and since=0 is behind it.
     gap_user, *partners = common.make_users(args.gap_conversations + 1, "gap")
     user = User.objects.get(pk=gap_user)
     for partner in partners:
-        conversation, _ = services.conversation_create(
-            creator=user, kind="direct", member_ids=[partner]
-        )
-        common.send_messages(conversation.pk, [partner], args.gap_messages, "gap")
+        direct, _ = services.conversation_create(creator=user, kind="direct", member_ids=[partner])
+        common.send_messages(direct.pk, [partner], args.gap_messages, "gap")
     counters_reconcile(user_ids=[gap_user, *partners])
     delivery_drain()
     state = sync_state(gap_user)
@@ -131,10 +125,8 @@ def setup(args) -> dict:
     if len(ack_users) < sets * args.ack_devices:
         raise RuntimeError("--big-group is too small for the ack runs")
     seen = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
-    devices = common.make_devices(ack_users, last_seen_at=seen)
-    out["ack"] = {
-        "devices": [devices[i * args.ack_devices : (i + 1) * args.ack_devices] for i in range(sets)]
-    }
+    devices, n = common.make_devices(ack_users, last_seen_at=seen), args.ack_devices
+    out["ack"] = {"devices": [devices[i * n : (i + 1) * n] for i in range(sets)]}
     return out
 
 
@@ -287,10 +279,8 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
     cid, top = big["conversation_id"], big["seq"] + args.acks_per_device
     users = [d.user_id for devices in data["devices"] for d in devices]
     written = offline_record_messages([(uid, [(cid, top, 0)]) for uid in users])
-    table = Device._meta.db_table
+    table, runs, intervals = Device._meta.db_table, [], ack_intervals(args)
     stat0 = n_tup_upd(table)
-    runs = []
-    intervals = ack_intervals(args)
     for i, devices in enumerate(data["devices"]):
         interval = intervals[i // args.runs]
         server, flushed, stop, calls = Counter(), Counter(), threading.Event(), [0]
@@ -300,12 +290,10 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
         http.close()
         sent, t0 = 0, time.perf_counter()
         try:
-            for k in range(args.acks_per_device):
-                for d in devices:
-                    first, _ = written[d.user_id]
-                    ack = {"version": first + k}
-                    server.update(http.call("POST", "/api/v1/sync/ack", d.token, ack)[2])
-                    sent += 1
+            for k, d in itertools.product(range(args.acks_per_device), devices):
+                ack = {"version": written[d.user_id][0] + k}
+                server.update(http.call("POST", "/api/v1/sync/ack", d.token, ack)[2])
+                sent += 1
             http_s = time.perf_counter() - t0
         finally:
             stop.set()
@@ -316,9 +304,8 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
             offline_flush_acks()
         flushed.update(last)
         rows = Device.objects.filter(pk__in=[d.pk for d in devices])
-        acked = dict(rows.values_list("pk", "acked_version"))
-        last = args.acks_per_device - 1
-        wrong = sum(1 for d in devices if acked[d.pk] != written[d.user_id][0] + last)
+        acked, last = dict(rows.values_list("pk", "acked_version")), args.acks_per_device - 1
+        wrong = sum(acked[d.pk] != written[d.user_id][0] + last for d in devices)
         runs.append({
             "flush_interval_s": interval, "acks": sent, "http_ms": http_s * 1000,
             "flush_calls": calls[0], "ack_updates": flushed["updates"], "ack_rows": flushed["rows"],
@@ -340,7 +327,7 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
 
 
 def one(values: list) -> str:
-    return " / ".join(str(v) for v in values)
+    return " / ".join(map(str, values))
 
 
 def checks(res: dict, args) -> list[str]:
