@@ -4,7 +4,6 @@ and unread count checked after draining; exits 1 on growth or any failure (READM
 
 import contextlib
 import csv
-import datetime
 import json
 import os
 import re
@@ -42,20 +41,17 @@ def seed(args) -> tuple[list[dict], list[str], list[int]]:
     """Senders in groups and idle users, a device each; returns the senders' devices, the
     idle tokens, and the ids of every group member."""
     common.reset_data()
-    groups, senders = args.groups, args.users // args.groups
+    senders = args.users // args.groups
     size = max(args.members, senders)
-    ids = common.make_users(groups * size + args.sockets, "soak")
+    ids = common.make_users(args.groups * size + args.sockets, "soak")
     tokens = {d.user_id: d.token for d in common.make_devices(ids)}
-    members, devices = ids[: groups * size], []
-    for g in range(groups):
-        group = members[g * size : (g + 1) * size]
-        conversation = common.make_group(group, f"g{g}", reconcile=False)
-        devices += [
-            {"token": tokens[u], "user_id": u, "conversation": conversation.pk}
-            for u in group[:senders]
-        ]
+    members, devices = ids[: args.groups * size], []
+    for g in range(args.groups):
+        cid = common.make_group(members[g * size : (g + 1) * size], f"g{g}", reconcile=False).pk
+        devices += [{"token": tokens[u], "user_id": u, "conversation": cid}
+                    for u in members[g * size : g * size + senders]]  # fmt: skip
     counters_reconcile(user_ids=members)
-    return devices, [tokens[u] for u in ids[groups * size :]], members
+    return devices, [tokens[u] for u in ids[args.groups * size :]], members
 
 
 def processes(stack: common.Stack) -> dict[str, psutil.Process]:
@@ -82,13 +78,10 @@ def locust(port: int, data: Path, user: str, users: int, seconds: int, rate: flo
         f"--stop-timeout 30 --host http://127.0.0.1:{port} --csv {stem} --csv-full-history "
         "--only-summary --loglevel WARNING"
     )
-    env = {
-        "SOAK_DATA": str(data),
-        "SOAK_ACKED": f"{stem}.acked",
-        "SOAK_RATE_PER_USER": str(rate / users),
-    }
+    env = {"SOAK_DATA": data, "SOAK_ACKED": f"{stem}.acked", "SOAK_RATE_PER_USER": rate / users}
     with open(f"{stem}.log", "w") as log:
-        return subprocess.Popen([sys.executable, *argv.split()], env={**os.environ, **env},
+        env = {**os.environ, **{k: str(v) for k, v in env.items()}}
+        return subprocess.Popen([sys.executable, *argv.split()], env=env,
                                 stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
 
 
@@ -130,9 +123,8 @@ def check_data(acked: set[str], member_ids: list[int]) -> dict:
         )
         seq_off = [r[0] for r in cursor.fetchall()]
     truth = counters_truth_rows(user_ids=member_ids)
-    unread_off = [
-        u for u in member_ids if counters_peek(user_id=u) != counters_truth_from_rows(truth[u])
-    ]
+    is_off = lambda u: counters_peek(user_id=u) != counters_truth_from_rows(truth[u])  # noqa: E731
+    unread_off = [u for u in member_ids if is_off(u)]
     return {"acked": len(acked), "stored": len(stored), "lost": len(acked - stored),
             "last_seq_off": seq_off, "unread_off_users": unread_off}  # fmt: skip
 
@@ -172,25 +164,20 @@ def plot(samples: list[dict], series: list[str]) -> str:
 
 def markdown(args, r: dict) -> str:
     short = {k: k.replace(" RSS MiB", "").replace("used_memory ", "") for k in r["series"]}
-    c = r["checks"]
+    c, growth = r["checks"], {g["series"]: g for g in r["growth"]}
     lines = common.header(
         "Soak", r["machine"],
         f"`bin/stack.py` ({', '.join(NAMES)}); probe {r['capacity']:.1f} sends/s; "
         f"{args.minutes} min at {args.load:.0%} of it from {args.users} locust users, "
-        f"{args.sockets} idle WebSockets. MiB; requests and errors of the minute before the row.",
+        f"{args.sockets} idle WebSockets. MiB; requests and errors of the minute before the row; "
+        f"last row: the growth over the last {r['window']} min (limit {args.limit_percent:g} %).",
     )  # fmt: skip
-    rows = [
-        [i, *(f"{row.get(k, float('nan')):.1f}" if "MiB" in k else row[k] for k in short),
-         row["requests"], row["errors"]]
-        for i, row in enumerate(r["minutes"])
-    ]  # fmt: skip
-    lines += [*common.table(["min", *short.values(), "requests", "errors"], rows), ""]
-    rows = [
-        [short[g["series"]], "n/a" if g["growth_pct"] is None else f"{g['growth_pct']:+.1f} %",
-         "PASS" if g["pass"] else "FAIL"]
-        for g in r["growth"]
-    ]  # fmt: skip
-    lines += common.table([f"growth, last {r['window']} min", "growth", "result"], rows)
+    rows = [[i, *(f"{row.get(k, float('nan')):.1f}" if "MiB" in k else row[k] for k in short),
+             row["requests"], row["errors"]] for i, row in enumerate(r["minutes"])]  # fmt: skip
+    grew = [growth.get(k, {"growth_pct": None, "pass": True}) for k in short]
+    rows.append(["growth", *(("n/a" if g["growth_pct"] is None else f"{g['growth_pct']:+.1f} %")
+                             + ("" if g["pass"] else " FAIL") for g in grew), "", ""])  # fmt: skip
+    lines += common.table(["min", *short.values(), "requests", "errors"], rows)
     lines.append(
         f"\nErrors {r['errors']} of {r['requests']} requests (locust {r['failures']}, sockets "
         f"lost {r['sockets_lost']}, 5xx {r['server_5xx']}, tracebacks {r['tracebacks']}). Sends "
@@ -259,18 +246,14 @@ def main() -> None:
         previous = now
     series = [k for k in r["samples"][-1] if "MiB" in k]
     series += ["PostgreSQL connections", "sockets open", "load avg 1 min"]
-    window = min(args.window_minutes, args.minutes // 2)
+    window, c = min(args.window_minutes, args.minutes // 2), r["checks"]
     r["growth"] = [growth(minutes, k, window, args.limit_percent) for k in series[:-2]]
     r["failures"], r["sockets_lost"] = hist[-1][2], args.sockets - r["sockets_open"]
     r["errors"] = r["failures"] + r["sockets_lost"] + r["server_5xx"] + r["tracebacks"]
-    c = r["checks"]
     bad = c["lost"] or c["last_seq_off"] or c["unread_off_users"] or r["errors"]
-    r |= {
-        "date": datetime.date.today().isoformat(), "host": os.uname().nodename,
-        "machine": common.machine(), "target_rps": args.load * r["capacity"], "args": vars(args),
-        "series": series, "minutes": minutes, "window": window, "requests": hist[-1][1],
-        "pass": all(g["pass"] for g in r["growth"]) and not bad,
-    }  # fmt: skip
+    r |= {"machine": common.machine(), "args": vars(args), "series": series, "minutes": minutes,
+          "window": window, "requests": hist[-1][1],
+          "pass": all(g["pass"] for g in r["growth"]) and not bad}  # fmt: skip
     common.write_results("soak", markdown(args, r) + "\n\n" + plot(r["samples"], series), r)
     sys.exit(0 if r["pass"] else 1)
 
