@@ -81,7 +81,7 @@ def main() -> None:
         rows = [[r["store"], n["port"], f"{n['cmds_per_s']:,.0f}", f"{n['cmds_per_msg']:,.1f}",
                  f"{n['cpu_ms_per_msg']:.3f}"]
                 for r in results for n in r[part]["nodes"]]  # fmt: skip
-        lines += [f"## {title}", "", *common.table(head, rows), ""]
+        lines += common.table(head, rows, title)
     lines += [
         f"- {r['store']}: S1 worker CPU {r['storm']['worker_cpu_ms_per_msg']:.1f} ms/msg, "
         f"sender {r['storm']['sender_cpu_ms_per_msg']:.1f} ms/msg; send path "

@@ -428,12 +428,16 @@ def header(title: str, machine_text: str, *notes: str) -> list[str]:
     return [f"# {title}, {when}", "", f"Machine: {machine_text}. {code}", *notes, ""]
 
 
-def table(head: list[str], rows: list[list]) -> list[str]:
-    """A markdown table; the first column left-aligned, the others right."""
+def table(head: list[str], rows: list[list], title: str = "", *notes: str) -> list[str]:
+    """A markdown table (the first column left-aligned, the others right), under ``## title``
+    when given, a short line of ``notes`` after it."""
     return [
+        *([f"## {title}", ""] if title else []),
         "| " + " | ".join(head) + " |",
         "| --- |" + " ---: |" * (len(head) - 1),
         *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
+        *(["", " ".join(notes)] if notes else []),
+        "",
     ]
 
 

@@ -224,44 +224,37 @@ def latency(data, holders, server, messages: int, interval: float, drain=False, 
 
 IDLE_HEAD = ["sockets", "opened in s", "failed (after a retry)", "server RSS MiB", "KiB / socket",
              "server CPU idle, % of a core", "threads", "fds", "holder RSS MiB"]  # fmt: skip
+LATENCY_HEAD = ["path", "runs x messages", "p50 ms", "p99 ms", "max ms", "missing", "duplicates",
+                "message_send ms", "drain ms", "server CPU s / run"]  # fmt: skip
 
 
-def report(steps: list[dict], lat: dict, args) -> str:
-    rows = []
-    for s in steps:
-        rows.append([
-            f"{s['sockets']:,}", f"{s['seconds']:.1f}", f"{s['failed_first']} ({s['failed']})",
-            f"{s['rss'] / 2**20:.0f}", f"{s['kb_per_socket']:.0f}" if s["sockets"] else "-",
-            f"{s['idle_cpu_pct']:.1f}", s["threads"], f"{s['fds']:,}",
-            " + ".join(f"{b / 2**20:.0f}" for b in s["client_rss"]),
-        ])  # fmt: skip
+def report(steps: list[dict], lat: dict, args) -> list[str]:
+    rows = [
+        [f"{s['sockets']:,}", f"{s['seconds']:.1f}", f"{s['failed_first']} ({s['failed']})",
+         f"{s['rss'] / 2**20:.0f}", f"{s['kb_per_socket']:.0f}" if s["sockets"] else "-",
+         f"{s['idle_cpu_pct']:.1f}", s["threads"], f"{s['fds']:,}",
+         " + ".join(f"{b / 2**20:.0f}" for b in s["client_rss"])]
+        for s in steps
+    ]  # fmt: skip
     reasons = "; ".join(f"{n} x `{k}`" for s in steps for k, n in s["reasons"].items())
-    lines = [
-        "### 1. Idle authenticated sockets on one uvicorn process",
-        "",
-        *common.table(IDLE_HEAD, rows),
-        "",
-        f"Idle CPU over {args.idle_seconds:g} s after each step; KiB / socket: RSS growth "
-        "since 0 sockets / sockets." + (f" Failed handshakes: {reasons}." if reasons else ""),
-        "",
-        f"### 2. Delivery latency: commit → frame at the device, {args.members:,} devices online "
-        f"in one group, messages {args.interval:g} s apart",
-        "",
-    ]
-    rows = []
-    for name, rs in lat.items():
-        rows.append([
-            name, f"{len(rs)} x {rs[0]['messages']}",
-            *(common.spread(f"{name} {k[:-3]} ms", [r[k] for r in rs], "{:.0f}")
-              for k in ("p50_ms", "p99_ms", "max_ms")),
-            f"{sum(r['missing'] for r in rs):,} of {sum(r['expected'] for r in rs):,}",
-            sum(r["duplicates"] for r in rs),
-            *(common.spread(f"{name} {k.replace('_', ' ')}", [r[k] for r in rs])
-              for k in ("send_ms", "drain_ms", "server_cpu_s")),
-        ])  # fmt: skip
-    head = ["path", "runs x messages", "p50 ms", "p99 ms", "max ms", "missing", "duplicates"]
-    lines += common.table([*head, "message_send ms", "drain ms", "server CPU s / run"], rows)
-    return "\n".join(lines)
+    lines = common.table(
+        IDLE_HEAD, rows, "1. Idle authenticated sockets on one uvicorn process",
+        f"Idle CPU over {args.idle_seconds:g} s after each step; KiB / socket: RSS growth since 0 "
+        "sockets / sockets." + (f" Failed handshakes: {reasons}." if reasons else ""),
+    )  # fmt: skip
+    rows = [
+        [name, f"{len(rs)} x {rs[0]['messages']}",
+         *(common.spread(f"{name} {k[:-3]} ms", [r[k] for r in rs], "{:.0f}")
+           for k in ("p50_ms", "p99_ms", "max_ms")),
+         f"{sum(r['missing'] for r in rs):,} of {sum(r['expected'] for r in rs):,}",
+         sum(r["duplicates"] for r in rs),
+         *(common.spread(f"{name} {k.replace('_', ' ')}", [r[k] for r in rs])
+           for k in ("send_ms", "drain_ms", "server_cpu_s"))]
+        for name, rs in lat.items()
+    ]  # fmt: skip
+    title = (f"2. Delivery latency: commit → frame at the device, {args.members:,} devices online "
+             f"in one group, messages {args.interval:g} s apart")  # fmt: skip
+    return lines + common.table(LATENCY_HEAD, rows, title)
 
 
 def plot(steps: list[dict]) -> str:
@@ -313,7 +306,7 @@ def main() -> None:
             finally:
                 holders.stop()
     lines = common.header("Push: live sync over WebSocket", machine, f"Server: `{SERVER}`.")
-    lines += [report(steps, lat, args), "", plot(steps)]
+    lines += [*report(steps, lat, args), plot(steps)]
     common.write_results(
         "push", "\n".join(lines), {"args": vars(args), "idle": steps, "latency": lat}
     )

@@ -191,19 +191,16 @@ def markdown(args, report: dict, plot: str) -> str:
                 " / ".join(f"{v:.2f}" for v in [*c.values(), sum(c.values())]),
                 f"{r['rate'] / pg:.3f} of {pg:,.0f}" if at else "",
             ])  # fmt: skip
-    head = ["configuration", "call", "clients", "requests/s", "p50 ms", "p99 ms", "errors"]
-    lines += common.table([*head, "CPU ms / request: web / PostgreSQL / Celery / total",
-                           "ratio to pgbench single-row INSERT tx/s"], rows)  # fmt: skip
     per = report["per_send"]
-    lines += [
-        "",
+    lines += common.table(
+        ["configuration", "call", "clients", "requests/s", "p50 ms", "p99 ms", "errors",
+         "CPU ms / request: web / PostgreSQL / Celery / total",
+         "ratio to pgbench single-row INSERT tx/s"], rows, "",
         f"One send (Django's test client): {len(per['sql'])} SQL statements "
         f"({'; '.join(per['sql'])}), {len(per['redis'])} Redis commands "
         f"({', '.join(per['redis'])}).",
-        "",
-        plot,
-    ]
-    return "\n".join(lines)
+    )  # fmt: skip
+    return "\n".join([*lines, plot])
 
 
 def plot(args, report: dict) -> str:

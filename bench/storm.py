@@ -229,7 +229,7 @@ def falls_behind(r: dict, interval: float) -> list[str]:
             ("p99 > 1 s", r["p99_ms"] > 1000)] if bad]  # fmt: skip
 
 
-def cost_phase(args, paths: list[str], stacks) -> list[dict]:
+def cost_phase(args, paths: list[str]) -> list[dict]:
     """Phase 1 and 2: one group per (size, path); users shared by a size's groups."""
     common.reset_data()
     groups = {}
@@ -240,7 +240,7 @@ def cost_phase(args, paths: list[str], stacks) -> list[dict]:
         print(f"  {size:,} members: groups created", flush=True)
     runs = []
     for path in paths:
-        with stacks(path, 1) as running:
+        with stack(path, 1) as running:
             for size in args.sizes:
                 seconds = args.latency_seconds if size == LATENCY_SIZE else args.seconds
                 if path == "fanout":
@@ -251,7 +251,7 @@ def cost_phase(args, paths: list[str], stacks) -> list[dict]:
     return runs
 
 
-def ceiling_phase(args, path: str, stacks, interval: float) -> dict[str, list[dict]]:
+def ceiling_phase(args, path: str, interval: float) -> dict[str, list[dict]]:
     """Phase 3 for ``path``, through ``message_send`` and then (channel mode) through
     ``delivery_message_committed`` alone, on the same groups. A ramp goes on past p99 > 1 s
     (up to 5 s) but stops at queue growth or when the senders miss their rate. Channel-mode
@@ -260,7 +260,7 @@ def ceiling_phase(args, path: str, stacks, interval: float) -> dict[str, list[di
     common.reset_data()
     pool = common.make_users(args.members, "pool") if path == "channel" else None
     groups, ramps = [], {}
-    with stacks(path, args.senders) as running:
+    with stack(path, args.senders) as running:
         for how in ("send", "direct") if path == "channel" else ("send",):
             ramps[how] = []
             for n in [s for s in CEILING_STEPS if s <= args.max_groups]:
@@ -275,10 +275,6 @@ def ceiling_phase(args, path: str, stacks, interval: float) -> dict[str, list[di
                 if set(r["behind"]) - {"p99 > 1 s"} or r["p99_ms"] > 5000:
                     break
     return ramps
-
-
-def best(steps: list[dict], allowed: set) -> int:
-    return max((r["groups"] for r in steps if not set(r["behind"]) - allowed), default=0)
 
 
 def ceiling_row(r: dict) -> list:
@@ -346,7 +342,7 @@ def main() -> None:
             f"1 Celery worker (prefork, 2) + beat; {settings.COUNTERS_SHARDS} shards, Timer "
             f"{interval:g} s; in-process `message_send`, {args.rate:g} messages/s per group.",
         )  # fmt: skip
-        runs = cost_phase(args, paths, stack)
+        runs = cost_phase(args, paths)
         by = {(r["path"], r["members"]): r for r in runs}
         rows = [
             [f"{label}: {PATHS[path]}",
@@ -354,26 +350,25 @@ def main() -> None:
             for label, key, fmt in COST_ROWS
             for path in paths
         ]  # fmt: skip
-        lines += [
-            "## One group: cost per message and commit → unread visible",
-            "",
-            *common.table(["path", *(f"{n:,} members" for n in args.sizes)], rows),
-            "",
-            "Commands: INFO commandstats until the write path is idle; latency: a member polls "
-            "`counters_get` every ~2 ms.",
-        ]
+        lines += common.table(
+            ["path", *(f"{n:,} members" for n in args.sizes)], rows,
+            "One group: cost per message and commit → unread visible", "Commands: INFO "
+            "commandstats until the write path is idle; latency: a member polls `counters_get`.",
+        )  # fmt: skip
         data = {"machine": lines[2], "args": vars(args), "runs": runs, "ceiling": {}}
         for path in [p for p in ("channel", "pipeline") if p in paths and not args.no_ceiling]:
-            for how, steps in ceiling_phase(args, path, stack, interval).items():
+            for how, steps in ceiling_phase(args, path, interval).items():
                 name = f"{PATHS[path]}, " + ("message_send" if how == "send" else "committed alone")
-                strict, loose = best(steps, set()), best(steps, {"p99 > 1 s"})
+                strict, loose = (max((r["groups"] for r in steps if not set(r["behind"]) - ok),
+                                     default=0) for ok in (set(), {"p99 > 1 s"}))  # fmt: skip
                 data["ceiling"][name] = {"steps": steps, "best": strict, "drains": loose}
-                lines += ["", f"## Ceiling, {name}: groups of {args.members:,} at {args.rate:g} "
-                          f"messages/s, {args.step_seconds:g} s a step", ""]  # fmt: skip
-                lines += common.table(CEILING_HEAD, [ceiling_row(r) for r in steps])
-                lines += ["", f"Keeps up (p99 ≤ 1 s, no queue growth, senders on time) with "
-                          f"{strict} group(s); without queue growth: {loose}."]  # fmt: skip
-    lines += ["", plot(runs, data["ceiling"], args.members)]
+                lines += common.table(
+                    CEILING_HEAD, [ceiling_row(r) for r in steps], f"Ceiling, {name}: groups of "
+                    f"{args.members:,} at {args.rate:g} messages/s, {args.step_seconds:g} s a step",
+                    f"Keeps up (p99 ≤ 1 s, no queue growth, senders on time) with {strict} "
+                    f"group(s); without queue growth: {loose}.",
+                )  # fmt: skip
+    lines.append(plot(runs, data["ceiling"], args.members))
     common.write_results("storm", "\n".join(lines), data)
 
 

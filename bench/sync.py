@@ -360,54 +360,43 @@ ACK_COLUMNS = {"acks sent": "acks", "HTTP ms": "http_ms", "flushes run": "flush_
 def tables(res: dict, args) -> list[str]:
     catchup, gap, w, a = res["catchup"], res["gap"], res["writes"], res["acks"]
 
-    def ms(s: dict, what: str = "ms") -> str:
-        name = f"{'gap' if s['gap'] else 'catch-up'} {s['behind']} {s['mode']} {s['limit']} {what}"
-        return common.spread(name, s[what.replace(" ", "_")]) if s[what.replace(" ", "_")] else "-"
+    def ms(s: dict, key: str = "ms") -> str:
+        name = f"{'gap' if s['gap'] else 'catch-up'} {s['behind']} {s['mode']} {s['limit']} {key}"
+        return common.spread(name.replace("_ms", " ms"), s[key]) if s[key] else "-"
 
     rows = [
         [f"{'gap' if s['gap'] else 'catch-up'}, {s['mode']}", s["limit"],
          one(s["round_trips"]) + ("" if s["gap"] else f" ({s['expected_round_trips']})"),
          f"{one(s['conversations'])} conversations" if s["gap"] else one(s["entries"]), ms(s),
-         one(s["sql"]), f"{s['kb']:.0f}", ms(s, "prepare ms")]
+         one(s["sql"]), f"{s['kb']:.0f}", ms(s, "prepare_ms")]
         for s in catchup["results"] + gap["results"]
     ]  # fmt: skip
-    lines = [
-        f"### 1. Catch-up ({catchup['entries_behind']:,} entries behind) and gap (since=0 behind "
-        f"the floor {gap['state']['floor']:,})",
-        "",
-        *common.table(["pull, package", "limit", "round trips (expected)", "entries", "total ms",
-                       "server SQL queries", "response KB", "prepare ms"], rows),
-        "",
-        "Cold, against entries behind: "
+    lines = common.table(
+        ["pull, package", "limit", "round trips (expected)", "entries", "total ms",
+         "server SQL queries", "response KB", "prepare ms"], rows,
+        f"1. Catch-up ({catchup['entries_behind']:,} entries behind) and gap (since=0 behind the "
+        f"floor {gap['state']['floor']:,})", "Cold, against entries behind: "
         + ", ".join(f"{s['behind']:,}: {ms(s)} ms" for s in res["sweep"]) + ".",
-        "",
-        f"### 2. Versions for one message to a {w['members']:,}-member group",
-        "",
-        *common.table(["path", "ms / message", "versions / s", "round trips to the store"], [
-            [p["path"], common.spread(f"entry writes: {p['path']} ms", p["ms"]),
-             f"{common.median(p['versions_per_s']):,.0f}", p["round_trips"]] for p in w["paths"]
-        ]),
-        "",
-        f"### 3. PostgreSQL writes per {a['runs'][0]['acks']:,} acks ({args.ack_devices} devices x "
-        f"{args.acks_per_device} acks over HTTP, fresh devices each run)",
-        "",
-    ]  # fmt: skip
+    )  # fmt: skip
+    rows = [[p["path"], common.spread(f"entry writes: {p['path']} ms", p["ms"]),
+             f"{common.median(p['versions_per_s']):,.0f}", p["round_trips"]]
+            for p in w["paths"]]  # fmt: skip
+    head = ["path", "ms / message", "versions / s", "round trips to the store"]
+    lines += common.table(head, rows, f"2. Versions for one message to {w['members']:,} members")
     rows = []
     for interval in dict.fromkeys(r["flush_interval_s"] for r in a["runs"]):
         mine = [r for r in a["runs"] if r["flush_interval_s"] == interval]
-
         cells = (common.spread(f"acks {interval:g} s {k}", [r[k] for r in mine], "{:.0f}")
                  for k in ACK_COLUMNS.values())  # fmt: skip
         rows.append([f"every {interval:g} s, + once after" if interval else "once, after", *cells])
-    lines += common.table(["ack flush", *ACK_COLUMNS], rows)
     problems = checks(res, args)
     counted = sum(r["ack_rows"] + r["last_seen_rows"] for r in a["runs"])
-    return [
-        *lines,
-        "",
-        f"n_tup_upd of imcore_device: {a['pg_stat_n_tup_upd']:,} (counted {counted:,}). Checks: "
-        + ("; ".join(problems) if problems else "all passed."),
-    ]
+    return lines + common.table(
+        ["ack flush", *ACK_COLUMNS], rows, f"3. PostgreSQL writes per {a['runs'][0]['acks']:,} "
+        f"acks ({args.ack_devices} devices x {args.acks_per_device} acks over HTTP, fresh devices "
+        f"each run)", f"n_tup_upd of imcore_device: {a['pg_stat_n_tup_upd']:,} (counted "
+        f"{counted:,}). Checks: " + ("; ".join(problems) if problems else "all passed."),
+    )  # fmt: skip
 
 
 def plot(sweep: list[dict]) -> str:
