@@ -119,8 +119,7 @@ class Holders:
             parts = [[(i, tokens[i]) for i in which if i % n == k] for k in range(n)]
             return self.ask("open", [{"sockets": p, "concurrency": c} for p in parts])
 
-        first = attempt(list(idx), concurrency)
-        seconds = time.perf_counter() - t0
+        first, seconds = attempt(list(idx), concurrency), time.perf_counter() - t0
         failed = [i for r in first for i in r["failed"]]
         still = [i for r in attempt(failed, retry) for i in r["failed"]] if failed else []
         reasons = {k: len(v) for r in first for k, v in r["reasons"].items()}
@@ -142,9 +141,8 @@ def setup(n_users: int, members: int) -> dict:
     ids = common.make_users(n_users, "push")
     tokens = [d.token for d in common.make_devices(ids)]
     groups = {"pipeline": common.make_group(ids[:members], "push", channel=False)}
-    sender = User.objects.get(pk=ids[0])
-    return {"sender": sender, "groups": groups, "tokens": tokens, "members": members,
-            "ids": ids[:members]}  # fmt: skip
+    return {"sender": User.objects.get(pk=ids[0]), "groups": groups, "tokens": tokens,
+            "members": members, "ids": ids[:members]}  # fmt: skip
 
 
 SERVER = (
@@ -153,31 +151,24 @@ SERVER = (
 )
 
 
-def snapshot(server: common.Stack, idle_s: float) -> dict:
-    """Idle ``idle_s`` seconds: the server's CPU over them, then its RSS, threads and fds."""
-    cpu0, t0 = server.cpu(), time.perf_counter()
-    time.sleep(idle_s)
-    cpu, wall, p = server.cpu() - cpu0, time.perf_counter() - t0, server.find("uvicorn")
-    return {"rss": server.rss(), "idle_cpu_pct": 100 * cpu / wall, "threads": p.num_threads(),
-            "fds": p.num_fds()}  # fmt: skip
-
-
 def measure_idle(server, holders: Holders, tokens: list[str], args) -> list[dict]:
-    steps, held = [], 0
+    """Open sockets up to each step, then idle: the server's CPU over the idle window (the
+    first, at 0 sockets, at most 3 s), then its RSS, threads and fds, and the holders' RSS."""
+    steps, none = [], {"seconds": 0.0, "opened": 0, "failed_first": 0, "failed": 0, "reasons": {}}
     for n in args.steps:
-        opened = {"seconds": 0.0, "opened": 0, "failed_first": 0, "failed": 0, "reasons": {}}
-        if n > held:
-            opened = holders.open(tokens, range(held, n), args.concurrency)
-        status = holders.ask("status")
-        snap = snapshot(server, args.idle_seconds if n else min(args.idle_seconds, 3))
-        base = steps[0]["rss"] if steps else snap["rss"]
-        step = {"sockets": n, "open": sum(len(s["open"]) for s in status), **opened, **snap,
-                "kb_per_socket": (snap["rss"] - base) / 1024 / n if n else None,
-                "client_rss": [s["rss"] for s in status]}  # fmt: skip
-        steps.append(step)
-        held = max(held, n)
-        print(f"  {n} sockets: server RSS {snap['rss'] / 2**20:.0f} MiB", flush=True)
-        if opened["failed"] or step["open"] != n or opened["seconds"] > args.slow_step:
+        held = steps[-1]["sockets"] if steps else 0
+        opened = holders.open(tokens, range(held, n), args.concurrency) if n > held else none
+        status, cpu0, t0 = holders.ask("status"), server.cpu(), time.perf_counter()
+        time.sleep(args.idle_seconds if n else min(args.idle_seconds, 3))
+        cpu, p, rss = server.cpu() - cpu0, server.find("uvicorn"), server.rss()
+        steps.append({
+            "sockets": n, "open": sum(len(s["open"]) for s in status), **opened, "rss": rss,
+            "idle_cpu_pct": 100 * cpu / (time.perf_counter() - t0), "threads": p.num_threads(),
+            "fds": p.num_fds(), "kb_per_socket": (rss - steps[0]["rss"]) / 1024 / n if n else None,
+            "client_rss": [s["rss"] for s in status],
+        })  # fmt: skip
+        print(f"  {n} sockets: server RSS {rss / 2**20:.0f} MiB", flush=True)
+        if opened["failed"] or steps[-1]["open"] != n or opened["seconds"] > args.slow_step:
             break
     return steps
 

@@ -30,13 +30,8 @@ from offline import store
 QUICK = "--clients 1,16 --seconds 3 --warmup 1"  # --quick: smoke sizes, one run each
 
 BODY = "benchmark message: hello from bench/send.py"
-CALLS = {
-    "send": "POST …/messages",
-    "unread": "GET /unread",
-    "read": "POST …/read",
-    "conversations": "GET /conversations",
-    "sync": "GET /sync (100 entries)",
-}
+CALLS = {"send": "POST …/messages", "unread": "GET /unread", "read": "POST …/read",
+         "conversations": "GET /conversations", "sync": "GET /sync (100 entries)"}  # fmt: skip
 SWEPT = ("send", "unread")  # measured at every client count; the others at --at
 ASGI = (
     "uvicorn imcore.asgi:application --host 127.0.0.1 --port $IMCORE_PORT --workers 2 "
@@ -72,10 +67,8 @@ def per_send_counts(client: dict) -> dict:
         return original(self, *args, **kwargs)
 
     path, auth = f"/api/v1/conversations/{client['cid']}/messages", f"Bearer {client['token']}"
-    with (
-        mock.patch.object(redis.Redis, "execute_command", counted),
-        CaptureQueriesContext(connection) as queries,
-    ):
+    patched = mock.patch.object(redis.Redis, "execute_command", counted)
+    with patched, CaptureQueriesContext(connection) as queries:
         body = {"body": BODY, "client_msg_id": "counted"}
         response = Client().post(path, body, "application/json", headers={"Authorization": auth})
     assert response.status_code == 201, response.content
@@ -140,8 +133,7 @@ def measure(port, clients, call, args, procs: dict, tag: str) -> dict:
     common.drain()
     before = {side: cpu() for side, cpu in procs.items()}
     result = wrk(port, clients, call, args.seconds, tag)
-    done = max(result["ok"], 1)
-    ms = {side: (cpu() - before[side]) * 1000 / done for side, cpu in procs.items()}
+    ms = {side: (cpu() - before[side]) * 1000 / max(result["ok"], 1) for side, cpu in procs.items()}
     return {**result, "call": call, "clients": len(clients), "cpu_ms": ms}
 
 
@@ -150,7 +142,7 @@ def run(args) -> dict:
     clients = seed(max(args.clients), args.members, args.at)
     counts, machine, pm = per_send_counts(clients[-1]), common.machine(), common.postmaster()
     known = {"asgi": {"web": ASGI}, "procfile": common.procfile("web", "app", "ws")}
-    results: dict[str, list[dict]] = {}
+    results: dict[str, list[dict]] = {name: [] for name in args.configs}
     pg: dict[str, float] = {}
     with common.stack(common.procfile("worker", "beat"), http=False) as celery:
         for name in args.configs:
@@ -161,7 +153,7 @@ def run(args) -> dict:
                     for n in args.clients if call in SWEPT else [args.at]:
                         tag = f"{name}-{call}-{n}-{time.monotonic_ns()}"
                         row = measure(web.port, clients[:n], call, args, procs, tag)
-                        results.setdefault(name, []).append(row)
+                        results[name].append(row)
                         print(f"  {name} {call} {n}: {row['rate']:.0f}/s", flush=True)
                         if call == "send" and n == args.at:
                             pg[name] = pgbench_insert(n, args.seconds)
@@ -221,9 +213,8 @@ def main() -> None:
         at=(16, "clients of the other calls"), seconds=8.0, warmup=2.0, members=10,
     )  # fmt: skip
     args.clients = sorted({*args.clients, args.at})
-    for tool in ("wrk", "pgbench"):
-        if shutil.which(tool) is None:
-            sys.exit(f"{tool} is missing (make bench-tools installs it)")
+    if missing := [tool for tool in ("wrk", "pgbench") if shutil.which(tool) is None]:
+        sys.exit(f"{', '.join(missing)} missing (make bench-tools installs them)")
     with common.section():
         report = run(args)
     common.write_results("send", markdown(args, report, plot(args, report)), report)

@@ -113,26 +113,17 @@ def send(groups: list[tuple[int, int]], rate: float, seconds: float, start: floa
     convs = {c: Conversation.objects.get(pk=c) for c, _ in groups}
     senders = {s: User.objects.get(pk=s) for _, s in groups}
     tops = {c: int(get_redis().hget(keys.channel(c), keys.CHANNEL_TOP) or 0) for c in convs}
-    schedule = sorted(
-        (k / rate + i / (rate * len(groups)), k, i)
-        for i in range(len(groups))
-        for k in range(max(1, int(rate * seconds)))
-    )
-    cpu0, out = time.process_time(), []
-    for due, k, i in schedule:
-        if (delay := start + due - time.perf_counter()) > 0:
-            time.sleep(delay)
-        cid, sid = groups[i]
+    n, cpu0, out = max(1, int(rate * seconds)), time.process_time(), []
+    for due, k, i in sorted((k / rate + i / (rate * len(groups)), k, i)
+                            for i in range(len(groups)) for k in range(n)):  # fmt: skip
+        time.sleep(max(0.0, start + due - time.perf_counter()))
+        (cid, sid), conv = groups[i], convs[groups[i][0]]
         if direct:
-            seq = tops[cid] = max(tops[cid], convs[cid].last_seq) + 1
-            delivery_message_committed(
-                conversation_id=cid, seq=seq, sender_id=sid, mode=convs[cid].mode
-            )
+            seq = tops[cid] = max(tops[cid], conv.last_seq) + 1
+            delivery_message_committed(conversation_id=cid, seq=seq, sender_id=sid, mode=conv.mode)
         else:
-            cmid = f"{start}-{cid}-{k}"
-            seq = services.message_send(
-                sender=senders[sid], conversation=convs[cid], body="x", client_msg_id=cmid
-            )[0].seq
+            message = {"sender": senders[sid], "body": "x", "client_msg_id": f"{start}-{cid}-{k}"}
+            seq = services.message_send(conversation=conv, **message)[0].seq
         out.append((cid, seq, time.perf_counter()))
     connections.close_all()
     return out, time.process_time() - cpu0

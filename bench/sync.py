@@ -135,12 +135,10 @@ def pull_until_done(http: Http, device: common.Device, since: int, limit: int) -
     trips, entries, nbytes, missing, sql, versions = 0, 0, 0, 0, Counter(), []
     gap, conversations, t0 = False, 0, time.perf_counter()
     while True:
-        page, size, count = http.call(
-            "GET", f"/api/v1/sync?since={since}&limit={limit}", device.token
-        )
-        trips, nbytes = trips + 1, nbytes + size
+        url = f"/api/v1/sync?since={since}&limit={limit}"
+        page, size, count = http.call("GET", url, device.token)
+        trips, nbytes, entries = trips + 1, nbytes + size, entries + len(page["entries"])
         sql.update(count)
-        entries += len(page["entries"])
         versions += [e["version"] for e in page["entries"]]
         missing += sum(1 for e in page["entries"] if e["type"] == "message" and not e["message"])
         if page["gap"]:
@@ -173,9 +171,8 @@ def run_pulls(http: Http, device, since: int, limit: int, mode: str, runs: int) 
         http.close()
         results.append(pull_until_done(http, device, since, limit))
     results, prepares = results[2:], prepares[2:]
-    keys_ = ("round_trips", "entries", "sql", "conversations")
-    same = {k: sorted({r[k] for r in results}) for k in keys_}
-    return same | {
+    kinds = ("round_trips", "entries", "sql", "conversations")
+    return {k: sorted({r[k] for r in results}) for k in kinds} | {
         "ms": [r["ms"] for r in results], "kb": common.median([r["kb"] for r in results]),
         "ok": all(r["ok"] for r in results), "gap": all(r["gap"] for r in results),
         "prepare_ms": prepares, "prepared_as": sorted(prepared_as), "mode": mode, "limit": limit,
