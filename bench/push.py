@@ -1,6 +1,6 @@
 """``make bench-push``: live sync over ``/ws/v1/sync`` on one uvicorn process: idle sockets
 (RSS, threads, fds, idle CPU per step), then commit -> frame latency for ``--members`` devices
-of one group, drained here and with a Celery worker + beat. Sockets: ``websockets`` clients
+of a group (pipeline drained here or by Celery, channel mode). Sockets: ``websockets`` clients
 held by spawned processes (:class:`Holders`)."""
 
 import asyncio
@@ -192,13 +192,10 @@ def latency(data, holders, server, messages: int, interval: float, drain=False, 
             drain_ms.append((time.perf_counter() - t1) * 1000)
     expected, seqs = len(commits) * data["members"], sorted(commits)
     deadline, last, got = time.monotonic() + 20, (-1, time.monotonic()), 0
-    while time.monotonic() < deadline and got < expected:
+    while time.monotonic() < deadline and got < expected and time.monotonic() - last[1] <= 3:
         replies = holders.ask("stamps", cid=cid, seqs=seqs)
         got = sum(len(v) for r in replies for v in r["stamps"].values())
-        if got != last[0]:
-            last = (got, time.monotonic())
-        elif time.monotonic() - last[1] > 3:
-            break
+        last = (got, time.monotonic()) if got != last[0] else last
         time.sleep(0.25)
     stamps = [(s, t) for r in replies for s, v in r["stamps"].items() for t in v.values()]
     lat = [(t - commits[s]) * 1000 for s, t in stamps]
@@ -283,24 +280,19 @@ def main() -> None:
                 data["groups"]["channel"] = common.make_group(data["ids"], "push channel", True)
                 holders.open(data["tokens"], range(args.members), args.concurrency)
                 run = (data, holders, server, args.messages, args.interval)
-                lat["pipeline, drained after each send here"] = [
-                    latency(*run, drain=True) for _ in range(args.runs)
-                ]
-                lat["channel mode (the send's own relay)"] = [
-                    latency(*run, channel=True) for _ in range(args.runs)
-                ]
-                if not args.no_celery:
-                    with common.stack(common.WORKER, http=False):
-                        lat["pipeline, Celery worker + beat (Timer)"] = [
-                            latency(*run) for _ in range(args.runs)
-                        ]
+                ways = {"pipeline, drained after each send here": {"drain": True},
+                        "channel mode (the send's own relay)": {"channel": True},
+                        "pipeline, Celery worker + beat (Timer)": {}}  # fmt: skip
+                for name, how in list(ways.items())[: 2 if args.no_celery else 3]:
+                    worker = common.stack(common.WORKER, http=False)  # drains the third's pipeline
+                    with contextlib.nullcontext() if how else worker:
+                        lat[name] = [latency(*run, **how) for _ in range(args.runs)]
             finally:
                 holders.stop()
     lines = common.header("Push: live sync over WebSocket", machine, f"Server: `{SERVER}`.")
     lines += [*report(steps, lat, args), plot(steps)]
-    common.write_results(
-        "push", "\n".join(lines), {"args": vars(args), "idle": steps, "latency": lat}
-    )
+    data = {"args": vars(args), "idle": steps, "latency": lat}
+    common.write_results("push", "\n".join(lines), data)
 
 
 if __name__ == "__main__":
