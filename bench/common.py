@@ -381,17 +381,6 @@ def spread(name: str, values, fmt: str = "{:.1f}") -> str:
     return mid if low == high else f"{mid} ({low}..{high})"
 
 
-def timed(name: str, fn, runs: int, per: int = 1) -> list[float]:
-    """ms of ``fn()`` (per one of ``per`` items), ``runs`` times after a warm-up; recorded."""
-    ms = []
-    for _ in range(runs + 1):
-        started = time.perf_counter()
-        fn()
-        ms.append((time.perf_counter() - started) * 1000 / per)
-    record(name, ms[1:])
-    return ms[1:]
-
-
 def percentile(values, q: float) -> float:
     import numpy
 

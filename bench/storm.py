@@ -144,8 +144,7 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     cost = {u: read_cost(u) for u in watch}
     last = {c: counters_get(user_id=u).conversations.get(c, 0) for u in watch for c in watch[u]}
     seen: dict[tuple[int, int], float] = {}
-    own, own_broker, seen_cost, peak = Counter(), Counter(), Counter(), [0]
-    stop = threading.Event()
+    own, own_broker, seen_cost, peak, stop = Counter(), Counter(), Counter(), [0], threading.Event()
 
     def observe() -> None:
         while not stop.is_set():
@@ -176,13 +175,11 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     threads = [threading.Thread(target=t, daemon=True) for t in (observe, sample)]
     for t in threads:
         t.start()
-    parts = result.get()
-    sent_at = time.perf_counter()
+    parts, sent_at = result.get(), time.perf_counter()
     commits = {(c, s): t for part, _ in parts for c, s, t in part}
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while time.monotonic() < deadline and not commits.keys() <= seen.keys():
         time.sleep(0.01)
-    drain = time.perf_counter() - sent_at
     stop.set()
     for t in threads:
         t.join()
@@ -190,9 +187,8 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
         time.sleep(0.05)
     idle, window = time.perf_counter() - sent_at, time.perf_counter() - start
     info1, cpu1 = [common.redis_info(p) for p in ports], [procs.cpu(), machine_busy()]
-    counted = calls(COUNTERS_PORT) - own - seen_cost
+    counted, n = calls(COUNTERS_PORT) - own - seen_cost, len(commits)
     broker = calls(common.BROKER_PORT) - own_broker
-    n = len(commits)
     # In channel mode the count is raised inside the send (its on_commit), so it may show
     # before message_send returns: those count as 0 ms.
     latencies = [max(0.0, seen[k] - t) for k, t in commits.items() if k in seen]
@@ -200,13 +196,12 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     return {
         "path": path, "groups": len(groups), "members": groups[0].members, "messages": n,
         "target_rate": rate * len(groups), "rate": n / (sent_at - start),
-        "cmds_per_msg": sum(counted.values()) / n,
+        "cmds_per_msg": sum(counted.values()) / n, "broker_per_msg": sum(broker.values()) / n,
         "evalsha_per_msg": counted["cmdstat_evalsha"] / n,
-        "broker_per_msg": sum(broker.values()) / n,
         "by_command": {k[8:]: round(v / n, 2) for k, v in counted.most_common(12)},
         "p50_ms": common.percentile(latencies, 50) * 1000,
         "p99_ms": common.percentile(latencies, 99) * 1000, "unseen": n - len(latencies),
-        "drain_s": drain, "idle_s": idle, "peak_queue": peak[0],
+        "idle_s": idle, "peak_queue": peak[0],
         "cpu_workers_s": cpu1[0] - cpu0[0], "cpu_redis_s": redis_s,
         "cpu_senders_s": sum(cpu for _, cpu in parts), "cpu_machine_s": cpu1[1] - cpu0[1],
         "machine_busy": (cpu1[1] - cpu0[1]) / window / psutil.cpu_count(), "window_s": window,

@@ -10,6 +10,7 @@ import statistics
 import sys
 import threading
 import time
+import timeit
 from collections import Counter
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from offline.services import offline_flush_acks, offline_prepare_device, offline
 QUICK = "--runs 1 --catchup-messages 100 --sweep 25,50,100 --big-group 500"
 
 SQL_HEADER = "X-Bench-SQL"
+GUNICORN = "gunicorn bench.sync:counted_wsgi --bind 127.0.0.1:$IMCORE_PORT --workers 2 --threads 4"
 
 
 @contextlib.contextmanager
@@ -191,8 +193,7 @@ def measure_pulls(http: Http, data: dict, since: list[int], limits, modes, runs:
 
 def measure_entry_writes(data: dict, args) -> dict:
     """One message to the big group: its entries through the offline store, beside bumping a
-    PostgreSQL row per member (one statement, or one statement per row); ``timeit`` runs,
-    after one warm-up each."""
+    PostgreSQL row per member (one statement, or one statement per row)."""
 
     cid, members, n = data["conversation_id"], data["members"], len(data["members"])
     data["seq"] = 0
@@ -230,7 +231,8 @@ def measure_entry_writes(data: dict, args) -> dict:
     out = []
     try:
         for name, fn, k, trips in paths:
-            ms = common.timed(f"entry writes: {name} ms", fn, args.runs, per=k)
+            ms = [t * 1000 / k for t in timeit.repeat(fn, number=1, repeat=args.runs + 1)[1:]]
+            common.record(f"entry writes: {name} ms", ms)  # after one warm-up each
             rate = [n / t * 1000 for t in ms]
             out.append({"path": name, "ms": ms, "versions_per_s": rate, "round_trips": trips})
             print(f"  {name}: {common.median(ms):.1f} ms", flush=True)
@@ -249,11 +251,11 @@ def n_tup_upd(table: str) -> int:
 
 
 def periodic_flush(stop: threading.Event, interval: float, count: Counter, calls: list[int]):
-    """What Celery beat does with ``offline.flush_acks``: flush every ``interval`` seconds."""
-
+    """What Celery beat does with ``offline.flush_acks``: flush every ``interval`` seconds (0:
+    never)."""
     try:
         with sql_counted() as mine:
-            while not stop.wait(interval):
+            while interval > 0 and not stop.wait(interval):
                 calls[0] += 1
                 offline_flush_acks()
         count.update(mine)
@@ -263,9 +265,8 @@ def periodic_flush(stop: threading.Event, interval: float, count: Counter, calls
 
 def ack_intervals(args) -> list[float]:
     """Flush modes of the ack runs: seconds between flushes while acks arrive (0: none)."""
-    if args.ack_flush_interval >= 0:
-        return [args.ack_flush_interval]
-    return [settings.SYNC_ACK_FLUSH_INTERVAL_S, 0.0]
+    both = [settings.SYNC_ACK_FLUSH_INTERVAL_S, 0.0]
+    return [args.ack_flush_interval] if args.ack_flush_interval >= 0 else both
 
 
 def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
@@ -282,8 +283,7 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
         interval = intervals[i // args.runs]
         server, flushed, stop, calls = Counter(), Counter(), threading.Event(), [0]
         flusher = threading.Thread(target=periodic_flush, args=(stop, interval, flushed, calls))
-        if interval > 0:
-            flusher.start()
+        flusher.start()
         http.close()
         sent, t0 = 0, time.perf_counter()
         try:
@@ -294,8 +294,7 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
             http_s = time.perf_counter() - t0
         finally:
             stop.set()
-            if flusher.is_alive():
-                flusher.join()
+            flusher.join()
         with sql_counted() as last:
             calls[0] += 1
             offline_flush_acks()
@@ -314,11 +313,8 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
     # pg_stat: the counts of the server's backends arrive within about a second of idling.
     expected = sum(r["ack_rows"] + r["last_seen_rows"] for r in runs)
     deadline, delta, previous = time.monotonic() + 15, 0, -1
-    while time.monotonic() < deadline:
-        delta = n_tup_upd(table) - stat0
-        if delta >= expected and delta == previous:
-            break
-        previous = delta
+    while time.monotonic() < deadline and not (delta >= expected and delta == previous):
+        previous, delta = delta, n_tup_upd(table) - stat0
         time.sleep(1)
     return {"runs": runs, "pg_stat_n_tup_upd": delta}
 
@@ -414,16 +410,12 @@ def main() -> None:
         ack_flush_interval=(-1.0, "seconds between ack flushes while acks arrive (0: one flush "
                             "after the last ack; -1: both SYNC_ACK_FLUSH_INTERVAL_S and 0)"),
     )  # fmt: skip
-    gunicorn = (
-        "gunicorn bench.sync:counted_wsgi --bind 127.0.0.1:$IMCORE_PORT --workers 2 --threads 4"
-    )
     with common.section():
         print("setting up…", flush=True)
         data, res = setup(args), {}
         connection.close()  # not held open across the server's start
-        with common.stack({"server": f"{gunicorn} --log-level warning"}) as server:
-            http = Http(server.port)
-            machine = common.machine()
+        with common.stack({"server": f"{GUNICORN} --log-level warning"}) as server:
+            http, machine = Http(server.port), common.machine()
             c, page, both = data["catchup"], settings.SYNC_PAGE_MAX, ("cold", "prepared")
             n = c["state"]["cur"] - c["since"]
             catchup = measure_pulls(http, c, [c["since"]], [page, 200], both, args.runs)
@@ -435,8 +427,8 @@ def main() -> None:
             res["writes"] = measure_entry_writes(data["big"], args)
             res["acks"] = measure_acks(http, data["ack"], data["big"], args)
             http.close()
-    lines = common.header("Sync", machine, f"`{gunicorn}`; median (min..max) of {args.runs}.")
-    lines += [*tables(res, args), "", plot(res["sweep"])]
+    lines = common.header("Sync", machine, f"`{GUNICORN}`; median (min..max) of {args.runs}.")
+    lines += [*tables(res, args), plot(res["sweep"])]
     common.write_results("sync", "\n".join(lines), {"args": vars(args), **res})
 
 
