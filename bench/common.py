@@ -148,14 +148,12 @@ def make_group(ids: list[int], title: str, channel: bool | None = None, reconcil
     before = settings.LARGE_GROUP_MIN_MEMBERS
     if channel is not None:
         settings.LARGE_GROUP_MIN_MEMBERS = 2 if channel else 10**9
-    creator = User.objects.get(pk=ids[0])
-    group, _ = services.conversation_create(
-        creator=creator, kind="group", member_ids=ids, title=title
-    )
+    first = User.objects.get(pk=ids[0])
+    new = services.conversation_create(creator=first, kind="group", member_ids=ids, title=title)[0]
     settings.LARGE_GROUP_MIN_MEMBERS = before
     if reconcile:
         counters_reconcile(user_ids=ids)
-    return group
+    return new
 
 
 def send_messages(conversation_id: int, sender_ids: list[int], n: int, tag: str) -> None:
@@ -163,14 +161,12 @@ def send_messages(conversation_id: int, sender_ids: list[int], n: int, tag: str)
     from imcore import services
     from imcore.models import Conversation, User
 
-    conversation = Conversation.objects.get(pk=conversation_id)
+    conv = Conversation.objects.get(pk=conversation_id)
     senders = [User.objects.get(pk=uid) for uid in sender_ids]
     for i in range(n):
         body = f"{tag} message {i}: " + "lorem ipsum dolor sit amet " * 2
-        message = {"sender": senders[i % len(senders)], "body": body}
-        services.message_send(
-            conversation=conversation, client_msg_id=f"{tag}-{conversation_id}-{i}", **message
-        )
+        sender, cmid = senders[i % len(senders)], f"{tag}-{conversation_id}-{i}"
+        services.message_send(sender=sender, conversation=conv, body=body, client_msg_id=cmid)
 
 
 def drain(timeout: float = 60) -> None:
@@ -191,16 +187,12 @@ class Stack:
     def __init__(self, entries: dict[str, str], **env):
         self.port, self.names = free_port(), list(entries)
         self.procfile = tempfile.NamedTemporaryFile("w", suffix=".procfile")  # noqa: SIM115
-        self.procfile.write(
-            "".join(f"{k}: exec {v.removeprefix('exec ')}\n" for k, v in entries.items())
-        )
+        lines = [f"{k}: exec {v.removeprefix('exec ')}\n" for k, v in entries.items()]
+        self.procfile.writelines(lines)
         self.procfile.flush()
         self.log = tempfile.NamedTemporaryFile(prefix="imcore-bench-", suffix=".log")  # noqa: SIM115
-        env |= {
-            "IMCORE_HOST": "127.0.0.1",
-            "IMCORE_PORT": self.port,
-            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        }
+        path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+        env |= {"IMCORE_HOST": "127.0.0.1", "IMCORE_PORT": self.port, "PATH": path}
         self.proc = psutil.Popen(
             [sys.executable, "bin/stack.py", "--no-colour", "-f", self.procfile.name], cwd=ROOT,
             env={**os.environ, **ENV, **{k: str(v) for k, v in env.items()}},
@@ -305,9 +297,8 @@ def redis_info(port: int | None = None) -> dict:
 
 def commands_total(info: dict) -> int:
     """Commands the server executed, including those run inside Lua scripts."""
-    return sum(
-        v["calls"] for k, v in info.items() if k.startswith("cmdstat_") and k not in NOT_COUNTED
-    )
+    counted = [k for k in info if k.startswith("cmdstat_") and k not in NOT_COUNTED]
+    return sum(info[k]["calls"] for k in counted)
 
 
 def redis_cpu(info: dict) -> float:
@@ -326,13 +317,10 @@ def parse(doc: str, quick: str, **options) -> argparse.Namespace:
         if default is False:
             parser.add_argument(flag, action="store_true", help=about[0] if about else None)
         else:
-            kind = type(default[0]) if isinstance(default, list) else type(default)
-            each = (
-                (lambda text, k=kind: [k(x) for x in text.split(",") if x])
-                if isinstance(default, list)
-                else kind
-            )
-            parser.add_argument(flag, type=each, default=default, help=help)
+            kind = type(default[0] if isinstance(default, list) else default)
+            each = lambda text, k=kind: [k(x) for x in text.split(",") if x]  # noqa: E731
+            kind = each if isinstance(default, list) else kind
+            parser.add_argument(flag, type=kind, default=default, help=help)
     argv = sys.argv[1:]
     return parser.parse_args([*quick.split(), *argv] if "--quick" in argv else argv)
 
@@ -409,9 +397,7 @@ def header(title: str, machine_text: str, *notes: str) -> list[str]:
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     changed = git("status", "--porcelain", "-uno", "--", ".", ":(exclude)bench").splitlines()
-    local = (
-        f", with local changes to {', '.join(sorted(c[3:] for c in changed))}" if changed else ""
-    )
+    local = f", with local changes to {', '.join(c[3:] for c in changed)}" if changed else ""
     when = f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {socket.gethostname()}"
     code = f"Code: {git('rev-parse', '--short', 'HEAD') or 'not a git checkout'}{local}."
     return [f"# {title}, {when}", "", f"Machine: {machine_text}. {code}", *notes, ""]
