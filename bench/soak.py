@@ -63,9 +63,8 @@ def processes(stack: common.Stack) -> dict[str, psutil.Process]:
             mine, parent = (next((r for r in ROLES if r in " ".join(p.cmdline())), None)
                             for p in (proc, proc.parent()))  # fmt: skip
             if mine and proc.name() not in ("sh", "dash", "bash"):
-                found.setdefault(
-                    f"{mine} child" if mine in POOLS and parent == mine else mine, []
-                ).append(proc)
+                role = f"{mine} child" if mine in POOLS and parent == mine else mine
+                found.setdefault(role, []).append(proc)
     return {f"{r} {i}": p for r, ps in sorted(found.items()) for i, p in enumerate(ps, 1)}
 
 
@@ -88,11 +87,9 @@ def locust(port: int, data: Path, user: str, users: int, seconds: int, rate: flo
 def history(data: Path) -> list[tuple[int, int, int]]:
     """(unix time, requests, failures) so far, each second, from locust's full history."""
     with open(f"{data.with_suffix('')}_stats_history.csv") as f:
-        return [
-            (int(r["Timestamp"]), int(r["Total Request Count"]), int(r["Total Failure Count"]))
-            for r in csv.DictReader(f)
-            if r["Name"] == "Aggregated"
-        ]
+        rows = [r for r in csv.DictReader(f) if r["Name"] == "Aggregated"]
+    return [(int(r["Timestamp"]), int(r["Total Request Count"]), int(r["Total Failure Count"]))
+            for r in rows]  # fmt: skip
 
 
 def sample(stack: common.Stack, sockets: push.Holders, redis_servers: dict) -> dict:
@@ -137,22 +134,17 @@ def growth(rows: list[dict], key: str, window: int, limit: float) -> dict:
     top = max(r[key] for r in rows)
     pct = (top - rows[0][key]) / rows[0][key] * 100
     if key == "PostgreSQL connections":  # pools: fail only on a new high in the window
-        return {
-            "series": key,
-            "growth_pct": pct,
-            "pass": pct <= 0 or top <= max(r[key] for r in before),
-        }
+        limit = 0 if top > max((r[key] for r in before), default=0) else float("inf")
     return {"series": key, "growth_pct": pct, "pass": pct <= limit}
 
 
 def plot(samples: list[dict], series: list[str]) -> str:
     minutes = [(s["time"] - samples[0]["time"]) / 60 for s in samples]
     fig, axes = common.figure("soak", "Soak: memory over time", 3, size=(10, 3.3))
-    panels = [
-        ([k for k in series if "RSS" in k], "process RSS (MiB)"),
-        ([k for k in series if "used_memory" in k], "Redis used_memory (MiB)"),
-        (["PostgreSQL connections", "sockets open"], "PostgreSQL sessions, idle sockets (count)"),
-    ]
+    counts = ["PostgreSQL connections", "sockets open"]
+    panels = [([k for k in series if "RSS" in k], "process RSS (MiB)"),
+              ([k for k in series if "used_memory" in k], "Redis used_memory (MiB)"),
+              (counts, "PostgreSQL sessions, idle sockets (count)")]  # fmt: skip
     for ax, (keys, label) in zip(axes, panels, strict=True):
         for key in keys:
             name = key.replace(" RSS MiB", "").replace(" MiB", "")
