@@ -26,6 +26,7 @@ from counters import keys
 from counters.redis import get_redis
 from counters.selectors import counters_get
 from delivery import keys as delivery_keys
+from delivery.pipeline import shard_lengths
 from delivery.services import delivery_message_committed
 from imcore import services
 from imcore.models import Conversation, User
@@ -89,18 +90,13 @@ def read_cost(user_id: int, n: int = 20) -> Counter:
 def held(own: Counter, own_broker: Counter) -> int:
     """What the write path holds now: the pipeline's stream events (waiting, or read and not
     acknowledged), its shard locks held, and the broker's ``counters`` tasks (waiting, or
-    delivered and not acknowledged)."""
-
+    delivered and not acknowledged); the commands it took counted as the observer's own."""
     shards = range(settings.COUNTERS_SHARDS)
-    pipe = get_redis().pipeline(transaction=False)
-    for shard in shards:
-        pipe.xlen(delivery_keys.shard_stream(shard))
-    pipe.exists(*[delivery_keys.shard_lock(shard) for shard in shards])
+    locks = get_redis().exists(*[delivery_keys.shard_lock(n) for n in shards])
     broker = redis.Redis(port=common.BROKER_PORT).pipeline(transaction=False)
-    broker.llen("counters").hlen("unacked")
     own.update({"cmdstat_xlen": len(shards), "cmdstat_exists": 1})
     own_broker.update({"cmdstat_llen": 1, "cmdstat_hlen": 1})
-    return sum(pipe.execute()) + sum(broker.execute())
+    return sum(shard_lengths()) + locks + sum(broker.llen("counters").hlen("unacked").execute())
 
 
 def send(groups: list[tuple[int, int]], rate: float, seconds: float, start: float, direct: bool):

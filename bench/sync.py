@@ -70,15 +70,12 @@ def counted_wsgi(environ, start_response):
 
 
 class Http(requests.Session):
-    """One keep-alive connection (a device's)."""
-
-    def __init__(self, port: int):
-        super().__init__()
-        self.base = f"http://127.0.0.1:{port}"
+    """One keep-alive connection (a device's); :meth:`call` returns the JSON, its size and the
+    server's SQL counts."""
 
     def call(self, method: str, path: str, token: str, payload=None) -> tuple[dict, int, Counter]:
         auth = {"Authorization": f"Bearer {token}"}
-        r = self.request(method, self.base + path, json=payload, headers=auth)
+        r = self.request(method, f"{self.base}{path}", json=payload, headers=auth)
         if r.status_code != 200:
             raise RuntimeError(f"{path} answered {r.status_code}: {r.text[:300]}")
         return r.json(), len(r.content), Counter(json.loads(r.headers[SQL_HEADER]))
@@ -121,8 +118,8 @@ def setup(args) -> dict:
     big = common.make_users(args.big_group, "big")
     conversation = common.make_group(big, "big", reconcile=False)
     out["big"] = {"conversation_id": conversation.pk, "members": big}
-    # Fresh devices for every run of every flush mode: never acked, last seen an hour ago.
-    sets = len(ack_intervals(args)) * args.runs
+    # Fresh devices for every run of both flush modes: never acked, last seen an hour ago.
+    sets = 2 * args.runs
     ack_users = big[1 : 1 + sets * args.ack_devices]
     if len(ack_users) < sets * args.ack_devices:
         raise RuntimeError("--big-group is too small for the ack runs")
@@ -263,12 +260,6 @@ def periodic_flush(stop: threading.Event, interval: float, count: Counter, calls
         connection.close()
 
 
-def ack_intervals(args) -> list[float]:
-    """Flush modes of the ack runs: seconds between flushes while acks arrive (0: none)."""
-    both = [settings.SYNC_ACK_FLUSH_INTERVAL_S, 0.0]
-    return [args.ack_flush_interval] if args.ack_flush_interval >= 0 else both
-
-
 def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
     """Per run, ``--ack-devices`` fresh devices each ack ``--acks-per-device`` versions,
     round-robin over one connection, while a thread flushes acks as Celery beat would (or
@@ -277,7 +268,7 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
     cid, top = big["conversation_id"], big["seq"] + args.acks_per_device
     users = [d.user_id for devices in data["devices"] for d in devices]
     written = offline_record_messages([(uid, [(cid, top, 0)]) for uid in users])
-    table, runs, intervals = Device._meta.db_table, [], ack_intervals(args)
+    table, runs, intervals = Device._meta.db_table, [], [settings.SYNC_ACK_FLUSH_INTERVAL_S, 0]
     stat0 = n_tup_upd(table)
     for i, devices in enumerate(data["devices"]):
         interval = intervals[i // args.runs]
@@ -407,15 +398,14 @@ def main() -> None:
         sweep=([100, 250, 500, 1000], "entries behind, plotted"), group_members=4,
         gap_conversations=50, gap_messages=(20, "per gap conversation"), big_group=5000,
         ack_devices=100, acks_per_device=10,
-        ack_flush_interval=(-1.0, "seconds between ack flushes while acks arrive (0: one flush "
-                            "after the last ack; -1: both SYNC_ACK_FLUSH_INTERVAL_S and 0)"),
     )  # fmt: skip
     with common.section():
         print("setting up…", flush=True)
         data, res = setup(args), {}
         connection.close()  # not held open across the server's start
         with common.stack({"server": f"{GUNICORN} --log-level warning"}) as server:
-            http, machine = Http(server.port), common.machine()
+            http, machine = Http(), common.machine()
+            http.base = f"http://127.0.0.1:{server.port}"
             c, page, both = data["catchup"], settings.SYNC_PAGE_MAX, ("cold", "prepared")
             n = c["state"]["cur"] - c["since"]
             catchup = measure_pulls(http, c, [c["since"]], [page, 200], both, args.runs)
