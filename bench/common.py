@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -268,6 +269,15 @@ def stack(entries: dict[str, str], http: bool = True, settle: float = 0, **env):
         yield running
     finally:
         running.stop()
+
+
+def run_tool(argv: str, pattern: str, **env) -> str:
+    """Run a load tool (wrk, pgbench, redis-benchmark); the last match of ``pattern``'s group in
+    its output, which is raised with when nothing matches."""
+    out = subprocess.run(argv.split(), capture_output=True, text=True, env={**os.environ, **env})
+    if found := re.findall(pattern, out.stdout, re.M):
+        return found[-1]
+    raise RuntimeError(f"{argv}:\n{out.stdout}\n{out.stderr}")
 
 
 def postmaster() -> psutil.Process:

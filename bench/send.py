@@ -2,10 +2,8 @@
 its token), the server before issue 14 (``asgi``) beside the Procfile's web front
 (``procfile``), CPU per request by process (psutil), against pgbench single-row INSERTs."""
 
-import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -87,11 +85,9 @@ def wrk(port: int, clients: list[dict], call: str, seconds: float, tag: str) -> 
     env = {"BENCH_CALL": call, "BENCH_TAG": tag, "BENCH_BODY": BODY, "BENCH_CLIENTS": each}
     n, url, lua = len(clients), f"http://127.0.0.1:{port}", Path(__file__).with_suffix(".lua")
     argv = f"wrk -t{n} -c{n} -d{max(1, round(seconds))}s --timeout 10s -s {lua} {url}"
-    out = subprocess.run(argv.split(), capture_output=True, text=True, env={**os.environ, **env})
-    line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk failed:\n{out.stdout}\n{out.stderr}")
-    duration_us, ok, errors, p50, p99 = map(int, line.split()[1:])
+    duration_us, ok, errors, p50, p99 = map(
+        int, common.run_tool(argv, r"^BENCH (.*)", **env).split()
+    )
     rate = ok / (duration_us / 1e6)
     return {"rate": rate, "ok": ok, "errors": errors, "p50_ms": p50 / 1000, "p99_ms": p99 / 1000}
 
@@ -119,12 +115,9 @@ def pgbench_insert(clients: int, seconds: float) -> float:
             f"-M simple -c {clients} -j {min(clients, common.psutil.cpu_count())} "
             f"-T {int(seconds)} -f {f.name} {url.path.lstrip('/')}"
         )
-        out = subprocess.run(argv.split(), capture_output=True, text=True)
-    tps = re.search(r"tps = ([\d.]+)", out.stdout)
-    if tps is None:
-        raise RuntimeError(f"pgbench failed:\n{out.stdout}\n{out.stderr}")
-    print(f"  pgbench INSERT: {tps.group(1)} tx/s", flush=True)
-    return float(tps.group(1))
+        tps = common.run_tool(argv, r"tps = ([\d.]+)")
+    print(f"  pgbench INSERT: {tps} tx/s", flush=True)
+    return float(tps)
 
 
 def measure(port, clients, call, args, procs: dict, tag: str) -> dict:

@@ -2,11 +2,8 @@
 messages for the same members, seqs interleaved so the truth is known), beside
 ``redis-benchmark`` INCR and EVALSHA of the ``inc`` script on the same Redis: the limit."""
 
-import csv
-import io
 import itertools
 import multiprocessing
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -110,11 +107,8 @@ def run_limits(n: int) -> dict[str, float]:
     out = {}
     for (label, command), (c, p) in itertools.product(commands.items(), LIMIT_SHAPES):
         argv = f"redis-benchmark {target} -c {c} -P {p} -n {n * p} -r 1000000000000 --csv {command}"
-        text = subprocess.run(argv.split(), capture_output=True, text=True, check=True).stdout
-        rows = [r for r in csv.reader(io.StringIO(text)) if r and r[0] != "test"]
-        if not rows:
-            raise RuntimeError(f"redis-benchmark printed no result for {label}: {text!r}")
-        out[f"{label} -c {c} -P {p}"] = float(rows[-1][1])
+        # its CSV: "test","rps",...; a row a command
+        out[f"{label} -c {c} -P {p}"] = float(common.run_tool(argv, r'^"[^"]+","([\d.]+)"'))
     return out
 
 
