@@ -6,6 +6,7 @@ pyperf JSON, matplotlib PNGs)."""
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import re
@@ -335,16 +336,14 @@ def parse(doc: str, quick: str, **options) -> argparse.Namespace:
     return parser.parse_args([*quick.split(), *argv] if "--quick" in argv else argv)
 
 
-METADATA: dict = {}
 SUITE: dict[str, pyperf.Benchmark] = {}  # this section's, written to <stem>.pyperf.json
 
 
+@functools.cache
 def metadata() -> dict:
     """The machine as pyperf describes it (CPU model and count, host, Python, platform, load)."""
-    if not METADATA:
-        run = pyperf.Run([1.0], metadata={"name": "machine"})  # collect_metadata: pyperf's own
-        METADATA.update(pyperf.Benchmark([run]).get_metadata())
-    return METADATA
+    run = pyperf.Run([1.0], metadata={"name": "machine"})  # collect_metadata: pyperf's own
+    return pyperf.Benchmark([run]).get_metadata()
 
 
 def record(name: str, values) -> pyperf.Benchmark | None:

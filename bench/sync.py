@@ -191,51 +191,49 @@ def measure_pulls(http: Http, data: dict, since: list[int], limits, modes, runs:
 def measure_entry_writes(data: dict, args) -> dict:
     """One message to the big group: its entries through the offline store, beside bumping a
     PostgreSQL row per member (one statement, or one statement per row)."""
-
-    cid, members, n = data["conversation_id"], data["members"], len(data["members"])
-    data["seq"] = 0
+    cid, members, n, top = data["conversation_id"], data["members"], len(data["members"]), [0]
 
     def record(messages: int = 1) -> None:
-        data["seq"] += messages
-        written = offline_record_messages([(u, [(cid, data["seq"], 0)]) for u in members])
+        top[0] += messages
+        written = offline_record_messages([(u, [(cid, top[0], 0)]) for u in members])
         assert sum(b - a + 1 for a, b in written.values()) == n * messages, written
 
-    def sql(statement: str, params=None, per_row: bool = False) -> None:
+    def sql(where: str, rows: list) -> None:
         with transaction.atomic(), connection.cursor() as cursor:
-            for p in [[u] for u in members] if per_row else [params]:
-                cursor.execute(statement, p)
+            for params in rows:
+                cursor.execute(
+                    f"UPDATE {table} SET latest = latest + 1 WHERE user_id {where}", params
+                )
                 cursor.fetchall()
 
-    table = "bench_sync_latest"
-    bump = f"UPDATE {table} SET latest = latest + 1 WHERE user_id"
+    table, pipelines = "bench_sync_latest", -(-n // store.PIPELINE_CHUNK)
     with connection.cursor() as cursor:
         cursor.execute(f"DROP TABLE IF EXISTS {table}")
         cursor.execute(f"CREATE TABLE {table} (user_id bigint PRIMARY KEY, latest bigint)")
         cursor.execute(f"INSERT INTO {table} SELECT u, 0 FROM unnest(%s::bigint[]) u", [members])
         cursor.execute(f"VACUUM ANALYZE {table}")
-    pipelines = -(-n // store.PIPELINE_CHUNK)
-    paths = [
+    paths = [  # (what, how, messages a call, round trips); a Timer interval's flush folds 10
         ("Redis: `offline_record_messages` (Lua append, pipelined)", record, 1,
          f"{pipelines + 1} (INFO + {pipelines} pipelines)"),
-        # the Aggregator's flush of one Timer interval holds 10 messages of the group
         ("Redis, 10 messages folded in one flush (per message)", lambda: record(10), 10,
          f"{pipelines + 1} per 10 messages"),
         ("PostgreSQL: 1 `UPDATE … WHERE user_id = ANY(%s) RETURNING` + commit",
-         lambda: sql(f"{bump} = ANY(%s) RETURNING latest", [members]), 1, "3"),
+         lambda: sql("= ANY(%s) RETURNING latest", [[members]]), 1, "3"),
         (f"PostgreSQL: {n:,} single-row `UPDATE … RETURNING` in 1 transaction",
-         lambda: sql(f"{bump} = %s RETURNING latest", per_row=True), 1, f"{n + 2:,}"),
+         lambda: sql("= %s RETURNING latest", [[u] for u in members]), 1, f"{n + 2:,}"),
     ]  # fmt: skip
     out = []
     try:
         for name, fn, k, trips in paths:
             ms = [t * 1000 / k for t in timeit.repeat(fn, number=1, repeat=args.runs + 1)[1:]]
             common.record(f"entry writes: {name} ms", ms)  # after one warm-up each
-            rate = [n / t * 1000 for t in ms]
-            out.append({"path": name, "ms": ms, "versions_per_s": rate, "round_trips": trips})
+            out.append({"path": name, "ms": ms, "versions_per_s": [n / t * 1000 for t in ms],
+                        "round_trips": trips})  # fmt: skip
             print(f"  {name}: {common.median(ms):.1f} ms", flush=True)
     finally:
         with connection.cursor() as cursor:
             cursor.execute(f"DROP TABLE {table}")
+    data["seq"] = top[0]  # the acks' entries come after
     return {"members": n, "paths": out}
 
 
