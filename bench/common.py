@@ -281,15 +281,6 @@ def run_tool(argv: str, pattern: str, **env) -> str:
     raise RuntimeError(f"{argv}:\n{out.stdout}\n{out.stderr}")
 
 
-def postmaster() -> psutil.Process:
-    """The PostgreSQL server's main process: the parent of this session's backend."""
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        return psutil.Process(cursor.fetchone()[0]).parent()
-
-
 def cpu_of(*processes: psutil.Process) -> float:
     """User+system CPU seconds of the processes, each with the children it reaped; the gone
     ones left out."""

@@ -133,7 +133,10 @@ def measure(port, clients, call, args, procs: dict, tag: str) -> dict:
 def run(args) -> dict:
     print("seeding…", flush=True)
     clients = seed(max(args.clients), args.members, args.at)
-    counts, machine, pm = per_send_counts(clients[-1]), common.machine(), common.postmaster()
+    counts, machine = per_send_counts(clients[-1]), common.machine()
+    with connection.cursor() as cursor:  # PostgreSQL's main process: this backend's parent
+        cursor.execute("SELECT pg_backend_pid()")
+        pm = common.psutil.Process(cursor.fetchone()[0]).parent()
     known = {"asgi": {"web": ASGI}, "procfile": common.procfile("web", "app", "ws")}
     results: dict[str, list[dict]] = {name: [] for name in args.configs}
     pg: dict[str, float] = {}

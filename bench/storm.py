@@ -42,6 +42,7 @@ PATHS = {"channel": "channel mode", "pipeline": "pipeline", "fanout": "fan-out"}
 CEILING_STEPS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 DRAIN_TIMEOUT_S = 90
 LATENCY_SIZE = 5000  # the size whose runs last --latency-seconds
+BUSY = ("user", "nice", "system", "irq", "softirq")  # the machine's (guest is in user already)
 
 
 Group = namedtuple("Group", "conversation_id sender_id observer_id members")
@@ -125,12 +126,6 @@ def send(groups: list[tuple[int, int]], rate: float, seconds: float, start: floa
     return out, time.process_time() - cpu0
 
 
-def machine_busy() -> float:
-    """CPU seconds the whole machine spent busy (all cores) since boot."""
-    t = psutil.cpu_times()  # guest time is in user already; steal is not this machine's work
-    return t.user + t.nice + t.system + t.irq + t.softirq
-
-
 def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     """Send for ``seconds``, wait until the observers saw every message and the write path is
     idle; the costs of that whole window."""
@@ -162,7 +157,7 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     ports = (COUNTERS_PORT, common.BROKER_PORT)
     for port in ports:
         redis.Redis(port=port).config_resetstat()
-    info0, cpu0 = [common.redis_info(p) for p in ports], [procs.cpu(), machine_busy()]
+    info0, cpu0 = [common.redis_info(p) for p in ports], [procs.cpu(), psutil.cpu_times()]
     start = time.perf_counter() + 0.3
     chunks = [groups[i::senders] for i in range(min(senders, len(groups)))]
     work = [([(g.conversation_id, g.sender_id) for g in c], rate, seconds, start, direct)
@@ -182,7 +177,8 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     while time.monotonic() < deadline and held(own, own_broker):  # the rest of the members
         time.sleep(0.05)
     idle, window = time.perf_counter() - sent_at, time.perf_counter() - start
-    info1, cpu1 = [common.redis_info(p) for p in ports], [procs.cpu(), machine_busy()]
+    info1, cpu1 = [common.redis_info(p) for p in ports], [procs.cpu(), psutil.cpu_times()]
+    machine = sum(getattr(cpu1[1], k) - getattr(cpu0[1], k) for k in BUSY)
     counted, n = calls(COUNTERS_PORT) - own - seen_cost, len(commits)
     broker = calls(common.BROKER_PORT) - own_broker
     # In channel mode the count is raised inside the send (its on_commit), so it may show
@@ -199,16 +195,9 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
         "p99_ms": common.percentile(latencies, 99) * 1000, "unseen": n - len(latencies),
         "idle_s": idle, "peak_queue": peak[0],
         "cpu_workers_s": cpu1[0] - cpu0[0], "cpu_redis_s": redis_s,
-        "cpu_senders_s": sum(cpu for _, cpu in parts), "cpu_machine_s": cpu1[1] - cpu0[1],
-        "machine_busy": (cpu1[1] - cpu0[1]) / window / psutil.cpu_count(), "window_s": window,
+        "cpu_senders_s": sum(cpu for _, cpu in parts), "cpu_machine_s": machine,
+        "machine_busy": machine / window / psutil.cpu_count(), "window_s": window,
     }  # fmt: skip
-
-
-def falls_behind(r: dict, interval: float) -> list[str]:
-    """Why a ceiling step did not keep up (empty: it did)."""
-    return [why for why, bad in [("senders behind", r["rate"] < 0.95 * r["target_rate"]),
-            ("queue growth", r["idle_s"] > 2 * interval + 1 or r["unseen"]),
-            ("p99 > 1 s", r["p99_ms"] > 1000)] if bad]  # fmt: skip
 
 
 def cost_phase(args, paths: list[str]) -> list[dict]:
@@ -251,7 +240,10 @@ def ceiling_phase(args, path: str, interval: float) -> dict[str, list[dict]]:
                     groups.append(make_group(path, ids, reconcile=pool is None or not groups))
                 step = (args.rate, args.step_seconds, args.senders, how == "direct")
                 r = measure(path, groups[:n], running, *step)
-                r["behind"] = falls_behind(r, interval)
+                r["behind"] = [why for why, bad in [  # why a step did not keep up
+                    ("senders behind", r["rate"] < 0.95 * r["target_rate"]),
+                    ("queue growth", r["idle_s"] > 2 * interval + 1 or r["unseen"]),
+                    ("p99 > 1 s", r["p99_ms"] > 1000)] if bad]  # fmt: skip
                 ramps[how].append(r)
                 print(f"  {path} {how} ceiling: {ceiling_row(r)}", flush=True)
                 if set(r["behind"]) - {"p99 > 1 s"} or r["p99_ms"] > 5000:
