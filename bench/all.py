@@ -44,16 +44,13 @@ def main() -> None:
     each = ", ".join(f"{name} {t / 60:.1f} min" for name, (_, t) in done.items())
     run = f"`make bench{' BENCH_ARGS=--quick' if args.quick else ''}`"
     lines = common.header("imcore benchmarks", machine, f"{run} took {took / 60:.0f} min: {each}.")
-    if args.quick:
-        lines += ["**Quick run (smoke sizes): these figures are not for comparison.**", ""]
+    lines += ["**Quick run (smoke sizes): not for comparison.**", ""] if args.quick else []
     for number, (name, (body, _)) in enumerate(done.items(), 1):
         lines += [f"## {number}. {name}", "", body, ""]
     seconds = {n: t for n, (_, t) in done.items()}
-    common.write_results(
-        "", "\n".join(lines), {"machine": machine, "quick": args.quick, "seconds": seconds}
-    )
-    failed = [name for name, (body, _) in done.items() if body.startswith("**Failed**")]
-    if failed:
+    data = {"machine": machine, "quick": args.quick, "seconds": seconds}
+    common.write_results("", "\n".join(lines), data)
+    if failed := [name for name, (body, _) in done.items() if body.startswith("**Failed**")]:
         sys.exit(f"sections failed: {', '.join(failed)}")
 
 

@@ -54,20 +54,6 @@ def seed(args) -> tuple[list[dict], list[str], list[int]]:
     return devices, [tokens[u] for u in ids[args.groups * size :]], members
 
 
-def processes(stack: common.Stack) -> dict[str, psutil.Process]:
-    """The stack's processes by role and number (``granian child 1``…): a role is the first of
-    ROLES its command line holds; a pool's workers are children of their own kind."""
-    found: dict[str, list[psutil.Process]] = {}
-    for proc in sorted(stack.programs(), key=lambda p: p.pid):
-        with contextlib.suppress(psutil.Error):
-            mine, parent = (next((r for r in ROLES if r in " ".join(p.cmdline())), None)
-                            for p in (proc, proc.parent()))  # fmt: skip
-            if mine and proc.name() not in ("sh", "dash", "bash"):
-                role = f"{mine} child" if mine in POOLS and parent == mine else mine
-                found.setdefault(role, []).append(proc)
-    return {f"{r} {i}": p for r, ps in sorted(found.items()) for i, p in enumerate(ps, 1)}
-
-
 def locust(port: int, data: Path, user: str, users: int, seconds: int, rate: float = 0):
     """Headless locust, ``users`` of class ``user`` for ``seconds`` at ``rate`` requests/s
     in all; its CSV files, log and acknowledged sends (``.acked``) beside ``data``."""
@@ -93,10 +79,21 @@ def history(data: Path) -> list[tuple[int, int, int]]:
 
 
 def sample(stack: common.Stack, sockets: push.Holders, redis_servers: dict) -> dict:
-    row = {"time": time.time(), "load avg 1 min": round(os.getloadavg()[0], 1)}
-    for name, proc in processes(stack).items():
+    """Each process's RSS by role and number (``granian child 1``…: a role is the first of ROLES
+    its command line holds; a pool's workers are children of their own kind), Redis's
+    used_memory, PostgreSQL's sessions on the database, the sockets open, the load."""
+    row, found = {"time": time.time(), "load avg 1 min": round(os.getloadavg()[0], 1)}, {}
+    for proc in sorted(stack.programs(), key=lambda p: p.pid):
         with contextlib.suppress(psutil.Error):
-            row[f"{name} RSS MiB"] = proc.memory_info().rss / MIB
+            mine, parent = (next((r for r in ROLES if r in " ".join(p.cmdline())), None)
+                            for p in (proc, proc.parent()))  # fmt: skip
+            if mine and proc.name() not in ("sh", "dash", "bash"):
+                role = f"{mine} child" if mine in POOLS and parent == mine else mine
+                found.setdefault(role, []).append(proc)
+    for role, procs in sorted(found.items()):
+        for i, proc in enumerate(procs, 1):
+            with contextlib.suppress(psutil.Error):
+                row[f"{role} {i} RSS MiB"] = proc.memory_info().rss / MIB
     for name, server in redis_servers.items():
         row[f"{name} used_memory MiB"] = server.info("memory")["used_memory"] / MIB
     with connection.cursor() as cursor:
