@@ -257,8 +257,7 @@ def plot(steps: list[dict]) -> str:
 
 def main() -> None:
     args = common.parse(
-        __doc__, QUICK, steps=[0, 1000, 2000, 4000],
-        members=(1000, "devices online for the latency"),
+        __doc__, QUICK, steps=[0, 1000, 2000, 4000], members=(1000, "devices online, latency"),
         messages=(20, "messages per latency run"), interval=(0.5, "seconds between messages"),
         runs=(3, "latency runs per pipeline"), idle_seconds=(20.0, "idle window a step"),
         clients=(2, "socket holder processes"), concurrency=(100, "handshakes per holder"),

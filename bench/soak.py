@@ -220,9 +220,9 @@ def soak(args, work: Path) -> dict:
 def main() -> None:
     args = common.parse(
         __doc__, QUICK, minutes=10, load=(0.8, "share of the capacity"), probe_seconds=20,
-        probe_users=16, users=(32, "senders (locust users)"), groups=4,
-        members=(10, "members of each group"), sockets=500,
-        sample_seconds=(10, "a divisor of 60"), window_minutes=5, limit_percent=5.0,
+        probe_users=16, users=(32, "senders (locust users)"), groups=4, sockets=500,
+        members=(10, "members of each group"), sample_seconds=(10, "a divisor of 60"),
+        window_minutes=5, limit_percent=5.0,
     )  # fmt: skip
     if 60 % args.sample_seconds:
         sys.exit("--sample-seconds takes a divisor of 60")

@@ -296,18 +296,14 @@ CEILING_HEAD = ["groups", "sent/s (target)", "p50 / p99 ms", "idle after s", "pe
 
 def main() -> None:
     args = common.parse(
-        __doc__, QUICK,
-        sizes=([500, 5000, 50000], "group sizes of phase 1"),
+        __doc__, QUICK, sizes=([500, 5000, 50000], "group sizes of phase 1"), no_ceiling=False,
         rate=(10.0, "messages a second per group"), seconds=(3.0, "phase 1 run length"),
-        latency_seconds=(10.0, f"run length at {LATENCY_SIZE:,} members"),
-        paths=(list(PATHS), f"among {', '.join(PATHS)}"),
+        latency_seconds=(10.0, f"run length at {LATENCY_SIZE:,} members"), step_seconds=5.0,
+        paths=(list(PATHS), f"among {', '.join(PATHS)}"), max_groups=128,
         fanout_budget=(150_000, "fan-out: messages x members a run"),
-        senders=(4, "sender processes in the ceiling"),
-        members=(5000, "members of a ceiling group"), step_seconds=5.0, max_groups=128,
-        no_ceiling=False,
+        senders=(4, "sender processes in the ceiling"), members=(5000, "members of a group"),
     )  # fmt: skip
-    paths = args.paths
-    if not paths or set(paths) - set(PATHS):
+    if not (paths := args.paths) or set(paths) - set(PATHS):
         sys.exit(f"--paths takes some of {', '.join(PATHS)}")
     with common.section():
         interval = settings.COUNTERS_FLUSH_INTERVAL

@@ -395,8 +395,7 @@ def main() -> None:
         __doc__, QUICK, runs=(5, "timed runs of each measurement"), catchup_messages=1000,
         sweep=([100, 250, 500, 1000], "entries behind, plotted"), group_members=4,
         gap_conversations=50, gap_messages=(20, "per gap conversation"), big_group=5000,
-        ack_devices=100, acks_per_device=10,
-    )  # fmt: skip
+        ack_devices=100, acks_per_device=10)  # fmt: skip
     with common.section():
         print("setting up…", flush=True)
         data, res = setup(args), {}
