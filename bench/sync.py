@@ -313,23 +313,16 @@ def one(values: list) -> str:
 
 
 def checks(res: dict, args) -> list[str]:
-    """What did not come out as expected (empty: everything did)."""
-    problems = []
-    for s in res["catchup"]["results"]:
-        if s["entries"] != [res["catchup"]["entries_behind"]] or s["gap"]:
-            problems.append(f"catch-up {s['mode']} limit={s['limit']}: entries {one(s['entries'])}")
-        if s["round_trips"] != [s["expected_round_trips"]]:
-            problems.append(f"catch-up {s['mode']} limit={s['limit']}: {s['round_trips']} trips")
-    for s in res["gap"]["results"]:
-        if not s["gap"] or s["conversations"] != [args.gap_conversations]:
-            problems.append(f"gap {s['mode']}: {one(s['conversations'])} conversations")
-    for s in res["catchup"]["results"] + res["gap"]["results"]:
-        if not s["ok"]:
-            problems.append(f"{s['mode']} pull: a body missing, versions out of order, or short")
-        if s["mode"] == "prepared" and s["prepared_as"] != ["snapshot" if s["gap"] else "package"]:
-            problems.append(f"{s['mode']} pull: prepare_device made {s['prepared_as']}")
+    """The pulls and ack runs that did not come out as expected (empty: all did): entries,
+    round trips, snapshot conversations, order and bodies, what prepare_device made."""
+    behind = res["catchup"]["entries_behind"]
+    bad = [f"{'gap' if s['gap'] else 'catch-up'} {s['mode']} limit={s['limit']}"
+           for s in res["catchup"]["results"] + res["gap"]["results"]
+           if not s["ok"] or s["prepared_as"] not in ([], ["snapshot" if s["gap"] else "package"])
+           or (s["conversations"] != [args.gap_conversations] if s["gap"] else s["entries"]
+               != [behind] or s["round_trips"] != [s["expected_round_trips"]])]  # fmt: skip
     wrong = sum(r["wrong_acked_version"] for r in res["acks"]["runs"])
-    return problems + ([f"acks: {wrong} devices with a wrong acked_version"] if wrong else [])
+    return bad + ([f"acks: {wrong} devices with a wrong acked_version"] if wrong else [])
 
 
 ACK_COLUMNS = {"acks sent": "acks", "HTTP ms": "http_ms", "flushes run": "flush_calls",
