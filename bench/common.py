@@ -182,29 +182,44 @@ def drain(timeout: float = 60) -> None:
         wait_for(empty, timeout, "the queues' drain")
 
 
-class Stack:
+class stack:  # a class used as a function: ``with common.stack(entries) as running``
     """Procfile entries run by ``bin/stack.py`` (honcho's Manager, as ``make run``) on a free
-    ``$IMCORE_PORT``; :meth:`cpu` and :meth:`rss` cover its programs (psutil), honcho left out."""
+    ``$IMCORE_PORT``, from the ``with`` until its end, ready once they answer (then ``settle``
+    s); :meth:`cpu` and :meth:`rss` cover its programs (psutil), honcho left out."""
 
-    def __init__(self, entries: dict[str, str], **env):
+    def __init__(self, entries: dict[str, str], http: bool = True, settle: float = 0, **env):
+        self.entries, self.http, self.settle, self.env = entries, http, settle, env
         self.port, self.names = free_port(), list(entries)
-        self.procfile = tempfile.NamedTemporaryFile("w", suffix=".procfile")  # noqa: SIM115
-        lines = [f"{k}: exec {v.removeprefix('exec ')}\n" for k, v in entries.items()]
-        self.procfile.writelines(lines)
+
+    def __enter__(self) -> "stack":
+        self.procfile = tempfile.NamedTemporaryFile("w", suffix=".procfile")
+        self.procfile.writelines(
+            f"{k}: exec {v.removeprefix('exec ')}\n" for k, v in self.entries.items()
+        )
         self.procfile.flush()
-        self.log = tempfile.NamedTemporaryFile(prefix="imcore-bench-", suffix=".log")  # noqa: SIM115
+        self.log = tempfile.NamedTemporaryFile(prefix="imcore-bench-", suffix=".log")
         path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-        env |= {"IMCORE_HOST": "127.0.0.1", "IMCORE_PORT": self.port, "PATH": path}
+        env = self.env | {"IMCORE_HOST": "127.0.0.1", "IMCORE_PORT": self.port, "PATH": path}
         self.proc = psutil.Popen(
             [sys.executable, "bin/stack.py", "--no-colour", "-f", self.procfile.name], cwd=ROOT,
             env={**os.environ, **ENV, **{k: str(v) for k, v in env.items()}},
             start_new_session=True, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
+        try:
+            wait_for(self.ready, 90, f"bin/stack.py {self.names}")
+        except BaseException:
+            self.stop()
+            raise
+        time.sleep(self.settle)
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop()
 
     def text(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 
-    def ready(self, http: bool) -> bool:
+    def ready(self) -> bool:
         """The API answers 401 on the port (``http``), uvicorn of a ``ws`` entry is up, a
         ``worker`` answers a ping."""
         import requests
@@ -216,7 +231,7 @@ class Stack:
         with contextlib.suppress(requests.RequestException):
             url = f"http://127.0.0.1:{self.port}/api/v1/unread"
             return (
-                (not http or requests.get(url, timeout=5).status_code == 401)
+                (not self.http or requests.get(url, timeout=5).status_code == 401)
                 and ("ws" not in self.names or "startup complete" in self.text())
                 and ("worker" not in self.names or bool(app.control.ping(timeout=1)))
             )
@@ -258,18 +273,6 @@ def procfile(*names: str) -> dict[str, str]:
 
     entries = parse_procfile((ROOT / "Procfile").read_text()).processes
     return {name: entries[name] for name in names}
-
-
-@contextlib.contextmanager
-def stack(entries: dict[str, str], http: bool = True, settle: float = 0, **env):
-    """A :class:`Stack` once it answers (then ``settle`` s), stopped at the end."""
-    running = Stack(entries, **env)
-    try:
-        wait_for(lambda: running.ready(http), 90, f"bin/stack.py {running.names}")
-        time.sleep(settle)
-        yield running
-    finally:
-        running.stop()
 
 
 def run_tool(argv: str, pattern: str, **env) -> str:

@@ -159,14 +159,10 @@ def run(args) -> dict:
 
 
 def markdown(args, report: dict, plot: str) -> str:
-    configs = "; ".join(
-        f"`{name}`: " + ", ".join(f"{k}: `{v}`" for k, v in cmds.items())
-        for name, cmds in report["configs"].items()
-    )
     lines = common.header(
         "Hot API calls over HTTP", report["machine"],
         f"wrk, a thread and a keep-alive connection per client, {args.seconds:g} s after "
-        f"{args.warmup:g} s of warm-up. Configurations (Procfile entries): {configs}. CPU: psutil.",
+        f"{args.warmup:g} s of warm-up. `asgi`: `{ASGI}`; `procfile`: the Procfile's web, app, ws.",
     )  # fmt: skip
     rows = []
     for name, results in report["results"].items():

@@ -78,7 +78,7 @@ def history(data: Path) -> list[tuple[int, int, int]]:
             for r in rows]  # fmt: skip
 
 
-def sample(stack: common.Stack, sockets: push.Holders, redis_servers: dict) -> dict:
+def sample(stack: common.stack, sockets: push.Holders, redis_servers: dict) -> dict:
     """Each process's RSS by role and number (``granian child 1``…: a role is the first of ROLES
     its command line holds; a pool's workers are children of their own kind), Redis's
     used_memory, PostgreSQL's sessions on the database, the sockets open, the load."""
