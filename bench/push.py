@@ -77,8 +77,7 @@ class Holder:
         from websockets.protocol import State
 
         live = [i for i, ws in self.socks.items() if ws.state is State.OPEN]
-        return {"open": live, "rss": common.psutil.Process().memory_info().rss,
-                "duplicates": self.duplicates}  # fmt: skip
+        return {"open": live, "duplicates": self.duplicates}
 
     async def stamps(self, cid: int, seqs: list[int]) -> dict:
         return {"stamps": {s: self.receipts.get((cid, s), {}) for s in seqs}}
@@ -165,7 +164,6 @@ def measure_idle(server, holders: Holders, tokens: list[str], args) -> list[dict
             "sockets": n, "open": sum(len(s["open"]) for s in status), **opened, "rss": rss,
             "idle_cpu_pct": 100 * cpu / (time.perf_counter() - t0), "threads": p.num_threads(),
             "fds": p.num_fds(), "kb_per_socket": (rss - steps[0]["rss"]) / 1024 / n if n else None,
-            "client_rss": [s["rss"] for s in status],
         })  # fmt: skip
         print(f"  {n} sockets: server RSS {rss / 2**20:.0f} MiB", flush=True)
         if opened["failed"] or steps[-1]["open"] != n or opened["seconds"] > args.slow_step:
@@ -211,7 +209,7 @@ def latency(data, holders, server, messages: int, interval: float, drain=False, 
 
 
 IDLE_HEAD = ["sockets", "opened in s", "failed (after a retry)", "server RSS MiB", "KiB / socket",
-             "server CPU idle, % of a core", "threads", "fds", "holder RSS MiB"]  # fmt: skip
+             "server CPU idle, % of a core", "threads", "fds"]  # fmt: skip
 LATENCY_HEAD = ["path", "runs x messages", "p50 ms", "p99 ms", "max ms", "missing", "duplicates",
                 "message_send ms", "drain ms", "server CPU s / run"]  # fmt: skip
 
@@ -220,8 +218,7 @@ def report(steps: list[dict], lat: dict, args) -> list[str]:
     rows = [
         [f"{s['sockets']:,}", f"{s['seconds']:.1f}", f"{s['failed_first']} ({s['failed']})",
          f"{s['rss'] / 2**20:.0f}", f"{s['kb_per_socket']:.0f}" if s["sockets"] else "-",
-         f"{s['idle_cpu_pct']:.1f}", s["threads"], f"{s['fds']:,}",
-         " + ".join(f"{b / 2**20:.0f}" for b in s["client_rss"])]
+         f"{s['idle_cpu_pct']:.1f}", s["threads"], f"{s['fds']:,}"]
         for s in steps
     ]  # fmt: skip
     reasons = "; ".join(f"{n} x `{k}`" for s in steps for k, n in s["reasons"].items())

@@ -82,7 +82,7 @@ def sample(stack: common.stack, sockets: push.Holders, redis_servers: dict) -> d
     """Each process's RSS by role and number (``granian child 1``…: a role is the first of ROLES
     its command line holds; a pool's workers are children of their own kind), Redis's
     used_memory, PostgreSQL's sessions on the database, the sockets open, the load."""
-    row, found = {"time": time.time(), "load avg 1 min": round(os.getloadavg()[0], 1)}, {}
+    row, found = {"time": time.time()}, {}
     for proc in sorted(stack.programs(), key=lambda p: p.pid):
         with contextlib.suppress(psutil.Error):
             mine, parent = (next((r for r in ROLES if r in " ".join(p.cmdline())), None)
@@ -234,9 +234,9 @@ def main() -> None:
         row["requests"], row["errors"] = now[0] - previous[0], now[1] - previous[1]
         previous = now
     series = [k for k in r["samples"][-1] if "MiB" in k]
-    series += ["PostgreSQL connections", "sockets open", "load avg 1 min"]
+    series += ["PostgreSQL connections", "sockets open"]
     window, c = min(args.window_minutes, args.minutes // 2), r["checks"]
-    r["growth"] = [growth(minutes, k, window, args.limit_percent) for k in series[:-2]]
+    r["growth"] = [growth(minutes, k, window, args.limit_percent) for k in series[:-1]]
     r["failures"], r["sockets_lost"] = hist[-1][2], args.sockets - r["sockets_open"]
     r["errors"] = r["failures"] + r["sockets_lost"] + r["server_5xx"] + r["tracebacks"]
     bad = c["lost"] or c["last_seq_off"] or c["unread_off_users"] or r["errors"]

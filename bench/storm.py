@@ -135,7 +135,7 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     cost = {u: read_cost(u) for u in watch}
     last = {c: counters_get(user_id=u).conversations.get(c, 0) for u in watch for c in watch[u]}
     seen: dict[tuple[int, int], float] = {}
-    own, own_broker, seen_cost, peak, stop = Counter(), Counter(), Counter(), [0], threading.Event()
+    own, own_broker, seen_cost, stop = Counter(), Counter(), Counter(), threading.Event()
 
     def observe() -> None:
         while not stop.is_set():
@@ -149,11 +149,6 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
                     last[c] = max(last[c], counts.get(c, 0))
             time.sleep(0.002)
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], held(own, own_broker))
-            time.sleep(0.05)
-
     ports = (COUNTERS_PORT, common.BROKER_PORT)
     for port in ports:
         redis.Redis(port=port).config_resetstat()
@@ -163,17 +158,15 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     work = [([(g.conversation_id, g.sender_id) for g in c], rate, seconds, start, direct)
             for c in chunks]  # fmt: skip
     result = pool.starmap_async(send, work, chunksize=1)
-    threads = [threading.Thread(target=t, daemon=True) for t in (observe, sample)]
-    for t in threads:
-        t.start()
+    observer = threading.Thread(target=observe, daemon=True)
+    observer.start()
     parts, sent_at = result.get(), time.perf_counter()
     commits = {(c, s): t for part, _ in parts for c, s, t in part}
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while time.monotonic() < deadline and not commits.keys() <= seen.keys():
         time.sleep(0.01)
     stop.set()
-    for t in threads:
-        t.join()
+    observer.join()
     while time.monotonic() < deadline and held(own, own_broker):  # the rest of the members
         time.sleep(0.05)
     idle, window = time.perf_counter() - sent_at, time.perf_counter() - start
@@ -190,10 +183,9 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
         "target_rate": rate * len(groups), "rate": n / (sent_at - start),
         "cmds_per_msg": sum(counted.values()) / n, "broker_per_msg": sum(broker.values()) / n,
         "evalsha_per_msg": counted["cmdstat_evalsha"] / n,
-        "by_command": {k[8:]: round(v / n, 2) for k, v in counted.most_common(12)},
         "p50_ms": common.percentile(latencies, 50) * 1000,
         "p99_ms": common.percentile(latencies, 99) * 1000, "unseen": n - len(latencies),
-        "idle_s": idle, "peak_queue": peak[0],
+        "idle_s": idle,
         "cpu_workers_s": cpu1[0] - cpu0[0], "cpu_redis_s": redis_s,
         "cpu_senders_s": sum(cpu for _, cpu in parts), "cpu_machine_s": machine,
         "machine_busy": machine / window / psutil.cpu_count(), "window_s": window,
@@ -255,7 +247,7 @@ def ceiling_row(r: dict) -> list:
     rest = r["cpu_machine_s"] - r["cpu_senders_s"] - r["cpu_redis_s"] - r["cpu_workers_s"]
     return [
         r["groups"], f"{r['rate']:.0f} ({r['target_rate']:.0f})",
-        f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}", f"{r['idle_s']:.1f}", r["peak_queue"],
+        f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}", f"{r['idle_s']:.1f}",
         " / ".join(f"{r[k]:.1f}" for k in ("cpu_senders_s", "cpu_redis_s", "cpu_workers_s"))
         + f" / {rest:.1f}",
         f"{r['machine_busy']:.0%}", ", ".join(r["behind"]) or "keeps up",
@@ -290,7 +282,7 @@ COST_ROWS = [  # the one-group table: (row, key, format)
     ("commit → unread visible p99 ms", "p99_ms", "{:,.0f}"),
     ("all work done after the last send, s", "idle_s", "{:.1f}"),
 ]
-CEILING_HEAD = ["groups", "sent/s (target)", "p50 / p99 ms", "idle after s", "peak queue",
+CEILING_HEAD = ["groups", "sent/s (target)", "p50 / p99 ms", "idle after s",
                 "CPU s: senders / Redis / workers / rest", "machine busy", "verdict"]  # fmt: skip
 
 
