@@ -244,10 +244,6 @@ class stack:  # a class used as a function: ``with common.stack(entries) as runn
             return [p for p in everyone if "bin/stack.py" not in " ".join(p.cmdline())]
         return []
 
-    def find(self, word: str) -> psutil.Process:
-        """The first program whose command line holds ``word``."""
-        return next(p for p in self.programs() if word in " ".join(p.cmdline()))
-
     def cpu(self) -> float:
         return cpu_of(*self.programs())
 

@@ -1,5 +1,5 @@
 """``make bench-push``: live sync over ``/ws/v1/sync`` on one uvicorn process: idle sockets
-(RSS, threads, fds, idle CPU per step), then commit -> frame latency for ``--members`` devices
+(RSS and idle CPU per step), then commit -> frame latency for ``--members`` devices
 of a group (pipeline drained here or by Celery, channel mode). Sockets: ``websockets`` clients
 held by spawned processes (:class:`Holders`)."""
 
@@ -152,18 +152,18 @@ SERVER = (
 
 def measure_idle(server, holders: Holders, tokens: list[str], args) -> list[dict]:
     """Open sockets up to each step, then idle: the server's CPU over the idle window (the
-    first, at 0 sockets, at most 3 s), then its RSS, threads and fds, and the holders' RSS."""
+    first, at 0 sockets, at most 3 s), then its RSS."""
     steps, none = [], {"seconds": 0.0, "opened": 0, "failed_first": 0, "failed": 0, "reasons": {}}
     for n in args.steps:
         held = steps[-1]["sockets"] if steps else 0
         opened = holders.open(tokens, range(held, n), args.concurrency) if n > held else none
         status, cpu0, t0 = holders.ask("status"), server.cpu(), time.perf_counter()
         time.sleep(args.idle_seconds if n else min(args.idle_seconds, 3))
-        cpu, p, rss = server.cpu() - cpu0, server.find("uvicorn"), server.rss()
+        cpu, rss = server.cpu() - cpu0, server.rss()
         steps.append({
             "sockets": n, "open": sum(len(s["open"]) for s in status), **opened, "rss": rss,
-            "idle_cpu_pct": 100 * cpu / (time.perf_counter() - t0), "threads": p.num_threads(),
-            "fds": p.num_fds(), "kb_per_socket": (rss - steps[0]["rss"]) / 1024 / n if n else None,
+            "idle_cpu_pct": 100 * cpu / (time.perf_counter() - t0),
+            "kb_per_socket": (rss - steps[0]["rss"]) / 1024 / n if n else None,
         })  # fmt: skip
         print(f"  {n} sockets: server RSS {rss / 2**20:.0f} MiB", flush=True)
         if opened["failed"] or steps[-1]["open"] != n or opened["seconds"] > args.slow_step:
@@ -209,7 +209,7 @@ def latency(data, holders, server, messages: int, interval: float, drain=False, 
 
 
 IDLE_HEAD = ["sockets", "opened in s", "failed (after a retry)", "server RSS MiB", "KiB / socket",
-             "server CPU idle, % of a core", "threads", "fds"]  # fmt: skip
+             "server CPU idle, % of a core"]  # fmt: skip
 LATENCY_HEAD = ["path", "runs x messages", "p50 ms", "p99 ms", "max ms", "missing", "duplicates",
                 "message_send ms", "drain ms", "server CPU s / run"]  # fmt: skip
 
@@ -218,7 +218,7 @@ def report(steps: list[dict], lat: dict, args) -> list[str]:
     rows = [
         [f"{s['sockets']:,}", f"{s['seconds']:.1f}", f"{s['failed_first']} ({s['failed']})",
          f"{s['rss'] / 2**20:.0f}", f"{s['kb_per_socket']:.0f}" if s["sockets"] else "-",
-         f"{s['idle_cpu_pct']:.1f}", s["threads"], f"{s['fds']:,}"]
+         f"{s['idle_cpu_pct']:.1f}"]
         for s in steps
     ]  # fmt: skip
     reasons = "; ".join(f"{n} x `{k}`" for s in steps for k, n in s["reasons"].items())
