@@ -9,6 +9,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent / d) for d in ("", "bin")]
 import redis_cluster
+from django.conf import settings
 
 from bench import common, storm
 
@@ -59,8 +60,6 @@ def run(store: str, ports: list[int], args) -> dict:
 
 def main() -> None:
     args = common.parse(__doc__, QUICK, members=5000, seconds=10.0, sends=300, ports="7141-7143")
-    from django.conf import settings
-
     with common.section():
         machine = common.machine()
         results = [run("single", [storm.COUNTERS_PORT], args)]

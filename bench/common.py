@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import statistics
@@ -20,8 +21,12 @@ import time
 from collections import namedtuple
 from pathlib import Path
 
+import numpy
 import psutil
 import pyperf
+import redis
+import requests
+from honcho.environ import parse_procfile
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -125,8 +130,6 @@ def make_users(n: int, tag: str) -> list[int]:
 
 def make_devices(user_ids: list[int], **fields) -> list[Device]:
     """A device each, bulk-inserted with the token hash a login would store."""
-    import secrets
-
     from imcore.models import Device as Model
     from imcore.services import token_hash
 
@@ -222,8 +225,6 @@ class stack:  # a class used as a function: ``with common.stack(entries) as runn
     def ready(self) -> bool:
         """The API answers 401 on the port (``http``), uvicorn of a ``ws`` entry is up, a
         ``worker`` answers a ping."""
-        import requests
-
         from imcore.celery import app
 
         if self.proc.poll() is not None:
@@ -265,8 +266,6 @@ class stack:  # a class used as a function: ``with common.stack(entries) as runn
 
 def procfile(*names: str) -> dict[str, str]:
     """The Procfile's entries ``names``, read by honcho's parser."""
-    from honcho.environ import parse_procfile
-
     entries = parse_procfile((ROOT / "Procfile").read_text()).processes
     return {name: entries[name] for name in names}
 
@@ -291,8 +290,6 @@ def cpu_of(*processes: psutil.Process) -> float:
 
 
 def redis_info(port: int | None = None) -> dict:
-    import redis
-
     return (redis.Redis(port=port) if port else redis.Redis.from_url(ENV["REDIS_URL"])).info("all")
 
 
@@ -369,8 +366,6 @@ def spread(name: str, values, fmt: str = "{:.1f}") -> str:
 
 
 def percentile(values, q: float) -> float:
-    import numpy
-
     return float(numpy.percentile(values, q, method="nearest")) if len(values) else float("nan")
 
 

@@ -12,6 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from websockets.asyncio.client import connect
+from websockets.protocol import State
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
@@ -32,8 +35,6 @@ class Holder:
         self.url, self.socks, self.receipts, self.duplicates, self.tasks = url, {}, {}, 0, set()
 
     async def open(self, sockets: list, concurrency: int) -> dict:
-        from websockets.asyncio.client import connect
-
         sem, reasons = asyncio.Semaphore(concurrency), {}
 
         async def one(idx: int, token: str) -> None:
@@ -74,8 +75,6 @@ class Holder:
         return {}
 
     async def status(self) -> dict:
-        from websockets.protocol import State
-
         live = [i for i, ws in self.socks.items() if ws.state is State.OPEN]
         return {"open": live, "duplicates": self.duplicates}
 

@@ -11,17 +11,16 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
-from bench.storm import COUNTERS_PORT, calls, make_group
+from bench.storm import COUNTERS_PORT, calls, make_group  # Django set up by its import
+from counters.selectors import counters_get
+from delivery.pipeline import delivery_drain
+from imcore import services
+from imcore.models import User
 
 QUICK = "--members 200"
 
 
 def run(path: str, members: int) -> list:
-    from counters.selectors import counters_get
-    from delivery.pipeline import delivery_drain
-    from imcore import services
-    from imcore.models import User
-
     common.reset_data()
     ids = common.make_users(members, f"recall-{path}")
     cid, sender = make_group(path, ids).conversation_id, User.objects.get(pk=ids[0])
