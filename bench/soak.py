@@ -106,7 +106,6 @@ def sample(stack: common.stack, sockets: push.Holders, redis_servers: dict) -> d
 
 def check_data(acked: set[str], member_ids: list[int]) -> dict:
     """Lost sends, conversations whose last_seq is off, users whose Redis counts are off."""
-
     with connection.cursor() as cursor:
         cursor.execute("SELECT client_msg_id FROM imcore_message")
         stored = {r[0] for r in cursor.fetchall()}
@@ -138,11 +137,10 @@ def growth(rows: list[dict], key: str, window: int, limit: float) -> dict:
 def plot(samples: list[dict], series: list[str]) -> str:
     minutes = [(s["time"] - samples[0]["time"]) / 60 for s in samples]
     fig, axes = common.figure("soak", "Soak: memory over time", 3, size=(10, 3.3))
-    counts = ["PostgreSQL connections", "sockets open"]
-    panels = [([k for k in series if "RSS" in k], "process RSS (MiB)"),
-              ([k for k in series if "used_memory" in k], "Redis used_memory (MiB)"),
-              (counts, "PostgreSQL sessions, idle sockets (count)")]  # fmt: skip
-    for ax, (keys, label) in zip(axes, panels, strict=True):
+    panels = {"process RSS (MiB)": [k for k in series if "RSS" in k],
+              "Redis used_memory (MiB)": [k for k in series if "used_memory" in k],
+              "PostgreSQL sessions, idle sockets (count)": series[-2:]}  # fmt: skip
+    for ax, (label, keys) in zip(axes, panels.items(), strict=True):
         for key in keys:
             name = key.replace(" RSS MiB", "").replace(" MiB", "")
             ax.plot(minutes, [s.get(key) for s in samples], marker=".", label=name)
