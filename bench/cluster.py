@@ -81,12 +81,10 @@ def main() -> None:
                  f"{n['cpu_ms_per_msg']:.3f}"]
                 for r in results for n in r[part]["nodes"]]  # fmt: skip
         lines += common.table(head, rows, title)
-    lines += [
-        f"- {r['store']}: S1 worker CPU {r['storm']['worker_cpu_ms_per_msg']:.1f} ms/msg, "
-        f"sender {r['storm']['sender_cpu_ms_per_msg']:.1f} ms/msg; send path "
-        f"{r['send']['per_s']:.0f} sends/s, {r['send']['process_cpu_ms_per_msg']:.2f} ms CPU/send"
-        for r in results
-    ]
+    lines += [f"- {r['store']}: S1 worker CPU {r['storm']['worker_cpu_ms_per_msg']:.1f} ms/msg, "
+              f"sender {r['storm']['sender_cpu_ms_per_msg']:.1f} ms/msg; send path "
+              f"{r['send']['per_s']:.0f} sends/s, {r['send']['process_cpu_ms_per_msg']:.2f} ms "
+              "CPU/send" for r in results]  # fmt: skip
     common.write_results("cluster", "\n".join(lines), {"results": results, "args": vars(args)})
 
 

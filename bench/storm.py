@@ -158,8 +158,7 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     work = [([(g.conversation_id, g.sender_id) for g in c], rate, seconds, start, direct)
             for c in chunks]  # fmt: skip
     result = pool.starmap_async(send, work, chunksize=1)
-    observer = threading.Thread(target=observe, daemon=True)
-    observer.start()
+    (observer := threading.Thread(target=observe, daemon=True)).start()
     parts, sent_at = result.get(), time.perf_counter()
     commits = {(c, s): t for part, _ in parts for c, s, t in part}
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
@@ -183,9 +182,8 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
         "target_rate": rate * len(groups), "rate": n / (sent_at - start),
         "cmds_per_msg": sum(counted.values()) / n, "broker_per_msg": sum(broker.values()) / n,
         "evalsha_per_msg": counted["cmdstat_evalsha"] / n,
-        "p50_ms": common.percentile(latencies, 50) * 1000,
+        "p50_ms": common.percentile(latencies, 50) * 1000, "idle_s": idle,
         "p99_ms": common.percentile(latencies, 99) * 1000, "unseen": n - len(latencies),
-        "idle_s": idle,
         "cpu_workers_s": cpu1[0] - cpu0[0], "cpu_redis_s": redis_s,
         "cpu_senders_s": sum(cpu for _, cpu in parts), "cpu_machine_s": machine,
         "machine_busy": machine / window / psutil.cpu_count(), "window_s": window,
