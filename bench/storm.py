@@ -106,7 +106,6 @@ def send(groups: list[tuple[int, int]], rate: float, seconds: float, start: floa
     through ``message_send``; with ``direct``, only what its commit hands over
     (``delivery_message_committed``, no PostgreSQL). Returns [(conversation, seq, when the
     call returned)] and its CPU seconds."""
-
     convs = {c: Conversation.objects.get(pk=c) for c, _ in groups}
     senders = {s: User.objects.get(pk=s) for _, s in groups}
     tops = {c: int(get_redis().hget(keys.channel(c), keys.CHANNEL_TOP) or 0) for c in convs}

@@ -157,7 +157,6 @@ def run_pulls(http: Http, device, since: int, limit: int, mode: str, runs: int) 
     """``runs`` timed pulls after 2 untimed ones, each on a fresh connection, after dropping
     (cold) or preparing (prepared) the device's package, and marking the device seen (as its
     login would, so the pull sends no prepare task); the runs summarized."""
-
     results, prepares, prepared_as = [], [], set()
     for _ in range(2 + runs):
         package = [k(device.user_id, device.pk) for k in (keys.package, keys.snapshot)]
