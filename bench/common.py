@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import namedtuple
 from pathlib import Path
 
 import numpy
@@ -48,7 +47,6 @@ WORKER = {
     "beat": f"celery -A imcore beat --schedule {tempfile.gettempdir()}/imcore-bench-beat-"
     f"{os.getpid()} --loglevel WARNING",
 }  # fmt: skip
-Device = namedtuple("Device", "pk user_id token")
 
 
 def django_setup() -> None:
@@ -128,8 +126,8 @@ def make_users(n: int, tag: str) -> list[int]:
     return [u.pk for u in User.objects.bulk_create(users, batch_size=5000)]
 
 
-def make_devices(user_ids: list[int], **fields) -> list[Device]:
-    """A device each, bulk-inserted with the token hash a login would store."""
+def make_devices(user_ids: list[int], **fields) -> list:
+    """A device each, bulk-inserted with the token hash a login would store; ``token`` on each."""
     from imcore.models import Device as Model
     from imcore.services import token_hash
 
@@ -138,7 +136,9 @@ def make_devices(user_ids: list[int], **fields) -> list[Device]:
         Model(user_id=u, device_id=f"bench-{u}", platform="web", token_hash=token_hash(t), **fields)
         for u, t in zip(user_ids, tokens, strict=True)
     )
-    return [Device(d.pk, d.user_id, t) for d, t in zip(rows, tokens, strict=True)]
+    for device, token in zip(rows, tokens, strict=True):
+        device.token = token
+    return rows
 
 
 def make_group(ids: list[int], title: str, channel: bool | None = None, reconcile: bool = True):

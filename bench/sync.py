@@ -129,7 +129,7 @@ def setup(args) -> dict:
     return out
 
 
-def pull_until_done(http: Http, device: common.Device, since: int, limit: int) -> dict:
+def pull_until_done(http: Http, device: Device, since: int, limit: int) -> dict:
     """Pull pages until has_more is false; what it took."""
     trips, entries, nbytes, missing, sql, versions = 0, 0, 0, 0, Counter(), []
     gap, conversations, t0 = False, 0, time.perf_counter()
