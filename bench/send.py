@@ -131,7 +131,6 @@ def measure(port, clients, call, args, procs: dict, tag: str) -> dict:
 
 
 def run(args) -> dict:
-    print("seeding…", flush=True)
     clients = seed(max(args.clients), args.members, args.at)
     counts, machine = per_send_counts(clients[-1]), common.machine()
     with connection.cursor() as cursor:  # PostgreSQL's main process: this backend's parent

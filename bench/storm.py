@@ -197,7 +197,6 @@ def cost_phase(args, paths: list[str]) -> list[dict]:
         ids = common.make_users(size, f"s{size}")
         for i, path in enumerate(paths):
             groups[size, path] = make_group(path, ids, reconcile=i == len(paths) - 1)
-        print(f"  {size:,} members: groups created", flush=True)
     runs = []
     for path in paths:
         with stack(path, 1) as running:

@@ -89,8 +89,6 @@ def sync_state(user_id: int) -> dict[str, int]:
 def setup(args) -> dict:
     """Every user, conversation, message and device the measurements use."""
     common.reset_data()
-    out: dict = {}
-
     # 1. catch-up: one small group; its second member's device last synced after the join.
     ids = common.make_users(args.group_members, "catchup")
     conversation = common.make_group(ids, "catch-up")
@@ -98,7 +96,7 @@ def setup(args) -> dict:
     common.send_messages(conversation.pk, [ids[0], *ids[2:]], args.catchup_messages, "catchup")
     delivery_drain()
     device = common.make_devices([reader], acked_version=joined)[0]
-    out["catchup"] = {"device": device, "since": joined, "state": sync_state(reader)}
+    out = {"catchup": {"device": device, "since": joined, "state": sync_state(reader)}}
 
     # 2. gap: one user in N direct conversations, each with M messages from the other side;
     # more entries than OFFLINE_MAX_ENTRIES, so the floor is above 0 and since=0 is behind it.
@@ -119,12 +117,11 @@ def setup(args) -> dict:
     conversation = common.make_group(big, "big", reconcile=False)
     out["big"] = {"conversation_id": conversation.pk, "members": big}
     # Fresh devices for every run of both flush modes: never acked, last seen an hour ago.
-    sets = 2 * args.runs
-    ack_users = big[1 : 1 + sets * args.ack_devices]
-    if len(ack_users) < sets * args.ack_devices:
+    sets, n = 2 * args.runs, args.ack_devices
+    if args.big_group <= sets * n:
         raise RuntimeError("--big-group is too small for the ack runs")
     seen = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
-    devices, n = common.make_devices(ack_users, last_seen_at=seen), args.ack_devices
+    devices = common.make_devices(big[1 : 1 + sets * n], last_seen_at=seen)
     out["ack"] = {"devices": [devices[i * n : (i + 1) * n] for i in range(sets)]}
     return out
 
@@ -372,7 +369,6 @@ def main() -> None:
         gap_conversations=50, gap_messages=(20, "per gap conversation"), big_group=5000,
         ack_devices=100, acks_per_device=10)  # fmt: skip
     with common.section():
-        print("setting up…", flush=True)
         data, res = setup(args), {}
         connection.close()  # not held open across the server's start
         with common.stack({"server": f"{GUNICORN} --log-level warning"}) as server:
