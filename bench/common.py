@@ -89,8 +89,7 @@ def section():
         yield
     finally:
         if started:
-            shutdown = ["redis-cli", "-p", str(BROKER_PORT), "shutdown", "nosave"]
-            subprocess.run(shutdown, capture_output=True)
+            subprocess.run(["redis-cli", "-p", str(BROKER_PORT), "shutdown", "nosave"])
 
 
 def free_port() -> int:

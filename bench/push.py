@@ -198,8 +198,7 @@ def latency(data, holders, server, messages: int, interval: float, drain=False, 
     lat = [(t - commits[s]) * 1000 for s, t in stamps]
     print(f"  latency p99 {common.percentile(lat, 99):.0f} ms", flush=True)
     return {
-        "messages": len(seqs), "expected": expected, "delivered": len(lat),
-        "missing": expected - len(lat),
+        "messages": len(seqs), "expected": expected, "missing": expected - len(lat),
         "duplicates": sum(r["duplicates"] for r in holders.ask("status")) - dup0,
         "p50_ms": common.percentile(lat, 50), "p99_ms": common.percentile(lat, 99),
         "max_ms": max(lat, default=float("nan")), "send_ms": common.median(send_ms),
