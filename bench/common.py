@@ -40,6 +40,9 @@ ENV = {
 }  # fmt: skip
 # Commands of the benchmark's own observer and bookkeeping, left out of the counts.
 NOT_COUNTED = {"cmdstat_hmget", "cmdstat_info", "cmdstat_config|resetstat", "cmdstat_llen"}
+# uvicorn on the stack's port, with the Procfile's pings (push's server; send's ``asgi``).
+UVICORN = ("uvicorn imcore.asgi:application --host 127.0.0.1 --port $IMCORE_PORT "
+           "--ws-ping-interval 20 --ws-ping-timeout 20")  # fmt: skip
 # The benchmark's own Celery worker (prefork, 2 processes, both queues) and beat (Procfile form).
 WORKER = {
     "worker": "celery -A imcore worker --queues default,counters --concurrency 2 --without-gossip "

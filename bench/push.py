@@ -143,10 +143,7 @@ def setup(n_users: int, members: int) -> dict:
             "members": members, "ids": ids[:members]}  # fmt: skip
 
 
-SERVER = (
-    "uvicorn imcore.asgi:application --host 127.0.0.1 --port $IMCORE_PORT --log-level warning "
-    "--ws-ping-interval 20 --ws-ping-timeout 20"
-)
+SERVER = f"{common.UVICORN} --log-level warning"
 
 
 def measure_idle(server, holders: Holders, tokens: list[str], args) -> list[dict]:

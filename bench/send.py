@@ -31,10 +31,7 @@ BODY = "benchmark message: hello from bench/send.py"
 CALLS = {"send": "POST …/messages", "unread": "GET /unread", "read": "POST …/read",
          "conversations": "GET /conversations", "sync": "GET /sync (100 entries)"}  # fmt: skip
 SWEPT = ("send", "unread")  # measured at every client count; the others at --at
-ASGI = (
-    "uvicorn imcore.asgi:application --host 127.0.0.1 --port $IMCORE_PORT --workers 2 "
-    "--ws-ping-interval 20 --ws-ping-timeout 20"
-)
+ASGI = f"{common.UVICORN} --workers 2"
 
 
 def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
