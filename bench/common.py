@@ -341,12 +341,10 @@ def record(name: str, values) -> pyperf.Benchmark | None:
     values, ms = [float(v) for v in values if v is not None], name.endswith(" ms")
     if not values or min(values) <= 0:
         return None
-    meta = {**metadata(), "name": name, "unit": "second" if ms else "integer"}
-    runs = [
-        pyperf.Run([v / 1000 if ms else v], metadata=meta, collect_metadata=False) for v in values
-    ]
-    SUITE[name] = pyperf.Benchmark(runs)
-    return SUITE[name]
+    meta, k = {**metadata(), "name": name, "unit": "second" if ms else "integer"}, 1000 if ms else 1
+    runs = [pyperf.Run([v / k], metadata=meta, collect_metadata=False) for v in values]
+    SUITE[name] = bench = pyperf.Benchmark(runs)
+    return bench
 
 
 def median(values, name: str = "") -> float:
@@ -371,19 +369,17 @@ def percentile(values, q: float) -> float:
     return float(numpy.percentile(values, q, method="nearest")) if len(values) else float("nan")
 
 
-def host() -> str:
-    m, memory = metadata(), psutil.virtual_memory().total / 2**30
-    cpu, python = m["cpu_model_name"], m["python_version"].split()[0]
-    return f"{m['hostname']}: {m['cpu_count']} cores ({cpu}), {memory:.0f} GiB, Python {python}"
-
-
 def machine() -> str:
+    """The machine (pyperf's metadata, psutil's memory) and the servers' versions."""
     from django.db import connection
 
     with connection.cursor() as cursor:
         cursor.execute("show server_version")
         pg = cursor.fetchone()[0].split()[0]
-    return f"{host()}, Redis {redis_info()['redis_version']}, PostgreSQL {pg}, local services"
+    m, memory = metadata(), psutil.virtual_memory().total / 2**30
+    return (f"{m['hostname']}: {m['cpu_count']} cores ({m['cpu_model_name']}), {memory:.0f} GiB, "
+            f"Python {m['python_version'].split()[0]}, Redis {redis_info()['redis_version']}, "
+            f"PostgreSQL {pg}, local services")  # fmt: skip
 
 
 def header(title: str, machine_text: str, *notes: str) -> list[str]:
@@ -427,7 +423,7 @@ def figure(name: str, title: str, panels: int = 1, size=(7, 4.5)):
     from matplotlib import pyplot as plt
 
     fig, axes = plt.subplots(panels, 1, figsize=(size[0], size[1] * panels), squeeze=False)
-    fig.suptitle(f"{title}\n{host()}", fontsize=10)
+    fig.suptitle(f"{title}\n{machine()}", fontsize=9)
     return fig, list(axes[:, 0])
 
 
