@@ -157,14 +157,10 @@ def main() -> None:
         sys.exit(f"--strategies takes some of {', '.join(STRATEGIES)}")
     started, runs = time.monotonic(), []
     with common.section():
-        for i in range(args.runs):
-            run = {"strategies": {}}
-            for name in args.strategies:
-                run["strategies"][name] = run_strategy(name, args)
-                print(f"run {i + 1}/{args.runs} {name}: {run['strategies'][name]}", file=sys.stderr)
-            run["limits"] = run_limits(args.limit_requests)
-            print(f"run {i + 1}/{args.runs} limits: {run['limits']}", file=sys.stderr)
-            runs.append(run)
+        for i in range(args.runs):  # the strategies and the limits interleaved
+            runs.append({"strategies": {n: run_strategy(n, args) for n in args.strategies},
+                         "limits": run_limits(args.limit_requests)})  # fmt: skip
+            print(f"run {i + 1}/{args.runs}: {runs[-1]}", file=sys.stderr)
     markdown, data = report(runs, args, time.monotonic() - started)
     data["runs"] = runs
     common.write_results("strategies", markdown, data)
