@@ -102,10 +102,9 @@ def held(own: Counter, own_broker: Counter) -> int:
 
 def send(groups: list[tuple[int, int]], rate: float, seconds: float, start: float, direct: bool):
     """In a sender process: ``rate`` messages a second to each (conversation, sender) of
-    ``groups``, evenly spread from ``start`` (``time.perf_counter``, shared by the processes),
-    through ``message_send``; with ``direct``, only what its commit hands over
-    (``delivery_message_committed``, no PostgreSQL). Returns [(conversation, seq, when the
-    call returned)] and its CPU seconds."""
+    ``groups``, evenly spread from ``start`` (``time.perf_counter``, shared), through
+    ``message_send`` or (``direct``) only what its commit hands over, no PostgreSQL.
+    Returns [(conversation, seq, when the call returned)] and its CPU seconds."""
     convs = {c: Conversation.objects.get(pk=c) for c, _ in groups}
     senders = {s: User.objects.get(pk=s) for _, s in groups}
     tops = {c: int(get_redis().hget(keys.channel(c), keys.CHANNEL_TOP) or 0) for c in convs}
@@ -211,11 +210,10 @@ def cost_phase(args, paths: list[str]) -> list[dict]:
 
 
 def ceiling_phase(args, path: str, interval: float) -> dict[str, list[dict]]:
-    """Phase 3 for ``path``, through ``message_send`` and then (channel mode) through
-    ``delivery_message_committed`` alone, on the same groups. A ramp goes on past p99 > 1 s
-    (up to 5 s) but stops at queue growth or when the senders miss their rate. Channel-mode
-    groups share one pool of members (a channel-mode send does no per-member work, so whose
-    members they are changes nothing); the pipeline's groups have members of their own."""
+    """Phase 3 for ``path``: ``message_send``, then (channel mode) ``delivery_message_committed``
+    alone, on the same groups; a ramp goes on past p99 > 1 s (up to 5 s), not past queue growth
+    or senders behind. Channel-mode groups share their members (a send does no per-member
+    work there); the pipeline's have their own."""
     common.reset_data()
     pool = common.make_users(args.members, "pool") if path == "channel" else None
     groups, ramps = [], {}

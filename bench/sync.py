@@ -384,7 +384,6 @@ def main() -> None:
             res["gap"] = {"state": data["gap"]["state"], "results": gap}
             res["writes"] = measure_entry_writes(data["big"], args)
             res["acks"] = measure_acks(http, data["ack"], data["big"], args)
-            http.close()
     lines = common.header("Sync", machine, f"`{GUNICORN}`; median (min..max) of {args.runs}.")
     lines += [*tables(res, args), plot(res["sweep"])]
     common.write_results("sync", "\n".join(lines), {"args": vars(args), **res})
