@@ -29,16 +29,13 @@ def per_node(before, after, seconds: float, n: int) -> list[dict]:
 
 def run(store: str, ports: list[int], args) -> dict:
     common.reset_data()
-    ids = common.make_users(args.members, f"{store}-s1")
-    s1 = storm.make_group("pipeline", ids)
+    s1 = storm.make_group("pipeline", common.make_users(args.members, f"{store}-s1"))
     pair = storm.make_group("pipeline", common.make_users(2, f"{store}-pair"), reconcile=False)
     out = {"store": store}
     with storm.stack("pipeline", senders=1) as (procs, pool):
         before, cpu0, t0 = snapshot(ports), procs.cpu(), time.time()
-        start = time.perf_counter() + 0.3
-        [(sent, sender_cpu)] = pool.starmap(
-            storm.send, [([(s1.conversation_id, s1.sender_id)], 10, args.seconds, start, False)]
-        )
+        work = ([(s1.conversation_id, s1.sender_id)], 10, args.seconds, time.perf_counter() + 0.3)
+        [(sent, sender_cpu)] = pool.starmap(storm.send, [(*work, False)])
         common.drain(storm.DRAIN_TIMEOUT_S)
         time.sleep(1.5)  # the last batch's apply
         window, n = time.time() - t0, len(sent)

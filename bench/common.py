@@ -1,7 +1,6 @@
-"""What the benchmark sections share: their database, Redis and broker (a redis-server of its
-own, so each side's commands count apart), seed data, processes (bin/stack.py, measured with
-psutil), flags, statistics and machine metadata (pyperf), and the result files (markdown, JSON,
-pyperf JSON, matplotlib PNGs)."""
+"""What the sections share: their database, Redis and broker (a redis-server of its own), seed
+data, processes (bin/stack.py, measured with psutil), flags, statistics and machine metadata
+(pyperf), the load tools' runs, the result files (markdown, JSON, pyperf JSON, PNG plots)."""
 
 import argparse
 import contextlib

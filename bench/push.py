@@ -1,7 +1,6 @@
-"""``make bench-push``: live sync over ``/ws/v1/sync`` on one uvicorn process: idle sockets
-(RSS and idle CPU per step), then commit -> frame latency for ``--members`` devices
-of a group (pipeline drained here or by Celery, channel mode). Sockets: ``websockets`` clients
-held by spawned processes (:class:`Holders`)."""
+"""``make bench-push``: live sync over ``/ws/v1/sync`` on one uvicorn process: idle sockets (RSS,
+idle CPU), then commit -> frame latency at ``--members`` devices of a group (pipeline drained
+here or by Celery; channel mode); ``websockets`` clients in spawned processes (:class:`Holders`)."""
 
 import asyncio
 import contextlib
@@ -24,8 +23,7 @@ from delivery.pipeline import delivery_drain
 from imcore import services
 from imcore.models import User
 
-# --quick: smoke sizes, one run each
-QUICK = "--runs 1 --members 100 --messages 3 --steps 0,100,200 --idle-seconds 3"
+QUICK = "--runs 1 --members 100 --messages 3 --steps 0,100,200 --idle-seconds 3"  # smoke sizes
 
 
 class Holder:
@@ -86,8 +84,7 @@ def holder_main(url: str, pipe) -> None:
     async def serve() -> None:
         holder, loop = Holder(url), asyncio.get_running_loop()
         while (cmd := await loop.run_in_executor(None, pipe.recv)) is not None:
-            name, kwargs = cmd
-            pipe.send(await getattr(holder, name)(**kwargs))
+            pipe.send(await getattr(holder, cmd[0])(**cmd[1]))  # (method, its keywords)
         await holder.close(list(holder.socks))
 
     asyncio.run(serve())
@@ -255,10 +252,9 @@ def main() -> None:
         clients=(2, "socket holder processes"), concurrency=(100, "handshakes per holder"),
         slow_step=(90.0, "stop the steps past this"), no_celery=(False, "no Celery variant"),
     )  # fmt: skip
-    args.steps = sorted(set(args.steps) | {0})
+    args.steps, lat = sorted(set(args.steps) | {0}), {}
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the holders inherit it
-    lat = {}
     with common.section():
         machine = common.machine()
         data = setup(max(*args.steps, args.members), args.members)

@@ -1,7 +1,6 @@
-"""``make bench-recall``: a recall beside a send (issue 15) in a group of ``--members`` in
-channel mode and on the aggregation pipeline: Redis commands (scripts' inner commands
-included) and ms until every member's count shows it (then every member is checked). The
-pipeline's send includes an in-process flush (in service: the Timer interval plus that)."""
+"""``make bench-recall``: a recall beside a send (issue 15) in a group of ``--members``, channel
+mode and pipeline: Redis commands (inside scripts too) and ms until every member's count shows
+it (each then checked); the pipeline's send with an in-process flush (in service: + Timer)."""
 
 import sys
 import time

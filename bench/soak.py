@@ -30,7 +30,6 @@ QUICK = (  # --quick: smoke sizes, one run each
     "--sockets 20 --sample-seconds 5"
 )
 
-MIB = 1024 * 1024
 LOCUSTFILE = Path(__file__).with_name("locustfile_soak.py")
 NAMES = ("web", "app", "ws", "worker", "beat", "flower")  # the Procfile's entries
 ROLES = ("nginx", "granian", "gunicorn", "uvicorn", "spawn_main", "flower", "beat", "worker")
@@ -93,9 +92,9 @@ def sample(stack: common.stack, sockets: push.Holders, redis_servers: dict) -> d
     for role, procs in sorted(found.items()):
         for i, proc in enumerate(procs, 1):
             with contextlib.suppress(psutil.Error):
-                row[f"{role} {i} RSS MiB"] = proc.memory_info().rss / MIB
+                row[f"{role} {i} RSS MiB"] = proc.memory_info().rss / 2**20
     for name, server in redis_servers.items():
-        row[f"{name} used_memory MiB"] = server.info("memory")["used_memory"] / MIB
+        row[f"{name} used_memory MiB"] = server.info("memory")["used_memory"] / 2**20
     with connection.cursor() as cursor:
         sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
         cursor.execute(f"{sql} AND pid <> pg_backend_pid()")

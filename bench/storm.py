@@ -73,9 +73,8 @@ def stack(path: str, senders: int):
 def calls(port: int) -> Counter:
     """Commands the server ran since its last CONFIG RESETSTAT (inside scripts included), by
     name; the observer's INFO and RESETSTAT left out."""
-    stats = redis.Redis(port=port).info("commandstats").items()
-    own = ("cmdstat_info", "cmdstat_config")
-    return Counter({k: v["calls"] for k, v in stats if not k.startswith(own)})
+    own, stats = ("cmdstat_info", "cmdstat_config"), redis.Redis(port=port).info("commandstats")
+    return Counter({k: v["calls"] for k, v in stats.items() if not k.startswith(own)})
 
 
 def read_cost(user_id: int, n: int = 20) -> Counter:

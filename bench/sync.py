@@ -31,8 +31,7 @@ from imcore.models import Device, User
 from offline import keys, store
 from offline.services import offline_flush_acks, offline_prepare_device, offline_record_messages
 
-# --quick: smoke sizes, one run each
-QUICK = "--runs 1 --catchup-messages 100 --sweep 25,50,100 --big-group 500"
+QUICK = "--runs 1 --catchup-messages 100 --sweep 25,50,100 --big-group 500"  # --quick: smoke sizes
 
 SQL_HEADER = "X-Bench-SQL"
 GUNICORN = "gunicorn bench.sync:counted_wsgi --bind 127.0.0.1:$IMCORE_PORT --workers 2 --threads 4"
