@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy
 import psutil
 import pyperf
 import redis
@@ -365,6 +364,8 @@ def spread(name: str, values, fmt: str = "{:.1f}") -> str:
 
 
 def percentile(values, q: float) -> float:
+    import numpy  # here: its BLAS threads in every process would hang forked pools
+
     return float(numpy.percentile(values, q, method="nearest")) if len(values) else float("nan")
 
 
