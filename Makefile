@@ -139,9 +139,10 @@ demo: migrate
 	$(BIN)/python manage.py seed_demo
 
 # Benchmarks use their own database (imcore_bench) and Redis (db 8, broker on port 6390).
-# `make bench` runs them all (and the machine's limits: redis-benchmark, pgbench) in one go
-# and writes bench/results/<date>-<host>.md and .json, the sections' PNG plots beside them.
-# BENCH_ARGS=--quick: smoke sizes, a few minutes (every bench-* target takes it too).
+# `make bench` runs them all (strategies, storm, recall, send, sync, push and a 2-minute soak,
+# with the machine's limits: redis-benchmark, pgbench) in one go, about 25 minutes, and writes
+# bench/results/<date>-<host>.md and .json, each section's .md, .json, .pyperf.json and PNG
+# plot beside them. BENCH_ARGS=--quick: smoke sizes, a few minutes (bench-* targets take it).
 bench: venv services bench-tools
 	$(BIN)/python bench/all.py $(BENCH_ARGS)
 

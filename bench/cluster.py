@@ -9,6 +9,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent / d) for d in ("", "bin")]
 import redis_cluster
+from django.conf import settings
 
 from bench import common, storm
 
@@ -21,44 +22,30 @@ def snapshot(ports: list[int]) -> dict[int, tuple[int, float]]:
 
 
 def per_node(before, after, seconds: float, n: int) -> list[dict]:
-    delta = {p: (after[p][0] - before[p][0], after[p][1] - before[p][1]) for p in before}
-    return [
-        {"port": p, "cmds_per_s": c / seconds, "cmds_per_msg": c / n, "cpu_ms_per_msg": u * 1e3 / n}
-        for p, (c, u) in delta.items()
-    ]
+    delta = {p: (after[p][0] - c, after[p][1] - u) for p, (c, u) in before.items()}
+    return [{"port": p, "cmds_per_s": c / seconds, "cmds_per_msg": c / n,
+             "cpu_ms_per_msg": u * 1e3 / n} for p, (c, u) in delta.items()]  # fmt: skip
 
 
 def run(store: str, ports: list[int], args) -> dict:
-    from delivery.pipeline import shard_lengths
-    from imcore import services
-    from imcore.models import Conversation, User
-
     common.reset_data()
-    ids = common.make_users(args.members, f"{store}-s1")
-    s1 = storm.make_group("pipeline", ids)
+    s1 = storm.make_group("pipeline", common.make_users(args.members, f"{store}-s1"))
     pair = storm.make_group("pipeline", common.make_users(2, f"{store}-pair"), reconcile=False)
     out = {"store": store}
     with storm.stack("pipeline", senders=1) as (procs, pool):
-        before, cpu0, t0 = snapshot(ports), sum(p.cpu() for p in procs), time.time()
-        start = time.perf_counter() + 0.3
-        [(sent, sender_cpu)] = pool.starmap(
-            storm.send, [([(s1.conversation_id, s1.sender_id)], 10, args.seconds, start, False)]
-        )
-        deadline = time.monotonic() + storm.DRAIN_TIMEOUT_S
-        while any(shard_lengths()) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        before, cpu0, t0 = snapshot(ports), procs.cpu(), time.time()
+        work = ([(s1.conversation_id, s1.sender_id)], 10, args.seconds, time.perf_counter() + 0.3)
+        [(sent, sender_cpu)] = pool.starmap(storm.send, [(*work, False)])
+        common.drain(storm.DRAIN_TIMEOUT_S)
         time.sleep(1.5)  # the last batch's apply
         window, n = time.time() - t0, len(sent)
         out["storm"] = {
             "messages": n, "nodes": per_node(before, snapshot(ports), window, n),
-            "worker_cpu_ms_per_msg": (sum(p.cpu() for p in procs) - cpu0) * 1000 / n,
+            "worker_cpu_ms_per_msg": (procs.cpu() - cpu0) * 1000 / n,
             "sender_cpu_ms_per_msg": sender_cpu * 1000 / n,
         }  # fmt: skip
-    conv = Conversation.objects.get(pk=pair.conversation_id)
-    sender = User.objects.get(pk=pair.sender_id)
     before, cpu0, t0 = snapshot(ports), time.process_time(), time.time()
-    for i in range(args.sends):
-        services.message_send(sender=sender, conversation=conv, body="x", client_msg_id=f"p{i}")
+    common.send_messages(pair.conversation_id, [pair.sender_id], args.sends, "p")
     window = time.time() - t0
     out["send"] = {
         "messages": args.sends, "per_s": args.sends / window,
@@ -68,19 +55,8 @@ def run(store: str, ports: list[int], args) -> dict:
     return out
 
 
-def node_rows(results: list[dict], part: str) -> list[list]:
-    return [
-        [r["store"], n["port"], f"{n['cmds_per_s']:,.0f}", f"{n['cmds_per_msg']:,.1f}",
-         f"{n['cpu_ms_per_msg']:.3f}"]
-        for r in results
-        for n in r[part]["nodes"]
-    ]  # fmt: skip
-
-
 def main() -> None:
     args = common.parse(__doc__, QUICK, members=5000, seconds=10.0, sends=300, ports="7141-7143")
-    from django.conf import settings
-
     with common.section():
         machine = common.machine()
         results = [run("single", [storm.COUNTERS_PORT], args)]
@@ -93,26 +69,19 @@ def main() -> None:
         finally:
             cluster.stop()
     head = ["store", "node", "commands/s", "commands / msg", "Redis CPU ms / msg"]
-    lines = common.header(
-        "Redis Cluster beside a single Redis", machine, "Every node and process shares the "
-        "machine's cores; broker not counted."
-    )  # fmt: skip
-    lines += [
-        f"## S1 storm: {args.members:,} members, 10 msg/s, {args.seconds:g} s, pipeline",
-        "",
-        *common.table(head, node_rows(results, "storm")),
-        "",
-        "## Send path: `message_send`, two-member group",
-        "",
-        *common.table(head, node_rows(results, "send")),
-        "",
-    ]
-    lines += [
-        f"- {r['store']}: S1 worker CPU {r['storm']['worker_cpu_ms_per_msg']:.1f} ms/msg, "
-        f"sender {r['storm']['sender_cpu_ms_per_msg']:.1f} ms/msg; send path "
-        f"{r['send']['per_s']:.0f} sends/s, {r['send']['process_cpu_ms_per_msg']:.2f} ms CPU/send"
-        for r in results
-    ]
+    lines = common.header("Redis Cluster beside a single Redis", machine, "Broker not counted.")
+    for part, title in [
+        ("storm", f"S1 storm: {args.members:,} members, 10 msg/s, {args.seconds:g} s, pipeline"),
+        ("send", "Send path: `message_send`, two-member group"),
+    ]:
+        rows = [[r["store"], n["port"], f"{n['cmds_per_s']:,.0f}", f"{n['cmds_per_msg']:,.1f}",
+                 f"{n['cpu_ms_per_msg']:.3f}"]
+                for r in results for n in r[part]["nodes"]]  # fmt: skip
+        lines += common.table(head, rows, title)
+    lines += [f"- {r['store']}: S1 worker CPU {r['storm']['worker_cpu_ms_per_msg']:.1f} ms/msg, "
+              f"sender {r['storm']['sender_cpu_ms_per_msg']:.1f} ms/msg; send path "
+              f"{r['send']['per_s']:.0f} sends/s, {r['send']['process_cpu_ms_per_msg']:.2f} ms "
+              "CPU/send" for r in results]  # fmt: skip
     common.write_results("cluster", "\n".join(lines), {"results": results, "args": vars(args)})
 
 

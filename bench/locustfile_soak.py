@@ -31,13 +31,14 @@ class ProbeDevice(FastHttpUser):
         self.sent = itertools.count()
         self.seq = self.version = 0
 
+    def call(self, method: str, path: str, name: str, **kwargs):
+        return self.client.request(method, path, headers=self.headers, name=name, **kwargs)
+
     @task(4)
     def send(self):
         cmid = f"{self.prefix}{next(self.sent)}"
         body = {"body": "soak message", "client_msg_id": cmid}
-        resp = self.client.post(
-            f"{self.path}/messages", json=body, headers=self.headers, name="send"
-        )
+        resp = self.call("POST", f"{self.path}/messages", "send", json=body)
         if resp.status_code in (200, 201):
             ACKED.append(cmid)
             self.seq = resp.json()["seq"]
@@ -48,34 +49,25 @@ class SoakDevice(ProbeDevice):
 
     @task(2)
     def unread(self):
-        self.client.get("/api/v1/unread", headers=self.headers, name="unread")
+        self.call("GET", "/api/v1/unread", "unread")
 
     @task(2)
     def sync_pull(self):
-        resp = self.client.get(
-            f"/api/v1/sync?since={self.version}&limit=200", headers=self.headers, name="sync"
-        )
+        resp = self.call("GET", f"/api/v1/sync?since={self.version}&limit=200", "sync")
         if resp.status_code != 200:
             return
         page = resp.json()
-        entries = page["entries"]
-        version = entries[-1]["version"] if page["has_more"] else page["latest_version"]
+        version = page["entries"][-1]["version"] if page["has_more"] else page["latest_version"]
         if version > self.version:
             self.version = version
-            self.client.post(
-                "/api/v1/sync/ack", json={"version": version}, headers=self.headers, name="ack"
-            )
+            self.call("POST", "/api/v1/sync/ack", "ack", json={"version": version})
 
     @task(1)
     def history(self):
         after = max(self.seq - 20, 0)
-        self.client.get(
-            f"{self.path}/messages?after_seq={after}&limit=20", headers=self.headers, name="history"
-        )
+        self.call("GET", f"{self.path}/messages?after_seq={after}&limit=20", "history")
 
     @task(1)
     def mark_read(self):
         if self.seq:
-            self.client.post(
-                f"{self.path}/read", json={"seq": self.seq}, headers=self.headers, name="read"
-            )
+            self.call("POST", f"{self.path}/read", "read", json={"seq": self.seq})

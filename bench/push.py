@@ -1,9 +1,9 @@
-"""``make bench-push``: live sync over ``/ws/v1/sync`` on one uvicorn process: idle sockets
-(RSS, threads, fds, idle CPU per step), then commit -> frame latency for ``--members`` devices
-of one group, drained here and with a Celery worker + beat. Sockets: ``websockets`` clients
-held by spawned processes (:class:`Holders`)."""
+"""``make bench-push``: live sync over ``/ws/v1/sync`` on one uvicorn process: idle sockets (RSS,
+idle CPU), then commit -> frame latency at ``--members`` devices of a group (pipeline drained
+here or by Celery; channel mode); ``websockets`` clients in spawned processes (:class:`Holders`)."""
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import resource
@@ -11,19 +11,19 @@ import sys
 import time
 from pathlib import Path
 
+from websockets.asyncio.client import connect
+from websockets.protocol import State
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
 
 common.django_setup()  # the imports below need Django's settings
-from django.db import connection
 
-from counters.services import counters_reconcile
 from delivery.pipeline import delivery_drain
 from imcore import services
 from imcore.models import User
 
-# --quick: smoke sizes, one run each
-QUICK = "--runs 1 --members 100 --messages 3 --steps 0,100,200 --idle-seconds 3"
+QUICK = "--runs 1 --members 100 --messages 3 --steps 0,100,200 --idle-seconds 3"  # smoke sizes
 
 
 class Holder:
@@ -33,18 +33,14 @@ class Holder:
         self.url, self.socks, self.receipts, self.duplicates, self.tasks = url, {}, {}, 0, set()
 
     async def open(self, sockets: list, concurrency: int) -> dict:
-        from websockets.asyncio.client import connect
-
         sem, reasons = asyncio.Semaphore(concurrency), {}
 
         async def one(idx: int, token: str) -> None:
             async with sem:
                 try:
                     auth = {"Authorization": f"Bearer {token}"}
-                    ws = await connect(
-                        self.url, additional_headers=auth, ping_interval=None, open_timeout=60,
-                        max_size=None,
-                    )  # fmt: skip
+                    ws = await connect(self.url, additional_headers=auth, ping_interval=None,
+                                       open_timeout=60, max_size=None)  # fmt: skip
                     self.take(idx, await asyncio.wait_for(ws.recv(), 60))
                 except Exception as exc:
                     reasons.setdefault(repr(exc)[:160], []).append(idx)
@@ -57,11 +53,9 @@ class Holder:
 
     def take(self, idx: int, raw) -> None:
         frame, now = json.loads(raw), time.time()
-        keys = []
-        if frame.get("type") == "sync":
-            messages = [e for e in frame["entries"] if e["type"] == "message"]
-            keys = [(e["conversation_id"], e["seq"]) for e in messages]
-        elif frame.get("type") == "channel":  # a channel-mode group's message, relayed
+        keys = [(e["conversation_id"], e["seq"]) for e in frame.get("entries", ())
+                if frame["type"] == "sync" and e["type"] == "message"]  # fmt: skip
+        if frame.get("type") == "channel":  # a channel-mode group's message, relayed
             keys = [(frame["conversation_id"], frame["last_seq"])]
         for key in keys:
             mine = self.receipts.setdefault(key, {})
@@ -69,11 +63,9 @@ class Holder:
             mine.setdefault(idx, now)
 
     async def read(self, idx: int, ws) -> None:
-        try:
+        with contextlib.suppress(Exception):
             async for raw in ws:
                 self.take(idx, raw)
-        except Exception:
-            pass
 
     async def close(self, idx: list[int]) -> dict:
         socks = [self.socks.pop(i) for i in idx if i in self.socks]
@@ -81,12 +73,8 @@ class Holder:
         return {}
 
     async def status(self) -> dict:
-        import psutil
-        from websockets.protocol import State
-
         live = [i for i, ws in self.socks.items() if ws.state is State.OPEN]
-        rss = psutil.Process().memory_info().rss
-        return {"open": live, "rss": rss, "duplicates": self.duplicates}
+        return {"open": live, "duplicates": self.duplicates}
 
     async def stamps(self, cid: int, seqs: list[int]) -> dict:
         return {"stamps": {s: self.receipts.get((cid, s), {}) for s in seqs}}
@@ -96,8 +84,7 @@ def holder_main(url: str, pipe) -> None:
     async def serve() -> None:
         holder, loop = Holder(url), asyncio.get_running_loop()
         while (cmd := await loop.run_in_executor(None, pipe.recv)) is not None:
-            name, kwargs = cmd
-            pipe.send(await getattr(holder, name)(**kwargs))
+            pipe.send(await getattr(holder, cmd[0])(**cmd[1]))  # (method, its keywords)
         await holder.close(list(holder.socks))
 
     asyncio.run(serve())
@@ -127,8 +114,7 @@ class Holders:
             parts = [[(i, tokens[i]) for i in which if i % n == k] for k in range(n)]
             return self.ask("open", [{"sockets": p, "concurrency": c} for p in parts])
 
-        first = attempt(list(idx), concurrency)
-        seconds = time.perf_counter() - t0
+        first, seconds = attempt(list(idx), concurrency), time.perf_counter() - t0
         failed = [i for r in first for i in r["failed"]]
         still = [i for r in attempt(failed, retry) for i in r["failed"]] if failed else []
         reasons = {k: len(v) for r in first for k, v in r["reasons"].items()}
@@ -137,100 +123,76 @@ class Holders:
 
     def stop(self) -> None:
         for (a, _), p in zip(self.pipes, self.procs, strict=True):
-            if p.is_alive():
+            with contextlib.suppress(OSError):
                 a.send(None)
-                p.join(15)
-            if p.is_alive():
-                p.kill()
+            p.join(15)
+            p.kill()
 
 
 def setup(n_users: int, members: int) -> dict:
-    """``n_users`` users with one device each; the first ``members`` in one group."""
-
+    """``n_users`` users with one device each; the first ``members`` in a group on the
+    pipeline (and, after the idle steps, in one in channel mode)."""
     common.reset_data(broker=False)
     ids = common.make_users(n_users, "push")
     tokens = [d.token for d in common.make_devices(ids)]
-    sender = User.objects.get(pk=ids[0])
-    conversation, _ = services.conversation_create(
-        creator=sender, kind="group", member_ids=ids[:members], title="push bench"
-    )
-    counters_reconcile(user_ids=ids[:members])
-    connection.close()  # not held open across the server's start
-    return {"sender": sender, "conversation": conversation, "tokens": tokens, "members": members}
+    groups = {"pipeline": common.make_group(ids[:members], "push", channel=False)}
+    return {"sender": User.objects.get(pk=ids[0]), "groups": groups, "tokens": tokens,
+            "members": members, "ids": ids[:members]}  # fmt: skip
 
 
-def start_server() -> common.Proc:
-    return common.server(
-        "{python} -m uvicorn imcore.asgi:application --port {port} --log-level warning "
-        "--ws-ping-interval 20 --ws-ping-timeout 20"
-    )
-
-
-def snapshot(server: common.Proc, idle_s: float) -> dict:
-    """Idle ``idle_s`` seconds: the server's CPU over them, then its RSS, threads and fds."""
-    cpu0, t0 = server.cpu(), time.perf_counter()
-    time.sleep(idle_s)
-    cpu, wall = server.cpu() - cpu0, time.perf_counter() - t0
-    p = server.proc
-    return {"rss": server.rss(), "idle_cpu_pct": 100 * cpu / wall, "threads": p.num_threads(),
-            "fds": p.num_fds()}  # fmt: skip
+SERVER = f"{common.UVICORN} --log-level warning"
 
 
 def measure_idle(server, holders: Holders, tokens: list[str], args) -> list[dict]:
-    steps, held = [], 0
+    """Open sockets up to each step, then idle: the server's CPU over the idle window (the
+    first, at 0 sockets, at most 3 s), then its RSS."""
+    steps, none = [], {"seconds": 0.0, "opened": 0, "failed_first": 0, "failed": 0, "reasons": {}}
     for n in args.steps:
-        opened = {"seconds": 0.0, "opened": 0, "failed_first": 0, "failed": 0, "reasons": {}}
-        if n > held:
-            opened = holders.open(tokens, range(held, n), args.concurrency)
-        status = holders.ask("status")
-        snap = snapshot(server, args.idle_seconds if n else min(args.idle_seconds, 3))
-        base = steps[0]["rss"] if steps else snap["rss"]
-        step = {"sockets": n, "open": sum(len(s["open"]) for s in status), **opened, **snap,
-                "kb_per_socket": (snap["rss"] - base) / 1024 / n if n else None,
-                "client_rss": [s["rss"] for s in status]}  # fmt: skip
-        steps.append(step)
-        held = max(held, n)
-        print(f"  {n} sockets: server RSS {snap['rss'] / 2**20:.0f} MiB", flush=True)
-        if opened["failed"] or step["open"] != n or opened["seconds"] > args.slow_step:
+        held = steps[-1]["sockets"] if steps else 0
+        opened = holders.open(tokens, range(held, n), args.concurrency) if n > held else none
+        status, cpu0, t0 = holders.ask("status"), server.cpu(), time.perf_counter()
+        time.sleep(args.idle_seconds if n else min(args.idle_seconds, 3))
+        cpu, rss = server.cpu() - cpu0, server.rss()
+        steps.append({
+            "sockets": n, "open": sum(len(s["open"]) for s in status), **opened, "rss": rss,
+            "idle_cpu_pct": 100 * cpu / (time.perf_counter() - t0),
+            "kb_per_socket": (rss - steps[0]["rss"]) / 1024 / n if n else None,
+        })  # fmt: skip
+        print(f"  {n} sockets: server RSS {rss / 2**20:.0f} MiB", flush=True)
+        if opened["failed"] or steps[-1]["open"] != n or opened["seconds"] > args.slow_step:
             break
     return steps
 
 
-def latency(data, holders: Holders, server, messages: int, interval: float, drain: bool) -> dict:
-    """Send ``messages`` messages ``interval`` s apart (each drained here with ``drain``);
-    wait until every device got each, or nothing arrived for 3 s (at most 20 s)."""
-    cid, commits, send_ms, drain_ms = data["conversation"].pk, {}, [], []
+def latency(data, holders, server, messages: int, interval: float, drain=False, channel=False):
+    """Send ``messages`` messages ``interval`` s apart to the pipeline's group (each drained
+    here with ``drain``) or the channel-mode one; wait until every device got each, or nothing
+    arrived for 3 s (at most 20 s)."""
+    conversation = data["groups"]["channel" if channel else "pipeline"]
+    cid, commits, send_ms, drain_ms = conversation.pk, {}, [], []
     dup0 = sum(r["duplicates"] for r in holders.ask("status"))
     cpu0, start, tag = server.cpu(), time.perf_counter(), time.monotonic_ns()
     for k in range(messages):
         time.sleep(max(0.0, start + k * interval - time.perf_counter()))
         t0 = time.perf_counter()
-        message, _ = services.message_send(
-            sender=data["sender"], conversation=data["conversation"], body=f"push {k}",
-            client_msg_id=f"push-{tag}-{k}",
-        )  # fmt: skip
-        commits[message.seq] = time.time()
-        t1 = time.perf_counter()
-        send_ms.append((t1 - t0) * 1000)
+        message = {"sender": data["sender"], "body": f"push {k}", "client_msg_id": f"p{tag}-{k}"}
+        commits[services.message_send(conversation=conversation, **message)[0].seq] = time.time()
+        send_ms.append(((t1 := time.perf_counter()) - t0) * 1000)
         if drain:
             delivery_drain()
             drain_ms.append((time.perf_counter() - t1) * 1000)
     expected, seqs = len(commits) * data["members"], sorted(commits)
     deadline, last, got = time.monotonic() + 20, (-1, time.monotonic()), 0
-    while time.monotonic() < deadline and got < expected:
+    while time.monotonic() < deadline and got < expected and time.monotonic() - last[1] <= 3:
         replies = holders.ask("stamps", cid=cid, seqs=seqs)
         got = sum(len(v) for r in replies for v in r["stamps"].values())
-        if got != last[0]:
-            last = (got, time.monotonic())
-        elif time.monotonic() - last[1] > 3:
-            break
+        last = (got, time.monotonic()) if got != last[0] else last
         time.sleep(0.25)
     stamps = [(s, t) for r in replies for s, v in r["stamps"].items() for t in v.values()]
     lat = [(t - commits[s]) * 1000 for s, t in stamps]
     print(f"  latency p99 {common.percentile(lat, 99):.0f} ms", flush=True)
     return {
-        "messages": len(seqs), "expected": expected, "delivered": len(lat),
-        "missing": expected - len(lat),
+        "messages": len(seqs), "expected": expected, "missing": expected - len(lat),
         "duplicates": sum(r["duplicates"] for r in holders.ask("status")) - dup0,
         "p50_ms": common.percentile(lat, 50), "p99_ms": common.percentile(lat, 99),
         "max_ms": max(lat, default=float("nan")), "send_ms": common.median(send_ms),
@@ -239,102 +201,83 @@ def latency(data, holders: Holders, server, messages: int, interval: float, drai
 
 
 IDLE_HEAD = ["sockets", "opened in s", "failed (after a retry)", "server RSS MiB", "KiB / socket",
-             "server CPU idle, % of a core", "threads", "fds", "holder RSS MiB"]  # fmt: skip
+             "server CPU idle, % of a core"]  # fmt: skip
+LATENCY_HEAD = ["path", "runs x messages", "p50 ms", "p99 ms", "max ms", "missing", "duplicates",
+                "message_send ms", "drain ms", "server CPU s / run"]  # fmt: skip
 
 
-def report(steps: list[dict], lat: dict, args, description: str) -> str:
-    rows = []
-    for s in steps:
-        rows.append([
-            f"{s['sockets']:,}", f"{s['seconds']:.1f}", f"{s['failed_first']} ({s['failed']})",
-            f"{s['rss'] / 2**20:.0f}", f"{s['kb_per_socket']:.0f}" if s["sockets"] else "-",
-            f"{s['idle_cpu_pct']:.1f}", s["threads"], f"{s['fds']:,}",
-            " + ".join(f"{b / 2**20:.0f}" for b in s["client_rss"]),
-        ])  # fmt: skip
+def report(steps: list[dict], lat: dict, args) -> list[str]:
+    rows = [
+        [f"{s['sockets']:,}", f"{s['seconds']:.1f}", f"{s['failed_first']} ({s['failed']})",
+         f"{s['rss'] / 2**20:.0f}", f"{s['kb_per_socket']:.0f}" if s["sockets"] else "-",
+         f"{s['idle_cpu_pct']:.1f}"]
+        for s in steps
+    ]  # fmt: skip
     reasons = "; ".join(f"{n} x `{k}`" for s in steps for k, n in s["reasons"].items())
-    lines = [
-        "### 1. Idle authenticated sockets on one uvicorn process",
-        "",
-        *common.table(IDLE_HEAD, rows),
-        "",
-        f"Server: {description}. Idle CPU over {args.idle_seconds:g} s after each step (one "
-        "period of pings and presence refreshes); KiB / socket = RSS growth since 0 sockets / "
-        "sockets." + (f" Failed handshakes: {reasons}." if reasons else ""),
-        "",
-        f"### 2. Delivery latency: commit → frame at the device, {args.members:,} devices online "
-        f"in one group, messages {args.interval:g} s apart",
-        "",
-    ]
-    rows = []
-    for name, rs in lat.items():
-        rows.append([
-            name, f"{len(rs)} x {rs[0]['messages']}",
-            *(common.spread([r[k] for r in rs], "{:.0f}") for k in ("p50_ms", "p99_ms", "max_ms")),
-            f"{sum(r['missing'] for r in rs):,} of {sum(r['expected'] for r in rs):,}",
-            sum(r["duplicates"] for r in rs),
-            *(common.spread([r[k] for r in rs]) for k in ("send_ms", "drain_ms", "server_cpu_s")),
-        ])  # fmt: skip
-    head = ["pipeline", "runs x messages", "p50 ms", "p99 ms", "max ms", "missing", "duplicates"]
-    lines += common.table([*head, "message_send ms", "drain ms", "server CPU s / run"], rows)
-    return "\n".join(lines)
+    lines = common.table(
+        IDLE_HEAD, rows, "1. Idle authenticated sockets on one uvicorn process",
+        f"Idle CPU over {args.idle_seconds:g} s after each step; KiB / socket: RSS growth since 0 "
+        "sockets / sockets." + (f" Failed handshakes: {reasons}." if reasons else ""),
+    )  # fmt: skip
+    rows = [
+        [name, f"{len(rs)} x {rs[0]['messages']}",
+         *(common.spread(f"{name} {k[:-3]} ms", [r[k] for r in rs], "{:.0f}")
+           for k in ("p50_ms", "p99_ms", "max_ms")),
+         f"{sum(r['missing'] for r in rs):,} of {sum(r['expected'] for r in rs):,}",
+         sum(r["duplicates"] for r in rs),
+         *(common.spread(f"{name} {k.replace('_', ' ')}", [r[k] for r in rs])
+           for k in ("send_ms", "drain_ms", "server_cpu_s"))]
+        for name, rs in lat.items()
+    ]  # fmt: skip
+    title = (f"2. Delivery latency: commit → frame at the device, {args.members:,} devices online "
+             f"in one group, messages {args.interval:g} s apart")  # fmt: skip
+    return lines + common.table(LATENCY_HEAD, rows, title)
 
 
 def plot(steps: list[dict]) -> str:
-    fig, (rss, per) = common.figure("push", "Memory of idle WebSockets, one uvicorn process", 2)
-    xs = [s["sockets"] for s in steps]
-    rss.plot(xs, [s["rss"] / 2**20 for s in steps], marker="o", label="server RSS")
-    rss.set(xlabel="idle authenticated sockets (count)", ylabel="server RSS (MiB)", ylim=(0, None))
-    per_socket = [s["kb_per_socket"] for s in steps[1:]]
-    per.plot(xs[1:], per_socket, marker="o", label="RSS growth / socket")
-    per.set(xlabel="idle authenticated sockets (count)", ylabel="memory per socket (KiB)")
-    per.set_ylim(0, None)
+    fig, axes = common.figure("push", "Memory of idle WebSockets, one uvicorn process", 2)
+    panels = [("rss", 2**20, "server RSS (MiB)"), ("kb_per_socket", 1, "RSS growth / socket (KiB)")]
+    for ax, (key, scale, label) in zip(axes, panels, strict=True):
+        xy = [(s["sockets"], s[key] / scale) for s in steps if s[key] is not None]
+        ax.plot(*zip(*xy, strict=True), marker="o", label=label)
+        ax.set(xlabel="idle authenticated sockets (count)", ylabel=label, ylim=(0, None))
     return common.save_figure(fig, "push")
 
 
 def main() -> None:
     args = common.parse(
-        __doc__, QUICK, steps=[0, 1000, 2000, 4000],
-        members=(1000, "devices online for the latency"),
+        __doc__, QUICK, steps=[0, 1000, 2000, 4000], members=(1000, "devices online, latency"),
         messages=(20, "messages per latency run"), interval=(0.5, "seconds between messages"),
         runs=(3, "latency runs per pipeline"), idle_seconds=(20.0, "idle window a step"),
         clients=(2, "socket holder processes"), concurrency=(100, "handshakes per holder"),
         slow_step=(90.0, "stop the steps past this"), no_celery=(False, "no Celery variant"),
     )  # fmt: skip
-    args.steps = sorted(set(args.steps) | {0})
+    args.steps, lat = sorted(set(args.steps) | {0}), {}
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the server and holders inherit
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the holders inherit it
     with common.section():
         machine = common.machine()
         data = setup(max(*args.steps, args.members), args.members)
-        server, holders, lat = start_server(), None, {}
-        try:
+        with common.stack({"server": SERVER}) as server:
             holders = Holders(server.port, args.clients)
-            steps = measure_idle(server, holders, data["tokens"], args)
-            held = max(s["sockets"] for s in steps)
-            holders.ask("close", idx=list(range(args.members, held)))
-            status = holders.ask("status")
-            missing = sorted(set(range(args.members)) - {i for s in status for i in s["open"]})
-            holders.open(data["tokens"], missing, args.concurrency)
-            run = (data, holders, server, args.messages, args.interval)
-            lat["drain after each send, here (no Timer)"] = [
-                latency(*run, drain=True) for _ in range(args.runs)
-            ]
-            if not args.no_celery:
-                procs = common.start_worker()
-                try:
-                    lat["Celery worker + beat (Timer)"] = [
-                        latency(*run, drain=False) for _ in range(args.runs)
-                    ]
-                finally:
-                    for p in procs:
-                        p.stop()
-        finally:
-            if holders:
+            try:
+                steps = measure_idle(server, holders, data["tokens"], args)
+                # the members' sockets (re)opened once they are in the channel-mode group too
+                holders.ask("close", idx=list(range(steps[-1]["sockets"])))
+                data["groups"]["channel"] = common.make_group(data["ids"], "push channel", True)
+                holders.open(data["tokens"], range(args.members), args.concurrency)
+                run = (data, holders, server, args.messages, args.interval)
+                ways = {"pipeline, drained after each send here": {"drain": True},
+                        "channel mode (the send's own relay)": {"channel": True},
+                        "pipeline, Celery worker + beat (Timer)": {}}  # fmt: skip
+                for name, how in list(ways.items())[: 2 if args.no_celery else 3]:
+                    worker = common.stack(common.WORKER, http=False)  # drains the third's pipeline
+                    with contextlib.nullcontext() if how else worker:
+                        lat[name] = [latency(*run, **how) for _ in range(args.runs)]
+            finally:
                 holders.stop()
-            server.stop()
-    description = f"`{' '.join(server.proc.args[1:])}`"
-    lines = common.header("Push benchmark (live sync over WebSocket)", machine)
-    lines += [report(steps, lat, args, description), "", plot(steps)]
+    lines = common.header("Push: live sync over WebSocket", machine, f"Server: `{SERVER}`.")
+    lines += [*report(steps, lat, args), plot(steps)]
     data = {"args": vars(args), "idle": steps, "latency": lat}
     common.write_results("push", "\n".join(lines), data)
 

@@ -2,17 +2,14 @@
 its token), the server before issue 14 (``asgi``) beside the Procfile's web front
 (``procfile``), CPU per request by process (psutil), against pgbench single-row INSERTs."""
 
-import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.parse
 from pathlib import Path
-
-from honcho.environ import parse_procfile
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
@@ -24,47 +21,17 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from counters.services import counters_reconcile
-from delivery.pipeline import delivery_drain, shard_lengths
+from delivery.pipeline import delivery_drain
 from imcore import services
-from imcore.models import User
 from offline import store
 
 QUICK = "--clients 1,16 --seconds 3 --warmup 1"  # --quick: smoke sizes, one run each
 
 BODY = "benchmark message: hello from bench/send.py"
-CALLS = {
-    "send": "POST …/messages",
-    "unread": "GET /unread",
-    "read": "POST …/read",
-    "conversations": "GET /conversations",
-    "sync": "GET /sync (100 entries)",
-}
+CALLS = {"send": "POST …/messages", "unread": "GET /unread", "read": "POST …/read",
+         "conversations": "GET /conversations", "sync": "GET /sync (100 entries)"}  # fmt: skip
 SWEPT = ("send", "unread")  # measured at every client count; the others at --at
-ASGI = (
-    "uvicorn imcore.asgi:application --host 127.0.0.1 --port $IMCORE_PORT --workers 2 "
-    "--ws-ping-interval 20 --ws-ping-timeout 20"
-)
-
-
-def procfile() -> dict[str, str]:
-    """The Procfile's ``name: command`` entries, read by honcho."""
-    entries = parse_procfile((common.ROOT / "Procfile").read_text()).processes
-    return {name: command.removeprefix("exec ") for name, command in entries.items()}
-
-
-def start(commands: dict[str, str], port: int = 0) -> tuple[list[common.Proc], Path | None]:
-    """The commands on ``port``; the Procfile's web front gets its run directory (nginx's
-    configuration) from bin/stack.py, as ``make run`` does."""
-    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-    env = {"IMCORE_HOST": "127.0.0.1", "IMCORE_PORT": str(port), "PATH": path}
-    run_dir = None
-    if any("IMCORE_RUN_DIR" in c for c in commands.values()):
-        sys.path.insert(0, str(common.ROOT / "bin"))
-        import stack
-
-        run_dir = stack.prepare_run_dir(env)
-    procs = [common.Proc(["/bin/sh", "-c", f"exec {c}"], port, **env) for c in commands.values()]
-    return procs, run_dir
+ASGI = f"{common.UVICORN} --workers 2"
 
 
 def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
@@ -72,20 +39,13 @@ def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
     hold 101 sync entries past ``since``. Every user's counters are loaded."""
     common.reset_data()
     ids = common.make_users(clients * members, "u")
-    senders = User.objects.filter(pk__in=ids[::members]).order_by("pk")
     out = []
-    devices = common.make_devices(ids[::members])
-    for i, (sender, device) in enumerate(zip(senders, devices, strict=True)):
-        group = ids[i * members : (i + 1) * members]
-        conversation, _ = services.conversation_create(
-            creator=sender, kind="group", member_ids=group, title=f"g{i}"
-        )
-        if i < sync_clients:
-            for n in range(101):
-                services.message_send(
-                    sender=sender, conversation=conversation, body=BODY, client_msg_id=f"s{n}"
-                )
-        out.append({"user": sender.pk, "token": device.token, "cid": conversation.pk})
+    for i, device in enumerate(common.make_devices(ids[::members])):
+        group = common.make_group(ids[i * members : (i + 1) * members], f"g{i}", reconcile=False)
+        for n in range(101 if i < sync_clients else 0):
+            message = {"sender": group.created_by, "body": BODY, "client_msg_id": f"s{n}"}
+            services.message_send(conversation=group, **message)
+        out.append({"user": device.user_id, "token": device.token, "cid": group.pk})
     delivery_drain(timeout=120)
     counters_reconcile(user_ids=ids)
     for c in out:
@@ -101,17 +61,11 @@ def per_send_counts(client: dict) -> dict:
         calls.append(str(args[0]))
         return original(self, *args, **kwargs)
 
-    redis.Redis.execute_command = counted
-    try:
-        with CaptureQueriesContext(connection) as queries:
-            response = Client().post(
-                f"/api/v1/conversations/{client['cid']}/messages",
-                {"body": BODY, "client_msg_id": "counted"},
-                content_type="application/json",
-                headers={"Authorization": f"Bearer {client['token']}"},
-            )
-    finally:
-        redis.Redis.execute_command = original
+    path, auth = f"/api/v1/conversations/{client['cid']}/messages", f"Bearer {client['token']}"
+    patched = mock.patch.object(redis.Redis, "execute_command", counted)
+    with patched, CaptureQueriesContext(connection) as queries:
+        body = {"body": BODY, "client_msg_id": "counted"}
+        response = Client().post(path, body, "application/json", headers={"Authorization": auth})
     assert response.status_code == 201, response.content
     return {"sql": [statement(q["sql"]) for q in queries.captured_queries], "redis": calls}
 
@@ -122,54 +76,20 @@ def statement(sql: str) -> str:
     return " ".join(filter(None, [sql.split()[0], table and table.group(1)]))
 
 
-# Each wrk thread (one a client) takes its client's token; done() prints wrk's own counts and
-# HdrHistogram percentiles, non-2xx answers included as errors.
-WRK_LUA = r"""
-local clients, call, tag = { %(clients)s }, "%(call)s", "%(tag)s"
-local threads, count = {}, 0
-function setup(thread)
-  count = count + 1; thread:set("index", count); table.insert(threads, thread)
-end
-function init(args)
-  c = clients[(index - 1) %% #clients + 1]; n, bad = 0, 0
-  wrk.headers["Authorization"] = "Bearer " .. c[1]; wrk.headers["Content-Type"] = "application/json"
-end
-function request()
-  n = n + 1
-  local conv = "/api/v1/conversations/" .. c[2]
-  if call == "send" then return wrk.format("POST", conv .. "/messages", nil,
-      '{"body":"%(body)s","client_msg_id":"' .. tag .. "-" .. index .. "-" .. n .. '"}')
-  elseif call == "read" then return wrk.format("POST", conv .. "/read", nil, '{"seq":1}')
-  elseif call == "sync" then return wrk.format("GET", "/api/v1/sync?limit=100&since=" .. c[3]) end
-  return wrk.format("GET", "/api/v1/" .. call)
-end
-function response(status) if status > 299 then bad = bad + 1 end end
-function done(s, latency)
-  local b = 0; for _, t in ipairs(threads) do b = b + t:get("bad") end
-  local e = s.errors
-  io.write(string.format("BENCH %%d %%d %%d %%d %%d\n", s.duration, s.requests - b,
-    b + e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(99)))
-end
-"""
-
-
 def wrk(port: int, clients: list[dict], call: str, seconds: float, tag: str) -> dict:
-    lua_clients = ", ".join(f'{{"{c["token"]}", {c["cid"]}, {c["since"]}}}' for c in clients)
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
-        lua.write(WRK_LUA % {"clients": lua_clients, "call": call, "tag": tag, "body": BODY})
-        lua.flush()
-        n, url = len(clients), f"http://127.0.0.1:{port}"
-        argv = f"wrk -t{n} -c{n} -d{max(1, round(seconds))}s --timeout 10s -s {lua.name} {url}"
-        out = subprocess.run(argv.split(), capture_output=True, text=True)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk failed:\n{out.stdout}\n{out.stderr}")
-    duration_us, ok, errors, p50, p99 = map(int, line.split()[1:])
+    """wrk with bench/send.lua, a thread and a connection per client."""
+    each = ";".join(f"{c['token']},{c['cid']},{c['since']}" for c in clients)
+    env = {"BENCH_CALL": call, "BENCH_TAG": tag, "BENCH_BODY": BODY, "BENCH_CLIENTS": each}
+    n, url, lua = len(clients), f"http://127.0.0.1:{port}", Path(__file__).with_suffix(".lua")
+    argv = f"wrk -t{n} -c{n} -d{max(1, round(seconds))}s --timeout 10s -s {lua} {url}"
+    duration_us, ok, errors, p50, p99 = map(
+        int, common.run_tool(argv, r"^BENCH (.*)", **env).split()
+    )
     rate = ok / (duration_us / 1e6)
     return {"rate": rate, "ok": ok, "errors": errors, "p50_ms": p50 / 1000, "p99_ms": p99 / 1000}
 
 
-def pgbench_insert(clients: int, seconds: float) -> dict:
+def pgbench_insert(clients: int, seconds: float) -> float:
     """pgbench ``-M simple``: single-row INSERTs into a copy of the message table."""
     with connection.cursor() as cursor:
         cursor.execute("DROP TABLE IF EXISTS bench_message")
@@ -179,126 +99,88 @@ def pgbench_insert(clients: int, seconds: float) -> dict:
         cid, uid = cursor.fetchone()
     connection.close()
     url = urllib.parse.urlsplit(common.ENV["DATABASE_URL"])
-    script = (
-        "INSERT INTO bench_message (conversation_id, seq, sender_id, client_msg_id, body, "
-        f"created_at, mentions, mention_all) VALUES ({cid}, nextval('bench_message_seq'), {uid}, "
-        f"'pg-' || currval('bench_message_seq'), '{BODY}', now(), '{{}}', false) RETURNING id;\n"
-    )
     with tempfile.NamedTemporaryFile("w", suffix=".sql") as f:
-        f.write(script)
+        f.write(
+            "INSERT INTO bench_message (conversation_id, seq, sender_id, client_msg_id, body, "
+            f"created_at, mentions, mention_all) VALUES ({cid}, nextval('bench_message_seq'), "
+            f"{uid}, 'pg-' || currval('bench_message_seq'), '{BODY}', now(), '{{}}', false) "
+            "RETURNING id;\n"
+        )
         f.flush()
         argv = (
             f"pgbench -h {url.hostname} -p {url.port or 5432} -U {url.username or 'postgres'} -n "
             f"-M simple -c {clients} -j {min(clients, common.psutil.cpu_count())} "
             f"-T {int(seconds)} -f {f.name} {url.path.lstrip('/')}"
         )
-        out = subprocess.run(argv.split(), capture_output=True, text=True)
-    tps = re.search(r"tps = ([\d.]+)", out.stdout)
-    if tps is None:
-        raise RuntimeError(f"pgbench failed:\n{out.stdout}\n{out.stderr}")
-    return {"rate": float(tps.group(1))}
+        tps = common.run_tool(argv, r"tps = ([\d.]+)")
+    print(f"  pgbench INSERT: {tps} tx/s", flush=True)
+    return float(tps)
 
 
 def measure(port, clients, call, args, procs: dict, tag: str) -> dict:
-    """wrk's warm-up, the pipeline drained, then the timed wrk with each side's CPU."""
+    """wrk's warm-up, the queues drained, then the timed wrk with each side's CPU."""
     wrk(port, clients, call, args.warmup, f"w{tag}")
-    deadline = time.monotonic() + 60
-    while sum(shard_lengths()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-    def cpu() -> dict[str, float]:
-        return {side: sum(common.cpu_of(getattr(p, "proc", p)) for p in ps)
-                for side, ps in procs.items()}  # fmt: skip
-
-    before = cpu()
+    common.drain()
+    before = {side: cpu() for side, cpu in procs.items()}
     result = wrk(port, clients, call, args.seconds, tag)
-    after, done = cpu(), max(result["ok"], 1)
-    ms = {side: (after[side] - before[side]) * 1000 / done for side in procs}
-    cpu_ms = ms | {"total": sum(ms.values())}
-    return {**result, "call": call, "clients": len(clients), "cpu_ms": cpu_ms}
+    ms = {side: (cpu() - before[side]) * 1000 / max(result["ok"], 1) for side, cpu in procs.items()}
+    return {**result, "call": call, "clients": len(clients), "cpu_ms": ms}
 
 
 def run(args) -> dict:
-    print("seeding…", flush=True)
     clients = seed(max(args.clients), args.members, args.at)
-    counts, machine, pm = per_send_counts(clients[-1]), common.machine(), common.postmaster()
-    entries = procfile()
-    web_entries = {k: v for k, v in entries.items() if k not in ("worker", "beat", "flower")}
-    known = {"asgi": {"web": ASGI}, "procfile": web_entries}
-    configs = {k: known[k] for k in args.configs}
-    celery, _ = start({k: entries[k] for k in ("worker", "beat")})
-    results: dict[str, list[dict]] = {}
-    pg: dict[str, dict] = {}
-    try:
-        for name, commands in configs.items():
-            port = common.free_port()
-            web, run_dir = start(commands, port)
-            procs = {"web": web, "postgres": [pm], "celery": celery}
-            try:
-                web[0].wait_http(settle=2)  # every worker process up
+    counts, machine = per_send_counts(clients[-1]), common.machine()
+    with connection.cursor() as cursor:  # PostgreSQL's main process: this backend's parent
+        cursor.execute("SELECT pg_backend_pid()")
+        pm = common.psutil.Process(cursor.fetchone()[0]).parent()
+    known = {"asgi": {"web": ASGI}, "procfile": common.procfile("web", "app", "ws")}
+    results: dict[str, list[dict]] = {name: [] for name in args.configs}
+    pg: dict[str, float] = {}
+    with common.stack(common.procfile("worker", "beat"), http=False) as celery:
+        for name in args.configs:
+            with common.stack(known[name], settle=2) as web:
+                postgres = lambda: common.cpu_of(pm, *pm.children(recursive=True))  # noqa: E731
+                procs = {"web": web.cpu, "postgres": postgres, "celery": celery.cpu}
                 for call in CALLS:
                     for n in args.clients if call in SWEPT else [args.at]:
                         tag = f"{name}-{call}-{n}-{time.monotonic_ns()}"
-                        row = measure(port, clients[:n], call, args, procs, tag)
-                        results.setdefault(name, []).append(row)
+                        row = measure(web.port, clients[:n], call, args, procs, tag)
+                        results[name].append(row)
                         print(f"  {name} {call} {n}: {row['rate']:.0f}/s", flush=True)
                         if call == "send" and n == args.at:
                             pg[name] = pgbench_insert(n, args.seconds)
-                            print(f"  pgbench INSERT: {pg[name]['rate']:.0f}/s", flush=True)
-            finally:
-                for p in web:
-                    p.stop()
-                if run_dir:
-                    shutil.rmtree(run_dir, ignore_errors=True)
-    finally:
-        for p in celery:
-            p.stop()
-    report = {"machine": machine, "configs": configs, "per_send": counts, "results": results}
-    return report | {"pgbench_insert": pg}
+    configs = {k: known[k] for k in args.configs}
+    return {"machine": machine, "configs": configs, "per_send": counts, "results": results,
+            "pgbench_insert": pg}  # fmt: skip
 
 
 def markdown(args, report: dict, plot: str) -> str:
-    configs = "; ".join(
-        f"`{name}`: " + ", ".join(f"{k}: `{v}`" for k, v in cmds.items())
-        for name, cmds in report["configs"].items()
-    )
     lines = common.header(
-        "Hot API calls over HTTP",
-        report["machine"],
-        f"Load: wrk, one thread and one keep-alive connection per client, {args.seconds:g} s "
-        f"after {args.warmup:g} s of warm-up; pgbench `-M simple` single-row INSERT at {args.at} "
-        f"clients right after each configuration's send at {args.at}.",
-        "",
-        f"Configurations: {configs}",
-    )
+        "Hot API calls over HTTP", report["machine"],
+        f"wrk, a thread and a keep-alive connection per client, {args.seconds:g} s after "
+        f"{args.warmup:g} s of warm-up. `asgi`: `{ASGI}`; `procfile`: the Procfile's web, app, ws.",
+    )  # fmt: skip
     rows = []
     for name, results in report["results"].items():
-        pg = report["pgbench_insert"].get(name, {}).get("rate")
+        pg = report["pgbench_insert"].get(name)
         for r in results:
-            c = r["cpu_ms"]
-            at = r["call"] == "send" and r["clients"] == args.at and pg
+            c, at = r["cpu_ms"], r["call"] == "send" and r["clients"] == args.at and pg
             rows.append([
                 name, CALLS[r["call"]], r["clients"], f"{r['rate']:,.0f}", f"{r['p50_ms']:.1f}",
                 f"{r['p99_ms']:.1f}", r["errors"],
-                f"{c['web']:.2f} / {c['postgres']:.2f} / {c['celery']:.2f} / {c['total']:.2f}",
-                f"{r['rate'] / pg:.3f}" if at else "",
+                " / ".join(f"{v:.2f}" for v in [*c.values(), sum(c.values())]),
+                f"{r['rate'] / pg:.3f} of {pg:,.0f}" if at else "",
             ])  # fmt: skip
-    head = ["configuration", "call", "clients", "requests/s", "p50 ms", "p99 ms", "errors"]
-    lines += common.table(
-        [*head, "CPU ms / request: web / PostgreSQL / Celery / total", "/ pgbench INSERT"], rows
-    )
-    for name, pg in report["pgbench_insert"].items():
-        lines.append(f"\npgbench single-row INSERT beside `{name}`: {pg['rate']:,.0f} tx/s.")
     per = report["per_send"]
-    lines += [
-        "",
-        f"One send (Django's test client, in-process): {len(per['sql'])} SQL statements "
+    lines += common.table(
+        ["configuration", "call", "clients", "requests/s", "p50 ms", "p99 ms", "errors",
+         "CPU ms / request: web / PostgreSQL / Celery / total",
+         "ratio to pgbench single-row INSERT tx/s"], rows, "",
+        f"One send (Django's test client): {len(per['sql'])} SQL statements "
         f"({'; '.join(per['sql'])}), {len(per['redis'])} Redis commands "
         f"({', '.join(per['redis'])}).",
-        "",
-        plot,
-    ]
-    return "\n".join(lines)
+    )  # fmt: skip
+    return "\n".join([*lines, plot])
 
 
 def plot(args, report: dict) -> str:
@@ -319,9 +201,8 @@ def main() -> None:
         at=(16, "clients of the other calls"), seconds=8.0, warmup=2.0, members=10,
     )  # fmt: skip
     args.clients = sorted({*args.clients, args.at})
-    for tool in ("wrk", "pgbench"):
-        if shutil.which(tool) is None:
-            sys.exit(f"{tool} is missing (make bench-tools installs it)")
+    if missing := [tool for tool in ("wrk", "pgbench") if shutil.which(tool) is None]:
+        sys.exit(f"{', '.join(missing)} missing (make bench-tools installs them)")
     with common.section():
         report = run(args)
     common.write_results("send", markdown(args, report, plot(args, report)), report)

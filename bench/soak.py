@@ -4,7 +4,6 @@ and unread count checked after draining; exits 1 on growth or any failure (READM
 
 import contextlib
 import csv
-import datetime
 import json
 import os
 import re
@@ -25,80 +24,33 @@ from django.db import connection
 
 from counters.selectors import counters_peek, counters_truth_from_rows, counters_truth_rows
 from counters.services import counters_reconcile
-from delivery.pipeline import shard_lengths
-from imcore import services
-from imcore.celery import app
-from imcore.models import User
 
 QUICK = (  # --quick: smoke sizes, one run each
     "--minutes 1 --probe-seconds 8 --probe-users 4 --users 8 --groups 2 --members 4 "
     "--sockets 20 --sample-seconds 5"
 )
 
-MIB = 1024 * 1024
 LOCUSTFILE = Path(__file__).with_name("locustfile_soak.py")
-# A process's role: the first of these its command line holds (its parent's, for a pool).
+NAMES = ("web", "app", "ws", "worker", "beat", "flower")  # the Procfile's entries
 ROLES = ("nginx", "granian", "gunicorn", "uvicorn", "spawn_main", "flower", "beat", "worker")
 POOLS = ("granian", "gunicorn", "worker")  # their workers are children of their own kind
-
-
-def process_role(proc: psutil.Process) -> str | None:
-    def role(p: psutil.Process) -> str | None:
-        return next((r for r in ROLES if r in " ".join(p.cmdline())), None)
-
-    mine = None if proc.name() in ("sh", "dash", "bash") else role(proc)
-    return f"{mine} child" if mine in POOLS and role(proc.parent()) == mine else mine
 
 
 def seed(args) -> tuple[list[dict], list[str], list[int]]:
     """Senders in groups and idle users, a device each; returns the senders' devices, the
     idle tokens, and the ids of every group member."""
     common.reset_data()
-    groups, senders = args.groups, args.users // args.groups
+    senders = args.users // args.groups
     size = max(args.members, senders)
-    ids = common.make_users(groups * size + args.sockets, "soak")
+    ids = common.make_users(args.groups * size + args.sockets, "soak")
     tokens = {d.user_id: d.token for d in common.make_devices(ids)}
-    members, devices = ids[: groups * size], []
-    for g in range(groups):
-        group = members[g * size : (g + 1) * size]
-        conversation, _ = services.conversation_create(
-            creator=User.objects.get(pk=group[0]), kind="group", member_ids=group, title=f"g{g}"
-        )
-        devices += [
-            {"token": tokens[u], "user_id": u, "conversation": conversation.pk}
-            for u in group[:senders]
-        ]
+    members, devices = ids[: args.groups * size], []
+    for g in range(args.groups):
+        cid = common.make_group(members[g * size : (g + 1) * size], f"g{g}", reconcile=False).pk
+        devices += [{"token": tokens[u], "user_id": u, "conversation": cid}
+                    for u in members[g * size : g * size + senders]]  # fmt: skip
     counters_reconcile(user_ids=members)
-    return devices, [tokens[u] for u in ids[groups * size :]], members
-
-
-class Stack(common.Proc):
-    """The Procfile's processes under ``bin/stack.py`` (honcho, as ``make run``)."""
-
-    names = ("web", "app", "ws", "worker", "beat", "flower")
-
-    def __init__(self):
-        port, flower, path = common.free_port(), common.free_port(), Path(sys.executable).parent
-        env = {"IMCORE_PORT": port, "FLOWER_PORT": flower, "PATH": f"{path}:{os.environ['PATH']}"}
-        super().__init__([sys.executable, "bin/stack.py", *self.names], port, **env)
-
-    def wait_all(self) -> None:
-        self.wait_http()
-
-        def started() -> bool:  # the app answers (above), uvicorn up, the worker answers
-            text = Path(self.log.name).read_text(errors="replace")
-            return "startup complete" in text and bool(app.control.ping(timeout=1))
-
-        common.wait_for(started, 60, "the stack")
-
-    def processes(self) -> dict[str, psutil.Process]:
-        """The stack's processes by role and number (``granian child 1``…)."""
-        found: dict[str, list[psutil.Process]] = {}
-        for proc in sorted(self.tree()[1:], key=lambda p: p.pid):
-            with contextlib.suppress(psutil.Error):
-                if role := process_role(proc):
-                    found.setdefault(role, []).append(proc)
-        return {f"{r} {i}": p for r, ps in sorted(found.items()) for i, p in enumerate(ps, 1)}
+    return devices, [tokens[u] for u in ids[args.groups * size :]], members
 
 
 def locust(port: int, data: Path, user: str, users: int, seconds: int, rate: float = 0):
@@ -110,57 +62,49 @@ def locust(port: int, data: Path, user: str, users: int, seconds: int, rate: flo
         f"--stop-timeout 30 --host http://127.0.0.1:{port} --csv {stem} --csv-full-history "
         "--only-summary --loglevel WARNING"
     )
-    env = {"SOAK_DATA": str(data), "SOAK_ACKED": f"{stem}.acked"}
+    env = {"SOAK_DATA": data, "SOAK_ACKED": f"{stem}.acked", "SOAK_RATE_PER_USER": rate / users}
     with open(f"{stem}.log", "w") as log:
-        return subprocess.Popen(
-            [sys.executable, *argv.split()],
-            env={**os.environ, **env, "SOAK_RATE_PER_USER": str(rate / users)},
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
+        env = {**os.environ, **{k: str(v) for k, v in env.items()}}
+        return subprocess.Popen([sys.executable, *argv.split()], env=env,
+                                stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
 
 
 def history(data: Path) -> list[tuple[int, int, int]]:
     """(unix time, requests, failures) so far, each second, from locust's full history."""
     with open(f"{data.with_suffix('')}_stats_history.csv") as f:
-        return [
-            (int(r["Timestamp"]), int(r["Total Request Count"]), int(r["Total Failure Count"]))
-            for r in csv.DictReader(f)
-            if r["Name"] == "Aggregated"
-        ]
+        rows = [r for r in csv.DictReader(f) if r["Name"] == "Aggregated"]
+    return [(int(r["Timestamp"]), int(r["Total Request Count"]), int(r["Total Failure Count"]))
+            for r in rows]  # fmt: skip
 
 
-def sample(stack: Stack, sockets: push.Holders, redis_servers: dict) -> dict:
-    row = {"time": time.time(), "load avg 1 min": round(os.getloadavg()[0], 1)}
-    for name, proc in stack.processes().items():
+def sample(stack: common.stack, sockets: push.Holders, redis_servers: dict) -> dict:
+    """Each process's RSS by role and number (``granian child 1``…: a role is the first of ROLES
+    its command line holds; a pool's workers are children of their own kind), Redis's
+    used_memory, PostgreSQL's sessions on the database, the sockets open, the load."""
+    row, found = {"time": time.time()}, {}
+    for proc in sorted(stack.programs(), key=lambda p: p.pid):
         with contextlib.suppress(psutil.Error):
-            row[f"{name} RSS MiB"] = proc.memory_info().rss / MIB
+            mine, parent = (next((r for r in ROLES if r in " ".join(p.cmdline())), None)
+                            for p in (proc, proc.parent()))  # fmt: skip
+            if mine and proc.name() not in ("sh", "dash", "bash"):
+                role = f"{mine} child" if mine in POOLS and parent == mine else mine
+                found.setdefault(role, []).append(proc)
+    for role, procs in sorted(found.items()):
+        for i, proc in enumerate(procs, 1):
+            with contextlib.suppress(psutil.Error):
+                row[f"{role} {i} RSS MiB"] = proc.memory_info().rss / 2**20
     for name, server in redis_servers.items():
-        row[f"{name} used_memory MiB"] = server.info("memory")["used_memory"] / MIB
+        row[f"{name} used_memory MiB"] = server.info("memory")["used_memory"] / 2**20
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        cursor.execute(f"{sql} AND pid <> pg_backend_pid()")
         row["PostgreSQL connections"] = cursor.fetchone()[0]
     row["sockets open"] = len(sockets.ask("status")[0]["open"])
     return row
 
 
-def drain(timeout: float = 120) -> None:
-    """Until the counter pipeline and the broker's queues are empty."""
-    deadline = time.monotonic() + timeout
-    with app.connection_for_write() as conn:
-        broker = conn.default_channel.client
-        while sum(shard_lengths()) or broker.llen("default") + broker.llen("counters"):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the queues did not drain")
-            time.sleep(0.5)
-
-
 def check_data(acked: set[str], member_ids: list[int]) -> dict:
     """Lost sends, conversations whose last_seq is off, users whose Redis counts are off."""
-
     with connection.cursor() as cursor:
         cursor.execute("SELECT client_msg_id FROM imcore_message")
         stored = {r[0] for r in cursor.fetchall()}
@@ -171,9 +115,8 @@ def check_data(acked: set[str], member_ids: list[int]) -> dict:
         )
         seq_off = [r[0] for r in cursor.fetchall()]
     truth = counters_truth_rows(user_ids=member_ids)
-    unread_off = [
-        u for u in member_ids if counters_peek(user_id=u) != counters_truth_from_rows(truth[u])
-    ]
+    is_off = lambda u: counters_peek(user_id=u) != counters_truth_from_rows(truth[u])  # noqa: E731
+    unread_off = [u for u in member_ids if is_off(u)]
     return {"acked": len(acked), "stored": len(stored), "lost": len(acked - stored),
             "last_seq_off": seq_off, "unread_off_users": unread_off}  # fmt: skip
 
@@ -183,25 +126,20 @@ def growth(rows: list[dict], key: str, window: int, limit: float) -> dict:
     rows, before = rows[-1 - window :], rows[: -1 - window]
     if not rows[0].get(key) or any(r.get(key) is None for r in rows):
         return {"series": key, "growth_pct": None, "pass": False}
-    pct = (max(r[key] for r in rows) - rows[0][key]) / rows[0][key] * 100
+    top = max(r[key] for r in rows)
+    pct = (top - rows[0][key]) / rows[0][key] * 100
     if key == "PostgreSQL connections":  # pools: fail only on a new high in the window
-        return {
-            "series": key,
-            "growth_pct": pct,
-            "pass": pct <= 0 or max(r[key] for r in rows) <= max(r[key] for r in before),
-        }
+        limit = 0 if top > max((r[key] for r in before), default=0) else float("inf")
     return {"series": key, "growth_pct": pct, "pass": pct <= limit}
 
 
 def plot(samples: list[dict], series: list[str]) -> str:
     minutes = [(s["time"] - samples[0]["time"]) / 60 for s in samples]
     fig, axes = common.figure("soak", "Soak: memory over time", 3, size=(10, 3.3))
-    panels = [
-        ([k for k in series if "RSS" in k], "process RSS (MiB)"),
-        ([k for k in series if "used_memory" in k], "Redis used_memory (MiB)"),
-        (["PostgreSQL connections", "sockets open"], "PostgreSQL sessions, idle sockets (count)"),
-    ]
-    for ax, (keys, label) in zip(axes, panels, strict=True):
+    panels = {"process RSS (MiB)": [k for k in series if "RSS" in k],
+              "Redis used_memory (MiB)": [k for k in series if "used_memory" in k],
+              "PostgreSQL sessions, idle sockets (count)": series[-2:]}  # fmt: skip
+    for ax, (label, keys) in zip(axes, panels.items(), strict=True):
         for key in keys:
             name = key.replace(" RSS MiB", "").replace(" MiB", "")
             ax.plot(minutes, [s.get(key) for s in samples], marker=".", label=name)
@@ -212,39 +150,25 @@ def plot(samples: list[dict], series: list[str]) -> str:
 
 def markdown(args, r: dict) -> str:
     short = {k: k.replace(" RSS MiB", "").replace("used_memory ", "") for k in r["series"]}
-    c = r["checks"]
+    c, growth = r["checks"], {g["series"]: g for g in r["growth"]}
     lines = common.header(
-        "Soak",
-        f"{r['machine']}; shared with other work",
-        f"Stack: `bin/stack.py {' '.join(Stack.names)}` (the Procfile). Probe: "
-        f"{r['capacity']:.1f} sends/s at saturation ({args.probe_users} locust users, no wait)."
-        f" Soak: {args.minutes} min at {args.load:.0%} of it, {r['target_rps']:.1f} tasks/s (a sync"
-        f" pull and its ack are one task; {r['requests'] / args.minutes / 60:.1f} requests/s)"
-        f" from {args.users} locust users in {args.groups} groups of {args.members}"
-        " (send 4 : unread 2 : sync pull+ack 2 : history 1 : "
-        f"mark read 1), {args.sockets} idle authenticated WebSockets. RSS and used_memory in "
-        f"MiB; requests and errors in the minute before the row.",
-    )
-    rows = [
-        [i, *(f"{row.get(k, float('nan')):.1f}" if "MiB" in k else row[k] for k in short),
-         row["requests"], row["errors"]]
-        for i, row in enumerate(r["minutes"])
-    ]  # fmt: skip
+        "Soak", r["machine"],
+        f"`bin/stack.py` ({', '.join(NAMES)}); probe {r['capacity']:.1f} sends/s; "
+        f"{args.minutes} min at {args.load:.0%} of it from {args.users} locust users, "
+        f"{args.sockets} idle WebSockets. MiB; requests and errors of the minute before the row; "
+        f"last row: the growth over the last {r['window']} min (limit {args.limit_percent:g} %).",
+    )  # fmt: skip
+    rows = [[i, *(f"{row.get(k, float('nan')):.1f}" if "MiB" in k else row[k] for k in short),
+             row["requests"], row["errors"]] for i, row in enumerate(r["minutes"])]  # fmt: skip
+    grew = [growth.get(k, {"growth_pct": None, "pass": True}) for k in short]
+    rows.append(["growth", *(("n/a" if g["growth_pct"] is None else f"{g['growth_pct']:+.1f} %")
+                             + ("" if g["pass"] else " FAIL") for g in grew), "", ""])  # fmt: skip
     lines += common.table(["min", *short.values(), "requests", "errors"], rows)
-    lines += ["", f"Growth over the last {r['window']} min (limit {args.limit_percent:g} %):", ""]
-    rows = [
-        [short[g["series"]], "n/a" if g["growth_pct"] is None else f"{g['growth_pct']:+.1f} %",
-         "PASS" if g["pass"] else "FAIL"]
-        for g in r["growth"]
-    ]  # fmt: skip
-    lines += common.table(["series", "growth", "result"], rows)
     lines.append(
-        f"\nRequests {r['requests']}, errors {r['errors']} (locust failures {r['failures']}, "
-        f"sockets lost {r['sockets_lost']}, 5xx {r['server_5xx']} of {r['access_lines']} lines "
-        f"in the server's access log, tracebacks logged {r['tracebacks']}). Sends "
-        f"answered {c['acked']}, stored {c['stored']}, lost {c['lost']}; conversations with "
-        f"last_seq off: {len(c['last_seq_off'])}; users whose unread counts differ from the "
-        f"truth after draining: {len(c['unread_off_users'])}. **{'PASS' if r['pass'] else 'FAIL'}**"
+        f"\nErrors {r['errors']} of {r['requests']} requests (locust {r['failures']}, sockets "
+        f"lost {r['sockets_lost']}, 5xx {r['server_5xx']}, tracebacks {r['tracebacks']}). Sends "
+        f"answered {c['acked']}, lost {c['lost']}; last_seq off {len(c['last_seq_off'])}, unread "
+        f"off {len(c['unread_off_users'])} users. **{'PASS' if r['pass'] else 'FAIL'}**"
     )
     return "\n".join(lines)
 
@@ -252,36 +176,34 @@ def markdown(args, r: dict) -> str:
 def soak(args, work: Path) -> dict:
     """Seed, start the stack and the sockets, probe, soak, drain, check; the raw results."""
     devices, idle_tokens, member_ids = seed(args)
-    stack, sockets = Stack(), None
-    try:
-        stack.wait_all()
+    env = {"FLOWER_PORT": common.free_port()}
+    with common.stack(common.procfile(*NAMES), **env) as stack:
         sockets = push.Holders(stack.port, 1)
-        failures = sockets.open(idle_tokens, range(len(idle_tokens)), 50)["reasons"]
-        servers = {"Redis": redis.Redis.from_url(common.ENV["REDIS_URL"]),
-                   "broker": redis.Redis(port=common.BROKER_PORT)}  # fmt: skip
-        probe, run = work / "probe.json", work / "soak.json"
-        probe.write_text(json.dumps({"tag": "probe", "devices": devices}))
-        run.write_text(json.dumps({"tag": "soak", "devices": devices}))
-        locust(stack.port, probe, "ProbeDevice", args.probe_users, args.probe_seconds).wait()
-        hist = history(probe)
-        start = next(h for h in hist if h[0] >= hist[0][0] + 5)
-        capacity = (hist[-1][1] - start[1]) / max(hist[-1][0] - start[0], 1)
-        seconds = args.minutes * 60
-        load = locust(stack.port, run, "SoakDevice", args.users, seconds, args.load * capacity)
-        t0, samples = time.time(), []
-        for k in range(seconds // args.sample_seconds + 1):
-            time.sleep(max(0.0, t0 + k * args.sample_seconds - time.time()))
-            samples.append(sample(stack, sockets, servers))
-        load.wait()
-        sockets_open = len(sockets.ask("status")[0]["open"])
-        sockets.stop()
-        drain()
+        try:
+            failures = sockets.open(idle_tokens, range(len(idle_tokens)), 50)["reasons"]
+            servers = {"Redis": redis.Redis.from_url(common.ENV["REDIS_URL"]),
+                       "broker": redis.Redis(port=common.BROKER_PORT)}  # fmt: skip
+            probe, run = work / "probe.json", work / "soak.json"
+            probe.write_text(json.dumps({"tag": "probe", "devices": devices}))
+            run.write_text(json.dumps({"tag": "soak", "devices": devices}))
+            locust(stack.port, probe, "ProbeDevice", args.probe_users, args.probe_seconds).wait()
+            hist = history(probe)
+            start = next(h for h in hist if h[0] >= hist[0][0] + 5)
+            capacity = (hist[-1][1] - start[1]) / max(hist[-1][0] - start[0], 1)
+            seconds = args.minutes * 60
+            load = locust(stack.port, run, "SoakDevice", args.users, seconds, args.load * capacity)
+            t0, samples = time.time(), []
+            for k in range(seconds // args.sample_seconds + 1):
+                time.sleep(max(0.0, t0 + k * args.sample_seconds - time.time()))
+                samples.append(sample(stack, sockets, servers))
+            load.wait()
+            sockets_open = len(sockets.ask("status")[0]["open"])
+        finally:
+            sockets.stop()
+        common.drain(120)
         acked = {line for f in work.glob("*.acked") for line in f.read_text().split()}
         checks = check_data(acked, member_ids)
-    finally:
-        if sockets:
-            sockets.stop()
-        log = stack.stop(group=False)  # bin/stack.py stops its processes, as for `make run`
+    log = stack.output
     return {
         "capacity": capacity, "samples": samples, "history": history(run), "checks": checks,
         "sockets_open": sockets_open, "socket_failures": failures,
@@ -295,9 +217,9 @@ def soak(args, work: Path) -> dict:
 def main() -> None:
     args = common.parse(
         __doc__, QUICK, minutes=10, load=(0.8, "share of the capacity"), probe_seconds=20,
-        probe_users=16, users=(32, "senders (locust users)"), groups=4,
-        members=(10, "members of each group"), sockets=500,
-        sample_seconds=(10, "a divisor of 60"), window_minutes=5, limit_percent=5.0,
+        probe_users=16, users=(32, "senders (locust users)"), groups=4, sockets=500,
+        members=(10, "members of each group"), sample_seconds=(10, "a divisor of 60"),
+        window_minutes=5, limit_percent=5.0,
     )  # fmt: skip
     if 60 % args.sample_seconds:
         sys.exit("--sample-seconds takes a divisor of 60")
@@ -309,19 +231,15 @@ def main() -> None:
         row["requests"], row["errors"] = now[0] - previous[0], now[1] - previous[1]
         previous = now
     series = [k for k in r["samples"][-1] if "MiB" in k]
-    series += ["PostgreSQL connections", "sockets open", "load avg 1 min"]
-    window = min(args.window_minutes, args.minutes // 2)
-    r["growth"] = [growth(minutes, k, window, args.limit_percent) for k in series[:-2]]
+    series += ["PostgreSQL connections", "sockets open"]
+    window, c = min(args.window_minutes, args.minutes // 2), r["checks"]
+    r["growth"] = [growth(minutes, k, window, args.limit_percent) for k in series[:-1]]
     r["failures"], r["sockets_lost"] = hist[-1][2], args.sockets - r["sockets_open"]
     r["errors"] = r["failures"] + r["sockets_lost"] + r["server_5xx"] + r["tracebacks"]
-    c = r["checks"]
     bad = c["lost"] or c["last_seq_off"] or c["unread_off_users"] or r["errors"]
-    r |= {
-        "date": datetime.date.today().isoformat(), "host": os.uname().nodename,
-        "machine": common.machine(), "target_rps": args.load * r["capacity"], "args": vars(args),
-        "series": series, "minutes": minutes, "window": window, "requests": hist[-1][1],
-        "pass": all(g["pass"] for g in r["growth"]) and not bad,
-    }  # fmt: skip
+    r |= {"machine": common.machine(), "args": vars(args), "series": series, "minutes": minutes,
+          "window": window, "requests": hist[-1][1],
+          "pass": all(g["pass"] for g in r["growth"]) and not bad}  # fmt: skip
     common.write_results("soak", markdown(args, r) + "\n\n" + plot(r["samples"], series), r)
     sys.exit(0 if r["pass"] else 1)
 

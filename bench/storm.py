@@ -1,9 +1,10 @@
 """``make bench-storm``: a large group's messages through channel mode, the aggregation pipeline
 and the per-message fan-out (issue 13): cost per message by group size, commit -> unread
-visible, the ceiling in groups, commit -> live delivery. README, Benchmarks, says more."""
+visible, the ceiling in groups (commit -> live delivery is in push.py). README, Benchmarks."""
 
 import contextlib
 import multiprocessing
+import os
 import sys
 import threading
 import time
@@ -24,15 +25,15 @@ from django.db import connections
 from counters import keys
 from counters.redis import get_redis
 from counters.selectors import counters_get
-from counters.services import counters_reconcile
 from delivery import keys as delivery_keys
+from delivery.pipeline import shard_lengths
 from delivery.services import delivery_message_committed
 from imcore import services
 from imcore.models import Conversation, User
 
 QUICK = (  # --quick: smoke sizes, one run each
     "--sizes 500,5000 --seconds 2 --latency-seconds 3 --members 500 --max-groups 2 "
-    "--step-seconds 2 --senders 2 --live 100 --live-messages 3"
+    "--step-seconds 2 --senders 2"
 )
 
 # The Redis server of the counters, sync and channel layer: its INFO is what the figures count.
@@ -41,52 +42,39 @@ PATHS = {"channel": "channel mode", "pipeline": "pipeline", "fanout": "fan-out"}
 CEILING_STEPS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 DRAIN_TIMEOUT_S = 90
 LATENCY_SIZE = 5000  # the size whose runs last --latency-seconds
+BUSY = ("user", "nice", "system", "irq", "softirq")  # the machine's (guest is in user already)
 
 
 Group = namedtuple("Group", "conversation_id sender_id observer_id members")
 
 
 def make_group(path: str, ids: list[int], reconcile: bool = True) -> Group:
-    """A group of ``ids`` (the first sends, the second observes) in the path's mode; with
-    ``reconcile`` every member's counters are loaded from PostgreSQL, as in production."""
-
-    settings.LARGE_GROUP_MIN_MEMBERS = 2 if path == "channel" else 10**9
-    conversation, _ = services.conversation_create(
-        creator=User.objects.get(pk=ids[0]), kind="group", member_ids=ids, title=path
-    )
+    """A group of ``ids`` (the first sends, the second observes) in the path's mode."""
+    conversation = common.make_group(ids, path, path == "channel", reconcile)
     assert (conversation.mode == Conversation.Mode.CHANNEL) == (path == "channel")
-    if reconcile:
-        counters_reconcile(user_ids=ids)
     return Group(conversation.pk, ids[0], ids[1], len(ids))
 
 
 @contextlib.contextmanager
 def stack(path: str, senders: int):
     """A Celery worker and beat for ``path``, and ``senders`` sender processes (spawned: a
-    forked one would share the parent's pooled PostgreSQL connections)."""
-    settings.DELIVERY_WRITE_PATH = "fanout" if path == "fanout" else "pipeline"
-    procs = common.start_worker(DELIVERY_WRITE_PATH=settings.DELIVERY_WRITE_PATH)
-    ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(senders, initializer=sender_setup, initargs=(settings.DELIVERY_WRITE_PATH,))
-    try:
-        yield procs, pool
-    finally:
-        pool.terminate()
-        for proc in procs:
-            proc.stop()
-
-
-def sender_setup(write_path: str) -> None:
-    """A sender process (spawned: Django set up by this module's import) on ``write_path``."""
-    settings.DELIVERY_WRITE_PATH = write_path
+    forked one would share the parent's pooled PostgreSQL connections); both read the path
+    from the environment."""
+    path = os.environ["DELIVERY_WRITE_PATH"] = "fanout" if path == "fanout" else "pipeline"
+    settings.DELIVERY_WRITE_PATH = path
+    with common.stack(common.WORKER, http=False, settle=2.5) as workers:
+        pool = multiprocessing.get_context("spawn").Pool(senders)
+        try:
+            yield workers, pool
+        finally:
+            pool.terminate()
 
 
 def calls(port: int) -> Counter:
     """Commands the server ran since its last CONFIG RESETSTAT (inside scripts included), by
     name; the observer's INFO and RESETSTAT left out."""
-    stats = redis.Redis(port=port).info("commandstats").items()
-    own = ("cmdstat_info", "cmdstat_config")
-    return Counter({k: v["calls"] for k, v in stats if not k.startswith(own)})
+    own, stats = ("cmdstat_info", "cmdstat_config"), redis.Redis(port=port).info("commandstats")
+    return Counter({k: v["calls"] for k, v in stats.items() if not k.startswith(own)})
 
 
 def read_cost(user_id: int, n: int = 20) -> Counter:
@@ -102,73 +90,49 @@ def read_cost(user_id: int, n: int = 20) -> Counter:
 def held(own: Counter, own_broker: Counter) -> int:
     """What the write path holds now: the pipeline's stream events (waiting, or read and not
     acknowledged), its shard locks held, and the broker's ``counters`` tasks (waiting, or
-    delivered and not acknowledged)."""
-
+    delivered and not acknowledged); the commands it took counted as the observer's own."""
     shards = range(settings.COUNTERS_SHARDS)
-    pipe = get_redis().pipeline(transaction=False)
-    for shard in shards:
-        pipe.xlen(delivery_keys.shard_stream(shard))
-    pipe.exists(*[delivery_keys.shard_lock(shard) for shard in shards])
+    locks = get_redis().exists(*[delivery_keys.shard_lock(n) for n in shards])
     broker = redis.Redis(port=common.BROKER_PORT).pipeline(transaction=False)
-    broker.llen("counters").hlen("unacked")
     own.update({"cmdstat_xlen": len(shards), "cmdstat_exists": 1})
     own_broker.update({"cmdstat_llen": 1, "cmdstat_hlen": 1})
-    return sum(pipe.execute()) + sum(broker.execute())
+    return sum(shard_lengths()) + locks + sum(broker.llen("counters").hlen("unacked").execute())
 
 
 def send(groups: list[tuple[int, int]], rate: float, seconds: float, start: float, direct: bool):
     """In a sender process: ``rate`` messages a second to each (conversation, sender) of
-    ``groups``, evenly spread from ``start`` (``time.perf_counter``, shared by the processes),
-    through ``message_send``; with ``direct``, only what its commit hands over
-    (``delivery_message_committed``, no PostgreSQL). Returns [(conversation, seq, when the
-    call returned)] and its CPU seconds."""
-
+    ``groups``, evenly spread from ``start`` (``time.perf_counter``, shared), through
+    ``message_send`` or (``direct``) only what its commit hands over, no PostgreSQL.
+    Returns [(conversation, seq, when the call returned)] and its CPU seconds."""
     convs = {c: Conversation.objects.get(pk=c) for c, _ in groups}
     senders = {s: User.objects.get(pk=s) for _, s in groups}
     tops = {c: int(get_redis().hget(keys.channel(c), keys.CHANNEL_TOP) or 0) for c in convs}
-    schedule = sorted(
-        (k / rate + i / (rate * len(groups)), k, i)
-        for i in range(len(groups))
-        for k in range(max(1, int(rate * seconds)))
-    )
-    cpu0, out = time.process_time(), []
-    for due, k, i in schedule:
-        if (delay := start + due - time.perf_counter()) > 0:
-            time.sleep(delay)
-        cid, sid = groups[i]
+    n, cpu0, out = max(1, int(rate * seconds)), time.process_time(), []
+    for due, k, i in sorted((k / rate + i / (rate * len(groups)), k, i)
+                            for i in range(len(groups)) for k in range(n)):  # fmt: skip
+        time.sleep(max(0.0, start + due - time.perf_counter()))
+        (cid, sid), conv = groups[i], convs[groups[i][0]]
         if direct:
-            seq = tops[cid] = max(tops[cid], convs[cid].last_seq) + 1
-            delivery_message_committed(
-                conversation_id=cid, seq=seq, sender_id=sid, mode=convs[cid].mode
-            )
+            seq = tops[cid] = max(tops[cid], conv.last_seq) + 1
+            delivery_message_committed(conversation_id=cid, seq=seq, sender_id=sid, mode=conv.mode)
         else:
-            cmid = f"{start}-{cid}-{k}"
-            seq = services.message_send(
-                sender=senders[sid], conversation=convs[cid], body="x", client_msg_id=cmid
-            )[0].seq
+            message = {"sender": senders[sid], "body": "x", "client_msg_id": f"{start}-{cid}-{k}"}
+            seq = services.message_send(conversation=conv, **message)[0].seq
         out.append((cid, seq, time.perf_counter()))
     connections.close_all()
     return out, time.process_time() - cpu0
-
-
-def machine_busy() -> float:
-    """CPU seconds the whole machine spent busy (all cores) since boot."""
-    t = psutil.cpu_times()  # guest time is in user already; steal is not this machine's work
-    return t.user + t.nice + t.system + t.irq + t.softirq
 
 
 def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
     """Send for ``seconds``, wait until the observers saw every message and the write path is
     idle; the costs of that whole window."""
     procs, pool = stack
-    watch: dict[int, list[int]] = {}
-    for g in groups:
-        watch.setdefault(g.observer_id, []).append(g.conversation_id)
+    watch = {g.observer_id: [h.conversation_id for h in groups if h.observer_id == g.observer_id]
+             for g in groups}  # fmt: skip
     cost = {u: read_cost(u) for u in watch}
     last = {c: counters_get(user_id=u).conversations.get(c, 0) for u in watch for c in watch[u]}
     seen: dict[tuple[int, int], float] = {}
-    own, own_broker, seen_cost, peak = Counter(), Counter(), Counter(), [0]
-    stop = threading.Event()
+    own, own_broker, seen_cost, stop = Counter(), Counter(), Counter(), threading.Event()
 
     def observe() -> None:
         while not stop.is_set():
@@ -182,77 +146,48 @@ def measure(path, groups, stack, rate, seconds, senders, direct=False) -> dict:
                     last[c] = max(last[c], counts.get(c, 0))
             time.sleep(0.002)
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], held(own, own_broker))
-            time.sleep(0.05)
-
-    chunks = [groups[i::senders] for i in range(min(senders, len(groups)))]
-    for port in (COUNTERS_PORT, common.BROKER_PORT):
+    ports = (COUNTERS_PORT, common.BROKER_PORT)
+    for port in ports:
         redis.Redis(port=port).config_resetstat()
-    info0 = [common.redis_info(p) for p in (COUNTERS_PORT, common.BROKER_PORT)]
-    cpu0 = [sum(p.cpu() for p in procs), machine_busy()]
+    info0, cpu0 = [common.redis_info(p) for p in ports], [procs.cpu(), psutil.cpu_times()]
     start = time.perf_counter() + 0.3
-    pairs = [[(g.conversation_id, g.sender_id) for g in c] for c in chunks]
-    work = [(p, rate, seconds, start, direct) for p in pairs]
+    chunks = [groups[i::senders] for i in range(min(senders, len(groups)))]
+    work = [([(g.conversation_id, g.sender_id) for g in c], rate, seconds, start, direct)
+            for c in chunks]  # fmt: skip
     result = pool.starmap_async(send, work, chunksize=1)
-    threads = [threading.Thread(target=t, daemon=True) for t in (observe, sample)]
-    for t in threads:
-        t.start()
-    parts = result.get()
-    sent_at = time.perf_counter()
+    (observer := threading.Thread(target=observe, daemon=True)).start()
+    parts, sent_at = result.get(), time.perf_counter()
     commits = {(c, s): t for part, _ in parts for c, s, t in part}
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while time.monotonic() < deadline and not commits.keys() <= seen.keys():
         time.sleep(0.01)
-    drain = time.perf_counter() - sent_at
     stop.set()
-    for t in threads:
-        t.join()
+    observer.join()
     while time.monotonic() < deadline and held(own, own_broker):  # the rest of the members
         time.sleep(0.05)
-    idle = time.perf_counter() - sent_at
-    window = time.perf_counter() - start
-    info1 = [common.redis_info(p) for p in (COUNTERS_PORT, common.BROKER_PORT)]
-    cpu1 = [sum(p.cpu() for p in procs), machine_busy()]
-    counted = calls(COUNTERS_PORT) - own - seen_cost
+    idle, window = time.perf_counter() - sent_at, time.perf_counter() - start
+    info1, cpu1 = [common.redis_info(p) for p in ports], [procs.cpu(), psutil.cpu_times()]
+    machine = sum(getattr(cpu1[1], k) - getattr(cpu0[1], k) for k in BUSY)
+    counted, n = calls(COUNTERS_PORT) - own - seen_cost, len(commits)
     broker = calls(common.BROKER_PORT) - own_broker
-    n = len(commits)
     # In channel mode the count is raised inside the send (its on_commit), so it may show
     # before message_send returns: those count as 0 ms.
     latencies = [max(0.0, seen[k] - t) for k, t in commits.items() if k in seen]
-    redis_s = sum(
-        common.redis_cpu(b) - common.redis_cpu(a) for a, b in zip(info0, info1, strict=True)
-    )
+    redis_s = sum(common.redis_cpu(b) - common.redis_cpu(a) for a, b in zip(info0, info1))  # noqa: B905
     return {
         "path": path, "groups": len(groups), "members": groups[0].members, "messages": n,
         "target_rate": rate * len(groups), "rate": n / (sent_at - start),
-        "cmds_per_msg": sum(counted.values()) / n,
+        "cmds_per_msg": sum(counted.values()) / n, "broker_per_msg": sum(broker.values()) / n,
         "evalsha_per_msg": counted["cmdstat_evalsha"] / n,
-        "broker_per_msg": sum(broker.values()) / n,
-        "by_command": {k[8:]: round(v / n, 2) for k, v in counted.most_common(12)},
-        "p50_ms": common.percentile(latencies, 50) * 1000,
+        "p50_ms": common.percentile(latencies, 50) * 1000, "idle_s": idle,
         "p99_ms": common.percentile(latencies, 99) * 1000, "unseen": n - len(latencies),
-        "drain_s": drain, "idle_s": idle, "peak_queue": peak[0],
         "cpu_workers_s": cpu1[0] - cpu0[0], "cpu_redis_s": redis_s,
-        "cpu_senders_s": sum(cpu for _, cpu in parts), "cpu_machine_s": cpu1[1] - cpu0[1],
-        "machine_busy": (cpu1[1] - cpu0[1]) / window / psutil.cpu_count(), "window_s": window,
+        "cpu_senders_s": sum(cpu for _, cpu in parts), "cpu_machine_s": machine,
+        "machine_busy": machine / window / psutil.cpu_count(), "window_s": window,
     }  # fmt: skip
 
 
-def falls_behind(r: dict, interval: float) -> list[str]:
-    """Why a ceiling step did not keep up (empty: it did)."""
-    why = []
-    if r["rate"] < 0.95 * r["target_rate"]:
-        why.append("senders behind")
-    if r["idle_s"] > 2 * interval + 1 or r["unseen"]:
-        why.append("queue growth")
-    if r["p99_ms"] > 1000:
-        why.append("p99 > 1 s")
-    return why
-
-
-def cost_phase(args, paths: list[str], stacks) -> list[dict]:
+def cost_phase(args, paths: list[str]) -> list[dict]:
     """Phase 1 and 2: one group per (size, path); users shared by a size's groups."""
     common.reset_data()
     groups = {}
@@ -260,10 +195,9 @@ def cost_phase(args, paths: list[str], stacks) -> list[dict]:
         ids = common.make_users(size, f"s{size}")
         for i, path in enumerate(paths):
             groups[size, path] = make_group(path, ids, reconcile=i == len(paths) - 1)
-        print(f"  {size:,} members: groups created", flush=True)
     runs = []
     for path in paths:
-        with stacks(path, 1) as running:
+        with stack(path, 1) as running:
             for size in args.sizes:
                 seconds = args.latency_seconds if size == LATENCY_SIZE else args.seconds
                 if path == "fanout":
@@ -274,16 +208,15 @@ def cost_phase(args, paths: list[str], stacks) -> list[dict]:
     return runs
 
 
-def ceiling_phase(args, path: str, stacks, interval: float) -> dict[str, list[dict]]:
-    """Phase 3 for ``path``, through ``message_send`` and then (channel mode) through
-    ``delivery_message_committed`` alone, on the same groups. A ramp goes on past p99 > 1 s
-    (up to 5 s) but stops at queue growth or when the senders miss their rate. Channel-mode
-    groups share one pool of members (a channel-mode send does no per-member work, so whose
-    members they are changes nothing); the pipeline's groups have members of their own."""
+def ceiling_phase(args, path: str, interval: float) -> dict[str, list[dict]]:
+    """Phase 3 for ``path``: ``message_send``, then (channel mode) ``delivery_message_committed``
+    alone, on the same groups; a ramp goes on past p99 > 1 s (up to 5 s), not past queue growth
+    or senders behind. Channel-mode groups share their members (a send does no per-member
+    work there); the pipeline's have their own."""
     common.reset_data()
     pool = common.make_users(args.members, "pool") if path == "channel" else None
     groups, ramps = [], {}
-    with stacks(path, args.senders) as running:
+    with stack(path, args.senders) as running:
         for how in ("send", "direct") if path == "channel" else ("send",):
             ramps[how] = []
             for n in [s for s in CEILING_STEPS if s <= args.max_groups]:
@@ -292,7 +225,10 @@ def ceiling_phase(args, path: str, stacks, interval: float) -> dict[str, list[di
                     groups.append(make_group(path, ids, reconcile=pool is None or not groups))
                 step = (args.rate, args.step_seconds, args.senders, how == "direct")
                 r = measure(path, groups[:n], running, *step)
-                r["behind"] = falls_behind(r, interval)
+                r["behind"] = [why for why, bad in [  # why a step did not keep up
+                    ("senders behind", r["rate"] < 0.95 * r["target_rate"]),
+                    ("queue growth", r["idle_s"] > 2 * interval + 1 or r["unseen"]),
+                    ("p99 > 1 s", r["p99_ms"] > 1000)] if bad]  # fmt: skip
                 ramps[how].append(r)
                 print(f"  {path} {how} ceiling: {ceiling_row(r)}", flush=True)
                 if set(r["behind"]) - {"p99 > 1 s"} or r["p99_ms"] > 5000:
@@ -300,41 +236,15 @@ def ceiling_phase(args, path: str, stacks, interval: float) -> dict[str, list[di
     return ramps
 
 
-def best(steps: list[dict], allowed: set) -> int:
-    return max((r["groups"] for r in steps if not set(r["behind"]) - allowed), default=0)
-
-
 def ceiling_row(r: dict) -> list:
     rest = r["cpu_machine_s"] - r["cpu_senders_s"] - r["cpu_redis_s"] - r["cpu_workers_s"]
     return [
         r["groups"], f"{r['rate']:.0f} ({r['target_rate']:.0f})",
-        f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}", f"{r['idle_s']:.1f}", r["peak_queue"],
+        f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}", f"{r['idle_s']:.1f}",
         " / ".join(f"{r[k]:.1f}" for k in ("cpu_senders_s", "cpu_redis_s", "cpu_workers_s"))
         + f" / {rest:.1f}",
         f"{r['machine_busy']:.0%}", ", ".join(r["behind"]) or "keeps up",
     ]  # fmt: skip
-
-
-def live_phase(args) -> dict:
-    """Commit -> live delivery: ``--live`` members of one channel-mode group online (one
-    device and socket each, ``bench/push.py``'s server and socket holders); a member sends
-    ``--live-messages`` messages; no Celery: the relay is the send's own."""
-
-    from bench import push
-
-    settings.LARGE_GROUP_MIN_MEMBERS = 2  # push.setup's group starts in channel mode
-    live = push.setup(args.live, args.live)
-    server, holders = push.start_server(), None
-    try:
-        holders = push.Holders(server.port, 2)
-        opened = holders.open(live["tokens"], range(args.live), concurrency=100)
-        r = push.latency(live, holders, server, args.live_messages, args.live_interval, drain=False)
-    finally:
-        if holders:
-            holders.stop()
-        server.stop()
-    print(f"  live: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms", flush=True)
-    return r | {"opened": opened["opened"]}
 
 
 def plot(runs: list[dict], ceiling: dict, members: int) -> str:
@@ -343,115 +253,79 @@ def plot(runs: list[dict], ceiling: dict, members: int) -> str:
         pts = sorted((r["members"], r["cmds_per_msg"]) for r in runs if r["path"] == path)
         if pts:
             cost.plot(*zip(*pts, strict=True), marker="o", label=label)
-    cost.set(xscale="log", yscale="log", xlabel="members of the group")
-    cost.set(ylabel="Redis commands per message (count)")
+    cost.set(xscale="log", yscale="log", xlabel="members of the group (count)",
+             ylabel="Redis commands per message (count)")  # fmt: skip
     for name, c in ceiling.items():
-        steps = c["steps"]
         for q, style in (("p50_ms", "--"), ("p99_ms", "-")):
-            label = f"{name}, {q[:3]}"
-            lat.plot(
-                [r["groups"] for r in steps], [r[q] for r in steps], style, marker="o", label=label
-            )
+            xy = [(r["groups"], r[q]) for r in c["steps"]]
+            lat.plot(*zip(*xy, strict=True), style, marker="o", label=f"{name}, {q[:3]}")
     lat.set_xscale("log", base=2)
     lat.set_yscale("symlog", linthresh=1)
-    lat.set(xlabel=f"groups of {members:,} members at 10 messages/s each", ylim=(0, None))
-    lat.set(ylabel="commit → unread visible (ms)")
+    lat.set(xlabel=f"groups of {members:,} members at 10 messages/s each (count)", ylim=(0, None),
+            ylabel="commit → unread visible (ms)")  # fmt: skip
     return common.save_figure(fig, "storm")
+
+
+COST_ROWS = [  # the one-group table: (row, key, format)
+    ("messages sent", "messages", "{:,.0f}"),
+    ("Redis commands / message (counters, sync, channel layer)", "cmds_per_msg", "{:,.1f}"),
+    ("of which script calls (EVALSHA) / message", "evalsha_per_msg", "{:,.1f}"),
+    ("broker commands / message", "broker_per_msg", "{:,.1f}"),
+    ("commit → unread visible p50 ms", "p50_ms", "{:,.0f}"),
+    ("commit → unread visible p99 ms", "p99_ms", "{:,.0f}"),
+    ("all work done after the last send, s", "idle_s", "{:.1f}"),
+]
+CEILING_HEAD = ["groups", "sent/s (target)", "p50 / p99 ms", "idle after s",
+                "CPU s: senders / Redis / workers / rest", "machine busy", "verdict"]  # fmt: skip
 
 
 def main() -> None:
     args = common.parse(
-        __doc__, QUICK,
-        sizes=([500, 5000, 50000], "group sizes of phase 1"),
+        __doc__, QUICK, sizes=([500, 5000, 50000], "group sizes of phase 1"), no_ceiling=False,
         rate=(10.0, "messages a second per group"), seconds=(3.0, "phase 1 run length"),
-        latency_seconds=(10.0, f"run length at {LATENCY_SIZE:,} members"),
-        paths=(list(PATHS), f"among {', '.join(PATHS)}"),
+        latency_seconds=(10.0, f"run length at {LATENCY_SIZE:,} members"), step_seconds=5.0,
+        paths=(list(PATHS), f"among {', '.join(PATHS)}"), max_groups=128,
         fanout_budget=(150_000, "fan-out: messages x members a run"),
-        senders=(4, "sender processes in the ceiling"),
-        members=(5000, "members of a ceiling group"), step_seconds=5.0, max_groups=128,
-        no_ceiling=False, live=(1000, "devices online in the live phase (0: none)"),
-        live_messages=20, live_interval=(0.5, "seconds between live messages"),
+        senders=(4, "sender processes in the ceiling"), members=(5000, "members of a group"),
     )  # fmt: skip
-    paths = args.paths
-    if not paths or set(paths) - set(PATHS):
+    if not (paths := args.paths) or set(paths) - set(PATHS):
         sys.exit(f"--paths takes some of {', '.join(PATHS)}")
-    began = time.perf_counter()
-    common.setup_django()
-    interval = settings.COUNTERS_FLUSH_INTERVAL
-    lines = common.header(
-        "Storm benchmark: channel mode, pipeline, fan-out",
-        common.machine(),
-        f"Stack: 1 Celery worker (prefork, 2 processes) + beat; pipeline: "
-        f"{settings.COUNTERS_SHARDS} shards, Timer {interval:g} s; strategy "
-        f"`{settings.COUNTERS_STRATEGY}`. Sends: `message_send` in-process (no HTTP), "
-        f"{args.rate:g} messages/s per group. Machine busy is all of its CPU (psutil).",
-    )
-    runs = cost_phase(args, paths, stack)
-    by = {(r["path"], r["members"]): r for r in runs}
-    rows = []
-    for label, key, fmt in [
-        ("messages sent", "messages", "{:,.0f}"),
-        ("Redis commands / message (counters, sync, channel layer)", "cmds_per_msg", "{:,.1f}"),
-        ("of which script calls (EVALSHA) / message", "evalsha_per_msg", "{:,.1f}"),
-        ("broker commands / message", "broker_per_msg", "{:,.1f}"),
-        ("commit → unread visible p50 ms", "p50_ms", "{:,.0f}"),
-        ("commit → unread visible p99 ms", "p99_ms", "{:,.0f}"),
-        ("all work done after the last send, s", "idle_s", "{:.1f}"),
-    ]:
-        for path in paths:
-            cells = [fmt.format(by[path, s][key]) if (path, s) in by else "-" for s in args.sizes]
-            rows.append([f"{label}: {PATHS[path]}", *cells])
-    channel = by.get(("channel", LATENCY_SIZE)) or next(r for r in runs)
-    lines += [
-        "## One group: cost per message and commit → unread visible",
-        "",
-        *common.table(["path", *(f"{s:,} members" for s in args.sizes)], rows),
-        "",
-        f"Commands: INFO commandstats deltas until the write path is idle (inside scripts "
-        f"included, the observer's taken out). Latency: one member polls `counters_get` every "
-        f"~2 ms. {PATHS[channel['path']]} at {channel['members']:,} members, commands per message: "
-        + ", ".join(f"{k} {v:g}" for k, v in channel["by_command"].items())
-        + ".",
-        "",
-    ]
-    data = {"machine": lines[2], "args": vars(args), "runs": runs, "ceiling": {}}
-    if not args.no_ceiling:
-        lines += [
-            f"## Ceiling: groups of {args.members:,} members at {args.rate:g} messages/s each",
-            "",
-            f"{args.senders} sender processes; {args.step_seconds:g} s a step. Keeps up: p99 ≤ 1 "
-            "s, no queue growth, senders on time. CPU s: senders / Redis / worker+beat / the rest.",
-        ]
-        head = ["groups", "sent/s (target)", "p50 / p99 ms", "idle after s", "peak queue"]
-        head += ["CPU s", "machine busy", "verdict"]
-        for path in [p for p in ("channel", "pipeline") if p in paths]:
-            for how, steps in ceiling_phase(args, path, stack, interval).items():
+    with common.section():
+        interval = settings.COUNTERS_FLUSH_INTERVAL
+        lines = common.header(
+            "Storm: channel mode, pipeline, fan-out", common.machine(),
+            f"1 Celery worker (prefork, 2) + beat; {settings.COUNTERS_SHARDS} shards, Timer "
+            f"{interval:g} s; in-process `message_send`, {args.rate:g} messages/s per group.",
+        )  # fmt: skip
+        runs = cost_phase(args, paths)
+        by = {(r["path"], r["members"]): r for r in runs}
+        rows = [
+            [f"{label}: {PATHS[path]}",
+             *(fmt.format(by[path, n][key]) if (path, n) in by else "-" for n in args.sizes)]
+            for label, key, fmt in COST_ROWS
+            for path in paths
+        ]  # fmt: skip
+        lines += common.table(
+            ["path", *(f"{n:,} members" for n in args.sizes)], rows,
+            "One group: cost per message and commit → unread visible", "Commands: INFO "
+            "commandstats until the write path is idle; latency: a member polls `counters_get`.",
+        )  # fmt: skip
+        data = {"machine": lines[2], "args": vars(args), "runs": runs, "ceiling": {}}
+        for path in [p for p in ("channel", "pipeline") if p in paths and not args.no_ceiling]:
+            for how, steps in ceiling_phase(args, path, interval).items():
                 name = f"{PATHS[path]}, " + ("message_send" if how == "send" else "committed alone")
-                strict, loose = best(steps, set()), best(steps, {"p99 > 1 s"})
+                strict, loose = (max((r["groups"] for r in steps if not set(r["behind"]) - ok),
+                                     default=0) for ok in (set(), {"p99 > 1 s"}))  # fmt: skip
                 data["ceiling"][name] = {"steps": steps, "best": strict, "drains": loose}
-                lines += ["", f"{name}:", "", *common.table(head, [ceiling_row(r) for r in steps])]
-                lines += ["", f"Kept up with {strict} group(s); without queue growth: {loose}."]
-    if args.live:
-        r = data["live"] = live_phase(args)
-        lines += [
-            "",
-            f"## Commit → live delivery, channel mode, {r['opened']:,} devices online",
-            "",
-            f"{r['messages']} messages {args.live_interval:g} s apart; delivered "
-            f"{r['delivered']:,} of {r['expected']:,}: p50 {r['p50_ms']:.0f} ms, p99 "
-            f"{r['p99_ms']:.0f} ms, max {r['max_ms']:.0f} ms; {r['duplicates']} duplicates; "
-            f"uvicorn CPU {r['server_cpu_s']:.1f} s.",
-        ]
-    data["elapsed_s"] = elapsed = time.perf_counter() - began
-    lines += [
-        "",
-        f"Total run time: {elapsed / 60:.1f} min.",
-        "",
-        plot(runs, data["ceiling"], args.members),
-    ]
+                lines += common.table(
+                    CEILING_HEAD, [ceiling_row(r) for r in steps], f"Ceiling, {name}: groups of "
+                    f"{args.members:,} at {args.rate:g} messages/s, {args.step_seconds:g} s a step",
+                    f"Keeps up (p99 ≤ 1 s, no queue growth, senders on time) with {strict} "
+                    f"group(s); without queue growth: {loose}.",
+                )  # fmt: skip
+    lines.append(plot(runs, data["ceiling"], args.members))
     common.write_results("storm", "\n".join(lines), data)
 
 
 if __name__ == "__main__":
-    with common.broker_stopped_after():
-        main()
+    main()

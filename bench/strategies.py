@@ -2,10 +2,8 @@
 messages for the same members, seqs interleaved so the truth is known), beside
 ``redis-benchmark`` INCR and EVALSHA of the ``inc`` script on the same Redis: the limit."""
 
-import csv
-import io
+import itertools
 import multiprocessing
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,10 +28,6 @@ FIRST_USER = 900_000  # member ids of the benchmark's group, away from any real 
 BENCH_USER = 990_000  # the redis-benchmark EVALSHA calls' user
 
 
-def members(n: int) -> list[int]:
-    return list(range(FIRST_USER, FIRST_USER + n))
-
-
 def load_members(client, user_ids: list[int], conversations: list[int]) -> None:
     """Empty counters for every member in every conversation, loaded (``ready``)."""
     client.delete(*[keys.counters(u) for u in user_ids], *[keys.counters_lock(u) for u in user_ids])
@@ -47,7 +41,8 @@ def worker(p: int, name: str, args, start_at: float) -> dict:
     """One fan-out process (a pool's, forked): count messages for every member until the
     time is up."""
     strategy = CLASSES[name](get_redis())  # the app's client; its pool reconnects after fork
-    user_ids, conversations = members(args.members), list(range(1, args.conversations + 1))
+    user_ids = list(range(FIRST_USER, FIRST_USER + args.members))
+    conversations = list(range(1, args.conversations + 1))
     top, updates, busy, k, cpu0 = dict.fromkeys(conversations, 0), 0, 0, 0, time.process_time()
     time.sleep(max(0.0, start_at - time.time()))
     deadline = time.perf_counter() + args.seconds
@@ -64,28 +59,21 @@ def worker(p: int, name: str, args, start_at: float) -> dict:
 
 
 def drift(client, user_ids: list[int], truth: dict[int, int]) -> dict:
-    """How far the hashes are from the truth: members with a wrong unread or badge, the sum
-    of their badge errors, and whether any top went backwards."""
+    """How far the hashes are from the truth: members with a wrong unread or badge, the sums
+    of their errors."""
     pipe = client.pipeline(transaction=False)
     for u in user_ids:
         pipe.hgetall(keys.counters(u))
-    wrong = badge_error = unread_error = 0
-    want_badge = sum(truth.values())
-    for h in pipe.execute():
-        unread = {c: int(h.get(f"u:{c}", 0)) for c in truth}
-        badge = int(h.get("badge", 0))
-        errors = sum(abs(unread[c] - truth[c]) for c in truth)
-        if errors or badge != want_badge:
-            wrong += 1
-        unread_error += errors
-        badge_error += abs(badge - want_badge)
-    return {"members_wrong": wrong, "badge_error": badge_error, "unread_error": unread_error}
+    hashes, want_badge = pipe.execute(), sum(truth.values())
+    unread = [sum(abs(int(h.get(f"u:{c}", 0)) - truth[c]) for c in truth) for h in hashes]
+    badge = [abs(int(h.get("badge", 0)) - want_badge) for h in hashes]
+    return {"members_wrong": sum(1 for u, b in zip(unread, badge) if u or b),  # noqa: B905
+            "badge_error": sum(badge), "unread_error": sum(unread)}  # fmt: skip
 
 
 def run_strategy(name: str, args) -> dict:
     """One timed run of ``name`` with ``args.processes`` processes."""
-    client = get_redis()
-    user_ids = members(args.members)
+    client, user_ids = get_redis(), list(range(FIRST_USER, FIRST_USER + args.members))
     conversations = list(range(1, args.conversations + 1))
     load_members(client, user_ids, conversations)
     info0, start_at = common.redis_info(), time.time() + 0.5
@@ -94,108 +82,69 @@ def run_strategy(name: str, args) -> dict:
     info1 = common.redis_info()
     truth = {c: max(r["top"][c] for r in out) for c in conversations}
     total = {k: sum(r[k] for r in out) for k in ("updates", "retries", "wait_s", "busy", "cpu_s")}
+    n, commands = total["updates"], common.commands_total(info1) - common.commands_total(info0)
     return {
-        "updates": total["updates"], "updates_per_s": total["updates"] / args.seconds,
-        "retries": total["retries"], "lock_wait_s": total["wait_s"], "busy": total["busy"],
-        "client_cpu_s": total["cpu_s"],
-        "redis_commands": common.commands_total(info1) - common.commands_total(info0),
-        "redis_cpu_s": common.redis_cpu(info1) - common.redis_cpu(info0),
-        **drift(client, user_ids, truth),
+        "updates": n, "updates_per_s": n / args.seconds, "commands_per_update": commands / n,
+        "redis_cpu_pct": 100 * (common.redis_cpu(info1) - common.redis_cpu(info0)) / args.seconds,
+        "client_us_per_update": 1e6 * total["cpu_s"] / n, "retries": total["retries"],
+        "retries_per_1000": 1000 * total["retries"] / n, "lock_wait_s": total["wait_s"],
+        "busy": total["busy"], **drift(client, user_ids, truth),
     }  # fmt: skip
-
-
-def redis_target() -> list[str]:
-    url = urlparse(common.ENV["REDIS_URL"])
-    db = (url.path or "/0").lstrip("/") or "0"
-    return ["-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379), "--dbnum", db]
-
-
-def redis_benchmark(label: str, command: list[str], *, clients: int, pipeline: int, n: int):
-    """ops/s of one ``redis-benchmark`` run (its CSV output)."""
-    out = subprocess.run(
-        ["redis-benchmark", *redis_target(), "-c", str(clients), "-P", str(pipeline),
-         "-n", str(n), "-r", "1000000000000", "--csv", *command],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    rows = [r for r in csv.reader(io.StringIO(out)) if r and r[0] != "test"]
-    if not rows:
-        raise RuntimeError(f"redis-benchmark printed no result for {label}: {out!r}")
-    return float(rows[-1][1])
-
-
-def limit_commands() -> dict[str, list[str]]:
-    """INCR, and EVALSHA of the ``inc`` script on a loaded member hash with a random seq (the
-    script the ``lua`` strategy calls, one member and one conversation per call)."""
-    client = get_redis()
-    load_members(client, [BENCH_USER], [1])
-    sha = client.script_load(source("inc"))
-    return {
-        "INCR": ["INCR", "bench:incr"],
-        "EVALSHA inc": ["EVALSHA", sha, "1", keys.counters(BENCH_USER), "1", "__rand_int__"],
-    }
 
 
 LIMIT_SHAPES = [(50, 1), (50, 32)]  # (clients, pipeline) of redis-benchmark
 
 
 def run_limits(n: int) -> dict[str, float]:
-    return {
-        f"{label} -c {c} -P {p}": redis_benchmark(label, cmd, clients=c, pipeline=p, n=n * p)
-        for label, cmd in limit_commands().items()
-        for c, p in LIMIT_SHAPES
-    }
+    """ops/s of redis-benchmark (its CSV) on the same Redis: INCR, and EVALSHA of the ``inc``
+    script (the ``lua`` strategy's, one member and conversation a call) with a random seq."""
+    client, url = get_redis(), urlparse(common.ENV["REDIS_URL"])
+    load_members(client, [BENCH_USER], [1])
+    sha = client.script_load(source("inc"))
+    target = f"-h {url.hostname} -p {url.port or 6379} --dbnum {url.path.strip('/') or 0}"
+    inc = f"EVALSHA {sha} 1 {keys.counters(BENCH_USER)} 1 __rand_int__"
+    commands = {"INCR": "INCR bench:incr", "EVALSHA inc": inc}
+    out = {}
+    for (label, command), (c, p) in itertools.product(commands.items(), LIMIT_SHAPES):
+        argv = f"redis-benchmark {target} -c {c} -P {p} -n {n * p} -r 1000000000000 --csv {command}"
+        # its CSV: "test","rps",...; a row a command
+        out[f"{label} -c {c} -P {p}"] = float(common.run_tool(argv, r'^"[^"]+","([\d.]+)"'))
+    return out
+
+
+COLUMNS = {  # head: (a run's figure, format); "ratio" is updates/s over the limit's ops/s
+    "updates/s": ("updates_per_s", "{:,.0f}"), "ratio to the limit": ("ratio", "{:.3f}"),
+    "Redis commands / update": ("commands_per_update", "{:.1f}"),
+    "Redis CPU, % of a core": ("redis_cpu_pct", "{:.0f}"),
+    "client CPU µs / update": ("client_us_per_update", "{:.1f}"),
+    "retries or lock waits / 1,000 updates": ("retries_per_1000", "{:.1f}"),
+    "lock wait s": ("lock_wait_s", "{:.1f}"), "members left wrong": ("members_wrong", "{:.0f}"),
+    "badge drift (sum of errors)": ("badge_error", "{:,.0f}"),
+}  # fmt: skip
 
 
 def report(runs: list[dict], args, took: float) -> tuple[str, dict]:
     limit_key = f"EVALSHA inc -c {LIMIT_SHAPES[-1][0]} -P {LIMIT_SHAPES[-1][1]}"
     limits = {k: [r["limits"][k] for r in runs] for k in runs[0]["limits"]}
-    limit = common.median(limits[limit_key])
+    limit = common.median(limits[limit_key], limit_key)
     data: dict = {"args": vars(args), "limit_key": limit_key, "limits": limits, "strategies": {}}
     rows = []
     for name in args.strategies:
         rs = data["strategies"][name] = [r["strategies"][name] for r in runs]
-
-        def col(f, fmt: str, rs=rs) -> str:
-            return common.spread([f(r) for r in rs], fmt)
-
-        rows.append([
-            f"`{name}`", col(lambda r: r["updates_per_s"], "{:,.0f}"),
-            col(lambda r: r["updates_per_s"] / limit, "{:.3f}"),
-            col(lambda r: r["redis_commands"] / r["updates"], "{:.1f}"),
-            col(lambda r: 100 * r["redis_cpu_s"] / args.seconds, "{:.0f}"),
-            col(lambda r: 1e6 * r["client_cpu_s"] / r["updates"], "{:.1f}"),
-            col(lambda r: 1000 * r["retries"] / r["updates"], "{:.1f}"),
-            col(lambda r: r["lock_wait_s"], "{:.1f}"),
-            col(lambda r: r["members_wrong"], "{:.0f}") + f" of {args.members}",
-            col(lambda r: r["badge_error"], "{:,.0f}"),
-        ])  # fmt: skip
+        rs = [r | {"ratio": r["updates_per_s"] / limit} for r in rs]
+        rows.append([f"`{name}`", *(common.spread(f"{name}: {head}", [r[k] for r in rs], fmt)
+                                    for head, (k, fmt) in COLUMNS.items())])  # fmt: skip
     lines = common.header(
-        "Counter strategies under contention",
-        common.machine(),
-        f"Workload: {args.processes} processes count messages for the same {args.members} "
-        f"members in {args.conversations} conversations, {args.seconds:g} s a run; an update is "
-        f"one member's count of one message. Median (min..max) of {args.runs} runs, "
-        f"interleaved with redis-benchmark. Run took {took:.0f} s.",
-    )
-    lines += common.table(
-        ["strategy", "updates/s", "ratio to the limit", "Redis commands / update",
-         "Redis CPU, % of a core", "client CPU µs / update",
-         "retries (watch) or lock waits, per 1,000 updates", "lock wait s",
-         "members left wrong", "badge drift (sum of errors)"], rows,
+        "Counter strategies under contention", common.machine(),
+        f"{args.processes} processes count messages for the same {args.members} members in "
+        f"{args.conversations} conversations, {args.seconds:g} s a run (an update: one member's "
+        f"count of one message); median (min..max) of {args.runs} runs; {took:.0f} s in all.",
     )  # fmt: skip
-    shapes = [k.split(" -c ") for k in limits]
-    rows = [[f"{label}{' (the limit)' if f'{label} -c {rest}' == limit_key else ''}",
-             *rest.split(" -P "), common.spread(limits[f"{label} -c {rest}"], "{:,.0f}")]
-            for label, rest in shapes]  # fmt: skip
-    lines += ["", "`redis-benchmark` on the same Redis in the same run (the EVALSHA limit's random "
-              "seq mostly takes the script's no-op branch: an upper bound):", ""]  # fmt: skip
-    lines += common.table(["redis-benchmark", "clients", "pipeline", "ops/s"], rows)
-    rates = {
-        n: common.median([r["updates_per_s"] for r in rs]) for n, rs in data["strategies"].items()
-    }
-    over = [n for n, rate in rates.items() if rate > limit]
-    if over:
-        lines += ["", f"**Above the limit: {', '.join(over)}**: check the redis-benchmark shapes."]
+    lines += common.table(["strategy", *COLUMNS], rows)
+    rows = [[k + (" (the limit)" if k == limit_key else ""), common.spread(k, v, "{:,.0f}")]
+            for k, v in limits.items()]  # fmt: skip
+    note = "EVALSHA's random seq mostly takes the script's no-op branch: an upper bound."
+    lines += common.table(["redis-benchmark, same Redis, same run", "ops/s"], rows, "", note)
     return "\n".join(lines), data
 
 
@@ -208,14 +157,10 @@ def main() -> None:
         sys.exit(f"--strategies takes some of {', '.join(STRATEGIES)}")
     started, runs = time.monotonic(), []
     with common.section():
-        for i in range(args.runs):
-            run = {"strategies": {}}
-            for name in args.strategies:
-                run["strategies"][name] = run_strategy(name, args)
-                print(f"run {i + 1}/{args.runs} {name}: {run['strategies'][name]}", file=sys.stderr)
-            run["limits"] = run_limits(args.limit_requests)
-            print(f"run {i + 1}/{args.runs} limits: {run['limits']}", file=sys.stderr)
-            runs.append(run)
+        for i in range(args.runs):  # the strategies and the limits interleaved
+            runs.append({"strategies": {n: run_strategy(n, args) for n in args.strategies},
+                         "limits": run_limits(args.limit_requests)})  # fmt: skip
+            print(f"run {i + 1}/{args.runs}: {runs[-1]}", file=sys.stderr)
     markdown, data = report(runs, args, time.monotonic() - started)
     data["runs"] = runs
     common.write_results("strategies", markdown, data)

@@ -4,7 +4,9 @@ writes of one message to a big group, PostgreSQL writes per 1,000 acks."""
 
 import contextlib
 import datetime
+import itertools
 import json
+import statistics
 import sys
 import threading
 import time
@@ -25,14 +27,14 @@ from django.utils import timezone
 from counters.services import counters_reconcile
 from delivery.pipeline import delivery_drain
 from imcore import services
-from imcore.models import Conversation, Device, User
+from imcore.models import Device, User
 from offline import keys, store
 from offline.services import offline_flush_acks, offline_prepare_device, offline_record_messages
 
-# --quick: smoke sizes, one run each
-QUICK = "--runs 1 --catchup-messages 100 --sweep 25,50,100 --big-group 500"
+QUICK = "--runs 1 --catchup-messages 100 --sweep 25,50,100 --big-group 500"  # --quick: smoke sizes
 
 SQL_HEADER = "X-Bench-SQL"
+GUNICORN = "gunicorn bench.sync:counted_wsgi --bind 127.0.0.1:$IMCORE_PORT --workers 2 --threads 4"
 
 
 @contextlib.contextmanager
@@ -67,29 +69,15 @@ def counted_wsgi(environ, start_response):
 
 
 class Http(requests.Session):
-    """One keep-alive connection (a device's)."""
-
-    def __init__(self, port: int):
-        super().__init__()
-        self.base = f"http://127.0.0.1:{port}"
+    """One keep-alive connection (a device's); :meth:`call` returns the JSON, its size and the
+    server's SQL counts."""
 
     def call(self, method: str, path: str, token: str, payload=None) -> tuple[dict, int, Counter]:
         auth = {"Authorization": f"Bearer {token}"}
-        r = self.request(method, self.base + path, json=payload, headers=auth)
+        r = self.request(method, f"{self.base}{path}", json=payload, headers=auth)
         if r.status_code != 200:
             raise RuntimeError(f"{path} answered {r.status_code}: {r.text[:300]}")
         return r.json(), len(r.content), Counter(json.loads(r.headers[SQL_HEADER]))
-
-
-def send_messages(conversation_id: int, sender_ids: list[int], n: int, tag: str) -> None:
-    conversation = Conversation.objects.get(pk=conversation_id)
-    senders = [User.objects.get(pk=uid) for uid in sender_ids]
-    for i in range(n):
-        body = f"{tag} message {i}: " + "lorem ipsum dolor sit amet " * 2
-        sender, cmid = senders[i % len(senders)], f"{tag}-{conversation_id}-{i}"
-        services.message_send(
-            sender=sender, conversation=conversation, body=body, client_msg_id=cmid
-        )
 
 
 def sync_state(user_id: int) -> dict[str, int]:
@@ -100,34 +88,22 @@ def sync_state(user_id: int) -> dict[str, int]:
 def setup(args) -> dict:
     """Every user, conversation, message and device the measurements use."""
     common.reset_data()
-    out: dict = {}
-
     # 1. catch-up: one small group; its second member's device last synced after the join.
     ids = common.make_users(args.group_members, "catchup")
-    conversation, _ = services.conversation_create(
-        creator=User.objects.get(pk=ids[0]), kind="group", member_ids=ids, title="catch-up"
-    )
-    counters_reconcile(user_ids=ids)
-    reader = ids[1]
-    joined = sync_state(reader)["cur"]
-    others = [uid for uid in ids if uid != reader]
-    send_messages(conversation.pk, others, args.catchup_messages, "catchup")
+    conversation = common.make_group(ids, "catch-up")
+    reader, joined = ids[1], sync_state(ids[1])["cur"]
+    common.send_messages(conversation.pk, [ids[0], *ids[2:]], args.catchup_messages, "catchup")
     delivery_drain()
-    out["catchup"] = {
-        "device": common.make_devices([reader], acked_version=joined)[0],
-        "since": joined,
-        "state": sync_state(reader),
-    }
+    device = common.make_devices([reader], acked_version=joined)[0]
+    out = {"catchup": {"device": device, "since": joined, "state": sync_state(reader)}}
 
     # 2. gap: one user in N direct conversations, each with M messages from the other side;
     # more entries than OFFLINE_MAX_ENTRIES, so the floor is above 0 and since=0 is behind it.
     gap_user, *partners = common.make_users(args.gap_conversations + 1, "gap")
     user = User.objects.get(pk=gap_user)
     for partner in partners:
-        conversation, _ = services.conversation_create(
-            creator=user, kind="direct", member_ids=[partner]
-        )
-        send_messages(conversation.pk, [partner], args.gap_messages, "gap")
+        direct, _ = services.conversation_create(creator=user, kind="direct", member_ids=[partner])
+        common.send_messages(direct.pk, [partner], args.gap_messages, "gap")
     counters_reconcile(user_ids=[gap_user, *partners])
     delivery_drain()
     state = sync_state(gap_user)
@@ -137,34 +113,27 @@ def setup(args) -> dict:
 
     # 3 and 4. one big group (its members are loaded in Redis by their join entries).
     big = common.make_users(args.big_group, "big")
-    conversation, _ = services.conversation_create(
-        creator=User.objects.get(pk=big[0]), kind="group", member_ids=big, title="big"
-    )
+    conversation = common.make_group(big, "big", reconcile=False)
     out["big"] = {"conversation_id": conversation.pk, "members": big}
-    # Fresh devices for every run of every flush mode: never acked, last seen an hour ago.
-    sets = len(ack_intervals(args)) * args.runs
-    ack_users = big[1 : 1 + sets * args.ack_devices]
-    if len(ack_users) < sets * args.ack_devices:
+    # Fresh devices for every run of both flush modes: never acked, last seen an hour ago.
+    sets, n = 2 * args.runs, args.ack_devices
+    if args.big_group <= sets * n:
         raise RuntimeError("--big-group is too small for the ack runs")
     seen = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
-    devices = common.make_devices(ack_users, last_seen_at=seen)
-    out["ack"] = {
-        "devices": [devices[i * args.ack_devices : (i + 1) * args.ack_devices] for i in range(sets)]
-    }
+    devices = common.make_devices(big[1 : 1 + sets * n], last_seen_at=seen)
+    out["ack"] = {"devices": [devices[i * n : (i + 1) * n] for i in range(sets)]}
     return out
 
 
-def pull_until_done(http: Http, device: common.Device, since: int, limit: int) -> dict:
+def pull_until_done(http: Http, device: Device, since: int, limit: int) -> dict:
     """Pull pages until has_more is false; what it took."""
     trips, entries, nbytes, missing, sql, versions = 0, 0, 0, 0, Counter(), []
     gap, conversations, t0 = False, 0, time.perf_counter()
     while True:
-        page, size, count = http.call(
-            "GET", f"/api/v1/sync?since={since}&limit={limit}", device.token
-        )
-        trips, nbytes = trips + 1, nbytes + size
+        url = f"/api/v1/sync?since={since}&limit={limit}"
+        page, size, count = http.call("GET", url, device.token)
+        trips, nbytes, entries = trips + 1, nbytes + size, entries + len(page["entries"])
         sql.update(count)
-        entries += len(page["entries"])
         versions += [e["version"] for e in page["entries"]]
         missing += sum(1 for e in page["entries"] if e["type"] == "message" and not e["message"])
         if page["gap"]:
@@ -184,7 +153,6 @@ def run_pulls(http: Http, device, since: int, limit: int, mode: str, runs: int) 
     """``runs`` timed pulls after 2 untimed ones, each on a fresh connection, after dropping
     (cold) or preparing (prepared) the device's package, and marking the device seen (as its
     login would, so the pull sends no prepare task); the runs summarized."""
-
     results, prepares, prepared_as = [], [], set()
     for _ in range(2 + runs):
         package = [k(device.user_id, device.pk) for k in (keys.package, keys.snapshot)]
@@ -197,112 +165,84 @@ def run_pulls(http: Http, device, since: int, limit: int, mode: str, runs: int) 
         http.close()
         results.append(pull_until_done(http, device, since, limit))
     results, prepares = results[2:], prepares[2:]
-    keys_ = ("round_trips", "entries", "sql", "conversations")
-    same = {k: sorted({r[k] for r in results}) for k in keys_}
-    return same | {
+    kinds = ("round_trips", "entries", "sql", "conversations")
+    return {k: sorted({r[k] for r in results}) for k in kinds} | {
         "ms": [r["ms"] for r in results], "kb": common.median([r["kb"] for r in results]),
         "ok": all(r["ok"] for r in results), "gap": all(r["gap"] for r in results),
         "prepare_ms": prepares, "prepared_as": sorted(prepared_as), "mode": mode, "limit": limit,
     }  # fmt: skip
 
 
-def measure_pulls(http: Http, data: dict, since: int, limits: list[int], args) -> list[dict]:
-    """Pulls from ``since``, cold and prepared, at each page limit."""
-    n, out = data["state"]["cur"] - since, []
-    for mode in ("cold", "prepared"):
-        for limit in limits:
-            s = run_pulls(http, data["device"], since, limit, mode, args.runs)
-            out.append(s | {"expected_round_trips": -(-n // limit) if n else 1})
-            print(f"  since={since} {mode} limit={limit}: {common.spread(s['ms'])} ms", flush=True)
-    return out
-
-
-def measure_sweep(http: Http, data: dict, args) -> list[dict]:
-    """Cold catch-up from ``cur - n`` for each ``n`` of ``--sweep`` (the plot's points)."""
-    cur, out = data["state"]["cur"], []
-    for n in [n for n in args.sweep if n <= cur - data["since"]]:
-        s = run_pulls(http, data["device"], cur - n, settings.SYNC_PAGE_MAX, "cold", args.runs)
-        out.append(s | {"behind": n})
+def measure_pulls(http: Http, data: dict, since: list[int], limits, modes, runs: int) -> list:
+    """Pulls from each of ``since``, in each mode (cold, prepared), at each page limit."""
+    out, cur = [], data["state"]["cur"]
+    for mode, limit, start in [(m, x, s) for m in modes for x in limits for s in since]:
+        s, n = run_pulls(http, data["device"], start, limit, mode, runs), cur - start
+        out.append(s | {"behind": n, "expected_round_trips": -(-n // limit) or 1})
+        print(f"  since={start} {mode} limit={limit}: {common.median(s['ms']):.0f} ms", flush=True)
     return out
 
 
 def measure_entry_writes(data: dict, args) -> dict:
     """One message to the big group: its entries through the offline store, beside bumping a
-    PostgreSQL row per member (one statement, or one statement per row); ``timeit`` runs,
-    after one warm-up each."""
-
-    cid, members, n = data["conversation_id"], data["members"], len(data["members"])
-    data["seq"] = 0
+    PostgreSQL row per member (one statement, or one statement per row)."""
+    cid, members, n, top = data["conversation_id"], data["members"], len(data["members"]), [0]
 
     def record(messages: int = 1) -> None:
-        data["seq"] += messages
-        written = offline_record_messages([(u, [(cid, data["seq"], 0)]) for u in members])
+        top[0] += messages
+        written = offline_record_messages([(u, [(cid, top[0], 0)]) for u in members])
         assert sum(b - a + 1 for a, b in written.values()) == n * messages, written
 
-    def sql(statement: str, params=None, per_row: bool = False) -> None:
+    def sql(where: str, rows: list) -> None:
         with transaction.atomic(), connection.cursor() as cursor:
-            for p in [[u] for u in members] if per_row else [params]:
-                cursor.execute(statement, p)
+            for params in rows:
+                cursor.execute(
+                    f"UPDATE {table} SET latest = latest + 1 WHERE user_id {where}", params
+                )
                 cursor.fetchall()
 
-    table = "bench_sync_latest"
-    bump = f"UPDATE {table} SET latest = latest + 1 WHERE user_id"
+    table, pipelines = "bench_sync_latest", -(-n // store.PIPELINE_CHUNK)
     with connection.cursor() as cursor:
         cursor.execute(f"DROP TABLE IF EXISTS {table}")
         cursor.execute(f"CREATE TABLE {table} (user_id bigint PRIMARY KEY, latest bigint)")
         cursor.execute(f"INSERT INTO {table} SELECT u, 0 FROM unnest(%s::bigint[]) u", [members])
         cursor.execute(f"VACUUM ANALYZE {table}")
-    pipelines = -(-n // store.PIPELINE_CHUNK)
-    paths = [
+    paths = [  # (what, how, messages a call, round trips); a Timer interval's flush folds 10
         ("Redis: `offline_record_messages` (Lua append, pipelined)", record, 1,
          f"{pipelines + 1} (INFO + {pipelines} pipelines)"),
-        # the Aggregator's flush of one Timer interval holds 10 messages of the group
         ("Redis, 10 messages folded in one flush (per message)", lambda: record(10), 10,
          f"{pipelines + 1} per 10 messages"),
         ("PostgreSQL: 1 `UPDATE … WHERE user_id = ANY(%s) RETURNING` + commit",
-         lambda: sql(f"{bump} = ANY(%s) RETURNING latest", [members]), 1, "3"),
+         lambda: sql("= ANY(%s) RETURNING latest", [[members]]), 1, "3"),
         (f"PostgreSQL: {n:,} single-row `UPDATE … RETURNING` in 1 transaction",
-         lambda: sql(f"{bump} = %s RETURNING latest", per_row=True), 1, f"{n + 2:,}"),
+         lambda: sql("= %s RETURNING latest", [[u] for u in members]), 1, f"{n + 2:,}"),
     ]  # fmt: skip
     out = []
     try:
         for name, fn, k, trips in paths:
-            secs = [t / k for t in timeit.repeat(fn, number=1, repeat=args.runs + 1)[1:]]
-            ms, rate = [t * 1000 for t in secs], [n / t for t in secs]
-            out.append({"path": name, "ms": ms, "versions_per_s": rate, "round_trips": trips})
-            print(f"  {name}: {common.spread(ms)} ms", flush=True)
+            ms = [t * 1000 / k for t in timeit.repeat(fn, number=1, repeat=args.runs + 1)[1:]]
+            common.record(f"entry writes: {name} ms", ms)  # after one warm-up each
+            out.append({"path": name, "ms": ms, "versions_per_s": [n / t * 1000 for t in ms],
+                        "round_trips": trips})  # fmt: skip
+            print(f"  {name}: {common.median(ms):.1f} ms", flush=True)
     finally:
         with connection.cursor() as cursor:
             cursor.execute(f"DROP TABLE {table}")
+    data["seq"] = top[0]  # the acks' entries come after
     return {"members": n, "paths": out}
 
 
-def n_tup_upd(table: str) -> int:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_stat_force_next_flush()")
-        cursor.execute("SELECT pg_stat_clear_snapshot()")
-        cursor.execute("SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = %s", [table])
-        return int(cursor.fetchone()[0])
-
-
 def periodic_flush(stop: threading.Event, interval: float, count: Counter, calls: list[int]):
-    """What Celery beat does with ``offline.flush_acks``: flush every ``interval`` seconds."""
-
+    """What Celery beat does with ``offline.flush_acks``: flush every ``interval`` seconds (0:
+    never)."""
     try:
         with sql_counted() as mine:
-            while not stop.wait(interval):
+            while interval > 0 and not stop.wait(interval):
                 calls[0] += 1
                 offline_flush_acks()
         count.update(mine)
     finally:
         connection.close()
-
-
-def ack_intervals(args) -> list[float]:
-    """Flush modes of the ack runs: seconds between flushes while acks arrive (0: none)."""
-    if args.ack_flush_interval >= 0:
-        return [args.ack_flush_interval]
-    return [settings.SYNC_ACK_FLUSH_INTERVAL_S, 0.0]
 
 
 def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
@@ -313,38 +253,30 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
     cid, top = big["conversation_id"], big["seq"] + args.acks_per_device
     users = [d.user_id for devices in data["devices"] for d in devices]
     written = offline_record_messages([(uid, [(cid, top, 0)]) for uid in users])
-    table = Device._meta.db_table
-    stat0 = n_tup_upd(table)
-    runs = []
-    intervals = ack_intervals(args)
+    runs, intervals = [], [settings.SYNC_ACK_FLUSH_INTERVAL_S, 0]
     for i, devices in enumerate(data["devices"]):
         interval = intervals[i // args.runs]
         server, flushed, stop, calls = Counter(), Counter(), threading.Event(), [0]
         flusher = threading.Thread(target=periodic_flush, args=(stop, interval, flushed, calls))
-        if interval > 0:
-            flusher.start()
+        flusher.start()
         http.close()
         sent, t0 = 0, time.perf_counter()
         try:
-            for k in range(args.acks_per_device):
-                for d in devices:
-                    first, _ = written[d.user_id]
-                    ack = {"version": first + k}
-                    server.update(http.call("POST", "/api/v1/sync/ack", d.token, ack)[2])
-                    sent += 1
+            for k, d in itertools.product(range(args.acks_per_device), devices):
+                ack = {"version": written[d.user_id][0] + k}
+                server.update(http.call("POST", "/api/v1/sync/ack", d.token, ack)[2])
+                sent += 1
             http_s = time.perf_counter() - t0
         finally:
             stop.set()
-            if flusher.is_alive():
-                flusher.join()
+            flusher.join()
         with sql_counted() as last:
             calls[0] += 1
             offline_flush_acks()
         flushed.update(last)
         rows = Device.objects.filter(pk__in=[d.pk for d in devices])
-        acked = dict(rows.values_list("pk", "acked_version"))
-        last = args.acks_per_device - 1
-        wrong = sum(1 for d in devices if acked[d.pk] != written[d.user_id][0] + last)
+        acked, last = dict(rows.values_list("pk", "acked_version")), args.acks_per_device - 1
+        wrong = sum(acked[d.pk] != written[d.user_id][0] + last for d in devices)
         runs.append({
             "flush_interval_s": interval, "acks": sent, "http_ms": http_s * 1000,
             "flush_calls": calls[0], "ack_updates": flushed["updates"], "ack_rows": flushed["rows"],
@@ -353,129 +285,77 @@ def measure_acks(http: Http, data: dict, big: dict, args) -> dict:
             "server_queries": server["queries"], "wrong_acked_version": wrong,
         })  # fmt: skip
         print(f"  acks (flush every {interval:g} s): {flushed['updates']} UPDATEs", flush=True)
-    # pg_stat: the counts of the server's backends arrive within about a second of idling.
-    expected = sum(r["ack_rows"] + r["last_seen_rows"] for r in runs)
-    deadline, delta, previous = time.monotonic() + 15, 0, -1
-    while time.monotonic() < deadline:
-        delta = n_tup_upd(table) - stat0
-        if delta >= expected and delta == previous:
-            break
-        previous = delta
-        time.sleep(1)
-    return {"runs": runs, "pg_stat_n_tup_upd": delta}
+    return {"runs": runs}
 
 
 def one(values: list) -> str:
-    return " / ".join(str(v) for v in values)
+    return " / ".join(map(str, values))
 
 
 def checks(res: dict, args) -> list[str]:
-    """What did not come out as expected (empty: everything did)."""
-    problems = []
-    for s in res["catchup"]["results"]:
-        if s["entries"] != [res["catchup"]["entries_behind"]] or s["gap"]:
-            problems.append(f"catch-up {s['mode']} limit={s['limit']}: entries {one(s['entries'])}")
-        if s["round_trips"] != [s["expected_round_trips"]]:
-            problems.append(f"catch-up {s['mode']} limit={s['limit']}: {s['round_trips']} trips")
-    for s in res["gap"]["results"]:
-        if not s["gap"] or s["conversations"] != [args.gap_conversations]:
-            problems.append(f"gap {s['mode']}: {one(s['conversations'])} conversations")
-    for s in res["catchup"]["results"] + res["gap"]["results"]:
-        if not s["ok"]:
-            problems.append(f"{s['mode']} pull: a body missing, versions out of order, or short")
-        if s["mode"] == "prepared" and s["prepared_as"] != ["snapshot" if s["gap"] else "package"]:
-            problems.append(f"{s['mode']} pull: prepare_device made {s['prepared_as']}")
+    """The pulls and ack runs that did not come out as expected (empty: all did): entries,
+    round trips, snapshot conversations, order and bodies, what prepare_device made."""
+    behind = res["catchup"]["entries_behind"]
+    bad = [f"{'gap' if s['gap'] else 'catch-up'} {s['mode']} limit={s['limit']}"
+           for s in res["catchup"]["results"] + res["gap"]["results"]
+           if not s["ok"] or s["prepared_as"] not in ([], ["snapshot" if s["gap"] else "package"])
+           or (s["conversations"] != [args.gap_conversations] if s["gap"] else s["entries"]
+               != [behind] or s["round_trips"] != [s["expected_round_trips"]])]  # fmt: skip
     wrong = sum(r["wrong_acked_version"] for r in res["acks"]["runs"])
-    return problems + ([f"acks: {wrong} devices with a wrong acked_version"] if wrong else [])
+    return bad + ([f"acks: {wrong} devices with a wrong acked_version"] if wrong else [])
+
+
+ACK_COLUMNS = {"acks sent": "acks", "HTTP ms": "http_ms", "flushes run": "flush_calls",
+               "flush UPDATEs (acks + last seen)": "ack_updates", "rows they updated": "ack_rows",
+               "last_seen UPDATEs from the requests": "last_seen_updates",
+               "their rows": "last_seen_rows", "other UPDATEs": "other_server_updates",
+               "server SQL queries": "server_queries"}  # fmt: skip
 
 
 def tables(res: dict, args) -> list[str]:
     catchup, gap, w, a = res["catchup"], res["gap"], res["writes"], res["acks"]
 
-    def prep(s: dict) -> str:
-        return common.spread(s["prepare_ms"]) if s["prepare_ms"] else "-"
+    def ms(s: dict, key: str = "ms") -> str:
+        name = f"{'gap' if s['gap'] else 'catch-up'} {s['behind']} {s['mode']} {s['limit']} {key}"
+        return common.spread(name.replace("_ms", " ms"), s[key]) if s[key] else "-"
 
     rows = [
-        [s["mode"], s["limit"], f"{one(s['round_trips'])} ({s['expected_round_trips']})",
-         one(s["entries"]), common.spread(s["ms"]),
-         f"{common.median(s['ms']) / s['round_trips'][0]:.1f}", one(s["sql"]), f"{s['kb']:.0f}",
-         prep(s)]
-        for s in catchup["results"]
+        [f"{'gap' if s['gap'] else 'catch-up'}, {s['mode']}", s["limit"],
+         one(s["round_trips"]) + ("" if s["gap"] else f" ({s['expected_round_trips']})"),
+         f"{one(s['conversations'])} conversations" if s["gap"] else one(s["entries"]), ms(s),
+         one(s["sql"]), f"{s['kb']:.0f}", ms(s, "prepare_ms")]
+        for s in catchup["results"] + gap["results"]
     ]  # fmt: skip
-    lines = [
-        f"### 1. Catch-up: a device {catchup['entries_behind']:,} entries behind "
-        f"({args.catchup_messages:,} messages to a group of {args.group_members})",
-        "",
-        *common.table(["package", "limit", "round trips (expected)", "entries", "total ms",
-                       "ms / round trip", "server SQL queries", "response KB", "prepare ms"], rows),
-        "",
-        "Cold, against entries behind: "
-        + ", ".join(f"{s['behind']:,}: {common.spread(s['ms'])} ms" for s in res["sweep"]) + ".",
-        "",
-        f"### 2. Gap: since=0 behind the floor ({gap['state']['floor']:,}; latest "
-        f"{gap['state']['cur']:,}), {args.gap_conversations} conversations x "
-        f"{args.gap_messages} messages",
-        "",
-    ]  # fmt: skip
-    rows = [
-        [s["mode"], one(s["round_trips"]), one(s["conversations"]), common.spread(s["ms"]),
-         one(s["sql"]), f"{s['kb']:.0f}", prep(s)]
-        for s in gap["results"]
-    ]  # fmt: skip
-    lines += common.table(["snapshot", "round trips", "conversations", "total ms",
-                           "server SQL queries", "response KB", "prepare ms"], rows)  # fmt: skip
-    rows = [
-        [p["path"], common.spread(p["ms"]), f"{common.median(p['versions_per_s']):,.0f}",
-         p["round_trips"]]
-        for p in w["paths"]
-    ]  # fmt: skip
-    lines += [
-        "",
-        f"### 3. Versions for one message to a {w['members']:,}-member group",
-        "",
-        *common.table(["path", "ms / message", "versions (entries) / s",
-                       "round trips to the store"], rows),
-        "",
-        f"### 4. PostgreSQL writes per {a['runs'][0]['acks']:,} acks ({args.ack_devices} devices x "
-        f"{args.acks_per_device} acks over HTTP, round-robin; fresh devices each run)",
-        "",
-    ]  # fmt: skip
+    lines = common.table(
+        ["pull, package", "limit", "round trips (expected)", "entries", "total ms",
+         "server SQL queries", "response KB", "prepare ms"], rows,
+        f"1. Catch-up ({catchup['entries_behind']:,} entries behind) and gap (since=0 behind the "
+        f"floor {gap['state']['floor']:,})", "Cold, against entries behind: "
+        + ", ".join(f"{s['behind']:,}: {ms(s)} ms" for s in res["sweep"]) + ".",
+    )  # fmt: skip
+    rows = [[p["path"], common.spread(f"entry writes: {p['path']} ms", p["ms"]),
+             f"{common.median(p['versions_per_s']):,.0f}", p["round_trips"]]
+            for p in w["paths"]]  # fmt: skip
+    head = ["path", "ms / message", "versions / s", "round trips to the store"]
+    lines += common.table(head, rows, f"2. Versions for one message to {w['members']:,} members")
     rows = []
     for interval in dict.fromkeys(r["flush_interval_s"] for r in a["runs"]):
         mine = [r for r in a["runs"] if r["flush_interval_s"] == interval]
-        col = lambda k, mine=mine: common.spread([r[k] for r in mine], "{:.0f}")  # noqa: E731
-        rows.append([
-            f"every {interval:g} s (as beat) + once after" if interval else "once, after the last",
-            col("acks"), common.spread([r["http_ms"] / 1000 for r in mine], "{:.2f}"),
-            col("flush_calls"), col("ack_updates"), col("ack_rows"),
-            f"{col('last_seen_updates')} ({col('last_seen_rows')})", col("other_server_updates"),
-            col("server_queries"),
-        ])  # fmt: skip
-    lines += common.table(["ack flush", "acks sent", "HTTP s", "flushes run",
-                           "flush UPDATE statements (acks + last seen)", "rows they updated",
-                           "UPDATEs from the requests (rows)", "other UPDATEs",
-                           "server SQL queries"], rows)  # fmt: skip
+        cells = (common.spread(f"acks {interval:g} s {k}", [r[k] for r in mine], "{:.0f}")
+                 for k in ACK_COLUMNS.values())  # fmt: skip
+        rows.append([f"every {interval:g} s, + once after" if interval else "once, after", *cells])
     problems = checks(res, args)
-    lines += [
-        "",
-        f"pg_stat_user_tables.n_tup_upd of imcore_device over the runs: "
-        f"{a['pg_stat_n_tup_upd']:,} (counted: "
-        f"{sum(r['ack_rows'] + r['last_seen_rows'] for r in a['runs']):,}).",
-        "",
-        "Checks: " + ("; ".join(problems) if problems else "all passed (entries, round trips, "
-        "order, bodies, snapshots, acked versions)."),
-        "",
-        f"Settings: SYNC_PAGE_MAX {settings.SYNC_PAGE_MAX}, OFFLINE_MAX_ENTRIES "
-        f"{settings.OFFLINE_MAX_ENTRIES}, SYNC_ACK_FLUSH_INTERVAL_S "
-        f"{settings.SYNC_ACK_FLUSH_INTERVAL_S}.",
-    ]  # fmt: skip
-    return lines
+    return lines + common.table(
+        ["ack flush", *ACK_COLUMNS], rows, f"3. PostgreSQL writes per {a['runs'][0]['acks']:,} "
+        f"acks ({args.ack_devices} devices x {args.acks_per_device} acks over HTTP, fresh devices "
+        "each run)", "Checks: " + ("; ".join(problems) if problems else "all passed."),
+    )  # fmt: skip
 
 
 def plot(sweep: list[dict]) -> str:
     fig, (ax,) = common.figure("sync", "Catch-up: one device pulls until has_more is false")
     xs = [s["behind"] for s in sweep]
-    ax.plot(xs, [common.median(s["ms"]) for s in sweep], marker="o", label="cold, median")
+    ax.plot(xs, [statistics.median(s["ms"]) for s in sweep], marker="o", label="cold, median")
     ax.fill_between(xs, [min(s["ms"]) for s in sweep], [max(s["ms"]) for s in sweep], alpha=0.2)
     ax.set(xlabel="entries behind (count)", ylabel="catch-up time (ms)", ylim=(0, None))
     return common.save_figure(fig, "sync")
@@ -486,36 +366,25 @@ def main() -> None:
         __doc__, QUICK, runs=(5, "timed runs of each measurement"), catchup_messages=1000,
         sweep=([100, 250, 500, 1000], "entries behind, plotted"), group_members=4,
         gap_conversations=50, gap_messages=(20, "per gap conversation"), big_group=5000,
-        ack_devices=100, acks_per_device=10,
-        ack_flush_interval=(-1.0, "seconds between ack flushes while acks arrive (0: one flush "
-                            "after the last ack; -1: both SYNC_ACK_FLUSH_INTERVAL_S and 0)"),
-    )  # fmt: skip
+        ack_devices=100, acks_per_device=10)  # fmt: skip
     with common.section():
-        print("setting up…", flush=True)
-        data = setup(args)
+        data, res = setup(args), {}
         connection.close()  # not held open across the server's start
-        server = common.server(
-            "{python} -m gunicorn bench.sync:counted_wsgi --bind 127.0.0.1:{port} --workers 2 "
-            "--threads 4 --log-level warning"
-        )
-        http, res = Http(server.port), {}
-        try:
-            machine = common.machine()
-            n = data["catchup"]["state"]["cur"] - data["catchup"]["since"]
-            limits = [settings.SYNC_PAGE_MAX, 200]
-            catchup = measure_pulls(http, data["catchup"], data["catchup"]["since"], limits, args)
+        with common.stack({"server": f"{GUNICORN} --log-level warning"}) as server:
+            http, machine = Http(), common.machine()
+            http.base = f"http://127.0.0.1:{server.port}"
+            c, page, both = data["catchup"], settings.SYNC_PAGE_MAX, ("cold", "prepared")
+            n = c["state"]["cur"] - c["since"]
+            catchup = measure_pulls(http, c, [c["since"]], [page, 200], both, args.runs)
             res["catchup"] = {"entries_behind": n, "results": catchup}
-            res["sweep"] = measure_sweep(http, data["catchup"], args)
-            gap = measure_pulls(http, data["gap"], 0, [settings.SYNC_PAGE_MAX], args)
+            behind = [c["state"]["cur"] - b for b in args.sweep if b <= n]
+            res["sweep"] = measure_pulls(http, c, behind, [page], ["cold"], args.runs)
+            gap = measure_pulls(http, data["gap"], [0], [page], both, args.runs)
             res["gap"] = {"state": data["gap"]["state"], "results": gap}
             res["writes"] = measure_entry_writes(data["big"], args)
             res["acks"] = measure_acks(http, data["ack"], data["big"], args)
-        finally:
-            http.close()
-            server.stop()
-    server = "Server: gunicorn `bench.sync:counted_wsgi`, 2 workers x 4 threads."
-    lines = common.header("Sync benchmark", machine, server, f"Figures: median of {args.runs}.")
-    lines += [*tables(res, args), "", plot(res["sweep"])]
+    lines = common.header("Sync", machine, f"`{GUNICORN}`; median (min..max) of {args.runs}.")
+    lines += [*tables(res, args), plot(res["sweep"])]
     common.write_results("sync", "\n".join(lines), {"args": vars(args), **res})
 
 
