@@ -14,6 +14,9 @@ from imcore.apis import BIGINT_MAX, Body, Out, integral, responses
 from . import services
 
 _ENCODER = NinjaJSONEncoder()
+# Datetimes through _ENCODER (the API's format); a key that is not a string written as one, as
+# json.dumps would.
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS
 
 router = Router(tags=["sync"])
 
@@ -146,7 +149,7 @@ def rendered(answer: dict) -> HttpResponse:
         if name in answer:
             answer[name] = _without_none(answer[name])
     return HttpResponse(
-        orjson.dumps(answer, default=_ENCODER.default, option=orjson.OPT_PASSTHROUGH_DATETIME),
+        orjson.dumps(answer, default=_ENCODER.default, option=_ORJSON_OPTIONS),
         content_type="application/json; charset=utf-8",
     )
 
