@@ -4,6 +4,7 @@ messages for the same members, seqs interleaved so the truth is known), beside
 
 import itertools
 import multiprocessing
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,6 @@ from counters.strategies import CountersBusy
 from counters.transitions import MembershipRow
 
 QUICK = "--runs 1 --seconds 1 --limit-requests 20000"  # --quick: smoke sizes, one run each
-
 FORK = multiprocessing.get_context("fork")
 STRATEGIES = ["lua", "watch", "lock", "naive"]
 FIRST_USER = 900_000  # member ids of the benchmark's group, away from any real user
@@ -77,8 +77,11 @@ def run_strategy(name: str, args) -> dict:
     conversations = list(range(1, args.conversations + 1))
     load_members(client, user_ids, conversations)
     info0, start_at = common.redis_info(), time.time() + 0.5
-    with FORK.Pool(args.processes) as pool:
+    # close, join: a terminate can kill a worker holding the queue's lock (make bench hung).
+    with FORK.Pool(args.processes, signal.signal, (signal.SIGTERM, signal.SIG_DFL)) as pool:
         out = pool.starmap(worker, [(p, name, args, start_at) for p in range(args.processes)])
+        pool.close()
+        pool.join()
     info1 = common.redis_info()
     truth = {c: max(r["top"][c] for r in out) for c in conversations}
     total = {k: sum(r[k] for r in out) for k in ("updates", "retries", "wait_s", "busy", "cpu_s")}
@@ -107,7 +110,6 @@ def run_limits(n: int) -> dict[str, float]:
     out = {}
     for (label, command), (c, p) in itertools.product(commands.items(), LIMIT_SHAPES):
         argv = f"redis-benchmark {target} -c {c} -P {p} -n {n * p} -r 1000000000000 --csv {command}"
-        # its CSV: "test","rps",...; a row a command
         out[f"{label} -c {c} -P {p}"] = float(common.run_tool(argv, r'^"[^"]+","([\d.]+)"'))
     return out
 
