@@ -255,19 +255,16 @@ def delivery_read_moved(
     conversation_id: int,
     seq: int,
     last_seq: int,
-    push_devices: list[int] | None = None,
+    push_devices: list[int],
 ) -> tuple[int, int]:
     """A committed mark-read: the counters move at once, the user's other devices get a
     ``read`` entry and a silent badge push (to ``push_devices``, the user's devices with a
-    pushkey, when the caller read them already). Returns ``(unread, badge)``."""
+    pushkey, read with the mark-read). Returns ``(unread, badge)``."""
     counts = counters_mark_read(
         user_id=user_id, conversation_id=conversation_id, read_seq=seq, last_seq=last_seq
     )
     offline_record_read(user_id=user_id, conversation_id=conversation_id, seq=seq)
-    if push_devices is None:
-        push_badge_changed(user_ids=[user_id], alert=False)
-    else:
-        push_devices_badge_changed(devices=[(pk, user_id) for pk in push_devices], alert=False)
+    push_devices_badge_changed(devices=[(pk, user_id) for pk in push_devices], alert=False)
     return counts
 
 

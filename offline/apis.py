@@ -172,7 +172,7 @@ def _entry_without_none(entry: dict) -> dict:
         return _without_none(entry)
     message = entry.get("message")
     if message is not None and None in message.values():
-        return {**entry, "message": {k: v for k, v in message.items() if v is not None}}
+        return {**entry, "message": _without_none(message)}
     return entry
 
 

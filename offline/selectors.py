@@ -1,9 +1,9 @@
 """Reads of the offline app: entries as devices receive them, and the gap snapshot."""
 
 import json
+from collections import namedtuple
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import NamedTuple
 
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
@@ -60,22 +60,13 @@ def channel_message_out(conversation_id: int, seq: int) -> dict | None:
     return message_out(message) if message is not None else None
 
 
-class MessageRow(NamedTuple):
-    """A message row as :func:`message_out` reads it: the attribute names of
-    :class:`~imcore.models.Message`, the times already in the API's format."""
-
-    id: int
-    conversation_id: int
-    seq: int
-    sender_id: int
-    body: str
-    client_msg_id: str
-    created_at: str
-    mentions: list[int]
-    mention_all: bool
-    deleted: bool
-    edit_count: int
-    edited_at: str | None
+# A message row as :func:`message_out` reads it: the attribute names of
+# :class:`~imcore.models.Message`, the times already in the API's format.
+MessageRow = namedtuple(
+    "MessageRow",
+    "id conversation_id seq sender_id body client_msg_id created_at mentions mention_all "
+    "deleted edit_count edited_at",
+)
 
 
 def _sql_api_time(column: str) -> str:

@@ -15,6 +15,13 @@ DROPPED = {  # index: its columns, to build it again on the way back
 }
 
 
+FOREIGN_KEYS = [  # (model, field, on_delete, to): the same keys, without an index of their own
+    ("membership", "user", django.db.models.deletion.CASCADE, settings.AUTH_USER_MODEL),
+    ("message", "conversation", django.db.models.deletion.CASCADE, "imcore.conversation"),
+    ("message", "sender", django.db.models.deletion.PROTECT, settings.AUTH_USER_MODEL),
+]
+
+
 class Migration(migrations.Migration):
     dependencies = [
         ("imcore", "0007_message_recall_edit"),
@@ -31,33 +38,14 @@ class Migration(migrations.Migration):
             ],
             state_operations=[
                 migrations.RemoveIndex(model_name="membership", name="membership_user_idx"),
+            ]
+            + [
                 migrations.AlterField(
-                    model_name="membership",
-                    name="user",
-                    field=models.ForeignKey(
-                        db_index=False,
-                        on_delete=django.db.models.deletion.CASCADE,
-                        to=settings.AUTH_USER_MODEL,
-                    ),
-                ),
-                migrations.AlterField(
-                    model_name="message",
-                    name="conversation",
-                    field=models.ForeignKey(
-                        db_index=False,
-                        on_delete=django.db.models.deletion.CASCADE,
-                        to="imcore.conversation",
-                    ),
-                ),
-                migrations.AlterField(
-                    model_name="message",
-                    name="sender",
-                    field=models.ForeignKey(
-                        db_index=False,
-                        on_delete=django.db.models.deletion.PROTECT,
-                        to=settings.AUTH_USER_MODEL,
-                    ),
-                ),
+                    model_name=model,
+                    name=name,
+                    field=models.ForeignKey(db_index=False, on_delete=on_delete, to=to),
+                )
+                for model, name, on_delete, to in FOREIGN_KEYS
             ],
         )
     ]
