@@ -388,8 +388,8 @@ def header(title: str, machine_text: str, *notes: str) -> list[str]:
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    changed = git("status", "--porcelain", "-uno", "--", ".", ":(exclude)bench").splitlines()
-    local = f", with local changes to {', '.join(c[3:] for c in changed)}" if changed else ""
+    changed = git("diff", "HEAD", "--name-only", "--", ".", ":(exclude)bench").splitlines()
+    local = f", with local changes to {', '.join(changed)}" if changed else ""
     when = f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {socket.gethostname()}"
     code = f"Code: {git('rev-parse', '--short', 'HEAD') or 'not a git checkout'}{local}."
     return [f"# {title}, {when}", "", f"Machine: {machine_text}. {code}", *notes, ""]
