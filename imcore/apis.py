@@ -12,8 +12,7 @@ from django.contrib.auth.password_validation import (
 from ninja import Field, Path, Query, Router, Status
 from pydantic import BaseModel, BeforeValidator, ConfigDict, field_validator
 
-from counters.selectors import counters_get
-from offline.selectors import badge_version, device_list
+from offline.selectors import device_list, unread_with_version
 
 from . import ratelimit, selectors, services
 from .models import Conversation
@@ -715,8 +714,7 @@ class UnreadOut(Out):
 @router.get("/unread", tags=["counters"], **responses({200: UnreadOut}, errors=(401,)))
 def unread_get_api(request):
     """My badge and the unread count of each of my conversations."""
-    version = badge_version(request.auth.user.pk)
-    counts = counters_get(user_id=request.auth.user.pk)
+    counts, version = unread_with_version(request.auth.user.pk)
     return {
         "badge": counts.badge,
         "badge_version": version,

@@ -11,6 +11,7 @@ from django.db import connection
 
 from counters import keys as counter_keys
 from counters.selectors import (
+    UnreadCounts,
     channel_conversations,
     counters_channel_states,
     counters_get,
@@ -144,6 +145,13 @@ def badge_version(user_id: int) -> int:
     before the badge is, so the badge reflects every change up to it. Versions only grow, so
     a client that keeps the badge with the highest version never goes back to an older one."""
     return store.current_version(user_id)
+
+
+def unread_with_version(user_id: int) -> tuple[UnreadCounts, int]:
+    """The user's counters and their ``badge_version`` (read just before them), the two in one
+    Redis round trip; the hash is rebuilt from PostgreSQL when Redis does not hold it."""
+    version, fields = store.version_and_counters(user_id)
+    return counts_with_channels(counter_fields(user_id, fields)), version
 
 
 def sync_badge(user_id: int, fields: dict[str, str] | None) -> int:

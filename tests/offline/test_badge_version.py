@@ -72,3 +72,26 @@ def test_the_badge_version_never_goes_down(gateway, make_member, second_device):
     final = alice.get("/unread").json()
     assert final["badge_version"] >= versions[-1]
     assert final["badge"] == counters_truth(user_id=alice.id).badge
+
+
+def test_unread_reads_its_version_and_counters_in_one_round_trip(make_member, monkeypatch):
+    """``GET /unread`` after the token's GET: one Redis round trip for the badge version and
+    the counter hash (the version first in it). With the sync state gone from Redis, the
+    version is loaded and the hash read again after it: the answer is still the truth."""
+    from offline import keys as offline_keys
+    from offline.store import client
+    from tests.imcore.test_send_statement import RoundTrips
+
+    alice, bob = make_member("alice"), make_member("bob")
+    cid = group(bob, alice)
+    bob.send(cid, "one", client_msg_id="rt-1")
+    delivery_drain()
+    assert alice.get("/unread").status_code == 200  # token cached
+    trips = RoundTrips(monkeypatch)
+    answer = alice.get("/unread").json()
+    assert trips.count == 2
+    assert (answer["badge"], answer["conversations"]) == (1, {str(cid): 1})
+    client().delete(offline_keys.state(alice.id))
+    again = alice.get("/unread").json()
+    assert again["badge_version"] >= answer["badge_version"]
+    assert (again["badge"], again["conversations"]) == (1, {str(cid): 1})
