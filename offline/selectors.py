@@ -97,8 +97,11 @@ def messages_by_seq(pairs: Iterable[tuple[int, int]]) -> dict[tuple[int, int], M
     pairs = list(pairs)
     if not pairs:
         return {}
+    # The two arrays as PostgreSQL's text form: psycopg dumps a list of ints item by item in
+    # Python, 2.5x the client CPU of the query for 100 pairs.
+    cids, seqs = ("{" + ",".join(map(str, column)) + "}" for column in zip(*pairs, strict=True))
     with connection.cursor() as cursor:
-        cursor.execute(_MESSAGES_BY_SEQ, [[c for c, _ in pairs], [s for _, s in pairs]])
+        cursor.execute(_MESSAGES_BY_SEQ, [cids, seqs])
         rows = cursor.fetchall()
     return {(row[1], row[2]): MessageRow(*row) for row in rows}
 
