@@ -351,25 +351,22 @@ def latest_version(user_id: int) -> int:
 def current_version(user_id: int) -> int:
     """VERSION-LATEST of a user in one HMGET when Redis holds the user's sync state (else as
     :func:`latest_version`, which loads it): the version a badge read next carries."""
-    version = _held_version(user_id, *client().hmget(keys.state(user_id), "rid", "cur"))
-    return latest_version(user_id) if version is None else version
+    return version_and_counters(user_id, counters=False)[0]
 
 
-def version_and_counters(user_id: int) -> tuple[int, dict | None]:
-    """:func:`current_version` and then the user's counter hash, in one round trip (same
-    slot): the hash is read after the version, so the badge in it reflects every change up
-    to that version. The hash is None when the version had to be loaded: read it after."""
+def version_and_counters(user_id: int, counters: bool = True) -> tuple[int, dict | None]:
+    """:func:`current_version` and then the user's counter hash (None without ``counters``), in
+    one round trip (same slot): the hash is read after the version, so the badge in it
+    reflects every change up to that version."""
     pipe = client().pipeline(transaction=False)
     pipe.hmget(keys.state(user_id), "rid", "cur")
-    pipe.hgetall(counter_keys.counters(user_id))
-    (rid, cur), fields = pipe.execute()
-    version = _held_version(user_id, rid, cur)
-    return (latest_version(user_id), None) if version is None else (version, fields)
-
-
-def _held_version(user_id: int, rid: str | None, cur: str | None) -> int | None:
-    """The latest version Redis holds for the user, if it holds it under this run of Redis."""
-    return int(cur) if cur is not None and rid == redis_run_ids([user_id])[user_id] else None
+    if counters:
+        pipe.hgetall(counter_keys.counters(user_id))
+    (rid, cur), *fields = pipe.execute()
+    if cur is not None and rid == redis_run_ids([user_id])[user_id]:
+        return int(cur), fields[0] if counters else None
+    version = latest_version(user_id)  # loaded now, after the hash was read: read it again
+    return version, client().hgetall(counter_keys.counters(user_id)) if counters else None
 
 
 def peek_latest(user_ids: Iterable[int]) -> dict[int, int | None]:
