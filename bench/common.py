@@ -190,8 +190,10 @@ class stack:  # a class used as a function: ``with common.stack(entries) as runn
     ``$IMCORE_PORT``, from the ``with`` until its end, ready once they answer (then ``settle``
     s); :meth:`cpu` and :meth:`rss` cover its programs (psutil), honcho left out."""
 
-    def __init__(self, entries: dict[str, str], http: bool = True, settle: float = 0, **env):
-        self.entries, self.http, self.settle, self.env = entries, http, settle, env
+    def __init__(
+        self, entries: dict[str, str], http: bool = True, settle: float = 0, root=ROOT, **env
+    ):
+        self.entries, self.http, self.settle, self.env, self.root = entries, http, settle, env, root
         self.port, self.names = free_port(), list(entries)
 
     def __enter__(self) -> "stack":
@@ -204,7 +206,8 @@ class stack:  # a class used as a function: ``with common.stack(entries) as runn
         path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
         env = self.env | {"IMCORE_HOST": "127.0.0.1", "IMCORE_PORT": self.port, "PATH": path}
         self.proc = psutil.Popen(
-            [sys.executable, "bin/stack.py", "--no-colour", "-f", self.procfile.name], cwd=ROOT,
+            [sys.executable, "bin/stack.py", "--no-colour", "-f", self.procfile.name],
+            cwd=self.root,
             env={**os.environ, **ENV, **{k: str(v) for k, v in env.items()}},
             start_new_session=True, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -264,9 +267,9 @@ class stack:  # a class used as a function: ``with common.stack(entries) as runn
         return self.output
 
 
-def procfile(*names: str) -> dict[str, str]:
+def procfile(*names: str, root: Path = ROOT) -> dict[str, str]:
     """The Procfile's entries ``names``, read by honcho's parser."""
-    entries = parse_procfile((ROOT / "Procfile").read_text()).processes
+    entries = parse_procfile((root / "Procfile").read_text()).processes
     return {name: entries[name] for name in names}
 
 

@@ -1,9 +1,12 @@
 """``make bench-send``: the hot API calls over real HTTP (wrk, a Lua script giving each client
-its token), the server before issue 14 (``asgi``) beside the Procfile's web front
-(``procfile``), CPU per request by process (psutil), against pgbench single-row INSERTs."""
+its token), side by side: the code and server from before issue 14 (``before``), today's code
+on that server (``asgi``) and the Procfile's web front (``procfile``); CPU per request by
+process (psutil), against pgbench single-row INSERTs."""
 
+import contextlib
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +35,24 @@ CALLS = {"send": "POST …/messages", "unread": "GET /unread", "read": "POST …
          "conversations": "GET /conversations", "sync": "GET /sync (100 entries)"}  # fmt: skip
 SWEPT = ("send", "unread")  # measured at every client count; the others at --at
 ASGI = f"{common.UVICORN} --workers 2"
+# The last commit before issue 14's first change: its code, served as its Procfile served it
+# (uvicorn, 2 workers, the access log), from a git worktree, with today's libraries.
+BEFORE = "c6741c692fc2a879029322b215114ad0836cf826"
+
+
+@contextlib.contextmanager
+def before_tree():
+    """A worktree of :data:`BEFORE` (None where the clone does not hold it), removed after."""
+    git = ["git", "-C", str(common.ROOT)]
+    with tempfile.TemporaryDirectory(prefix="imcore-before-") as tmp:
+        tree = Path(tmp) / "tree"
+        added = subprocess.run([*git, "worktree", "add", "--detach", str(tree), BEFORE],
+                               capture_output=True).returncode == 0  # fmt: skip
+        try:
+            yield tree if added else None
+        finally:
+            if added:
+                subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=False)
 
 
 def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
@@ -134,11 +155,18 @@ def run(args) -> dict:
         cursor.execute("SELECT pg_backend_pid()")
         pm = common.psutil.Process(cursor.fetchone()[0]).parent()
     known = {"asgi": {"web": ASGI}, "procfile": common.procfile("web", "app", "ws")}
-    results: dict[str, list[dict]] = {name: [] for name in args.configs}
+    results: dict[str, list[dict]] = {}
     pg: dict[str, float] = {}
-    with common.stack(common.procfile("worker", "beat"), http=False) as celery:
-        for name in args.configs:
-            with common.stack(known[name], settle=2) as web:
+    celery_stack = common.stack(common.procfile("worker", "beat"), http=False)
+    with celery_stack as celery, before_tree() as old:
+        if old is not None:
+            known["before"] = common.procfile("web", root=old)
+        elif "before" in args.configs:
+            print(f"  before: commit {BEFORE[:7]} is not in this clone; left out", flush=True)
+        for name in [c for c in args.configs if c in known]:
+            results[name] = []
+            root = old if name == "before" else common.ROOT
+            with common.stack(known[name], settle=2, root=root) as web:
                 postgres = lambda: common.cpu_of(pm, *pm.children(recursive=True))  # noqa: E731
                 procs = {"web": web.cpu, "postgres": postgres, "celery": celery.cpu}
                 for call in CALLS:
@@ -149,7 +177,7 @@ def run(args) -> dict:
                         print(f"  {name} {call} {n}: {row['rate']:.0f}/s", flush=True)
                         if call == "send" and n == args.at:
                             pg[name] = pgbench_insert(n, args.seconds)
-    configs = {k: known[k] for k in args.configs}
+    configs = {k: known[k] for k in results}
     return {"machine": machine, "configs": configs, "per_send": counts, "results": results,
             "pgbench_insert": pg}  # fmt: skip
 
@@ -158,7 +186,9 @@ def markdown(args, report: dict, plot: str) -> str:
     lines = common.header(
         "Hot API calls over HTTP", report["machine"],
         f"wrk, a thread and a keep-alive connection per client, {args.seconds:g} s after "
-        f"{args.warmup:g} s of warm-up. `asgi`: `{ASGI}`; `procfile`: the Procfile's web, app, ws.",
+        f"{args.warmup:g} s of warm-up. `before`: commit {BEFORE[:7]} (before issue 14) with its "
+        f"Procfile's web; `asgi`: today's code on `{ASGI}`; `procfile`: the Procfile's web, app, "
+        "ws.",
     )  # fmt: skip
     rows = []
     for name, results in report["results"].items():
@@ -197,7 +227,7 @@ def plot(args, report: dict) -> str:
 
 def main() -> None:
     args = common.parse(
-        __doc__, QUICK, configs=["asgi", "procfile"], clients=[1, 4, 16, 64],
+        __doc__, QUICK, configs=["before", "asgi", "procfile"], clients=[1, 4, 16, 64],
         at=(16, "clients of the other calls"), seconds=8.0, warmup=2.0, members=10,
     )  # fmt: skip
     args.clients = sorted({*args.clients, args.at})

@@ -31,6 +31,17 @@ class DeviceTokenAuth(HttpBearer):
     sync calls read the device's sync state (last seen, acked version) from PostgreSQL only
     when they need it."""
 
+    def __call__(self, request):
+        """:class:`HttpBearer`'s, reading the header from ``request.META`` rather than building
+        ``request.headers`` from every header of the request first."""
+        value = request.META.get("HTTP_AUTHORIZATION")
+        if not value:
+            return None
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != self.openapi_scheme:
+            return None
+        return self.authenticate(request, token)
+
     def authenticate(self, request, token):
         device = device_authenticate_cached(token=token)
         if device is None or not device.user.is_active:
