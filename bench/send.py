@@ -155,28 +155,35 @@ def run(args) -> dict:
         cursor.execute("SELECT pg_backend_pid()")
         pm = common.psutil.Process(cursor.fetchone()[0]).parent()
     known = {"asgi": {"web": ASGI}, "procfile": common.procfile("web", "app", "ws")}
-    results: dict[str, list[dict]] = {}
     pg: dict[str, float] = {}
-    celery_stack = common.stack(common.procfile("worker", "beat"), http=False)
-    with celery_stack as celery, before_tree() as old:
+    postgres = lambda: common.cpu_of(pm, *pm.children(recursive=True))  # noqa: E731
+    with contextlib.ExitStack() as started:
+        celery = started.enter_context(common.stack(common.procfile("worker", "beat"), http=False))
+        old = started.enter_context(before_tree())
         if old is not None:
             known["before"] = common.procfile("web", root=old)
         elif "before" in args.configs:
             print(f"  before: commit {BEFORE[:7]} is not in this clone; left out", flush=True)
-        for name in [c for c in args.configs if c in known]:
-            results[name] = []
-            root = old if name == "before" else common.ROOT
-            with common.stack(known[name], settle=2, root=root) as web:
-                postgres = lambda: common.cpu_of(pm, *pm.children(recursive=True))  # noqa: E731
-                procs = {"web": web.cpu, "postgres": postgres, "celery": celery.cpu}
-                for call in CALLS:
-                    for n in args.clients if call in SWEPT else [args.at]:
-                        tag = f"{name}-{call}-{n}-{time.monotonic_ns()}"
-                        row = measure(web.port, clients[:n], call, args, procs, tag)
-                        results[name].append(row)
-                        print(f"  {name} {call} {n}: {row['rate']:.0f}/s", flush=True)
-                        if call == "send" and n == args.at:
-                            pg[name] = pgbench_insert(n, args.seconds)
+        # Every configuration's stack is up at once (idle while another is measured), so each
+        # row is measured beside the others' rows of the same call: the host's speed drifts.
+        webs = {
+            name: started.enter_context(
+                common.stack(known[name], settle=2, root=old if name == "before" else common.ROOT)
+            )
+            for name in args.configs
+            if name in known
+        }
+        results: dict[str, list[dict]] = {name: [] for name in webs}
+        for call in CALLS:
+            for n in args.clients if call in SWEPT else [args.at]:
+                for name, web in webs.items():
+                    procs = {"web": web.cpu, "postgres": postgres, "celery": celery.cpu}
+                    tag = f"{name}-{call}-{n}-{time.monotonic_ns()}"
+                    row = measure(web.port, clients[:n], call, args, procs, tag)
+                    results[name].append(row)
+                    print(f"  {name} {call} {n}: {row['rate']:.0f}/s", flush=True)
+                    if call == "send" and n == args.at:
+                        pg[name] = pgbench_insert(n, args.seconds)
     configs = {k: known[k] for k in results}
     return {"machine": machine, "configs": configs, "per_send": counts, "results": results,
             "pgbench_insert": pg}  # fmt: skip
