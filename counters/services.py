@@ -86,8 +86,11 @@ def counters_mark_read(
             # The user left between the read's commit and now: nothing of it is unread any
             # more.
             result = ((0, None), strategy.fetch(user_id))
-    if not answer:
-        return None
+    return _read_counts(result, conversation_id) if answer else None
+
+
+def _read_counts(result, conversation_id: int) -> tuple[int, int]:
+    """``(unread, badge)`` from a read's script reply and the hash read after it."""
     counts, fields = result
     if counts[1] is not None and not channel_conversations(fields):
         return counts
@@ -95,6 +98,35 @@ def counters_mark_read(
     # channel form is against its channel's top).
     now = counts_with_channels(fields)
     return now.conversations.get(conversation_id, 0), now.badge
+
+
+def counters_read_queue(
+    pipe, *, user_id: int, conversation_id: int, read_seq: int, last_seq: int
+) -> bool:
+    """Queue :func:`counters_mark_read` (the script, then the user's hash: two commands) on a
+    caller's pipeline (no MULTI), to go to Redis in one round trip with the caller's own
+    commands; give its two replies to :func:`counters_read_done`. False under a strategy
+    other than ``lua`` (nothing queued): call :func:`counters_mark_read` instead."""
+    strategy = get_strategy()
+    if not isinstance(strategy, LuaStrategy):
+        return False
+    strategy.read_fetch_queue(pipe, user_id, conversation_id, read_seq, last_seq)
+    return True
+
+
+def counters_read_done(
+    replies: list, *, user_id: int, conversation_id: int, read_seq: int, last_seq: int
+) -> tuple[int, int]:
+    """:func:`counters_mark_read`'s answer from the replies of :func:`counters_read_queue`;
+    when Redis did not hold the user's counters (nothing was written), as that function does:
+    rebuilt, then read again."""
+    try:
+        result = get_strategy().read_fetch_result(replies)
+    except (CountersNotLoaded, CountersNotMember):
+        return counters_mark_read(
+            user_id=user_id, conversation_id=conversation_id, read_seq=read_seq, last_seq=last_seq
+        )
+    return _read_counts(result, conversation_id)
 
 
 def counters_send_calls(

@@ -158,9 +158,17 @@ class LuaStrategy(Strategy):
     def read_fetch(self, user_id, conversation_id, read_seq, top):
         """One round trip: the read script and ``HGETALL`` in one pipeline."""
         pipe = self.client.pipeline(transaction=False)
+        self.read_fetch_queue(pipe, user_id, conversation_id, read_seq, top)
+        return self.read_fetch_result(execute(pipe))
+
+    def read_fetch_queue(self, pipe, user_id, conversation_id, read_seq, top) -> None:
+        """Queue :meth:`read_fetch`'s two commands on a caller's pipeline (no MULTI)."""
         self.scripts.read(user_id, conversation_id, read_seq, top, pipe=pipe)
         pipe.hgetall(keys.counters(user_id))
-        reply, fields = execute(pipe)
+
+    def read_fetch_result(self, replies):
+        """:meth:`read_fetch`'s answer from the two replies of :meth:`read_fetch_queue`."""
+        reply, fields = replies
         return self.scripts.read_result(reply), fields
 
     def member(self, user_id, row):

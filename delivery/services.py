@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from django.conf import settings
 from django.db import transaction
 
-from counters.redis import get_redis, scripts_call
+from counters.redis import execute, get_redis, scripts_call
 from counters.services import (
     counters_channel_committed,
     counters_channel_mentions_all,
@@ -40,11 +40,14 @@ from counters.services import (
     counters_mark_read,
     counters_memberships_changed,
     counters_message_recalled,
+    counters_read_done,
+    counters_read_queue,
     counters_send_calls,
     counters_send_done,
 )
 from imcore.models import Conversation, Membership, Message
 from offline.push import push_badge_changed, push_devices_badge_changed
+from offline.selectors import badge_version
 from offline.services import (
     offline_channel_members_changed,
     offline_channel_message,
@@ -53,6 +56,8 @@ from offline.services import (
     offline_record_message_ops,
     offline_record_messages,
     offline_record_read,
+    offline_version_done,
+    offline_version_queue,
 )
 
 from . import keys
@@ -256,16 +261,41 @@ def delivery_read_moved(
     seq: int,
     last_seq: int,
     push_devices: list[int],
-) -> tuple[int, int]:
+    versioned: bool = False,
+) -> tuple[int, ...]:
     """A committed mark-read: the counters move at once, the user's other devices get a
     ``read`` entry and a silent badge push (to ``push_devices``, the user's devices with a
-    pushkey, read with the mark-read). Returns ``(unread, badge)``."""
-    counts = counters_mark_read(
-        user_id=user_id, conversation_id=conversation_id, read_seq=seq, last_seq=last_seq
-    )
-    offline_record_read(user_id=user_id, conversation_id=conversation_id, seq=seq)
+    pushkey, read with the mark-read). Returns ``(unread, badge)``, or with ``versioned``
+    ``(unread, badge, badge_version)``: the user's version, read before the counters move, so
+    the badge reflects every change up to it.
+
+    Under the ``lua`` strategy the three go to Redis in one round trip, in that order (the
+    version's ``HMGET``, the read script and the hash, the entry's script; all in the user's
+    slot), where they took three. Where Redis did not hold the user's counters or sync state
+    (nothing of that part was written), that part is done again the slow way: the counters
+    rebuilt, the sync state loaded, and after a version had to be loaded the counts read again
+    after it."""
+    read = {"user_id": user_id, "conversation_id": conversation_id, "read_seq": seq}
+    pipe = get_redis().pipeline(transaction=False)
+    if versioned:
+        offline_version_queue(pipe, user_id=user_id)
+    if counters_read_queue(pipe, **read, last_seq=last_seq):
+        entry = offline_record_read(
+            user_id=user_id, conversation_id=conversation_id, seq=seq, pipe=pipe
+        )
+        replies = execute(pipe)
+        version = offline_version_done(replies.pop(0), user_id=user_id) if versioned else None
+        counts = counters_read_done(replies[:2], **read, last_seq=last_seq)
+        entry(replies[2:])
+        if versioned and version is None:
+            version = badge_version(user_id)  # loaded now: the counts are read again after it
+            counts = counters_mark_read(**read, last_seq=last_seq)
+    else:
+        version = badge_version(user_id) if versioned else None
+        counts = counters_mark_read(**read, last_seq=last_seq)
+        offline_record_read(user_id=user_id, conversation_id=conversation_id, seq=seq)
     push_devices_badge_changed(devices=[(pk, user_id) for pk in push_devices], alert=False)
-    return counts
+    return (*counts, version) if versioned else counts
 
 
 def delivery_memberships_changed(

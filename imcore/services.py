@@ -774,15 +774,14 @@ def conversation_read(
         raise NotFound(f"conversation {conversation_id} not found")
     if not moved:
         raise BadRequest(f"seq {seq} is beyond the conversation's last seq {last_seq}")
-    version = (badge_version(user_id),) if versioned else ()
-    counts = delivery_read_moved(
+    return delivery_read_moved(
         user_id=user_id,
         conversation_id=conversation_id,
         seq=seq,
         last_seq=last_seq,
         push_devices=push_devices,
+        versioned=versioned,
     )
-    return *counts, *version
 
 
 def conversation_mark_read(

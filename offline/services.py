@@ -73,8 +73,23 @@ def offline_channel_op(*, conversation_id: int, seq: int, op: str) -> None:
     live_channel_op(conversation_id=conversation_id, seq=seq, op=op)
 
 
-def offline_record_read(*, user_id: int, conversation_id: int, seq: int) -> None:
-    store.append_ops([(user_id, [Op("r", conversation_id, seq, seq, str(seq))])])
+def offline_record_read(*, user_id: int, conversation_id: int, seq: int, pipe=None):
+    """Record a read for the user's other devices. With ``pipe`` it is queued there and the
+    function that finishes it from its reply is returned (:func:`store.append_ops`)."""
+    return store.append_ops([(user_id, [Op("r", conversation_id, seq, seq, str(seq))])], pipe=pipe)
+
+
+def offline_version_queue(pipe, *, user_id: int) -> None:
+    """Queue the read of the user's current version (what a badge read after it carries) on a
+    caller's pipeline; give its reply to :func:`offline_version_done`."""
+    store.version_queue(pipe, user_id)
+
+
+def offline_version_done(reply, *, user_id: int) -> int | None:
+    """The version :func:`offline_version_queue` read; None when Redis did not hold the user's
+    sync state: then the caller loads it (:func:`offline.selectors.badge_version`) and reads
+    the badge again after it."""
+    return store.version_held(reply, user_id)
 
 
 def offline_record_memberships(

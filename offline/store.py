@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import redis
 from django.conf import settings
@@ -68,9 +69,9 @@ class Op:
     arg: str = ""
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One entry of the log as stored."""
+class Entry(NamedTuple):
+    """One entry of the log as stored. A tuple: a page parses up to a few hundred of them, and
+    a frozen dataclass's ``__init__`` (a ``__setattr__`` per field) took 4 % of a pull."""
 
     version: int
     at_ms: int
@@ -167,21 +168,36 @@ def append_messages(items: Sequence[tuple[int, Sequence[tuple[int, int, int]]]])
     return _append("m", {uid: [v for triple in triples for v in triple] for uid, triples in items})
 
 
-def append_ops(items: Sequence[tuple[int, Sequence[Op]]]):
+def append_ops(items: Sequence[tuple[int, Sequence[Op]]], *, pipe=None):
     """Record operations (reads, joins, leaves, mutes) for users; same return as
-    :func:`append_messages`."""
-    return _append(
-        "o",
-        {
-            uid: [
-                v for op in ops for v in (op.type, op.conversation_id, op.watermark, op.seq, op.arg)
-            ]
-            for uid, ops in items
-        },
-    )
+    :func:`append_messages`. With ``pipe`` (no MULTI) the script calls are queued on it, one
+    per user, and a function is returned: given their replies, in order, it finishes (a user
+    whose state Redis did not hold is loaded and appended to again) and returns that."""
+    args_by_user = {
+        uid: [v for op in ops for v in (op.type, op.conversation_id, op.watermark, op.seq, op.arg)]
+        for uid, ops in items
+    }
+    if pipe is None:
+        return _append("o", args_by_user)
+    rids = redis_run_ids(args_by_user)
+    for keys_, args in _append_calls("o", args_by_user, rids):
+        run_script(scripts().append, keys=keys_, args=args, client=pipe)
+    return lambda replies: _append("o", args_by_user, sent=(rids, replies))
 
 
-def _append(mode: str, args_by_user: dict[int, list]) -> dict[int, tuple[int, int]]:
+def _append_calls(mode: str, todo: dict[int, list], rids: dict[int, str]) -> list:
+    head = [settings.OFFLINE_MAX_ENTRIES, _ttl_ms(), mode]
+    return [
+        ([keys.state(uid), keys.log(uid), keys.online(uid)], [rids[uid], *head, *args])
+        for uid, args in todo.items()
+    ]
+
+
+def _append(
+    mode: str, args_by_user: dict[int, list], sent: tuple[dict, list] | None = None
+) -> dict[int, tuple[int, int]]:
+    """Append the entries, in rounds until every user's went in; ``sent``: the run ids and
+    the replies of a first round the caller sent (:func:`append_ops` with a pipeline)."""
     written: dict[int, tuple[int, int]] = {}
     online: list[int] = []  # users with new entries and a device connected
     todo = args_by_user
@@ -192,15 +208,11 @@ def _append(mode: str, args_by_user: dict[int, list]) -> dict[int, tuple[int, in
 
                 live_poke(online)
             return written
-        rids = redis_run_ids(todo)
-        head = [settings.OFFLINE_MAX_ENTRIES, _ttl_ms(), mode]
-        results = _pipelined(
-            scripts().append,
-            [
-                ([keys.state(uid), keys.log(uid), keys.online(uid)], [rids[uid], *head, *args])
-                for uid, args in todo.items()
-            ],
-        )
+        if sent is not None:
+            (rids, results), sent = sent, None
+        else:
+            rids = redis_run_ids(todo)
+            results = _pipelined(scripts().append, _append_calls(mode, todo, rids))
         reload: list[int] = []
         need: dict[int, int] = {}
         for uid, result in zip(todo, results, strict=True):
@@ -359,14 +371,29 @@ def version_and_counters(user_id: int, counters: bool = True) -> tuple[int, dict
     one round trip (same slot): the hash is read after the version, so the badge in it
     reflects every change up to that version."""
     pipe = client().pipeline(transaction=False)
-    pipe.hmget(keys.state(user_id), "rid", "cur")
+    version_queue(pipe, user_id)
     if counters:
         pipe.hgetall(counter_keys.counters(user_id))
-    (rid, cur), *fields = pipe.execute()
-    if cur is not None and rid == redis_run_ids([user_id])[user_id]:
-        return int(cur), fields[0] if counters else None
+    held, *fields = pipe.execute()
+    if (version := version_held(held, user_id)) is not None:
+        return version, fields[0] if counters else None
     version = latest_version(user_id)  # loaded now, after the hash was read: read it again
     return version, client().hgetall(counter_keys.counters(user_id)) if counters else None
+
+
+def version_queue(pipe, user_id: int) -> None:
+    """Queue the read of the user's current version on a caller's pipeline (one command); its
+    reply goes to :func:`version_held`."""
+    pipe.hmget(keys.state(user_id), "rid", "cur")
+
+
+def version_held(reply, user_id: int) -> int | None:
+    """The version :func:`version_queue` read; None when this Redis does not hold the user's
+    sync state (then :func:`latest_version` loads it)."""
+    rid, cur = reply
+    if cur is not None and rid == redis_run_ids([user_id])[user_id]:
+        return int(cur)
+    return None
 
 
 def peek_latest(user_ids: Iterable[int]) -> dict[int, int | None]:

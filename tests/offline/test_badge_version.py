@@ -95,3 +95,39 @@ def test_unread_reads_its_version_and_counters_in_one_round_trip(make_member, mo
     again = alice.get("/unread").json()
     assert again["badge_version"] >= answer["badge_version"]
     assert (again["badge"], again["conversations"]) == (1, {str(cid): 1})
+
+
+def test_a_read_is_one_redis_round_trip_after_the_token(make_member, monkeypatch):
+    """``POST …/read`` after the token's GET: one Redis round trip for the badge version, the
+    read script with the counter hash and the read's sync entry (three before), and the
+    user's devices find the read in the log. With the sync state gone from Redis, the
+    version is loaded and the counts read again after it; with the counters gone, they are
+    rebuilt. Each answer is the truth and versions never go back."""
+    from counters import keys as counter_keys
+    from offline import keys as offline_keys
+    from offline.store import client
+    from tests.imcore.test_send_statement import RoundTrips
+
+    alice, bob = make_member("alice"), make_member("bob")
+    cid = group(bob, alice)
+    for n in range(3):
+        bob.send(cid, f"m{n}", client_msg_id=f"read-rt-{n}")
+    delivery_drain()
+    since = pull(alice, 0)["latest_version"]
+    trips = RoundTrips(monkeypatch)
+    first = alice.post(f"/conversations/{cid}/read", {"seq": 1}).json()
+    assert trips.count == 2
+    assert (first["unread"], first["badge"]) == (2, 2)
+    entries = pull(alice, since)["entries"]
+    assert [(e["type"], e["seq"]) for e in entries] == [("read", 1)]
+    assert entries[0]["version"] <= first["badge_version"] + 1
+    client().delete(offline_keys.state(alice.id))
+    second = alice.post(f"/conversations/{cid}/read", {"seq": 2}).json()
+    assert (second["unread"], second["badge"]) == (1, 1)
+    client().delete(counter_keys.counters(alice.id))
+    third = alice.post(f"/conversations/{cid}/read", {"seq": 3}).json()
+    assert (
+        (third["unread"], third["badge"]) == (0, counters_truth(user_id=alice.id).badge) == (0, 0)
+    )
+    versions = [a["badge_version"] for a in (first, second, third)]
+    assert versions == sorted(versions), versions
