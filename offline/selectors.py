@@ -154,12 +154,18 @@ def unread_with_version(user_id: int) -> tuple[UnreadCounts, int]:
     """The user's counters and their ``badge_version`` (read just before them), the two in one
     Redis round trip; the hash is rebuilt from PostgreSQL when Redis does not hold it."""
     version, fields = store.version_and_counters(user_id)
-    return counts_with_channels(counter_fields(user_id, fields)), version
+    return _counts(user_id, fields), version
 
 
 def sync_badge(user_id: int, fields: dict[str, str] | None) -> int:
     """The badge from a counter hash read with a page (plus the channel-form conversations)."""
-    return counts_with_channels(counter_fields(user_id, fields)).badge
+    return _counts(user_id, fields).badge
+
+
+def _counts(user_id: int, fields: dict[str, str] | None) -> UnreadCounts:
+    """The counts of a counter hash already read (rebuilt first when Redis did not hold it),
+    with the channel-form conversations."""
+    return counts_with_channels(counter_fields(user_id, fields))
 
 
 def counter_fields(user_id: int, fields: dict[str, str] | None = None) -> dict[str, str]:

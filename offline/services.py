@@ -82,7 +82,7 @@ def offline_record_read(*, user_id: int, conversation_id: int, seq: int, pipe=No
 def offline_version_queue(pipe, *, user_id: int) -> None:
     """Queue the read of the user's current version (what a badge read after it carries) on a
     caller's pipeline; give its reply to :func:`offline_version_done`."""
-    store.version_queue(pipe, user_id)
+    store.version_read(pipe, user_id)
 
 
 def offline_version_done(reply, *, user_id: int) -> int | None:

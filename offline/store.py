@@ -363,32 +363,32 @@ def latest_version(user_id: int) -> int:
 def current_version(user_id: int) -> int:
     """VERSION-LATEST of a user in one HMGET when Redis holds the user's sync state (else as
     :func:`latest_version`, which loads it): the version a badge read next carries."""
-    return version_and_counters(user_id, counters=False)[0]
+    version = version_held(version_read(client(), user_id), user_id)
+    return latest_version(user_id) if version is None else version
 
 
-def version_and_counters(user_id: int, counters: bool = True) -> tuple[int, dict | None]:
-    """:func:`current_version` and then the user's counter hash (None without ``counters``), in
-    one round trip (same slot): the hash is read after the version, so the badge in it
-    reflects every change up to that version."""
+def version_and_counters(user_id: int) -> tuple[int, dict]:
+    """:func:`current_version` and then the user's counter hash, in one round trip (same
+    slot): the hash is read after the version, so the badge in it reflects every change up to
+    that version."""
     pipe = client().pipeline(transaction=False)
-    version_queue(pipe, user_id)
-    if counters:
-        pipe.hgetall(counter_keys.counters(user_id))
-    held, *fields = pipe.execute()
+    version_read(pipe, user_id)
+    pipe.hgetall(counter_keys.counters(user_id))
+    held, fields = pipe.execute()
     if (version := version_held(held, user_id)) is not None:
-        return version, fields[0] if counters else None
+        return version, fields
     version = latest_version(user_id)  # loaded now, after the hash was read: read it again
-    return version, client().hgetall(counter_keys.counters(user_id)) if counters else None
+    return version, client().hgetall(counter_keys.counters(user_id))
 
 
-def version_queue(pipe, user_id: int) -> None:
-    """Queue the read of the user's current version on a caller's pipeline (one command); its
-    reply goes to :func:`version_held`."""
-    pipe.hmget(keys.state(user_id), "rid", "cur")
+def version_read(target, user_id: int):
+    """The read of the user's current version (one HMGET) on a client, or queued on a
+    caller's pipeline; its reply goes to :func:`version_held`."""
+    return target.hmget(keys.state(user_id), "rid", "cur")
 
 
 def version_held(reply, user_id: int) -> int | None:
-    """The version :func:`version_queue` read; None when this Redis does not hold the user's
+    """The version :func:`version_read` read; None when this Redis does not hold the user's
     sync state (then :func:`latest_version` loads it)."""
     rid, cur = reply
     if cur is not None and rid == redis_run_ids([user_id])[user_id]:
