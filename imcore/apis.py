@@ -10,11 +10,13 @@ from django.contrib.auth.password_validation import (
     password_validators_help_texts,
 )
 from ninja import Field, Path, Query, Router, Status
+from ninja.decorators import decorate_view
 from pydantic import BaseModel, BeforeValidator, ConfigDict, field_validator
 
 from offline.selectors import device_list, unread_with_version
 
 from . import ratelimit, selectors, services
+from .direct import direct
 from .models import Conversation
 
 router = Router()
@@ -545,6 +547,7 @@ message_out = selectors.message_fields
         "``mention_all`` in a direct conversation.",
     ),
 )
+@decorate_view(direct)
 def message_send_api(request, conversation_id: ConversationId, payload: MessageSendIn):
     """Send a message, optionally mentioning members (``mentions``) or everyone
     (``mention_all``); repeating a ``client_msg_id`` returns the stored message with 200. A
@@ -656,6 +659,7 @@ class CountsOut(Out):
         refusals="``seq`` is past the conversation's last seq.",
     ),
 )
+@decorate_view(direct)
 def conversation_read_api(request, conversation_id: ConversationId, payload: ReadIn):
     """Mark read up to ``seq`` (never moves back); the new counts are in the answer."""
     unread, badge, version = services.conversation_read(
