@@ -19,6 +19,11 @@ def token_tag(token_hash: str) -> str:
     return f"{{t:{token_hash}}}"
 
 
+def token_prefix() -> str:
+    """What every token key starts with (the process copies track it: imcore.tracked)."""
+    return f"{PREFIX}:{{t:"
+
+
 def token_device(token_hash: str) -> str:
     return f"{PREFIX}:{token_tag(token_hash)}:dev"
 

@@ -22,7 +22,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from counters.redis import STORE_ERRORS, get_redis, register_script
+from counters.redis import STORE_ERRORS, get_redis, is_cluster, register_script
 from counters.selectors import counters_get
 from delivery.services import (
     delivery_group_size_changed,
@@ -48,6 +48,7 @@ from .errors import (
 )
 from .models import Conversation, Device, Membership, Message, User
 from .selectors import membership_get_active
+from .tracked import TrackedCache, tracked_cache
 
 logger = logging.getLogger(__name__)
 
@@ -188,13 +189,23 @@ def device_authenticate_cached(*, token: str) -> Device | None:
     if ttl <= 0:
         return device_authenticate(token=token)
     hashed = token_hash(token)
+    key = token_keys.token_device(hashed)
     try:
         client = get_redis()  # a cluster client connects when first made
-        cached = client.get(token_keys.token_device(hashed))
+        local = _local_tokens(client)
+        cached, mark = local.get(key) if local is not None else (None, None)
+        if cached is not None:
+            return _device_from_cache(cached)  # the process's copy: no round trip
+        if mark is None:
+            cached = client.get(key)
+        else:
+            cached, ttl_ms = client.pipeline(transaction=False).get(key).pttl(key).execute()
     except STORE_ERRORS:
         logger.warning("token cache unavailable; reading PostgreSQL", exc_info=True)
         return device_authenticate(token=token)
     if cached is not None:
+        if mark is not None:
+            local.put(key, cached, ttl_ms, mark)
         return _device_from_cache(cached)
     started = time.monotonic()
     device = _device_by_hash(hashed)
@@ -217,6 +228,15 @@ def device_authenticate_cached(*, token: str) -> Device | None:
         except STORE_ERRORS:
             logger.warning("could not cache a token", exc_info=True)
     return device
+
+
+def _local_tokens(client) -> TrackedCache | None:
+    """This process's copies of token entries (None: ``AUTH_TOKEN_LOCAL_CACHE_SIZE=0``, or
+    Redis Cluster)."""
+    size = settings.AUTH_TOKEN_LOCAL_CACHE_SIZE
+    if size <= 0 or is_cluster():
+        return None
+    return tracked_cache(client, token_keys.token_prefix(), size)
 
 
 def _device_from_cache(cached: str) -> Device:
@@ -284,11 +304,14 @@ def device_tokens_revoked(*, token_hashes: list[str]) -> None:
     valid again (its user reactivated) is read from PostgreSQL until it expires."""
     if not token_hashes:
         return
-    pipe = get_redis().pipeline(transaction=False)
+    client = get_redis()
+    pipe = client.pipeline(transaction=False)
     for hashed in token_hashes:
         pipe.set(token_keys.token_revoked(hashed), 1, ex=settings.AUTH_TOKEN_REVOKED_TTL_S)
         pipe.delete(token_keys.token_device(hashed))
     pipe.execute()
+    if (local := _local_tokens(client)) is not None:  # before Redis's message is read
+        local.discard([token_keys.token_device(hashed) for hashed in token_hashes])
 
 
 def user_tokens_revoke(*, user_id: int) -> None:

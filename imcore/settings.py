@@ -215,6 +215,10 @@ AUTH_TOKEN_CACHE_TTL_S = env_int("AUTH_TOKEN_CACHE_TTL_S", 300)
 AUTH_TOKEN_REVOKED_TTL_S = env_int("AUTH_TOKEN_REVOKED_TTL_S", 86400)
 # A look-up whose PostgreSQL read took longer than this (seconds) does not cache.
 AUTH_TOKEN_FILL_MAX_S = float(os.environ.get("AUTH_TOKEN_FILL_MAX_S", "5"))
+# Tokens each server process keeps a copy of, kept exact by Redis's key tracking, so that a
+# look-up costs no round trip (imcore.tracked; 0: every look-up reads Redis). Not on Redis
+# Cluster.
+AUTH_TOKEN_LOCAL_CACHE_SIZE = env_int("AUTH_TOKEN_LOCAL_CACHE_SIZE", 10_000)
 
 # --- Redis and counters ---------------------------------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
