@@ -36,6 +36,7 @@ Redis, as before."""
 
 import logging
 import os
+import select
 import threading
 import time
 from collections import OrderedDict
@@ -115,6 +116,8 @@ class TrackedCache:
         copy is held)."""
         if self.connection is None and not self._connect():
             return False
+        if not self.poller.poll(0):  # one system call (the loop below ends with nothing parsed)
+            return True
         before = self.read
         try:
             while self.connection.can_read(timeout=0):
@@ -143,6 +146,8 @@ class TrackedCache:
             self.retry_at = time.monotonic() + RETRY_S
             return False
         self.connection, self.epoch = connection, self.epoch + 1
+        self.poller = select.poll()  # readable, or hung up: the poll then reads the error
+        self.poller.register(connection._sock, select.POLLIN)
         self.entries.clear()
         return True
 
