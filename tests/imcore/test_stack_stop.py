@@ -230,3 +230,35 @@ def test_one_port_serves_the_api_the_admin_static_files_and_the_websocket(stack)
             "pong"
         ):
             pass
+
+
+def test_a_logout_is_seen_by_every_server_process_at_once(stack):
+    """The token copies of the stack's server processes (``imcore.tracked``): after a
+    device's token has been used on every granian worker (each then keeps a copy and a
+    tracking connection to Redis), its logout through one of them is seen by the very next
+    request on any of them: 401, never an answer from a stale copy."""
+    from imcore.models import User
+
+    User.objects.create_user("dev", password="dev-pass-1")
+    stack.start()
+    base = f"http://127.0.0.1:{stack.web}/api/v1"
+    tracking = lambda: [c for c in stack.redis.client().client_list() if "t" in c["flags"]]  # noqa: E731
+    for round_ in range(5):
+        login = requests.post(
+            f"{base}/devices",
+            json={"username": "dev", "password": "dev-pass-1", "device_id": f"d{round_}",
+                  "platform": "web"},
+            timeout=10,
+        )  # fmt: skip
+        assert login.status_code == 201, login.text
+        auth = {"Authorization": f"Bearer {login.json()['token']}"}
+        for _ in range(12):  # a connection each: nginx spreads them over the workers
+            assert requests.get(f"{base}/unread", headers=auth, timeout=10).status_code == 200
+        assert len(tracking()) >= 2, tracking()  # both workers hold copies
+        assert (
+            requests.delete(f"{base}/devices/current", headers=auth, timeout=10).status_code == 204
+        )
+        answers = [
+            requests.get(f"{base}/unread", headers=auth, timeout=10).status_code for _ in range(12)
+        ]
+        assert answers == [401] * 12, answers
