@@ -27,6 +27,7 @@ by ninja, which checks the token first. Only a refused token is checked twice.""
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Annotated, Any
 
 from django.http import HttpRequest, HttpResponseBase
@@ -42,8 +43,10 @@ class _Plan:
     body_model: type[BaseModel]
 
 
+@cache
 def _plan(operation) -> _Plan | None:
-    """How to run ``operation`` directly, or None where it is not of the plain shape."""
+    """How to run ``operation`` directly, or None where it is not of the plain shape (worked
+    out on its first call: ninja sets the auth of an operation when it mounts it)."""
     params = operation.signature.params
     bodies = [p for p in params if isinstance(p.source, Body)]
     paths = [p for p in params if isinstance(p.source, Path)]
@@ -80,22 +83,18 @@ def direct(run: Callable[..., HttpResponseBase]) -> Callable[..., HttpResponseBa
     """A run decorator (``@decorate_view(direct)`` under the route's decorator): the
     operation's ``run``, shortened as the module says."""
     operation = run.__self__
-    plans: list[_Plan | None] = []  # worked out on the first call: auth is set at mount
 
     def direct_run(request: HttpRequest, **kw: Any) -> HttpResponseBase:
-        if not plans:
-            plans.append(_plan(operation))
-        plan, auth = plans[0], None
+        plan, auth, api = _plan(operation), None, operation.api
         if plan is not None:
             try:
-                values = _values(plan, operation.api, request, kw)
+                values = _values(plan, api, request, kw)
                 auth = values is not None and plan.auth(request)
             except Exception:  # ninja's run answers it as it always did
                 auth = None
         if not auth:
             return run(request, **kw)
         request.auth = auth
-        api = operation.api
         try:
             temporal_response = api.create_temporal_response(request)
             result = operation.view_func(request, **values)

@@ -54,8 +54,7 @@ RETRY_S = 1.0
 
 class TrackedCache:
     """Copies of the strings under ``prefix`` on the Redis a ``connection_class`` with
-    ``connection_kwargs`` reaches, at most
-    ``size`` of them (least recently kept first out)."""
+    ``connection_kwargs`` reaches, at most ``size`` of them (least recently kept first out)."""
 
     def __init__(self, connection_class, connection_kwargs: dict, prefix: str, size: int):
         self.connection_class, self.connection_kwargs = connection_class, connection_kwargs
@@ -64,6 +63,7 @@ class TrackedCache:
         self.lock = threading.Lock()
         self.entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self.connection: redis.Connection | None = None
+        self.poller: select.poll | None = None  # on the connection's socket
         self.retry_at = 0.0
         self.read = 0  # keys invalidated (a flush counts 1), over every connection
         self.epoch = 0  # connections opened

@@ -2,6 +2,7 @@
 
 import contextlib
 
+import redis
 from redis.cluster import RedisCluster
 
 from counters.redis import get_redis
@@ -73,3 +74,17 @@ def read(member, cid, seq) -> dict:
     response = member.post(f"/conversations/{cid}/read", {"seq": seq})
     assert response.status_code == 200, response.content
     return response.json()
+
+
+class RoundTrips:
+    """Redis round trips of this process (each is one write of packed commands)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        send_packed = redis.connection.AbstractConnection.send_packed_command
+
+        def counted(conn, *args, **kwargs):
+            self.count += 1
+            return send_packed(conn, *args, **kwargs)
+
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)

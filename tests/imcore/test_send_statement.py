@@ -6,7 +6,6 @@ changes nothing."""
 import time
 
 import pytest
-import redis.connection
 from django.db import connection, transaction
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -16,6 +15,7 @@ from delivery.pipeline import shard_of
 from imcore.models import Conversation, Membership, Message
 from tests.conftest import Member
 from tests.counters.test_concurrency import FORK, close_for_fork
+from tests.helpers import RoundTrips
 
 # The send commits by itself (autocommit), as in a request: the tests commit.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -52,20 +52,6 @@ def assert_dense(gid: int) -> None:
     seqs = list(Message.objects.filter(conversation_id=gid).order_by("seq").values_list("seq"))
     last_seq = Conversation.objects.get(pk=gid).last_seq
     assert [s for (s,) in seqs] == list(range(1, last_seq + 1))
-
-
-class RoundTrips:
-    """Redis round trips of this process (each is one write of packed commands)."""
-
-    def __init__(self, monkeypatch):
-        self.count = 0
-        send_packed = redis.connection.AbstractConnection.send_packed_command
-
-        def counted(conn, *args, **kwargs):
-            self.count += 1
-            return send_packed(conn, *args, **kwargs)
-
-        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
 
 
 @pytest.mark.parametrize("mode", ["aggregate", "channel"])

@@ -11,6 +11,7 @@ import pytest
 from counters.selectors import counters_truth
 from delivery.pipeline import delivery_drain
 from offline import push
+from tests.helpers import RoundTrips
 from tests.offline.conftest import pull
 from tests.offline.test_push import Gateway, with_pushkey
 from tests.offline.test_sync import group
@@ -80,7 +81,6 @@ def test_unread_reads_its_version_and_counters_in_one_round_trip(make_member, mo
     version is loaded and the hash read again after it: the answer is still the truth."""
     from offline import keys as offline_keys
     from offline.store import client
-    from tests.imcore.test_send_statement import RoundTrips
 
     alice, bob = make_member("alice"), make_member("bob")
     cid = group(bob, alice)
@@ -106,7 +106,6 @@ def test_a_read_is_one_redis_round_trip_after_the_token(make_member, monkeypatch
     from counters import keys as counter_keys
     from offline import keys as offline_keys
     from offline.store import client
-    from tests.imcore.test_send_statement import RoundTrips
 
     alice, bob = make_member("alice"), make_member("bob")
     cid = group(bob, alice)
