@@ -66,12 +66,23 @@ def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
         for n in range(101 if i < sync_clients else 0):
             message = {"sender": group.created_by, "body": BODY, "client_msg_id": f"s{n}"}
             services.message_send(conversation=group, **message)
-        out.append({"user": device.user_id, "token": device.token, "cid": group.pk})
+        out.append({"user": device.user_id, "token": device.token, "cid": group.pk, "since": 0})
     delivery_drain(timeout=120)
     counters_reconcile(user_ids=ids)
-    for c in out:
-        c["since"] = max(store.latest_version(c["user"]) - 100, 0)
+    sync_from_last_100(out[:sync_clients])
     return out
+
+
+def sync_from_last_100(clients: list[dict]) -> None:
+    """Each client's ``since``: its user's latest version less 100, so that ``GET /sync`` answers
+    a page of 100 entries. Set again just before the sync rows: the sends measured before them
+    write entries too, and past ``OFFLINE_MAX_ENTRIES`` the store trims the old ones, so a
+    ``since`` set at the seeding would get the gap answer (a snapshot) instead of a page."""
+    for c in clients:
+        c["since"] = max(store.latest_version(c["user"]) - 100, 0)
+        page = store.read_page(user_id=c["user"], device_pk=0, since=c["since"], limit=100)
+        if page.status == "gap" or len(page.entries) < 100:
+            raise RuntimeError(f"user {c['user']}: no page of 100 entries after {c['since']}")
 
 
 def per_send_counts(client: dict) -> dict:
@@ -175,6 +186,9 @@ def run(args) -> dict:
         }
         results: dict[str, list[dict]] = {name: [] for name in webs}
         for call in CALLS:
+            if call == "sync":  # after the sends' entries are in, so a page, not a gap
+                common.drain()
+                sync_from_last_100(clients[: args.at])
             for n in args.clients if call in SWEPT else [args.at]:
                 for name, web in webs.items():
                     procs = {"web": web.cpu, "postgres": postgres, "celery": celery.cpu}
