@@ -57,7 +57,8 @@ def before_tree():
 
 def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
     """A user per client with a device token and its own group; the first ``sync_clients``
-    hold 101 sync entries past ``since``. Every user's counters are loaded."""
+    hold 101 sync entries (their ``since`` is set before the sync rows:
+    :func:`sync_from_last_100`). Every user's counters are loaded."""
     common.reset_data()
     ids = common.make_users(clients * members, "u")
     out = []
@@ -69,7 +70,6 @@ def seed(clients: int, members: int, sync_clients: int) -> list[dict]:
         out.append({"user": device.user_id, "token": device.token, "cid": group.pk, "since": 0})
     delivery_drain(timeout=120)
     counters_reconcile(user_ids=ids)
-    sync_from_last_100(out[:sync_clients])
     return out
 
 
