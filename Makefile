@@ -46,7 +46,7 @@ stop-cluster:
 # The stack alone, without the setup steps above (the stop/restart test starts it this way).
 # bin/stack.py is `honcho start` with every process in its process group: a SIGTERM to the
 # group stops them all, a SIGKILL leaves no orphan (see its docstring). One port for HTTP and
-# WebSocket: nginx in front, granian (WSGI) for HTTP, uvicorn (ASGI) for /ws/ (Procfile).
+# WebSocket: nginx in front, uWSGI (WSGI) for HTTP, uvicorn (ASGI) for /ws/ (Procfile).
 serve:
 	$(STACK)
 

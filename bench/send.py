@@ -1,7 +1,8 @@
 """``make bench-send``: the hot API calls over real HTTP (wrk, a Lua script giving each client
 its token), side by side: the code and server from before issue 14 (``before``), today's code
-on that server (``asgi``) and the Procfile's web front (``procfile``); CPU per request by
-process (psutil), against pgbench single-row INSERTs."""
+on that server (``asgi``), today's code behind nginx with granian as the WSGI server (the
+Procfile's web front before uWSGI: ``granian``) and the Procfile's web front (``procfile``);
+CPU per request by process (psutil), against pgbench single-row INSERTs."""
 
 import contextlib
 import re
@@ -35,18 +36,22 @@ CALLS = {"send": "POST …/messages", "unread": "GET /unread", "read": "POST …
          "conversations": "GET /conversations", "sync": "GET /sync (100 entries)"}  # fmt: skip
 SWEPT = ("send", "unread")  # measured at every client count; the others at --at
 ASGI = f"{common.UVICORN} --workers 2"
-# The last commit before issue 14's first change: its code, served as its Procfile served it
-# (uvicorn, 2 workers, the access log), from a git worktree, with today's libraries.
+# Configurations served from an earlier commit's tree (a git worktree, today's libraries), as
+# its Procfile served them. ``before``: the last commit before issue 14's first change (uvicorn,
+# 2 workers, the access log). ``granian``: the last commit with granian as the Procfile's
+# `app` (2 workers of 2 threads behind nginx); its code is today's but for the server.
 BEFORE = "c6741c692fc2a879029322b215114ad0836cf826"
+GRANIAN = "4fab9319905666f42723280731a30b0fe35d1c38"
+TREES = {"before": (BEFORE, ("web",)), "granian": (GRANIAN, ("web", "app", "ws"))}
 
 
 @contextlib.contextmanager
-def before_tree():
-    """A worktree of :data:`BEFORE` (None where the clone does not hold it), removed after."""
+def tree_of(commit: str):
+    """A worktree of ``commit`` (None where the clone does not hold it), removed after."""
     git = ["git", "-C", str(common.ROOT)]
-    with tempfile.TemporaryDirectory(prefix="imcore-before-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="imcore-tree-") as tmp:
         tree = Path(tmp) / "tree"
-        added = subprocess.run([*git, "worktree", "add", "--detach", str(tree), BEFORE],
+        added = subprocess.run([*git, "worktree", "add", "--detach", str(tree), commit],
                                capture_output=True).returncode == 0  # fmt: skip
         try:
             yield tree if added else None
@@ -175,16 +180,19 @@ def run(args) -> dict:
     postgres = lambda: common.cpu_of(pm, *pm.children(recursive=True))  # noqa: E731
     with contextlib.ExitStack() as started:
         celery = started.enter_context(common.stack(common.procfile("worker", "beat"), http=False))
-        old = started.enter_context(before_tree())
-        if old is not None:
-            known["before"] = common.procfile("web", root=old)
-        elif "before" in args.configs:
-            print(f"  before: commit {BEFORE[:7]} is not in this clone; left out", flush=True)
+        roots = {}
+        for name, (commit, entries) in TREES.items():
+            if name not in args.configs:
+                continue
+            if (tree := started.enter_context(tree_of(commit))) is not None:
+                known[name], roots[name] = common.procfile(*entries, root=tree), tree
+            else:
+                print(f"  {name}: commit {commit[:7]} is not in this clone; left out", flush=True)
         # Every configuration's stack is up at once (idle while another is measured), so each
         # row is measured beside the others' rows of the same call: the host's speed drifts.
         webs = {
             name: started.enter_context(
-                common.stack(known[name], settle=2, root=old if name == "before" else common.ROOT)
+                common.stack(known[name], settle=2, root=roots.get(name, common.ROOT))
             )
             for name in args.configs
             if name in known
@@ -223,9 +231,11 @@ def markdown(args, report: dict, plot: str) -> str:
         "Hot API calls over HTTP", report["machine"],
         f"wrk, a thread and a keep-alive connection per client, {args.seconds:g} s after "
         f"{args.warmup:g} s of warm-up. `before`: commit {BEFORE[:7]} (before issue 14) with its "
-        f"Procfile's web; `asgi`: today's code on `{ASGI}`; `procfile`: the Procfile's web, app, "
-        f"ws. The send at {args.at} clients: {args.rounds} rounds, each configuration's send then "
-        "pgbench in turn, the round with the median ratio shown.",
+        f"Procfile's web; `asgi`: today's code on `{ASGI}`; `granian`: commit {GRANIAN[:7]}'s "
+        "Procfile web, app, ws (nginx, granian: today's code, the WSGI server before uWSGI); "
+        f"`procfile`: the Procfile's web, app, ws. The send at {args.at} clients: {args.rounds} "
+        "rounds, each configuration's send then pgbench in turn, the round with the median ratio "
+        "shown.",
     )  # fmt: skip
     rows = []
     for name, results in report["results"].items():
@@ -264,7 +274,7 @@ def plot(args, report: dict) -> str:
 
 def main() -> None:
     args = common.parse(
-        __doc__, QUICK, configs=["before", "asgi", "procfile"], clients=[1, 4, 16, 64],
+        __doc__, QUICK, configs=["before", "asgi", "granian", "procfile"], clients=[1, 4, 16, 64],
         at=(16, "clients of the other calls"), seconds=8.0, warmup=2.0, members=10,
         rounds=(3, "rounds of the send and pgbench at --at clients"),
     )  # fmt: skip

@@ -32,8 +32,9 @@ QUICK = (  # --quick: smoke sizes, one run each
 
 LOCUSTFILE = Path(__file__).with_name("locustfile_soak.py")
 NAMES = ("web", "app", "ws", "worker", "beat", "flower")  # the Procfile's entries
-ROLES = ("nginx", "granian", "gunicorn", "uvicorn", "spawn_main", "flower", "beat", "worker")
-POOLS = ("granian", "gunicorn", "worker")  # their workers are children of their own kind
+ROLES = ("nginx", "uwsgi", "granian", "gunicorn", "uvicorn", "spawn_main", "flower", "beat",
+         "worker")  # fmt: skip
+POOLS = ("uwsgi", "granian", "gunicorn", "worker")  # their workers are children of their own kind
 
 
 def seed(args) -> tuple[list[dict], list[str], list[int]]:
@@ -78,7 +79,7 @@ def history(data: Path) -> list[tuple[int, int, int]]:
 
 
 def sample(stack: common.stack, sockets: push.Holders, redis_servers: dict) -> dict:
-    """Each process's RSS by role and number (``granian child 1``…: a role is the first of ROLES
+    """Each process's RSS by role and number (``uwsgi child 1``…: a role is the first of ROLES
     its command line holds; a pool's workers are children of their own kind), Redis's
     used_memory, PostgreSQL's sessions on the database, the sockets open, the load."""
     row, found = {"time": time.time()}, {}

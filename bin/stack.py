@@ -3,7 +3,7 @@ with every process kept in honcho's own process group, so the stack stops as one
 
 The web front is three Procfile processes on one port (``IMCORE_HOST``:``IMCORE_PORT``):
 nginx routes ``/ws/`` to uvicorn (``ws``, the WebSocket), serves ``/static/`` from disk and
-passes the rest to granian (``app``, Django over WSGI). Before honcho starts, this writes
+passes the rest to uWSGI (``app``, Django over WSGI). Before honcho starts, this writes
 nginx's configuration (bin/nginx.conf, filled in) into a run directory of its own, where the
 two servers' unix sockets, nginx's pid and temporary files live too; its path is
 ``IMCORE_RUN_DIR`` in the processes' environment, and it is removed when the stack stops.

@@ -320,9 +320,9 @@ CACHES = {
 RATELIMIT_USE_CACHE = "ratelimit"
 RATELIMIT_CACHE_PREFIX = ""  # the cache's KEY_PREFIX is enough
 # Where the client address is: REMOTE_ADDR (None), or a header a reverse proxy sets. Behind
-# `make run`'s nginx, granian listens on a unix socket (no REMOTE_ADDR) and nginx overwrites
-# X-Real-IP with the peer's address: the Procfile's `app` sets HTTP_X_REAL_IP. Only for a
-# server no client reaches but through that proxy, or clients choose their address.
+# `make run`'s nginx, uWSGI gets the client's address as REMOTE_ADDR (uwsgi_params). A header
+# only for a server no client reaches but through a proxy that overwrites it, or clients choose
+# their address.
 RATELIMIT_IP_META_KEY = os.environ.get("RATELIMIT_IP_META_KEY") or None
 # django-ratelimit lists only django-redis among Redis caches; Django's own RedisCache does an
 # atomic INCR as well.

@@ -1,4 +1,4 @@
-"""WSGI entry point (the Procfile's `app`: granian imcore.wsgi:application)."""
+"""WSGI entry point (the Procfile's `app`: uWSGI, bin/uwsgi.ini)."""
 
 import os
 

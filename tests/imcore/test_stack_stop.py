@@ -1,5 +1,5 @@
 """The stack `make run` starts (`make serve`: bin/stack.py, honcho with the Procfile) serves
-HTTP and the WebSocket on one port (nginx in front of granian and uvicorn) and stops as
+HTTP and the WebSocket on one port (nginx in front of uWSGI and uvicorn) and stops as
 one: after a SIGTERM to its process group, a SIGTERM and a SIGKILL 3 s later, or a SIGTERM to
 `make` alone, every process it started is gone within 30 s, its ports are free, and it starts
 again at once on them.
@@ -58,7 +58,7 @@ class Stack:
             REDIS_URL=self.redis.url(0),
             CELERY_BROKER_URL=self.redis.url(1),
             IMCORE_TEST_TAG=self.tag,
-            WEB_CONCURRENCY=2,  # granian's main process and its workers, as in `make run`
+            WEB_CONCURRENCY=2,  # uWSGI's master and 2 workers
             CELERY_CONCURRENCY=1,
         )
         started = time.monotonic()
@@ -158,7 +158,7 @@ def test_sigterm_and_sigkill_to_the_group_stop_everything_and_it_starts_again_at
         running = tagged_pids(stack.tag)
         assert len(running) >= 6, describe(
             running
-        )  # make, honcho, nginx, granian x3, uvicorn, worker, beat...
+        )  # make, honcho, nginx, uwsgi x3, uvicorn, worker, beat...
         upload = start_slow_upload(stack)
         try:
             time.sleep(0.5)  # the worker has the request
@@ -234,7 +234,7 @@ def test_one_port_serves_the_api_the_admin_static_files_and_the_websocket(stack)
 
 def test_a_logout_is_seen_by_every_server_process_at_once(stack):
     """The token copies of the stack's server processes (``imcore.tracked``): after a
-    device's token has been used on every granian worker (each then keeps a copy and a
+    device's token has been used on every uWSGI worker (each then keeps a copy and a
     tracking connection to Redis), its logout through one of them is seen by the very next
     request on any of them: 401, never an answer from a stale copy."""
     from imcore.models import User
