@@ -200,6 +200,7 @@ def test_one_port_serves_the_api_the_admin_static_files_and_the_websocket(stack)
     )
     assert unread.status_code == 200, unread.text
     assert unread.json()["badge"] == 0
+    auth_json = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
     admin = requests.Session()
     form = admin.get(f"{base}/admin/login/", timeout=10)
@@ -214,6 +215,13 @@ def test_one_port_serves_the_api_the_admin_static_files_and_the_websocket(stack)
     assert index.status_code == 200, index.text[-2000:]
     assert index.url == f"{base}/admin/", index.url
     assert "Site administration" in index.text
+
+    # A body past nginx's limit (16 MiB) is answered by nginx, as the API's JSON error.
+    too_big = requests.post(
+        f"{base}/api/v1/users", data=b"x" * (17 * 2**20), headers=auth_json, timeout=30
+    )
+    assert too_big.status_code == 413
+    assert too_big.json()["error"] == "body_too_large", too_big.text
 
     css = requests.get(f"{base}/static/admin/css/base.css", timeout=10)
     assert css.status_code == 200
