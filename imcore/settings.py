@@ -320,7 +320,7 @@ CACHES = {
 RATELIMIT_USE_CACHE = "ratelimit"
 RATELIMIT_CACHE_PREFIX = ""  # the cache's KEY_PREFIX is enough
 # Where the client address is: REMOTE_ADDR (None), or a header a reverse proxy sets. Behind
-# `make run`'s nginx, uWSGI gets the client's address as REMOTE_ADDR (uwsgi_params). A header
+# `make run`'s nginx, uWSGI gets the client's address as REMOTE_ADDR (bin/nginx.conf). A header
 # only for a server no client reaches but through a proxy that overwrites it, or clients choose
 # their address.
 RATELIMIT_IP_META_KEY = os.environ.get("RATELIMIT_IP_META_KEY") or None

@@ -200,7 +200,6 @@ def test_one_port_serves_the_api_the_admin_static_files_and_the_websocket(stack)
     )
     assert unread.status_code == 200, unread.text
     assert unread.json()["badge"] == 0
-    auth_json = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
     admin = requests.Session()
     form = admin.get(f"{base}/admin/login/", timeout=10)
@@ -218,7 +217,10 @@ def test_one_port_serves_the_api_the_admin_static_files_and_the_websocket(stack)
 
     # A body past nginx's limit (16 MiB) is answered by nginx, as the API's JSON error.
     too_big = requests.post(
-        f"{base}/api/v1/users", data=b"x" * (17 * 2**20), headers=auth_json, timeout=30
+        f"{base}/api/v1/users",
+        data=b"x" * (17 * 2**20),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        timeout=30,
     )
     assert too_big.status_code == 413
     assert too_big.json()["error"] == "body_too_large", too_big.text
