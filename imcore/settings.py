@@ -411,9 +411,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # 5 s never cuts it) and one retry of a publish.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 2}
 # A publish first makes sure of its connection: kombu retries the connect, 2 s apart, for up
-# to this many seconds (Celery's default 4). After an outage that was 4 s of a request's 10
-# before the publish itself (a send once took over 15 s in the broker-outage fault test).
+# to this many seconds (Celery's default 4), which would be 4 s of a request's 10.
 CELERY_BROKER_CONNECTION_TIMEOUT = 2
+# Every publish of a task is bounded by this, its task-sent event's too (imcore.celery.App).
 CELERY_TASK_PUBLISH_RETRY_POLICY = {
     "max_retries": 1,
     "interval_start": 0,
