@@ -108,22 +108,22 @@ def per_send_counts(client: dict) -> dict:
 
     path, auth = f"/api/v1/conversations/{client['cid']}/messages", f"Bearer {client['token']}"
     counts = {}
-    for send in ("first", "second", "third"):
-        calls.clear()
-        with (
-            mock.patch.object(redis.Redis, "execute_command", counted),
-            mock.patch.object(Pipeline, "_execute_pipeline", counted_pipeline),
-            CaptureQueriesContext(connection) as queries,
-        ):
+    with (
+        mock.patch.object(redis.Redis, "execute_command", counted),
+        mock.patch.object(Pipeline, "_execute_pipeline", counted_pipeline),
+    ):
+        for send in ("first", "second", "third"):
+            calls.clear()
             body = {"body": BODY, "client_msg_id": f"counted-{send}"}
-            response = Client().post(
-                path, body, "application/json", headers={"Authorization": auth}
-            )
-        assert response.status_code == 201, response.content
-        counts[send] = {
-            "sql": [statement(q["sql"]) for q in queries.captured_queries],
-            "redis": list(calls),
-        }
+            with CaptureQueriesContext(connection) as queries:
+                response = Client().post(
+                    path, body, "application/json", headers={"Authorization": auth}
+                )
+            assert response.status_code == 201, response.content
+            counts[send] = {
+                "sql": [statement(q["sql"]) for q in queries.captured_queries],
+                "redis": list(calls),
+            }
     return counts
 
 
