@@ -6,6 +6,8 @@ work on a developer machine where PostgreSQL and Redis listen on 127.0.0.1:
 - ``DATABASE_URL``      PostgreSQL, default ``postgres://postgres@127.0.0.1:5432/imcore``
 - ``DATABASE_POOL_MAX`` connections in each process's pool (default 8; 0: no pool)
 - ``DATABASE_POOL_TIMEOUT_S`` how long a request waits for a pooled connection (default 5)
+- ``DATABASE_CONN_HEALTH_CHECKS`` without the pool: a ``SELECT 1`` before each request's first
+  query on a reused connection (default 1; uWSGI's workers run with 0, bin/uwsgi.ini)
 - ``REDIS_URL``         Redis for counters, default ``redis://127.0.0.1:6379/0``
 - ``REDIS_CLUSTER_NODES`` ``host:port,host:port,...``: the hot state on a Redis Cluster instead
 - ``CHANNELS_REDIS_URL`` (alias ``CHANNEL_REDIS_URL``) the Channels layer, default REDIS_URL
@@ -100,7 +102,11 @@ TEMPLATES = [
 # (CONN_MAX_AGE) would open a session per request and leave it open until PostgreSQL refuses
 # more (`make bench` saw 503s at 16 concurrent senders); the pool lends one connection per
 # request and takes it back at the end. DATABASE_POOL_MAX=0 turns the pool off (then
-# DATABASE_CONN_MAX_AGE applies, as under a WSGI server).
+# DATABASE_CONN_MAX_AGE applies, as under a WSGI server): uWSGI's workers (bin/uwsgi.ini) run
+# so, each thread keeping its own connection. DATABASE_CONN_HEALTH_CHECKS=0 drops the
+# `SELECT 1` that Django then sends before a request's first query on a reused connection; a
+# connection that broke meanwhile fails that one request (503) and is closed after it, as a
+# broken pooled connection does (the pool checks none either).
 DATABASE_POOL_MAX = env_int("DATABASE_POOL_MAX", 8)
 # How long a request waits for a pooled connection before the API answers 503, in seconds.
 # While PostgreSQL is down the pool cannot connect and every request waits this long: keep it
@@ -110,7 +116,7 @@ DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/imcore"),
         conn_max_age=0 if DATABASE_POOL_MAX else env_int("DATABASE_CONN_MAX_AGE", 60),
-        conn_health_checks=not DATABASE_POOL_MAX,
+        conn_health_checks=not DATABASE_POOL_MAX and env_bool("DATABASE_CONN_HEALTH_CHECKS", True),
     )
 }
 # Server-side binding: psycopg sends the parameters apart from the statement, instead of

@@ -50,8 +50,9 @@ class Stack:
         self.log = tempfile.NamedTemporaryFile(prefix="imcore-stack-", suffix=".log")  # noqa: SIM115
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> float:
-        """Start the stack; returns the seconds until the API and Flower answered."""
+    def start(self, **env) -> float:
+        """Start the stack (``env``: more of its environment); returns the seconds until the
+        API and Flower answered."""
         env = celery_env(
             IMCORE_PORT=self.web,
             FLOWER_PORT=self.flower,
@@ -60,6 +61,7 @@ class Stack:
             IMCORE_TEST_TAG=self.tag,
             WEB_CONCURRENCY=2,  # uWSGI's master and 2 workers
             CELERY_CONCURRENCY=1,
+            **env,
         )
         started = time.monotonic()
         self.proc = subprocess.Popen(
@@ -272,3 +274,54 @@ def test_a_logout_is_seen_by_every_server_process_at_once(stack):
             requests.get(f"{base}/unread", headers=auth, timeout=10).status_code for _ in range(12)
         ]
         assert answers == [401] * 12, answers
+
+
+def test_a_cut_database_session_fails_one_request_per_worker_then_the_workers_reconnect(stack):
+    """uWSGI's workers keep their PostgreSQL session across requests (Django's persistent
+    connections, no ``SELECT 1`` before each request: bin/uwsgi.ini). Sessions cut behind
+    their back (a PostgreSQL restart, an idle timeout) cost at most one 503
+    ``database_unavailable`` per worker; the worker closes the broken session after that
+    request, and every request after it is served again."""
+    from django.db import connection
+
+    from imcore.models import User
+
+    User.objects.create_user("dev", password="dev-pass-1")
+    stack.start(DATABASE_CONN_MAX_AGE=60)  # the tests' Celery processes close them (0)
+    base = f"http://127.0.0.1:{stack.web}/api/v1"
+    login = requests.post(
+        f"{base}/devices",
+        json={"username": "dev", "password": "dev-pass-1", "device_id": "d", "platform": "web"},
+        timeout=10,
+    )
+    assert login.status_code == 201, login.text
+    auth = {"Authorization": f"Bearer {login.json()['token']}"}
+    conversations = lambda: requests.get(f"{base}/conversations", headers=auth, timeout=10)  # noqa: E731
+
+    def sessions() -> set[int]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
+                "AND query LIKE %s",  # the sessions that served the conversation list
+                ["%imcore_membership%"],
+            )
+            return {pid for (pid,) in cursor.fetchall()}
+
+    for _ in range(12):  # a connection each: nginx spreads them over both workers
+        assert conversations().status_code == 200
+    before = sessions()
+    for _ in range(12):
+        assert conversations().status_code == 200
+    assert before and sessions() == before  # the same sessions served them: none per request
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [list(before)]
+        )
+    answers = [conversations() for _ in range(12)]
+    failed = [a.json()["error"] for a in answers if a.status_code != 200]
+    assert all(a.status_code in (200, 503) for a in answers), [a.text for a in answers]
+    # the first request lands on a worker whose session is gone: no SELECT 1 found it first
+    assert failed.count("database_unavailable") == len(failed) and 1 <= len(failed) <= 2, failed
+    assert [conversations().status_code for _ in range(12)] == [200] * 12
