@@ -7,7 +7,7 @@ work on a developer machine where PostgreSQL and Redis listen on 127.0.0.1:
 - ``DATABASE_POOL_MAX`` connections in each process's pool (default 8; 0: no pool)
 - ``DATABASE_POOL_TIMEOUT_S`` how long a request waits for a pooled connection (default 5)
 - ``DATABASE_CONN_HEALTH_CHECKS`` without the pool: a ``SELECT 1`` before each request's first
-  query on a reused connection (default 1; uWSGI's workers run with 0, bin/uwsgi.ini)
+  query on a reused connection (default 1; the Procfile's uWSGI runs with 0)
 - ``REDIS_URL``         Redis for counters, default ``redis://127.0.0.1:6379/0``
 - ``REDIS_CLUSTER_NODES`` ``host:port,host:port,...``: the hot state on a Redis Cluster instead
 - ``CHANNELS_REDIS_URL`` (alias ``CHANNEL_REDIS_URL``) the Channels layer, default REDIS_URL
@@ -102,7 +102,7 @@ TEMPLATES = [
 # (CONN_MAX_AGE) would open a session per request and leave it open until PostgreSQL refuses
 # more (`make bench` saw 503s at 16 concurrent senders); the pool lends one connection per
 # request and takes it back at the end. DATABASE_POOL_MAX=0 turns the pool off (then
-# DATABASE_CONN_MAX_AGE applies, as under a WSGI server): uWSGI's workers (bin/uwsgi.ini) run
+# DATABASE_CONN_MAX_AGE applies, as under a WSGI server): the Procfile's uWSGI workers run
 # so, each thread keeping its own connection. DATABASE_CONN_HEALTH_CHECKS=0 drops the
 # `SELECT 1` that Django then sends before a request's first query on a reused connection; a
 # connection that broke meanwhile fails that one request (503) and is closed after it, as a

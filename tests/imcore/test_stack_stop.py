@@ -278,7 +278,7 @@ def test_a_logout_is_seen_by_every_server_process_at_once(stack):
 
 def test_a_cut_database_session_fails_one_request_per_worker_then_the_workers_reconnect(stack):
     """uWSGI's workers keep their PostgreSQL session across requests (Django's persistent
-    connections, no ``SELECT 1`` before each request: bin/uwsgi.ini). Sessions cut behind
+    connections, no ``SELECT 1`` before each request: the Procfile's ``app``). Sessions cut behind
     their back (a PostgreSQL restart, an idle timeout) cost at most one 503
     ``database_unavailable`` per worker; the worker closes the broken session after that
     request, and every request after it is served again."""
